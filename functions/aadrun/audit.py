@@ -1,0 +1,56 @@
+"""Structured audit and operational log lines (CONTRACT.md §9).
+
+One JSON object per line on stdout in Cloud Logging's structured format, written
+by google-cloud-logging's ``StructuredLogHandler`` (constructed directly: its
+``setup_logging()`` probes the metadata server, which is absent off GCP).
+Tokens, client states and raw bodies are never passed here: use
+``token_fingerprint`` for a token.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import threading
+
+from google.cloud.logging.handlers import StructuredLogHandler
+
+LOGGER_NAME = "aadrun"
+_setup_lock = threading.Lock()
+_configured = False
+
+
+def logger() -> logging.Logger:
+    global _configured
+    log = logging.getLogger(LOGGER_NAME)
+    if not _configured:
+        with _setup_lock:
+            if not _configured:
+                handler = StructuredLogHandler(stream=sys.stdout)
+                log.addHandler(handler)
+                log.setLevel(logging.INFO)
+                log.propagate = False
+                _configured = True
+    return log
+
+
+def token_fingerprint(token: str) -> str:
+    """First 16 hex digits of the token's SHA-256: correlates without revealing."""
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:16]
+
+
+def entry(event: str, message: str, *, severity: str = "INFO", trace: str | None = None, **fields) -> None:
+    """Write one log line: ``event`` names its kind (``decision``, ``membership_change``,
+    ``iam_change``, ``security``...); ``fields`` become top-level JSON fields."""
+    level = logging.getLevelName(severity)
+    if not isinstance(level, int):
+        level = logging.INFO
+    payload = {"event": event, **{k: v for k, v in fields.items() if v is not None}}
+    extra = {"json_fields": payload}
+    if trace:
+        extra["trace"] = trace
+    logger().log(level, message, extra=extra)
+
+
+def security(message: str, **fields) -> None:
+    entry("security", message, severity="WARNING", **fields)

@@ -1,0 +1,117 @@
+"""Settings: one frozen object built once from the environment (CONTRACT.md §2).
+
+The core never reads ``os.environ``; entry points call ``Settings.from_env()``
+and pass the result down. Bad values fail here, naming the variable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+DEFAULT_AUTHORITY = "https://login.microsoftonline.com"
+DEFAULT_GRAPH = "https://graph.microsoft.com/v1.0"
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(name: str, url: str) -> str:
+    """https everywhere; plain http only towards a loopback host (tests, local dev)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return url.rstrip("/")
+    if parts.scheme == "http" and is_loopback(parts.hostname):
+        return url.rstrip("/")
+    raise ConfigError(f"{name} must be an https:// URL (http:// only for a loopback host): {url!r}")
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative, got {raw!r}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = env.get(name) or default
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    policy_path: str = "policies/"
+    store_url: str = "sqlite:///.aadrun/state.db"
+    bus: str = "local"
+    topic_changes: str = "aadrun-membership-changes"
+    topic_policy: str = "aadrun-policy-updates"
+    iam_mode: str = "record"
+    cloudrun_endpoint: str | None = None
+    authority_url: str = DEFAULT_AUTHORITY
+    graph_url: str = DEFAULT_GRAPH
+    client_id: str | None = None
+    client_secret: str | None = None
+    client_states: tuple[str, ...] = ()
+    notification_url: str | None = None
+    project: str | None = None
+    # Tunables (not pinned by the contract).
+    leeway_seconds: float = 60.0
+    jwks_refresh_seconds: float = 3600.0
+    jwks_unknown_kid_interval: float = 30.0
+    http_timeout_seconds: float = 5.0
+    membership_poll_seconds: float = 0.2
+    publish_timeout_seconds: float = 2.5
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        states = tuple(s.strip() for s in (env.get("AADRUN_CLIENT_STATE") or "").split(",") if s.strip())
+        endpoint = env.get("AADRUN_CLOUDRUN_ENDPOINT") or None
+        notification = env.get("AADRUN_NOTIFICATION_URL") or None
+        settings = cls(
+            policy_path=env.get("AADRUN_POLICY_PATH") or "policies/",
+            store_url=env.get("AADRUN_STORE") or cls.store_url,
+            bus=_choice(env, "AADRUN_BUS", "local", ("local", "pubsub")),
+            topic_changes=env.get("AADRUN_TOPIC_CHANGES") or cls.topic_changes,
+            topic_policy=env.get("AADRUN_TOPIC_POLICY") or cls.topic_policy,
+            iam_mode=_choice(env, "AADRUN_IAM", "record", ("record", "cloudrun")),
+            cloudrun_endpoint=check_url("AADRUN_CLOUDRUN_ENDPOINT", endpoint) if endpoint else None,
+            authority_url=check_url("AADRUN_AUTHORITY_URL", env.get("AADRUN_AUTHORITY_URL") or DEFAULT_AUTHORITY),
+            graph_url=check_url("AADRUN_GRAPH_URL", env.get("AADRUN_GRAPH_URL") or DEFAULT_GRAPH),
+            client_id=env.get("AADRUN_CLIENT_ID") or None,
+            client_secret=env.get("AADRUN_CLIENT_SECRET") or None,
+            client_states=states,
+            notification_url=check_url("AADRUN_NOTIFICATION_URL", notification) if notification else None,
+            project=env.get("GOOGLE_CLOUD_PROJECT") or env.get("GCP_PROJECT") or None,
+            leeway_seconds=_float(env, "AADRUN_LEEWAY_SECONDS", 60.0),
+            jwks_refresh_seconds=_float(env, "AADRUN_JWKS_REFRESH_SECONDS", 3600.0),
+            membership_poll_seconds=_float(env, "AADRUN_MEMBERSHIP_POLL_SECONDS", 0.2),
+        )
+        if settings.bus == "pubsub" and not settings.project:
+            raise ConfigError("AADRUN_BUS=pubsub needs GOOGLE_CLOUD_PROJECT")
+        return settings
+
+    def __repr__(self) -> str:  # secrets never reach a log line
+        return "Settings(" + ", ".join(
+            f"{f.name}={'***' if f.name in ('client_secret', 'client_states') else getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)) + ")"

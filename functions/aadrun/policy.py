@@ -1,0 +1,278 @@
+"""Policy files: load, validate and merge (CONTRACT.md §3).
+
+Every error names the file, line and field, and a policy with any error is
+refused whole: callers get either a complete ``Policy`` or a ``PolicyError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import yaml
+
+from .errors import PolicyError
+
+GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+CLOUD_RUN = re.compile(r"^projects/[a-z0-9-]{1,63}/locations/[a-z0-9-]{1,63}/services/[a-z0-9-]{1,63}$")
+ROLE = re.compile(r"^(roles|projects/[^/]+/roles|organizations/[0-9]+/roles)/[A-Za-z0-9_.]+$")
+SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+DEFAULT_ROLE = "roles/run.invoker"
+BINDS = ("members", "group")
+# Google's limit on principals in one allow policy (each occurrence counts).
+MAX_PRINCIPALS = 1500
+
+
+@dataclasses.dataclass(frozen=True)
+class Tenant:
+    id: str
+    audiences: tuple[str, ...]
+    token_versions: tuple[int, ...] = (2,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Allows callers in any of ``groups`` or holding any of ``app_roles``."""
+
+    groups: tuple[str, ...] = ()
+    app_roles: tuple[str, ...] = ()
+    role: str = DEFAULT_ROLE
+    bind: str = "members"
+
+
+@dataclasses.dataclass(frozen=True)
+class Service:
+    name: str
+    tenant: str
+    rules: tuple[Rule, ...]
+    cloud_run: str | None = None
+    audience: str | None = None
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for rule in self.rules:
+            seen.update(dict.fromkeys(rule.groups))
+        return tuple(seen)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    tenants: dict[str, Tenant]
+    services: dict[str, Service]
+    principal: str | None = None
+    group_principal: str | None = None
+    sources: tuple[str, ...] = ()
+
+    def audiences_for(self, service: Service) -> tuple[str, ...]:
+        if service.audience:
+            return (service.audience,)
+        return self.tenants[service.tenant].audiences
+
+    def referenced_groups(self) -> dict[str, set[str]]:
+        """Tenant id -> every group some rule of that tenant's services names."""
+        out: dict[str, set[str]] = {}
+        for service in self.services.values():
+            out.setdefault(service.tenant, set()).update(service.groups)
+        return out
+
+    def member_principal(self, oid: str) -> str:
+        assert self.principal is not None
+        return self.principal.replace("{oid}", oid)
+
+    def group_principal_for(self, group_id: str) -> str:
+        assert self.group_principal is not None
+        return self.group_principal.replace("{group_id}", group_id)
+
+
+# --- YAML with positions -------------------------------------------------------
+
+class _Located:
+    """A parsed YAML value together with the line of every key, for error messages."""
+
+    def __init__(self, file: str):
+        self.file = file
+
+    def to_python(self, node: yaml.Node, path: str, lines: dict[str, int]):
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            out = {}
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if not isinstance(key, str):
+                    raise PolicyError("keys must be strings", file=self.file,
+                                      line=key_node.start_mark.line + 1, field=path or "(top)")
+                child = f"{path}.{key}" if path else key
+                if key in out:
+                    raise PolicyError("key defined twice", file=self.file,
+                                      line=key_node.start_mark.line + 1, field=child)
+                lines[child] = key_node.start_mark.line + 1
+                out[key] = self.to_python(value_node, child, lines)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.to_python(item, f"{path}[{i}]", lines) for i, item in enumerate(node.value)]
+        return yaml.safe_load(yaml.serialize(node)) if node.tag != "tag:yaml.org,2002:str" else node.value
+
+
+class _Checker:
+    """Validates one file's document; ``error`` raises with file, line, field."""
+
+    def __init__(self, file: str, lines: dict[str, int]):
+        self.file, self.lines = file, lines
+
+    def error(self, field: str, message: str) -> PolicyError:
+        probe = field
+        while probe and probe not in self.lines:
+            probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+        return PolicyError(message, file=self.file, line=self.lines.get(probe), field=field)
+
+    def mapping(self, value, field: str, allowed: Iterable[str]) -> dict:
+        if not isinstance(value, dict):
+            raise self.error(field, "must be a mapping")
+        unknown = sorted(set(value) - set(allowed))
+        if unknown:
+            raise self.error(f"{field}.{unknown[0]}" if field else unknown[0],
+                             f"unknown field (allowed: {', '.join(sorted(allowed))})")
+        return value
+
+    def string(self, value, field: str, pattern: re.Pattern | None = None, what: str = "") -> str:
+        if not isinstance(value, str) or not value:
+            raise self.error(field, "must be a non-empty string")
+        if pattern and not pattern.match(value):
+            raise self.error(field, f"must be {what or pattern.pattern}, got {value!r}")
+        return value
+
+    def strings(self, value, field: str, pattern: re.Pattern | None = None, what: str = "") -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.error(field, "must be a non-empty list")
+        return tuple(self.string(v, f"{field}[{i}]", pattern, what) for i, v in enumerate(value))
+
+
+def _parse_file(path: Path) -> tuple[dict, dict[str, int], str]:
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PolicyError(f"cannot read: {e.__class__.__name__}", file=name) from e
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise PolicyError(f"invalid YAML: {getattr(e, 'problem', None) or e}", file=name,
+                          line=mark.line + 1 if mark else None) from e
+    if node is None:
+        return {}, {}, name
+    lines: dict[str, int] = {}
+    try:
+        data = _Located(name).to_python(node, "", lines)
+    except yaml.YAMLError as e:
+        raise PolicyError(f"invalid YAML value: {e}", file=name) from e
+    if not isinstance(data, dict):
+        raise PolicyError("the top level must be a mapping", file=name, line=1)
+    return data, lines, name
+
+
+def _tenant(c: _Checker, raw, field: str) -> Tenant:
+    raw = c.mapping(raw, field, ("id", "audiences", "token_versions"))
+    tid = c.string(raw.get("id"), f"{field}.id", GUID, "a tenant id (GUID)").lower()
+    audiences = c.strings(raw.get("audiences"), f"{field}.audiences")
+    versions = raw.get("token_versions", [2])
+    if (not isinstance(versions, list) or not versions
+            or any(v not in (1, 2) or isinstance(v, bool) for v in versions)):
+        raise c.error(f"{field}.token_versions", "must be a non-empty list of 1 and/or 2")
+    return Tenant(tid, audiences, tuple(sorted(set(versions))))
+
+
+def _rule(c: _Checker, raw, field: str) -> Rule:
+    raw = c.mapping(raw, field, ("groups", "app_roles", "role", "bind"))
+    groups = tuple(g.lower() for g in c.strings(raw["groups"], f"{field}.groups", GUID, "a group object id (GUID)")) \
+        if "groups" in raw else ()
+    roles = c.strings(raw["app_roles"], f"{field}.app_roles") if "app_roles" in raw else ()
+    if not groups and not roles:
+        raise c.error(field, "a rule needs groups or app_roles")
+    role = c.string(raw.get("role", DEFAULT_ROLE), f"{field}.role", ROLE, "an IAM role like roles/run.invoker")
+    bind = raw.get("bind", "members")
+    if bind not in BINDS:
+        raise c.error(f"{field}.bind", f"must be one of {', '.join(BINDS)}")
+    if not groups and ("bind" in raw or "role" in raw):
+        raise c.error(f"{field}.{'bind' if 'bind' in raw else 'role'}",
+                      "only group rules are bound in IAM (app roles are checked by verify)")
+    return Rule(groups, roles, role, bind)
+
+
+def _service(c: _Checker, raw, field: str) -> Service:
+    raw = c.mapping(raw, field, ("name", "tenant", "cloud_run", "audience", "access"))
+    name = c.string(raw.get("name"), f"{field}.name", SERVICE_NAME, "a name of letters, digits, '.', '_', '-'")
+    tenant = c.string(raw.get("tenant"), f"{field}.tenant", GUID, "a tenant id (GUID)").lower()
+    cloud_run = c.string(raw["cloud_run"], f"{field}.cloud_run", CLOUD_RUN,
+                         "projects/P/locations/L/services/S") if "cloud_run" in raw else None
+    audience = c.string(raw["audience"], f"{field}.audience") if "audience" in raw else None
+    access = raw.get("access")
+    if not isinstance(access, list) or not access:
+        raise c.error(f"{field}.access", "must be a non-empty list of rules")
+    rules = tuple(_rule(c, r, f"{field}.access[{i}]") for i, r in enumerate(access))
+    return Service(name, tenant, rules, cloud_run, audience)
+
+
+def parse_documents(docs: list[tuple[dict, dict[str, int], str]]) -> Policy:
+    tenants: dict[str, Tenant] = {}
+    services: dict[str, Service] = {}
+    where: dict[str, tuple[_Checker, str]] = {}
+    singles: dict[str, tuple[str, str]] = {}
+    for data, lines, name in docs:
+        c = _Checker(name, lines)
+        c.mapping(data, "", ("tenants", "services", "principal", "group_principal"))
+        for key, placeholder in (("principal", "{oid}"), ("group_principal", "{group_id}")):
+            if key in data:
+                value = c.string(data[key], key)
+                if placeholder not in value:
+                    raise c.error(key, f"must contain {placeholder}")
+                if key in singles:
+                    raise c.error(key, f"already set in {singles[key][1]}")
+                singles[key] = (value, name)
+        for section in ("tenants", "services"):
+            if section in data and not isinstance(data[section], list):
+                raise c.error(section, "must be a list")
+        for i, raw in enumerate(data.get("tenants", [])):
+            tenant = _tenant(c, raw, f"tenants[{i}]")
+            if tenant.id in tenants:
+                raise c.error(f"tenants[{i}].id", f"tenant {tenant.id} defined twice")
+            tenants[tenant.id] = tenant
+        for i, raw in enumerate(data.get("services", [])):
+            service = _service(c, raw, f"services[{i}]")
+            if service.name in services:
+                raise c.error(f"services[{i}].name", f"service {service.name} defined twice")
+            services[service.name] = service
+            where[service.name] = (c, f"services[{i}]")
+    principal = singles.get("principal", (None, ""))[0]
+    group_principal = singles.get("group_principal", (None, ""))[0]
+    for service in services.values():
+        c, field = where[service.name]
+        if service.tenant not in tenants:
+            raise c.error(f"{field}.tenant", f"tenant {service.tenant} is not defined under tenants")
+        if service.cloud_run:
+            for i, rule in enumerate(service.rules):
+                if rule.groups and rule.bind == "members" and not principal:
+                    raise c.error(f"{field}.access[{i}]", "binding members in IAM needs a top-level principal")
+                if rule.groups and rule.bind == "group" and not group_principal:
+                    raise c.error(f"{field}.access[{i}].bind", "bind: group needs a top-level group_principal")
+    return Policy(tenants, services, principal, group_principal, tuple(d[2] for d in docs))
+
+
+def policy_files(path: str | os.PathLike) -> list[Path]:
+    root = Path(path)
+    if root.is_file():
+        return [root]
+    if root.is_dir():
+        return sorted(p for p in root.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    raise PolicyError("no such file or folder", file=str(root))
+
+
+def load_policy(path: str | os.PathLike) -> Policy:
+    """Load a file or a folder of YAML files; raises ``PolicyError`` on the first problem."""
+    files = policy_files(path)
+    if not files:
+        raise PolicyError("no policy files (*.yaml, *.yml) found", file=str(path))
+    return parse_documents([_parse_file(p) for p in files])

@@ -1,0 +1,158 @@
+"""The membership store: one interface, SQLite (embedded default) and Firestore.
+
+What it holds (CONTRACT.md §3, §5; issue #4):
+  - memberships     (tenant, group, user) -> member since, source, message id
+  - group sync      (tenant, group) -> delta link, last full/incremental sync;
+                    a group with no sync record was *never synced* (verify then
+                    answers ``membership_unknown``, never a guess)
+  - processed ids   message ids already applied, with expiry (dedupe)
+  - managed members (service, role) -> IAM members aadrun put there
+  - change log      append-only: what changed, when, why, from which message
+  - leases          named, expiring locks for maintenance runs
+  - generation      a counter bumped by every membership change, so readers
+                    (verify) can cheaply tell that their cached view is stale
+
+Every mutating call is atomic: it either commits all of its effects (memberships,
+sync state, processed ids, change-log entries, generation) or none. Any backend
+failure is raised as ``aadrun.errors.Unavailable``.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import datetime as dt
+from collections.abc import Iterable, Mapping
+
+UTC = dt.timezone.utc
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(UTC)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncState:
+    delta_link: str | None
+    synced_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class ChangeEntry:
+    """One line of the change log (also the shape of `aadrun audit` rows).
+
+    kind: ``member_added`` | ``member_removed`` (membership store) or
+          ``iam_added`` | ``iam_removed`` (a Cloud Run IAM member).
+    """
+
+    kind: str
+    at: dt.datetime
+    tenant: str | None = None
+    group: str | None = None
+    user: str | None = None
+    service: str | None = None
+    role: str | None = None
+    member: str | None = None
+    source: str = ""          # who: "graph-delta", "notification", "maintenance", ...
+    why: str = ""             # human-readable reason
+    message_id: str | None = None
+    seq: int | None = None    # assigned by the store, increasing
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["at"] = self.at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupUpdate:
+    """Everything one atomic membership update does to one group.
+
+    - ``added`` / ``removed``: user object ids to add or remove.
+    - ``replace``: the complete member set (a full delta read); users not in it
+      are removed. Exclusive with ``added``.
+    - ``sync``: when set, the group's sync state is stored (marks it synced).
+    - ``message_ids``: marked processed (for ``processed_ttl`` seconds).
+    """
+
+    tenant: str
+    group: str
+    added: frozenset[str] = frozenset()
+    removed: frozenset[str] = frozenset()
+    replace: frozenset[str] | None = None
+    sync: SyncState | None = None
+    message_ids: tuple[str, ...] = ()
+    source: str = ""
+    why: str = ""
+
+
+class Store(abc.ABC):
+    """Abstract store. Implementations must be safe to share between threads."""
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Raise ``Unavailable`` unless the backend answers."""
+
+    @abc.abstractmethod
+    def generation(self) -> int:
+        """A number that changes whenever any membership changes."""
+
+    @abc.abstractmethod
+    def membership(self, tenant: str, user: str, groups: Iterable[str]) -> dict[str, bool | None]:
+        """For each group: True (member), False (synced, not a member), None (never synced)."""
+
+    @abc.abstractmethod
+    def group_members(self, tenant: str, group: str) -> set[str] | None:
+        """Current members, or None when the group was never synced."""
+
+    @abc.abstractmethod
+    def sync_state(self, tenant: str, group: str) -> SyncState | None:
+        """The stored sync state, or None when the group was never synced."""
+
+    @abc.abstractmethod
+    def apply(self, update: GroupUpdate, processed_ttl: float = 7 * 86400) -> list[ChangeEntry]:
+        """Apply one group update atomically; returns the change-log entries written
+        (only real differences: re-adding a member writes nothing)."""
+
+    @abc.abstractmethod
+    def processed(self, message_ids: Iterable[str]) -> set[str]:
+        """Which of these message ids were already applied (and not yet expired)."""
+
+    @abc.abstractmethod
+    def managed_members(self, service: str) -> dict[str, set[str]]:
+        """Role -> IAM members aadrun manages on this service."""
+
+    @abc.abstractmethod
+    def record_iam(self, service: str, desired: Mapping[str, set[str]], *, source: str, why: str,
+                   message_id: str | None = None) -> list[ChangeEntry]:
+        """Store the managed members of a service (role -> members) after IAM was
+        written, logging ``iam_added`` / ``iam_removed`` for each difference."""
+
+    @abc.abstractmethod
+    def changes(self, since: dt.datetime | None = None, limit: int | None = None) -> list[ChangeEntry]:
+        """Change-log entries at or after ``since``, oldest first."""
+
+    @abc.abstractmethod
+    def acquire_lease(self, name: str, holder: str, ttl_seconds: float) -> bool:
+        """Take or extend the lease ``name`` for ``holder``; False when another holder has it."""
+
+    @abc.abstractmethod
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease back if ``holder`` has it."""
+
+    def close(self) -> None:  # pragma: no cover - optional
+        pass
+
+
+def open_store(url: str) -> Store:
+    """``sqlite:///relative``, ``sqlite:////absolute`` or ``firestore://[DATABASE]``."""
+    from ..errors import ConfigError
+
+    if url.startswith("sqlite:///"):
+        from .sqlite import SqliteStore
+
+        return SqliteStore(url[len("sqlite:///"):])
+    if url.startswith("firestore://"):
+        from .firestore import FirestoreStore
+
+        return FirestoreStore(url[len("firestore://"):] or None)
+    raise ConfigError(f"AADRUN_STORE must start with sqlite:/// or firestore://, got {url!r}")

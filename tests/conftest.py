@@ -1,0 +1,34 @@
+"""Shared fixtures: emulators (reused from scripts/test when it started them)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.support.emulators import ENV, Emulator
+
+
+def _emulator(kind: str):
+    host = os.environ.get(ENV[kind])
+    if host:
+        yield host
+        return
+    emu = Emulator(kind).start()
+    os.environ[ENV[kind]] = emu.host
+    try:
+        yield emu.host
+    finally:
+        emu.stop()
+        os.environ.pop(ENV[kind], None)
+
+
+@pytest.fixture(scope="session")
+def pubsub_emulator():
+    """host:port of a running Pub/Sub emulator (PUBSUB_EMULATOR_HOST is set)."""
+    yield from _emulator("pubsub")
+
+
+@pytest.fixture(scope="session")
+def firestore_emulator():
+    """host:port of a running Firestore emulator (FIRESTORE_EMULATOR_HOST is set)."""
+    yield from _emulator("firestore")

@@ -1,0 +1,102 @@
+"""Start the Pub/Sub and Firestore emulators (gcloud) on free loopback ports.
+
+Used by ``scripts/test`` (``python -m tests.support.emulators``) and, when the
+variables are not already set, by the pytest fixtures in ``tests/conftest.py``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+COMMANDS = {
+    "pubsub": ["gcloud", "beta", "emulators", "pubsub", "start"],
+    "firestore": ["gcloud", "emulators", "firestore", "start"],
+}
+ENV = {"pubsub": "PUBSUB_EMULATOR_HOST", "firestore": "FIRESTORE_EMULATOR_HOST"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Emulator:
+    def __init__(self, kind: str, port: int | None = None):
+        self.kind = kind
+        self.port = port or free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.data_dir = tempfile.mkdtemp(prefix=f"aadrun-{kind}-")
+        self.log_path = os.path.join(self.data_dir, "emulator.log")
+
+    def start(self, timeout: float = 90.0) -> "Emulator":
+        if not shutil.which("gcloud"):
+            raise RuntimeError("gcloud is not installed: the emulators come with the Google Cloud CLI")
+        args = COMMANDS[self.kind] + [f"--host-port={self.host}"]
+        if self.kind == "pubsub":
+            args.append(f"--data-dir={self.data_dir}")
+        log = open(self.log_path, "ab")
+        # New session so stop() can end the JVM that gcloud spawns, not just gcloud.
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} emulator exited: see {self.log_path}")
+            if self.ready():
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"{self.kind} emulator not ready after {timeout}s: see {self.log_path}")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.host}/", timeout=1) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def main() -> int:
+    """Start both emulators, print `export VAR=host` lines, stay until SIGTERM."""
+    started = [Emulator(kind).start() for kind in COMMANDS]
+    for emu in started:
+        print(f"export {ENV[emu.kind]}={emu.host}", flush=True)
+    print("ready", flush=True)
+    stop = lambda *_: (_ for _ in ()).throw(SystemExit(0))  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        while all(e.proc and e.proc.poll() is None for e in started):
+            time.sleep(1)
+        return 1
+    finally:
+        for emu in started:
+            emu.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
