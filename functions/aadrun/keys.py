@@ -1,0 +1,189 @@
+"""Entra signing keys: OIDC discovery + JWKS per tenant, cached and refreshed.
+
+Per tenant, the discovery document of each allowed token version gives the
+accepted ``issuer`` and the ``jwks_uri`` (never guessed; CONTRACT.md §2).
+
+Refresh rules (better than the usual JWKS clients, see FACTS.md):
+  - a ``kid`` not in the cache triggers a refetch that is single-flight and rate
+    limited to one per tenant per ``jwks_unknown_kid_interval`` (30 s), however
+    many requests carry unknown kids: a flood of forged kids cannot make us
+    hammer the identity provider;
+  - a failed fetch keeps the last good keys (an outage does not empty the cache);
+  - every ``jwks_refresh_seconds`` (1 h) keys are refetched, so keys that left
+    the JWKS stop verifying.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+
+import jwt
+import requests
+
+from . import audit
+from .config import Settings, check_url
+from .errors import ConfigError, TokenError, Unavailable
+
+_MAX_DOCUMENT = 512 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class KeySet:
+    issuers: dict[int, str]   # token version -> issuer
+    keys: dict[str, object]   # kid -> public key object (cryptography)
+    fetched_at: float
+
+
+class _TenantKeys:
+    def __init__(self) -> None:
+        self.current: KeySet | None = None
+        self.lock = threading.Lock()          # single flight: one fetch at a time
+        self.last_unknown_kid_fetch = -1e18
+        self.last_attempt = -1e18
+
+
+class KeyCache:
+    """Thread-safe cache of each tenant's issuers and signing keys."""
+
+    def __init__(self, settings: Settings, session: requests.Session | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self._settings = settings
+        self._session = session or requests.Session()
+        self._clock = clock
+        self._tenants: dict[tuple[str, tuple[int, ...]], _TenantKeys] = {}
+        self._guard = threading.Lock()
+
+    # -- public --------------------------------------------------------------
+
+    def keyset(self, tenant: str, versions: tuple[int, ...]) -> KeySet:
+        """The tenant's keys, fetching them on first use and refreshing when due.
+        Raises ``Unavailable`` when they were never fetched and cannot be."""
+        entry = self._entry(tenant, versions)
+        current = entry.current
+        if current is None or self._clock() - current.fetched_at >= self._settings.jwks_refresh_seconds:
+            self._refresh(tenant, versions, entry, wait=current is None)
+            current = entry.current
+        if current is None:
+            raise Unavailable(f"signing keys of tenant {tenant} could not be fetched")
+        return current
+
+    def key_for(self, tenant: str, versions: tuple[int, ...], kid: str) -> object:
+        """The public key for ``kid``; an unknown kid refetches at most once per
+        interval, then raises ``TokenError('unknown_key')``."""
+        keyset = self.keyset(tenant, versions)
+        key = keyset.keys.get(kid)
+        if key is not None:
+            return key
+        entry = self._entry(tenant, versions)
+        now = self._clock()
+        if now - entry.last_unknown_kid_fetch >= self._settings.jwks_unknown_kid_interval:
+            with entry.lock:
+                # Re-check under the lock: a concurrent caller may have fetched already.
+                if kid not in (entry.current.keys if entry.current else {}) and \
+                        self._clock() - entry.last_unknown_kid_fetch >= self._settings.jwks_unknown_kid_interval:
+                    entry.last_unknown_kid_fetch = self._clock()
+                    self._fetch_into(tenant, versions, entry, reason="unknown_kid")
+            key = entry.current.keys.get(kid) if entry.current else None
+        if key is None:
+            raise TokenError("unknown_key", "the token's kid is not a signing key of its tenant")
+        return key
+
+    def status(self) -> dict[str, str]:
+        """Tenant -> ``ok`` | ``stale`` | ``never_fetched`` (for /healthz)."""
+        out = {}
+        for (tenant, _), entry in list(self._tenants.items()):
+            if entry.current is None:
+                out[tenant] = "never_fetched"
+            elif self._clock() - entry.current.fetched_at > 2 * self._settings.jwks_refresh_seconds:
+                out[tenant] = "stale"
+            else:
+                out[tenant] = "ok"
+        return out
+
+    def still_valid(self, tenant: str, versions: tuple[int, ...], kid: str) -> bool:
+        """Whether ``kid`` is still among the cached keys (no fetch)."""
+        entry = self._tenants.get((tenant, versions))
+        return bool(entry and entry.current and kid in entry.current.keys)
+
+    # -- internals -------------------------------------------------------------
+
+    def _entry(self, tenant: str, versions: tuple[int, ...]) -> _TenantKeys:
+        key = (tenant, versions)
+        entry = self._tenants.get(key)
+        if entry is None:
+            with self._guard:
+                entry = self._tenants.setdefault(key, _TenantKeys())
+        return entry
+
+    def _refresh(self, tenant: str, versions: tuple[int, ...], entry: _TenantKeys, wait: bool) -> None:
+        # With no keys yet every caller must wait; otherwise one refreshes and
+        # the rest go on with the current keys.
+        if not entry.lock.acquire(blocking=wait):
+            return
+        try:
+            current = entry.current
+            due = current is None or self._clock() - current.fetched_at >= self._settings.jwks_refresh_seconds
+            # After a failure, don't retry on every request: at most once per second.
+            if due and self._clock() - entry.last_attempt >= 1.0:
+                self._fetch_into(tenant, versions, entry, reason="refresh" if current else "first_use")
+        finally:
+            entry.lock.release()
+
+    def _fetch_into(self, tenant: str, versions: tuple[int, ...], entry: _TenantKeys, reason: str) -> None:
+        entry.last_attempt = self._clock()
+        try:
+            entry.current = self._fetch(tenant, versions)
+            audit.entry("keys_fetched", f"signing keys of tenant {tenant} fetched", tenant=tenant,
+                        trigger=reason, kids=sorted(entry.current.keys))
+        except (requests.RequestException, ValueError, KeyError, TypeError) as e:
+            audit.entry("keys_fetch_failed", f"signing keys of tenant {tenant} could not be fetched",
+                        severity="WARNING", tenant=tenant, trigger=reason, error=e.__class__.__name__,
+                        kept_previous=entry.current is not None)
+
+    def _fetch(self, tenant: str, versions: tuple[int, ...]) -> KeySet:
+        base = self._settings.authority_url
+        issuers: dict[int, str] = {}
+        keys: dict[str, object] = {}
+        for version in versions:
+            path = f"{tenant}/v2.0/.well-known/openid-configuration" if version == 2 else \
+                f"{tenant}/.well-known/openid-configuration"
+            document = self._get_json(f"{base}/{path}")
+            issuer = document["issuer"]
+            jwks_uri = document["jwks_uri"]
+            if not isinstance(issuer, str) or not isinstance(jwks_uri, str):
+                raise ValueError("discovery document without issuer or jwks_uri")
+            # Multi-tenant documents carry a placeholder; ours are tenant-specific.
+            issuers[version] = issuer.replace("{tenantid}", tenant)
+            for jwk in self._get_json(jwks_uri).get("keys", []):
+                key = _public_key(jwk)
+                if key is not None:
+                    keys[jwk["kid"]] = key
+        return KeySet(issuers, keys, self._clock())
+
+    def _get_json(self, url: str) -> dict:
+        try:
+            check_url("jwks_uri", url)
+        except ConfigError as e:
+            raise ValueError(str(e)) from e
+        response = self._session.get(url, timeout=self._settings.http_timeout_seconds)
+        response.raise_for_status()
+        if len(response.content) > _MAX_DOCUMENT:
+            raise ValueError("document too large")
+        document = response.json()
+        if not isinstance(document, dict):
+            raise ValueError("not a JSON object")
+        return document
+
+
+def _public_key(jwk: dict) -> object | None:
+    """An RSA signature key from a JWK, or None for keys we must not use."""
+    if not isinstance(jwk, dict) or jwk.get("kty") != "RSA" or not isinstance(jwk.get("kid"), str):
+        return None
+    if jwk.get("use", "sig") != "sig":
+        return None
+    try:
+        return jwt.PyJWK(jwk, algorithm="RS256").key
+    except (jwt.PyJWKError, ValueError, TypeError):
+        return None

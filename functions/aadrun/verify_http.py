@@ -1,0 +1,134 @@
+"""verify over HTTP (CONTRACT.md §4): API mode, forward-auth mode, /healthz.
+
+API mode:          POST /verify, JSON {"service": NAME[, "token": T]}, token also
+                   from ``Authorization: Bearer``.
+Forward-auth mode: any method on /verify?service=NAME with an empty body (what
+                   nginx auth_request and Envoy ext_authz send), token from the
+                   Authorization header; an allow also sets X-Auth-* headers.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from .errors import AadrunError
+from .http import HttpRequest, HttpResponse
+from .verify import Decision, Verifier, log_decision, new_decision_id
+
+MAX_BODY = 64 * 1024
+_CHALLENGE = 'Bearer realm="aadrun"'
+
+
+class BadRequest(Exception):
+    pass
+
+
+def bearer_token(value: str | None) -> str | None:
+    """The credentials of an ``Authorization: Bearer`` header (RFC 6750 §2.1), else None."""
+    if not value:
+        return None
+    scheme, _, credentials = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return credentials.strip() or None
+
+
+def trace_of(req: HttpRequest, project: str | None) -> str | None:
+    """Cloud Logging trace name from X-Cloud-Trace-Context or W3C traceparent."""
+    raw = req.header("x-cloud-trace-context")
+    trace_id = raw.split("/", 1)[0] if raw else None
+    if not trace_id and req.header("traceparent"):
+        parts = req.header("traceparent").split("-")
+        trace_id = parts[1] if len(parts) >= 3 else None
+    if not trace_id or not trace_id.isalnum() or len(trace_id) > 64:
+        return None
+    return f"projects/{project}/traces/{trace_id}" if project else trace_id
+
+
+def _parse(req: HttpRequest) -> tuple[str, str | None, str]:
+    """(service, token, mode) or BadRequest."""
+    header_token = bearer_token(req.header("authorization"))
+    if "service" in req.query and not req.body:
+        service = req.query["service"]
+        if not service:
+            raise BadRequest("the service query parameter is empty")
+        return service, header_token, "forward_auth"
+    if req.method != "POST":
+        raise BadRequest("use POST with a JSON body, or ?service=NAME with an empty body")
+    if req.content_type != "application/json":
+        raise BadRequest("the content type must be application/json")
+    try:
+        body = json.loads(req.body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    service = body.get("service")
+    if not isinstance(service, str) or not service:
+        raise BadRequest("the field service (a non-empty string) is required")
+    token = body.get("token")
+    if token is not None and not isinstance(token, str):
+        raise BadRequest("the field token must be a string")
+    if token and header_token and token != header_token:
+        raise BadRequest("give the token once: in the Authorization header or in the body")
+    return service, token or header_token, "api"
+
+
+class VerifyEndpoint:
+    def __init__(self, verifier: Verifier, health: Callable[[], tuple[bool, dict]], project: str | None = None):
+        self._verifier, self._health, self._project = verifier, health, project
+
+    def handle(self, req: HttpRequest) -> HttpResponse:
+        if req.path.rstrip("/").endswith("/healthz") and req.method in ("GET", "HEAD"):
+            healthy, parts = self._health()
+            return HttpResponse.json(200 if healthy else 503, {"status": "ok" if healthy else "unhealthy", **parts})
+        if req.body_too_large or len(req.body) > MAX_BODY:
+            return HttpResponse(413, b"", "text/plain")
+        trace = trace_of(req, self._project)
+        try:
+            service, token, mode = _parse(req)
+        except BadRequest as e:
+            decision = Decision(False, "bad_request", None, new_decision_id(), detail=str(e))
+            log_decision(decision, None, trace)
+            return HttpResponse.json(400, {**decision.body(), "message": str(e)})
+        decision = self._verifier.decide(service, token)
+        log_decision(decision, token, trace, mode)
+        return self.response(decision, mode)
+
+    @staticmethod
+    def response(decision: Decision, mode: str) -> HttpResponse:
+        headers: dict[str, str] = {"Cache-Control": "no-store"}
+        if decision.reason == "missing_token":
+            headers["WWW-Authenticate"] = _CHALLENGE
+        elif decision.status == 401:
+            headers["WWW-Authenticate"] = (
+                f'Bearer realm="aadrun", error="invalid_token", error_description="{decision.reason}"')
+        if decision.allow and mode == "forward_auth":
+            headers.update({"X-Auth-Subject": decision.subject or "", "X-Auth-Tenant": decision.tenant or "",
+                            "X-Auth-Decision-Id": decision.decision_id})
+        return HttpResponse.json(decision.status, decision.body(), headers)
+
+
+def health_check(policy: Callable[[], object], store, keys) -> Callable[[], tuple[bool, dict]]:
+    """Healthy when policies load and the store answers; an identity provider
+    outage alone is not unhealthy (cached keys still verify)."""
+
+    def check() -> tuple[bool, dict]:
+        parts: dict = {}
+        healthy = True
+        try:
+            loaded = policy()
+            parts["policy"] = {"status": "ok", "services": len(loaded.services), "tenants": len(loaded.tenants)}
+        except AadrunError as e:
+            healthy = False
+            parts["policy"] = {"status": "error", "reason": e.reason}
+        try:
+            store().ping()
+            parts["store"] = {"status": "ok"}
+        except Exception:  # any backend failure means unhealthy, with no detail leaked
+            healthy = False
+            parts["store"] = {"status": "unavailable"}
+        parts["keys"] = keys().status()
+        return healthy, parts
+
+    return check

@@ -1,0 +1,56 @@
+"""Cloud Functions entry points (CONTRACT.md §1).
+
+Each function turns a Flask request or a CloudEvent into a framework-free value,
+calls one core object of ``aadrun.app.App`` and maps the result to a response.
+"""
+from __future__ import annotations
+
+import functions_framework
+import flask
+
+from aadrun.app import get_app
+from aadrun.http import HttpRequest, HttpResponse
+
+# Largest body any HTTP entry point reads; each core applies its own, smaller limit.
+_READ_LIMIT = 1024 * 1024
+
+
+def _request(request: flask.Request, limit: int = _READ_LIMIT) -> HttpRequest:
+    # Read at most limit+1 bytes so an oversized body is detected without buffering it all.
+    body = request.stream.read(limit + 1)
+    return HttpRequest(
+        method=request.method,
+        path=request.path,
+        query=request.args.to_dict(flat=True),
+        headers={k.lower(): v for k, v in request.headers.items()},
+        body=body[:limit],
+        body_too_large=len(body) > limit or (request.content_length or 0) > limit,
+    )
+
+
+def _response(result: HttpResponse) -> flask.Response:
+    response = flask.Response(result.body, status=result.status, content_type=result.content_type)
+    for name, value in result.headers.items():
+        response.headers[name] = value
+    return response
+
+
+@functions_framework.http
+def verify(request: flask.Request) -> flask.Response:
+    return _response(get_app().verifier_http.handle(_request(request)))
+
+
+@functions_framework.http
+def graph_webhook(request: flask.Request) -> flask.Response:
+    return _response(get_app().webhook.handle(_request(request)))
+
+
+@functions_framework.cloud_event
+def policy_sync(event) -> None:
+    # Raising makes Pub/Sub redeliver (deploy with retries on); redelivery is idempotent.
+    get_app().sync.handle_cloud_event(event.data)
+
+
+@functions_framework.http
+def maintenance(request: flask.Request) -> flask.Response:
+    return _response(get_app().maintenance.handle(_request(request)))

@@ -1,0 +1,73 @@
+"""Serve a function of functions/main.py with the real functions-framework in a
+subprocess on a free loopback port (each function in its own process: several
+``create_app`` calls in one process collide on the module name ``main``)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.support.emulators import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class FunctionServer:
+    def __init__(self, target: str, env: dict[str, str], port: int | None = None, signature: str | None = None):
+        self.target, self.env = target, env
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.signature = signature
+        self.log = tempfile.NamedTemporaryFile(prefix=f"aadrun-{target}-", suffix=".log", delete=False)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> "FunctionServer":
+        args = [sys.executable, "-m", "functions_framework", "--source", str(ROOT / "functions" / "main.py"),
+                "--target", self.target, "--host", "127.0.0.1", "--port", str(self.port)]
+        if self.signature:
+            args += ["--signature-type", self.signature]
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "functions"), **self.env}
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.target} exited:\n{self.output()}")
+            try:
+                urllib.request.urlopen(self.url + "/__ready__", timeout=0.5)
+                return self
+            except urllib.error.HTTPError:
+                return self  # it answered
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.target} not listening after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> "FunctionServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,378 @@
+"""Token verification and decisions through ``Verifier`` with real keys, a real
+identity-provider server on 127.0.0.1 and a real SQLite store.
+
+The attack catalog follows RFC 8725 and the OWASP JWT cheat sheet.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from aadrun.devidp import DevIdentityProvider, SigningKey
+from aadrun.keys import KeyCache
+from aadrun.policy import load_policy
+from aadrun.store import GroupUpdate, SyncState, open_store, utcnow
+from aadrun.verify import Verifier
+from tests.support.world import (ALICE, BOB, G_ENG, TENANT_A, TENANT_B, TENANT_OTHER, settings_for,
+                                 write_policy)
+
+
+def b64(data: bytes | dict) -> str:
+    if isinstance(data, dict):
+        data = json.dumps(data).encode()
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forge(header: dict, claims: dict, signature: bytes = b"") -> str:
+    return f"{b64(header)}.{b64(claims)}.{b64(signature) if signature else ''}"
+
+
+@pytest.fixture()
+def idp():
+    with DevIdentityProvider() as server:
+        yield server
+
+
+@pytest.fixture()
+def world(tmp_path, idp):
+    policy_path = write_policy(tmp_path)
+    store = open_store(f"sqlite:///{tmp_path}/state.db")
+    store.apply(GroupUpdate(TENANT_A, G_ENG, replace=frozenset({ALICE}), sync=SyncState(None, utcnow()),
+                            source="test"))
+    settings = settings_for(idp.url, policy_path, f"sqlite:///{tmp_path}/state.db")
+    policy = load_policy(policy_path)
+    keys = KeyCache(settings)
+    return Verifier(settings, lambda: policy, keys, store), store, keys, settings
+
+
+def claims(idp, token: str) -> dict:
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+def good(idp, **kw) -> str:
+    kw.setdefault("aud", "api://billing")
+    return idp.mint(TENANT_A, oid=kw.pop("oid", ALICE), **kw)
+
+
+# -- the attack catalog ------------------------------------------------------------
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
+def test_alg_none_in_any_case_is_disallowed(world, idp, alg):
+    verifier = world[0]
+    token = forge({"alg": alg, "typ": "JWT", "kid": idp.current.kid}, claims(idp, good(idp)))
+    assert verifier.decide("billing", token).reason == "disallowed_alg"
+
+
+def test_hs256_keyed_with_the_public_key_is_disallowed(world, idp):
+    verifier = world[0]
+    public_pem = idp.current.private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    header = {"alg": "HS256", "typ": "JWT", "kid": idp.current.kid}
+    body = claims(idp, good(idp))
+    signing_input = f"{b64(header)}.{b64(body)}".encode()
+    signature = hmac.new(public_pem, signing_input, hashlib.sha256).digest()
+    assert verifier.decide("billing", forge(header, body, signature)).reason == "disallowed_alg"
+
+
+@pytest.mark.parametrize("alg", ["HS256", "HS512", "ES256", "PS256", "RS384", "RS512", "EdDSA", "rs256", ""])
+def test_every_alg_but_rs256_is_disallowed(world, idp, alg):
+    token = forge({"alg": alg, "kid": idp.current.kid}, claims(idp, good(idp)), b"x" * 64)
+    assert world[0].decide("billing", token).reason == "disallowed_alg"
+
+
+def test_es256_psychic_signature_r_s_zero_is_disallowed(world, idp):
+    token = forge({"alg": "ES256", "kid": idp.current.kid}, claims(idp, good(idp)), bytes(64))
+    assert world[0].decide("billing", token).reason == "disallowed_alg"
+
+
+def test_stripped_signature_is_rejected(world, idp):
+    head, body, _ = good(idp).split(".")
+    assert world[0].decide("billing", f"{head}.{body}.").reason == "bad_signature"
+
+
+def test_foreign_signature_with_a_real_kid_is_rejected(world, idp):
+    attacker = SigningKey(kid=idp.current.kid)
+    token = good(idp, key=attacker)
+    assert world[0].decide("billing", token).reason == "bad_signature"
+
+
+def test_signature_of_another_token_is_rejected(world, idp):
+    head, body, _ = good(idp, oid=BOB).split(".")
+    _, _, signature = good(idp).split(".")
+    assert world[0].decide("billing", f"{head}.{body}.{signature}").reason == "bad_signature"
+
+
+def test_embedded_jwk_is_never_used(world, idp):
+    attacker = SigningKey()
+    token = good(idp, key=attacker, headers={"jwk": attacker.jwk()})
+    assert world[0].decide("billing", token).reason == "unknown_key"
+    token = good(idp, key=SigningKey(kid=idp.current.kid), headers={"jwk": attacker.jwk()})
+    assert world[0].decide("billing", token).reason == "bad_signature"
+
+
+class _Trap:
+    """A key server an attacker points jku/x5u at: it must never be asked."""
+
+    def __init__(self, jwk: dict):
+        self.hits = 0
+        trap = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                trap.hits += 1
+                data = json.dumps({"keys": [jwk]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/keys"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.mark.parametrize("header", ["jku", "x5u"])
+def test_jku_and_x5u_are_never_fetched(world, idp, header):
+    attacker = SigningKey()
+    trap = _Trap(attacker.jwk())
+    try:
+        token = good(idp, key=attacker, headers={header: trap.url})
+        assert world[0].decide("billing", token).reason == "unknown_key"
+        assert trap.hits == 0
+    finally:
+        trap.server.shutdown()
+
+
+@pytest.mark.parametrize("kid", ["../../../etc/passwd", "' OR '1'='1' --", "%00", "a" * 5000, ""])
+def test_hostile_kids_are_unknown_keys(world, idp, kid):
+    token = good(idp, key=SigningKey(kid=kid or "x"), headers={"kid": kid})
+    assert world[0].decide("billing", token).reason == "unknown_key"
+    assert idp.jwks_fetches() <= 2 * 2  # first use + one refetch, for the v2 key set (+ v1 never)
+
+
+def test_token_of_tenant_a_presented_for_tenant_b(world, idp):
+    # Even with the audience of tenant B's service, tenant A's token is refused.
+    token = idp.mint(TENANT_A, oid=ALICE, aud="api://aadrun-test")
+    assert world[0].decide("tenant-b-app", token).reason == "wrong_audience"
+    token = idp.mint(TENANT_A, oid=ALICE, aud="api://tenant-b")
+    assert world[0].decide("tenant-b-app", token).reason == "wrong_tenant"
+
+
+def test_tid_of_another_tenant_with_keys_of_this_one(world, idp):
+    # tid picks whose keys verify: claiming tenant B while issued by A fails the issuer check.
+    token = idp.mint(TENANT_A, oid=ALICE, aud="api://tenant-b", tid=TENANT_B)
+    assert world[0].decide("tenant-b-app", token).reason == "wrong_issuer"
+
+
+def test_v1_token_where_only_v2_is_allowed(world, idp):
+    assert world[0].decide("billing", good(idp, version=1)).reason == "wrong_issuer"
+
+
+def test_v1_token_where_v1_is_allowed(world, idp, tmp_path):
+    store = world[1]
+    from tests.support.world import CAROL, G_B
+    store.apply(GroupUpdate(TENANT_B, G_B, replace=frozenset({CAROL}), sync=SyncState(None, utcnow())))
+    token = idp.mint(TENANT_B, oid=CAROL, aud="api://tenant-b", version=1)
+    decision = world[0].decide("tenant-b-app", token)
+    assert (decision.allow, decision.reason, decision.subject) == (True, "ok", CAROL)
+
+
+@pytest.mark.parametrize("token", [
+    "abc", "a.b", "a.b.c.d.e", "!!!.???.###", "e30.e30.e30.e30.e30",
+    b64({"alg": "RS256"}) + ".bm90IGpzb24." + "c2ln",
+    b64(b"[1,2]") + "." + b64({}) + ".c2ln",
+])
+def test_malformed_tokens(world, token):
+    assert world[0].decide("billing", token).reason == "malformed_token"
+
+
+def test_non_base64_characters_are_malformed(world, idp):
+    head, body, sig = good(idp).split(".")
+    assert world[0].decide("billing", f"{head}.{body[:10]}*{body[10:]}.{sig}").reason == "malformed_token"
+
+
+def test_oversized_token_is_malformed(world, idp):
+    token = good(idp, padding="x" * 17000)
+    assert world[0].decide("billing", token).reason == "malformed_token"
+
+
+def test_five_part_jwe_shape_is_malformed(world):
+    jwe = ".".join([b64({"alg": "RSA-OAEP", "enc": "A256GCM"}), b64(b"k"), b64(b"iv"), b64(b"ct"), b64(b"tag")])
+    assert world[0].decide("billing", jwe).reason == "malformed_token"
+
+
+def test_unknown_crit_header_is_rejected(world, idp):
+    token = good(idp, headers={"crit": ["exp"], "exp": 1})
+    assert world[0].decide("billing", token).reason == "malformed_token"
+
+
+def test_unknown_tenant(world, idp):
+    token = idp.mint(TENANT_OTHER, oid=ALICE, aud="api://billing")
+    assert world[0].decide("billing", token).reason == "unknown_tenant"
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"exp": None}, "expired"),
+    ({"exp": "9999999999"}, "expired"),
+    ({"exp": True}, "expired"),
+    ({"aud": ["api://billing"]}, "wrong_audience"),
+    ({"aud": ["api://billing", "api://other"]}, "wrong_audience"),
+    ({"aud": "api://aadrun-test"}, "wrong_audience"),   # the tenant's audience, overridden by the service
+])
+def test_claim_shapes(world, idp, change, reason):
+    body = {k: v for k, v in change.items() if v is not None}
+    token = good(idp, **body) if "exp" not in change or change["exp"] is not None else None
+    if token is None:
+        raw = claims(idp, good(idp))
+        raw.pop("exp")
+        token = jwt.encode(raw, idp.current.private, algorithm="RS256", headers={"kid": idp.current.kid})
+    assert world[0].decide("billing", token).reason == reason
+
+
+def test_leeway_applies_to_exp_and_nbf(world, idp):
+    now = time.time()
+    assert world[0].decide("billing", good(idp, now=now - 3600 - 30)).reason == "ok"          # 30 s past exp
+    assert world[0].decide("billing", good(idp, now=now - 3600 - 90)).reason == "expired"     # 90 s past
+    assert world[0].decide("billing", good(idp, now=now + 30)).reason == "ok"                 # nbf 30 s ahead
+    assert world[0].decide("billing", good(idp, now=now + 90)).reason == "not_yet_valid"
+
+
+def test_groups_claim_is_ignored_membership_store_decides(world, idp):
+    token = good(idp, oid=BOB, groups=[G_ENG])
+    assert world[0].decide("billing", token).reason == "not_member"
+
+
+def test_app_role_allows_without_membership(world, idp):
+    decision = world[0].decide("billing", good(idp, oid=BOB, roles=["Billing.Admin"]))
+    assert (decision.allow, decision.via) == (True, "Billing.Admin")
+
+
+def test_never_synced_group_is_membership_unknown(world, idp):
+    assert world[0].decide("unsynced", good(idp, aud="api://aadrun-test")).reason == "membership_unknown"
+
+
+def test_service_without_matching_rule(world, idp):
+    assert world[0].decide("roles-only", good(idp, aud="api://aadrun-test")).reason == "no_matching_rule"
+
+
+# -- keys: rotation, outage, refetch storm ------------------------------------------------
+
+def test_key_rotation_picks_up_a_new_key_and_drops_a_removed_one(world, idp):
+    verifier, _, keys, _ = world
+    old_token = good(idp)
+    assert verifier.decide("billing", old_token).allow
+    idp.rotate(keep_old=False)
+    assert verifier.decide("billing", good(idp)).allow              # unknown kid -> refetch
+    assert verifier.decide("billing", old_token).reason == "unknown_key"   # cached, but its key left
+
+
+def test_jwks_outage_keeps_cached_keys(world, idp):
+    verifier = world[0]
+    assert verifier.decide("billing", good(idp)).allow
+    idp.down = True
+    assert verifier.decide("billing", good(idp)).allow              # new token, cached key
+    assert verifier.decide("billing", good(idp, key=SigningKey())).reason == "unknown_key"
+    assert verifier.decide("billing", good(idp)).allow              # the failed refetch kept the keys
+
+
+def test_keys_never_fetched_is_unavailable(tmp_path, idp):
+    idp.down = True
+    policy_path = write_policy(tmp_path)
+    settings = settings_for(idp.url, policy_path, f"sqlite:///{tmp_path}/s.db")
+    store = open_store(settings.store_url)
+    store.apply(GroupUpdate(TENANT_A, G_ENG, replace=frozenset({ALICE}), sync=SyncState(None, utcnow())))
+    verifier = Verifier(settings, lambda: load_policy(policy_path), KeyCache(settings), store)
+    decision = verifier.decide("billing", good(idp))
+    assert (decision.allow, decision.reason, decision.status) == (False, "unavailable", 503)
+    idp.down = False
+    time.sleep(1.05)  # failed first fetches are retried at most once a second
+    assert verifier.decide("billing", good(idp)).allow
+
+
+def test_refetch_storm_is_rate_limited_and_single_flight(world, idp):
+    verifier = world[0]
+    assert verifier.decide("billing", good(idp)).allow
+    before = idp.jwks_fetches()
+    forged = [good(idp, key=SigningKey(kid=uuid.uuid4().hex)) for _ in range(8)] * 40
+    results = []
+
+    def attack(tokens):
+        results.extend(verifier.decide("billing", t).reason for t in tokens)
+
+    threads = [threading.Thread(target=attack, args=(forged[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(results) == {"unknown_key"} and len(results) == 320
+    assert idp.jwks_fetches() - before == 1   # one refetch (one key set: v2 only) in 30 s
+
+
+def test_periodic_refresh_drops_keys_that_left(tmp_path, idp):
+    policy_path = write_policy(tmp_path)
+    settings = settings_for(idp.url, policy_path, f"sqlite:///{tmp_path}/s.db", jwks_refresh_seconds=0.2)
+    store = open_store(settings.store_url)
+    store.apply(GroupUpdate(TENANT_A, G_ENG, replace=frozenset({ALICE}), sync=SyncState(None, utcnow())))
+    policy = load_policy(policy_path)
+    verifier = Verifier(settings, lambda: policy, KeyCache(settings), store)
+    old_key = idp.current
+    assert verifier.decide("billing", good(idp)).allow
+    idp.rotate(keep_old=False)
+    time.sleep(0.3)
+    verifier.decide("billing", good(idp))   # triggers the refresh
+    assert verifier.decide("billing", good(idp, key=old_key)).reason == "unknown_key"
+
+
+# -- caches and revocation ----------------------------------------------------------
+
+def test_repeated_token_is_cached_but_membership_is_checked_every_time(world, idp):
+    verifier, store = world[0], world[1]
+    token = good(idp)
+    assert verifier.decide("billing", token).allow
+    assert len(verifier.tokens) == 1
+    store.apply(GroupUpdate(TENANT_A, G_ENG, removed=frozenset({ALICE}), source="test"))
+    deadline = time.monotonic() + 1.0
+    while verifier.decide("billing", token).allow and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert verifier.decide("billing", token).reason == "not_member"
+
+
+def test_expired_entry_is_not_served_from_cache(world, idp):
+    verifier = world[0]
+    token = good(idp, lifetime=1, now=time.time() - 60 + 0.5)  # 0.5-1.5 s left within the leeway
+    assert verifier.decide("billing", token).allow
+    time.sleep(1.6)
+    assert verifier.decide("billing", token).reason == "expired"
+
+
+class BrokenStore:
+    """A store whose backend fails on every call (as an unreachable database does)."""
+
+    def generation(self):
+        raise OSError("backend unreachable")
+
+    def membership(self, *args):
+        raise OSError("backend unreachable")
+
+
+def test_store_down_fails_closed(world, idp):
+    settings, keys = world[3], world[2]
+    policy = load_policy(settings.policy_path)
+    verifier = Verifier(settings, lambda: policy, keys, BrokenStore())
+    decision = verifier.decide("billing", good(idp))
+    assert (decision.allow, decision.reason, decision.status) == (False, "unavailable", 503)
+    # An app-role rule needs no membership, so it still decides.
+    assert verifier.decide("billing", good(idp, oid=BOB, roles=["Billing.Admin"])).allow
