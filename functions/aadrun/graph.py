@@ -1,0 +1,383 @@
+"""Microsoft Graph client: group membership by delta query, and change-notification
+subscriptions (CONTRACT.md §6).
+
+    GraphClient(settings, tenant)
+      .group_delta(group, delta_link)        GET /groups/delta  -> DeltaResult
+      .create_subscription(...)              POST   /subscriptions
+      .list_subscriptions()                  GET    /subscriptions
+      .renew_subscription(id, expiration)    PATCH  /subscriptions/{id}
+      .reauthorize_subscription(id)          POST   /subscriptions/{id}/reauthorize
+      .delete_subscription(id)               DELETE /subscriptions/{id}
+
+Errors (under ``aadrun.errors``)::
+
+    UpstreamError            any other Graph or token failure (status_code, Graph error code)
+    ├── RateLimited          429/503 still answered after the retry budget; retry_after = Graph's hint
+    ├── DeltaExpired         the delta link is no longer valid: start again with a full delta
+    └── SubscriptionExists   409 on create: this app already subscribes to the resource
+
+Tokens come from MSAL (client credentials), with the app's client secret or, without
+one, workload identity federation: a Google-signed ID token from the metadata server
+is the client assertion. MSAL caches the access token. No message of this module ever
+contains an access token, a client secret or an assertion.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import email.utils
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from urllib.parse import quote, urlencode, urlsplit
+
+import msal
+import requests
+
+from .config import Settings
+from .errors import ConfigError, RateLimited, UpstreamError
+
+__all__ = ["GraphClient", "DeltaResult", "DeltaExpired", "SubscriptionExists", "max_expiration",
+           "GRAPH_SCOPE", "FEDERATION_AUDIENCE", "METADATA_IDENTITY_URL", "MAX_GROUP_SUBSCRIPTION_MINUTES"]
+
+GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+# https://cloud.google.com/compute/docs/instances/verifying-instance-identity
+METADATA_IDENTITY_URL = ("http://metadata.google.internal/computeMetadata/v1/"
+                         "instance/service-accounts/default/identity")
+# https://learn.microsoft.com/entra/workload-id/workload-identity-federation-create-trust
+FEDERATION_AUDIENCE = "api://AzureADTokenExchange"
+# https://learn.microsoft.com/graph/api/resources/subscription (maximum length of subscription per resource type)
+MAX_GROUP_SUBSCRIPTION_MINUTES = 41_760
+SUBSCRIPTION_MARGIN = dt.timedelta(minutes=10)   # clock skew and request time
+USER_TYPE = "#microsoft.graph.user"
+# https://learn.microsoft.com/graph/delta-query-overview (synchronization reset):
+# an expired state token answers 410 Gone or a 4xx with one of these codes.
+EXPIRED_DELTA_CODES = frozenset({"syncstatenotfound", "resyncrequired"})
+RETRY_STATUSES = frozenset({429, 503})    # https://learn.microsoft.com/graph/throttling
+
+
+class DeltaExpired(UpstreamError):
+    """The delta (or skip) link is no longer valid: the caller restarts with a full delta."""
+
+    reason = "delta_expired"
+
+
+class SubscriptionExists(UpstreamError):
+    """409 on create: a subscription of this app for the resource already exists."""
+
+    reason = "subscription_exists"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaResult:
+    """What one delta round told about one group.
+
+    ``full``: the round started without a delta link, so ``added`` is the complete
+    user membership (and ``removed`` is empty). ``group_deleted``: the group itself came
+    back with ``@removed``. ``delta_link``: where the next round starts.
+    """
+
+    full: bool
+    added: frozenset[str]
+    removed: frozenset[str]
+    delta_link: str
+    group_deleted: bool = False
+
+
+def max_expiration(now: dt.datetime | None = None) -> dt.datetime:
+    """The latest expiration Graph accepts for a group subscription, less a safety margin."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return now + dt.timedelta(minutes=MAX_GROUP_SUBSCRIPTION_MINUTES) - SUBSCRIPTION_MARGIN
+
+
+def _iso(value: dt.datetime) -> str:
+    if value.tzinfo is None:
+        raise ValueError("expiration must be timezone-aware")
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _retry_after(resp: requests.Response, attempt: int) -> float:
+    """Seconds to wait: Retry-After (delta-seconds or HTTP-date, RFC 9110 §10.2.3),
+    else exponential backoff."""
+    raw = (resp.headers.get("Retry-After") or "").strip()
+    if raw:
+        try:
+            return max(0.0, float(raw))
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(raw)
+                return max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds())
+            except (TypeError, ValueError):
+                pass
+    return float(2 ** attempt)
+
+
+def _graph_error(resp: requests.Response) -> tuple[str | None, str]:
+    """(code, message) of a Graph error body {"error": {"code", "message"}}."""
+    try:
+        err = resp.json().get("error") or {}
+    except (ValueError, AttributeError):
+        return None, ""
+    if not isinstance(err, dict):
+        return None, ""
+    return err.get("code"), str(err.get("message") or "")[:200]
+
+
+class _MsalHttp:
+    """The shared session as MSAL's http_client, with our timeout on every call."""
+
+    def __init__(self, session: requests.Session, timeout: float):
+        self._session, self._timeout = session, timeout
+
+    def post(self, url, params=None, data=None, headers=None, **kwargs):
+        kwargs.setdefault("timeout", self._timeout)
+        return self._session.post(url, params=params, data=data, headers=headers, **kwargs)
+
+    def get(self, url, params=None, headers=None, **kwargs):
+        kwargs.setdefault("timeout", self._timeout)
+        return self._session.get(url, params=params, headers=headers, **kwargs)
+
+    def close(self):
+        pass  # the session belongs to GraphClient
+
+
+class GraphClient:
+    """Microsoft Graph for one tenant, as the app registration of ``settings``.
+
+    ``sleep`` and ``metadata_url`` are injectable for tests. ``retries`` and
+    ``max_wait`` bound the time spent honouring Retry-After: a wait that would
+    exceed the budget is not shortened (Graph would throttle again) but raised
+    as ``RateLimited`` for the caller to reschedule. Thread-safe.
+    """
+
+    def __init__(self, settings: Settings, tenant: str, *, session: requests.Session | None = None,
+                 metadata_url: str = METADATA_IDENTITY_URL, sleep: Callable[[float], None] = time.sleep,
+                 retries: int = 3, max_wait: float = 30.0):
+        if not settings.client_id:
+            raise ConfigError("AADRUN_CLIENT_ID is required to call Microsoft Graph")
+        self.tenant = tenant
+        self._settings = settings
+        self._graph = settings.graph_url.rstrip("/")
+        self._origin = urlsplit(self._graph)[:2]
+        self._timeout = settings.http_timeout_seconds
+        self._session = session or requests.Session()   # honours REQUESTS_CA_BUNDLE
+        self._metadata_url = metadata_url
+        self._sleep, self._retries, self._max_wait = sleep, retries, max_wait
+        self._msal: msal.ConfidentialClientApplication | None = None
+        self._lock = threading.Lock()
+
+    # -- tokens --------------------------------------------------------------
+
+    def _app(self) -> msal.ConfidentialClientApplication:
+        # Built on first use: MSAL's constructor already fetches the authority's
+        # OpenID configuration, which must not happen at import or start-up.
+        with self._lock:
+            if self._msal is None:
+                secret = self._settings.client_secret
+                credential = secret if secret else {"client_assertion": self._google_id_token}
+                try:
+                    self._msal = msal.ConfidentialClientApplication(
+                        self._settings.client_id, client_credential=credential,
+                        authority=f"{self._settings.authority_url.rstrip('/')}/{self.tenant}",
+                        http_client=_MsalHttp(self._session, self._timeout),
+                        # Skip the login.microsoftonline.com instance check: the
+                        # authority comes from validated configuration (https).
+                        instance_discovery=False)
+                except (ValueError, requests.RequestException) as e:
+                    raise UpstreamError(f"authority discovery failed for tenant {self.tenant}: "
+                                        f"{type(e).__name__}") from e
+            return self._msal
+
+    def _google_id_token(self) -> str:
+        """Client assertion for workload identity federation: the service account's
+        Google ID token for audience api://AzureADTokenExchange. Fetched with our own
+        session, never MSAL's (MSAL caches successful GETs for 24 h)."""
+        try:
+            resp = self._session.get(self._metadata_url, params={"audience": FEDERATION_AUDIENCE},
+                                     headers={"Metadata-Flavor": "Google"}, timeout=self._timeout)
+        except requests.RequestException as e:
+            raise UpstreamError(f"metadata server unreachable: {type(e).__name__}") from e
+        if resp.status_code != 200 or not resp.text.strip():
+            raise UpstreamError(f"metadata server answered HTTP {resp.status_code}",
+                                status_code=resp.status_code)
+        return resp.text.strip()
+
+    def _token(self) -> str:
+        try:
+            result = self._app().acquire_token_for_client(scopes=[GRAPH_SCOPE])
+        except requests.RequestException as e:
+            raise UpstreamError(f"token request failed for tenant {self.tenant}: {type(e).__name__}") from e
+        if "access_token" not in result:
+            codes = result.get("error_codes") or []
+            detail = f" (AADSTS{codes[0]})" if codes else ""
+            raise UpstreamError(f"token request refused for tenant {self.tenant}: "
+                                f"{result.get('error')}{detail}", code=result.get("error"))
+        return result["access_token"]
+
+    # -- requests ------------------------------------------------------------
+
+    def _check_link(self, url: str) -> None:
+        # Links from responses or storage must stay on the Graph host: the bearer
+        # token is sent to wherever they point.
+        if urlsplit(url)[:2] != self._origin:
+            raise UpstreamError(f"refusing a link outside {self._graph}")
+
+    def _request(self, method: str, url: str, what: str, body: dict | None = None) -> requests.Response:
+        """One Graph call: bearer token, timeout, Retry-After on 429/503, one token
+        refresh on 401. Returns any other response for the caller to judge."""
+        self._check_link(url)
+        waited, attempt, refreshed = 0.0, 0, False
+        while True:
+            token = self._token()
+            try:
+                resp = self._session.request(
+                    method, url, json=body, timeout=self._timeout,
+                    headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
+            except requests.RequestException as e:
+                raise UpstreamError(f"{what}: {type(e).__name__}") from None
+            if resp.status_code in RETRY_STATUSES:
+                wait = _retry_after(resp, attempt)
+                if attempt >= self._retries or waited + wait > self._max_wait:
+                    raise RateLimited(f"{what}: HTTP {resp.status_code} after {attempt} retries",
+                                      retry_after=wait, status_code=resp.status_code)
+                self._sleep(wait)
+                waited, attempt = waited + wait, attempt + 1
+                continue
+            if resp.status_code == 401 and not refreshed:
+                # A revoked or rotated token: drop MSAL's cached one and try once more.
+                self._app().remove_tokens_for_client()
+                refreshed = True
+                continue
+            return resp
+
+    @staticmethod
+    def _fail(resp: requests.Response, what: str, cls: type[UpstreamError] = UpstreamError) -> UpstreamError:
+        code, message = _graph_error(resp)
+        text = f"{what}: HTTP {resp.status_code}" + (f" {code}" if code else "") + (f": {message}" if message else "")
+        return cls(text, status_code=resp.status_code, code=code)
+
+    def _json(self, resp: requests.Response, what: str, ok: tuple[int, ...] = (200,)) -> dict:
+        if resp.status_code not in ok:
+            raise self._fail(resp, what)
+        try:
+            data = resp.json()
+        except ValueError:
+            raise UpstreamError(f"{what}: response is not JSON", status_code=resp.status_code) from None
+        if not isinstance(data, dict):
+            raise UpstreamError(f"{what}: response is not a JSON object", status_code=resp.status_code)
+        return data
+
+    def _pages(self, url: str, what: str) -> Iterator[dict]:
+        """Every page of a collection, following @odata.nextLink (https://learn.microsoft.com/graph/paging)."""
+        while url:
+            page = self._json(self._request("GET", url, what), what)
+            yield page
+            url = page.get("@odata.nextLink")
+
+    # -- delta ---------------------------------------------------------------
+
+    def group_delta(self, group_id: str, delta_link: str | None = None, *,
+                    restart_on_expiry: bool = False) -> DeltaResult:
+        """One delta round for one group: the full user membership (no delta link) or the
+        user additions and removals since ``delta_link``.
+
+        An expired link raises ``DeltaExpired``; with ``restart_on_expiry`` the round
+        instead starts over without a link and returns ``full=True``.
+        """
+        try:
+            return self._delta(group_id, delta_link)
+        except DeltaExpired:
+            if not (restart_on_expiry and delta_link):
+                raise
+            return self._delta(group_id, None)
+
+    def _delta(self, group_id: str, delta_link: str | None) -> DeltaResult:
+        if str(uuid.UUID(group_id)) != group_id.lower():   # also keeps quotes out of $filter
+            raise ValueError(f"not a group object id: {group_id!r}")
+        # https://learn.microsoft.com/graph/api/group-delta
+        url = delta_link or f"{self._graph}/groups/delta?" + urlencode(
+            {"$select": "members", "$filter": f"id eq '{group_id}'"}, quote_via=quote)
+        added: set[str] = set()
+        removed: set[str] = set()
+        deleted = False
+        while True:
+            page = self._delta_page(url)
+            for obj in page.get("value") or []:
+                if not isinstance(obj, dict) or str(obj.get("id", "")).lower() != group_id.lower():
+                    continue
+                deleted = deleted or "@removed" in obj
+                # A large group's members span pages; the group object repeats on each.
+                for member in obj.get("members@delta") or []:
+                    if not isinstance(member, dict) or member.get("@odata.type", USER_TYPE) != USER_TYPE:
+                        continue
+                    uid = member.get("id")
+                    if not uid:
+                        continue
+                    # "@removed" is {"reason": "deleted"} in delta query, "deleted" in webhooks.
+                    into, other = (removed, added) if "@removed" in member else (added, removed)
+                    into.add(uid)
+                    other.discard(uid)
+            if page.get("@odata.nextLink"):
+                url = page["@odata.nextLink"]
+                continue
+            if not page.get("@odata.deltaLink"):
+                raise UpstreamError("group delta: last page has no @odata.deltaLink")
+            self._check_link(page["@odata.deltaLink"])
+            return DeltaResult(full=delta_link is None, added=frozenset(added), removed=frozenset(removed),
+                               delta_link=page["@odata.deltaLink"], group_deleted=deleted)
+
+    def _delta_page(self, url: str) -> dict:
+        resp = self._request("GET", url, "group delta")
+        if resp.status_code == 410:
+            raise self._fail(resp, "group delta", DeltaExpired)
+        if 400 <= resp.status_code < 500:
+            code, _ = _graph_error(resp)
+            if code and code.lower() in EXPIRED_DELTA_CODES:
+                raise self._fail(resp, "group delta", DeltaExpired)
+        return self._json(resp, "group delta")
+
+    # -- subscriptions (https://learn.microsoft.com/graph/api/resources/subscription) --
+
+    def create_subscription(self, resource: str, notification_url: str, lifecycle_url: str | None,
+                            client_state: str, expiration: dt.datetime) -> dict:
+        """POST /subscriptions for changeType "updated"; the created subscription.
+        A 409 (this app already subscribes to ``resource``) raises ``SubscriptionExists``."""
+        body = {"changeType": "updated", "notificationUrl": notification_url, "resource": resource,
+                "expirationDateTime": _iso(expiration), "clientState": client_state,
+                "latestSupportedTlsVersion": "v1_2"}
+        if lifecycle_url:
+            body["lifecycleNotificationUrl"] = lifecycle_url
+        resp = self._request("POST", f"{self._graph}/subscriptions", "create subscription", body)
+        if resp.status_code == 409:
+            raise self._fail(resp, "create subscription", SubscriptionExists)
+        return self._json(resp, "create subscription", ok=(200, 201))
+
+    def list_subscriptions(self) -> list[dict]:
+        """Every subscription of this app in the tenant (clientState comes back null)."""
+        return [sub for page in self._pages(f"{self._graph}/subscriptions", "list subscriptions")
+                for sub in page.get("value") or []]
+
+    def renew_subscription(self, subscription_id: str, expiration: dt.datetime) -> dict:
+        """PATCH the expiration; the updated subscription."""
+        resp = self._request("PATCH", self._sub_url(subscription_id), "renew subscription",
+                             {"expirationDateTime": _iso(expiration)})
+        return self._json(resp, "renew subscription")
+
+    def reauthorize_subscription(self, subscription_id: str) -> None:
+        """Answer a reauthorizationRequired lifecycle event (204 No Content)."""
+        resp = self._request("POST", self._sub_url(subscription_id) + "/reauthorize", "reauthorize subscription")
+        if resp.status_code not in (200, 202, 204):
+            raise self._fail(resp, "reauthorize subscription")
+
+    def delete_subscription(self, subscription_id: str) -> None:
+        """DELETE; a subscription already gone (404) is fine."""
+        resp = self._request("DELETE", self._sub_url(subscription_id), "delete subscription")
+        if resp.status_code not in (200, 204, 404):
+            raise self._fail(resp, "delete subscription")
+
+    def _sub_url(self, subscription_id: str) -> str:
+        return f"{self._graph}/subscriptions/{quote(subscription_id, safe='')}"
+
+    def close(self) -> None:
+        self._session.close()

@@ -1,0 +1,296 @@
+"""GraphClient against the local Graph / Entra server over TLS, with real MSAL."""
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import email.utils
+
+import pytest
+import requests
+
+from aadrun.errors import RateLimited, UpstreamError
+from aadrun.graph import (FEDERATION_AUDIENCE, MAX_GROUP_SUBSCRIPTION_MINUTES, DeltaExpired, SubscriptionExists,
+                          max_expiration)
+from tests.support.graph_fixtures import *  # noqa: F401,F403
+from tests.support.graph_fixtures import CLIENT_ID, CLIENT_SECRET, FEDERATED_CLIENT_ID, TENANT, graph_client
+
+GROUP = "aaaaaaaa-0000-0000-0000-000000000001"
+OTHER_GROUP = "aaaaaaaa-0000-0000-0000-000000000002"
+HOOK = "https://hooks.example/graph"
+
+
+def users(n: int, start: int = 0) -> set[str]:
+    return {f"00000000-0000-0000-0001-{i:012d}" for i in range(start, start + n)}
+
+
+def delta_calls(server) -> int:
+    return len(server.calls("GET", "/v1.0/groups/delta"))
+
+
+# -- tokens ---------------------------------------------------------------------------
+
+def test_client_secret_token_is_cached_and_stays_on_the_authority(graph_server):
+    graph_server.set_members(TENANT, GROUP, users(3))
+    client = graph_client(graph_server)
+    assert client.group_delta(GROUP).added == users(3)
+    client.list_subscriptions()
+    assert graph_server.token_requests == 1   # MSAL's cache served the second call
+    paths = [c.path for c in graph_server.log]
+    assert f"/{TENANT}/v2.0/.well-known/openid-configuration" in paths
+    assert not [p for p in paths if "discovery/instance" in p]
+
+
+def test_workload_identity_federation_uses_a_google_id_token(graph_server):
+    graph_server.set_members(TENANT, GROUP, users(2))
+    client = graph_client(graph_server, client_id=FEDERATED_CLIENT_ID, secret=None)
+    assert client.group_delta(GROUP).added == users(2)
+    [meta] = graph_server.calls("GET", "/computeMetadata/")
+    assert meta.query == {"audience": FEDERATION_AUDIENCE}
+
+
+def test_metadata_server_failure_is_an_upstream_error(graph_server):
+    client = graph_client(graph_server, client_id=FEDERATED_CLIENT_ID, secret=None,
+                          metadata_url=graph_server.base_url + "/computeMetadata/v1/missing")
+    with pytest.raises(UpstreamError, match="metadata server answered HTTP 404"):
+        client.list_subscriptions()
+
+
+def test_federation_without_a_matching_federated_credential_is_refused(graph_server):
+    graph_server.google_subject = "999"   # the metadata server now speaks for another account
+    client = graph_client(graph_server, client_id=FEDERATED_CLIENT_ID, secret=None)
+    with pytest.raises(UpstreamError) as err:
+        client.list_subscriptions()
+    assert err.value.code == "invalid_client"
+
+
+def test_wrong_client_secret_is_refused_without_echoing_it(graph_server):
+    client = graph_client(graph_server, secret="wrong-secret")
+    with pytest.raises(UpstreamError) as err:
+        client.list_subscriptions()
+    assert err.value.code == "invalid_client" and "AADSTS7000215" in str(err.value)
+    assert "wrong-secret" not in str(err.value)
+
+
+def test_unknown_tenant_fails_at_discovery(graph_server):
+    with pytest.raises(UpstreamError, match="authority discovery failed"):
+        graph_client(graph_server, tenant="99999999-9999-9999-9999-999999999999").list_subscriptions()
+
+
+def test_no_traffic_leaves_loopback(graph_server):
+    with pytest.raises(AssertionError, match="tried to"):
+        requests.get("https://graph.microsoft.com/v1.0/subscriptions", timeout=1)
+
+
+def test_one_client_serves_many_threads(graph_server):
+    graph_server.set_members(TENANT, GROUP, users(50))
+    client = graph_client(graph_server)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: client.group_delta(GROUP).added, range(16)))
+    assert all(r == users(50) for r in results)
+    assert len(graph_server.calls("GET", f"/{TENANT}/v2.0/.well-known/")) == 1   # one MSAL app
+
+
+def test_graph_answers_401_without_a_bearer_token(graph_server):
+    for headers in ({}, {"Authorization": "Bearer forged"}):
+        resp = requests.get(graph_server.graph_url + "/subscriptions", headers=headers, timeout=5)
+        assert resp.status_code == 401
+        assert resp.json()["error"]["code"] == "InvalidAuthenticationToken"
+
+
+def test_a_revoked_token_is_replaced_once(graph_server):
+    client = graph_client(graph_server)
+    client.list_subscriptions()
+    graph_server.revoke_tokens()
+    assert client.list_subscriptions() == []
+    assert graph_server.token_requests == 2
+
+
+# -- delta ------------------------------------------------------------------------------
+
+def test_full_delta_follows_pages_of_a_big_group(graph_server):
+    graph_server.page_size = 100
+    graph_server.set_members(TENANT, GROUP, users(2500))
+    graph_server.add_members(TENANT, GROUP, ["bbbbbbbb-0000-0000-0000-000000000009"],
+                             kind="#microsoft.graph.group")   # nested group: not a user
+    graph_server.set_members(TENANT, OTHER_GROUP, users(5, start=9000))
+    result = graph_client(graph_server).group_delta(GROUP)
+    assert result.full and not result.removed and not result.group_deleted
+    assert result.added == users(2500)
+    assert delta_calls(graph_server) == 26
+    first = graph_server.calls("GET", "/v1.0/groups/delta")[0]
+    assert first.query == {"$select": "members", "$filter": f"id eq '{GROUP}'"}
+    assert "$deltatoken=" in result.delta_link
+
+
+@pytest.mark.parametrize("marker", [{"reason": "deleted"}, "deleted"])
+def test_incremental_delta_reports_additions_and_removals(graph_server, marker):
+    graph_server.page_size = 3
+    graph_server.removed_marker = marker   # delta query's object form, or webhooks' string form
+    graph_server.set_members(TENANT, GROUP, users(10))
+    client = graph_client(graph_server)
+    first = client.group_delta(GROUP)
+    graph_server.remove_members(TENANT, GROUP, users(2))
+    graph_server.add_members(TENANT, GROUP, users(3, start=100))
+    graph_server.add_members(TENANT, OTHER_GROUP, users(1, start=500))
+    second = client.group_delta(GROUP, first.delta_link)
+    assert not second.full
+    assert second.added == users(3, start=100)
+    assert second.removed == users(2)
+    third = client.group_delta(GROUP, second.delta_link)
+    assert (third.added, third.removed) == (frozenset(), frozenset())
+
+
+def test_a_member_removed_then_added_back_is_a_member(graph_server):
+    graph_server.set_members(TENANT, GROUP, users(2))
+    client = graph_client(graph_server)
+    first = client.group_delta(GROUP)
+    graph_server.remove_members(TENANT, GROUP, users(1))
+    graph_server.add_members(TENANT, GROUP, users(1))
+    second = client.group_delta(GROUP, first.delta_link)
+    assert second.added == users(1) and not second.removed
+
+
+def test_deleted_group_is_reported(graph_server):
+    graph_server.set_members(TENANT, GROUP, users(2))
+    client = graph_client(graph_server)
+    first = client.group_delta(GROUP)
+    graph_server.delete_group(TENANT, GROUP)
+    assert client.group_delta(GROUP, first.delta_link).group_deleted
+
+
+@pytest.mark.parametrize("status,code", [(410, "resyncRequired"), (400, "syncStateNotFound")])
+def test_expired_delta_link(graph_server, status, code):
+    graph_server.set_members(TENANT, GROUP, users(4))
+    client = graph_client(graph_server)
+    link = client.group_delta(GROUP).delta_link
+    graph_server.expire_delta_links(status=status, code=code)
+    graph_server.add_members(TENANT, GROUP, users(1, start=50))
+    with pytest.raises(DeltaExpired) as err:
+        client.group_delta(GROUP, link)
+    assert err.value.status_code == status
+    restarted = client.group_delta(GROUP, link, restart_on_expiry=True)
+    assert restarted.full and restarted.added == users(4) | users(1, start=50)
+
+
+def test_links_off_the_graph_host_are_refused(graph_server):
+    with pytest.raises(UpstreamError, match="outside"):
+        graph_client(graph_server).group_delta(GROUP, "https://elsewhere.example/v1.0/groups/delta?$deltatoken=x")
+
+
+def test_group_id_must_be_an_object_id(graph_server):
+    with pytest.raises(ValueError):
+        graph_client(graph_server).group_delta("x' or id eq 'y")
+
+
+# -- throttling -------------------------------------------------------------------------
+
+def test_retry_after_is_honoured_then_the_call_succeeds(graph_server):
+    graph_server.set_members(TENANT, GROUP, users(3))
+    sleeps: list[float] = []
+    client = graph_client(graph_server, sleeps=sleeps)
+    graph_server.fail_next(2, status=429, retry_after=1)
+    graph_server.fail_next(1, status=503, retry_after=None)
+    assert client.group_delta(GROUP).added == users(3)
+    assert sleeps == [1.0, 1.0, 4.0]   # Retry-After twice, then backoff (third attempt)
+
+
+def test_retry_after_as_an_http_date(graph_server):
+    sleeps: list[float] = []
+    when = email.utils.format_datetime(dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=3), usegmt=True)
+    graph_server.fail_next(1, status=503, retry_after=when)
+    assert graph_client(graph_server, sleeps=sleeps).list_subscriptions() == []
+    assert len(sleeps) == 1 and 0 < sleeps[0] <= 3
+
+
+def test_throttled_forever_raises_rate_limited(graph_server):
+    sleeps: list[float] = []
+    client = graph_client(graph_server, sleeps=sleeps)
+    graph_server.fail_next(10, status=429, retry_after=2)
+    with pytest.raises(RateLimited) as err:
+        client.list_subscriptions()
+    assert err.value.retry_after == 2 and err.value.status_code == 429
+    assert sleeps == [2.0, 2.0, 2.0]
+
+
+def test_a_wait_beyond_the_budget_is_not_shortened(graph_server):
+    sleeps: list[float] = []
+    graph_server.fail_next(1, status=429, retry_after=120)
+    with pytest.raises(RateLimited) as err:
+        graph_client(graph_server, sleeps=sleeps).list_subscriptions()
+    assert err.value.retry_after == 120 and sleeps == []
+
+
+# -- subscriptions ------------------------------------------------------------------------
+
+def test_subscription_lifecycle(graph_server):
+    client = graph_client(graph_server)
+    expiry = max_expiration()
+    sub = client.create_subscription(f"/groups/{GROUP}", HOOK, HOOK + "/lifecycle", "state-1", expiry)
+    assert sub["changeType"] == "updated" and sub["clientState"] == "state-1"
+    assert sub["lifecycleNotificationUrl"] == HOOK + "/lifecycle"
+    with pytest.raises(SubscriptionExists) as err:
+        client.create_subscription(f"/groups/{GROUP}", HOOK, None, "state-1", expiry)
+    assert err.value.status_code == 409
+    [listed] = client.list_subscriptions()
+    assert listed["id"] == sub["id"] and listed["clientState"] is None
+
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)
+    renewed = client.renew_subscription(sub["id"], later)
+    assert dt.datetime.fromisoformat(renewed["expirationDateTime"]) == later
+    client.reauthorize_subscription(sub["id"])
+    assert graph_server.subscriptions(TENANT, CLIENT_ID)[sub["id"]]["reauthorizations"] == 1
+    client.delete_subscription(sub["id"])
+    client.delete_subscription(sub["id"])   # already gone: fine
+    assert client.list_subscriptions() == []
+
+
+def test_subscription_list_follows_pages(graph_server):
+    graph_server.page_size = 2
+    client = graph_client(graph_server)
+    for i in range(5):
+        client.create_subscription(f"/groups/aaaaaaaa-0000-0000-0000-00000000010{i}", HOOK, None, "s",
+                                   max_expiration())
+    assert len({s["id"] for s in client.list_subscriptions()}) == 5
+    assert len(graph_server.calls("GET", "/v1.0/subscriptions")) == 3
+
+
+def test_subscription_expiration_limit(graph_server):
+    client = graph_client(graph_server)
+    too_late = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=MAX_GROUP_SUBSCRIPTION_MINUTES + 5)
+    with pytest.raises(UpstreamError) as err:
+        client.create_subscription(f"/groups/{GROUP}", HOOK, None, "s", too_late)
+    assert err.value.status_code == 400
+    with pytest.raises(ValueError):
+        client.create_subscription(f"/groups/{GROUP}", HOOK, None, "s", dt.datetime(2030, 1, 1))
+
+
+def test_unknown_subscription_renewal_fails_with_graph_code(graph_server):
+    with pytest.raises(UpstreamError) as err:
+        graph_client(graph_server).renew_subscription("nope", max_expiration())
+    assert (err.value.status_code, err.value.code) == (404, "ResourceNotFound")
+
+
+# -- secrets ------------------------------------------------------------------------------
+
+def test_no_access_token_or_secret_in_any_error(graph_server):
+    graph_server.set_members(TENANT, GROUP, users(2))
+    client = graph_client(graph_server)
+    link = client.group_delta(GROUP).delta_link
+    client.create_subscription(f"/groups/{GROUP}", HOOK, None, "s", max_expiration())
+    errors: list[Exception] = []
+    attempts = [
+        lambda: client.create_subscription(f"/groups/{GROUP}", HOOK, None, "s", max_expiration()),
+        lambda: client.renew_subscription("nope", max_expiration()),
+        lambda: (graph_server.expire_delta_links(), client.group_delta(GROUP, link)),
+        lambda: (graph_server.fail_next(9), client.list_subscriptions()),
+    ]
+    for attempt in attempts:
+        with pytest.raises(UpstreamError) as err:
+            attempt()
+        errors.append(err.value)
+    tokens = graph_server.issued_tokens
+    assert tokens
+    for e in errors:
+        text = " ".join(str(x) for x in (e, repr(e), e.__cause__, e.__context__, e.args))
+        assert not [t for t in tokens if t in text]
+        assert CLIENT_SECRET not in text
