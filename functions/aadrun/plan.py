@@ -1,0 +1,197 @@
+"""IAM planning: what Cloud Run IAM should hold, and the smallest change to get there.
+
+Pure functions, no I/O (STYLE.md §3). The inputs are the policy, the membership
+store's view of each group, the members aadrun already manages, and optionally
+the live IAM bindings; the output is a ``ServiceChanges`` per service.
+
+Rules (CONTRACT.md §3, §7):
+  - only services with ``cloud_run`` are planned; ``app_roles`` rules are checked
+    by verify and put nothing into IAM;
+  - ``bind: members`` puts one ``principal`` per current member of each group (a
+    never-synced group contributes nothing, so nobody is granted on a guess);
+    ``bind: group`` always puts one ``group_principal`` per group;
+  - aadrun removes only members it manages (``managed_before``) and never
+    touches anyone else's grant, nor any conditional binding;
+  - a policy that would end up with more than ``MAX_PRINCIPALS`` members
+    (each occurrence counts) is refused with ``PlanError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
+
+from .errors import PlanError
+from .policy import MAX_PRINCIPALS, Policy, Service
+
+MembersOf = Callable[[str, str], "set[str] | None"]
+Members = Mapping[str, "set[str] | frozenset[str]"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Binding:
+    """One binding of a live IAM policy; ``condition`` is its JSON form, or None."""
+
+    role: str
+    members: tuple[str, ...]
+    condition: Mapping[str, str] | None = dataclasses.field(default=None, hash=False)
+
+
+def _frozen(mapping: Mapping[str, Iterable[str]]) -> Mapping[str, frozenset[str]]:
+    return MappingProxyType({role: frozenset(m) for role, m in sorted(mapping.items())})
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceChanges:
+    """The IAM change planned for one Cloud Run service.
+
+    ``adds`` / ``removes``: role -> members to add / remove (only non-empty
+    roles). ``managed``: role -> the members aadrun manages once the change is
+    applied, which is what ``Store.record_iam`` is given afterwards.
+    ``principals``: member occurrences in the whole policy after the change.
+    """
+
+    service: str
+    cloud_run: str
+    adds: Mapping[str, frozenset[str]]
+    removes: Mapping[str, frozenset[str]]
+    managed: Mapping[str, frozenset[str]]
+    principals: int
+
+    @property
+    def empty(self) -> bool:
+        return not self.adds and not self.removes
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(sorted(set(self.adds) | set(self.removes) | set(self.managed)))
+
+    def to_json(self) -> dict:
+        """Deterministic JSON (sorted roles and members) for ``aadrun plan``."""
+        return {
+            "service": self.service,
+            "cloud_run": self.cloud_run,
+            "changes": {
+                role: {"add": sorted(self.adds.get(role, ())), "remove": sorted(self.removes.get(role, ()))}
+                for role in sorted(set(self.adds) | set(self.removes))
+            },
+            "managed": {role: sorted(self.managed[role]) for role in sorted(self.managed)},
+            "principals": self.principals,
+        }
+
+
+def desired_members(policy: Policy, service: Service, members_of: MembersOf) -> dict[str, set[str]]:
+    """Role -> IAM members the policy wants on ``service.cloud_run``.
+
+    Every role of a group rule is present, possibly with an empty set, so that
+    a rule whose groups are all empty still plans the removal of old members.
+    """
+    desired: dict[str, set[str]] = {}
+    if not service.cloud_run:
+        return desired
+    for rule in service.rules:
+        if not rule.groups:  # app_roles only: decided by verify, not by IAM
+            continue
+        members = desired.setdefault(rule.role, set())
+        for group in rule.groups:
+            if rule.bind == "group":
+                members.add(policy.group_principal_for(group))
+                continue
+            users = members_of(service.tenant, group)
+            if users is None:  # never synced: grant nothing on a guess
+                continue
+            members.update(policy.member_principal(oid) for oid in users)
+    return desired
+
+
+def unconditioned(bindings: Iterable[Binding]) -> dict[str, set[str]]:
+    """Role -> members of the bindings without a condition (the ones aadrun edits)."""
+    out: dict[str, set[str]] = {}
+    for binding in bindings:
+        if binding.condition is None:
+            out.setdefault(binding.role, set()).update(binding.members)
+    return out
+
+
+def count_after(live: Sequence[Binding], adds: Members, removes: Members) -> int:
+    """Member occurrences across all bindings once ``adds``/``removes`` are applied.
+
+    Google counts every occurrence, conditional bindings included
+    (cloud.google.com/iam/quotas: 1,500 principals per allow policy). ``adds``
+    go to one unconditioned binding and never repeat a member already there.
+    """
+    total = 0
+    for binding in live:
+        gone = removes.get(binding.role, ()) if binding.condition is None else ()
+        total += sum(1 for m in binding.members if m not in gone)
+    return total + sum(len(m) for m in adds.values())
+
+
+def check_limit(service: str, cloud_run: str, principals: int) -> None:
+    """Raise ``PlanError`` when a policy would exceed Google's principal limit."""
+    if principals > MAX_PRINCIPALS:
+        raise PlanError(
+            f"service {service!r} ({cloud_run}): its IAM policy would hold {principals} principals, "
+            f"over Google's limit of {MAX_PRINCIPALS}; use `bind: group` for its large groups "
+            f"(one group principal instead of one per member)")
+
+
+def diff(desired: Members, managed_before: Members, live_bindings: Sequence[Binding] | None = None,
+         *, service: str = "", cloud_run: str = "") -> ServiceChanges:
+    """The change from the live policy (or, without one, from ``managed_before``) to ``desired``.
+
+    Per role, on unconditioned bindings: add what is desired and absent;
+    remove what aadrun managed, is no longer desired and is still present.
+    A desired member someone else already granted is left alone and not
+    claimed as managed, so aadrun never later removes another party's grant.
+    With ``live_bindings=None`` (record mode) the managed set stands in for
+    the live policy. Raises ``PlanError`` over ``MAX_PRINCIPALS``.
+    """
+    live = unconditioned(live_bindings) if live_bindings is not None else {
+        role: set(m) for role, m in managed_before.items()}
+    roles = set(desired) | set(managed_before)
+    adds: dict[str, set[str]] = {}
+    removes: dict[str, set[str]] = {}
+    managed: dict[str, set[str]] = {}
+    for role in roles:
+        want = set(desired.get(role, ()))
+        mine = set(managed_before.get(role, ()))
+        present = live.get(role, set())
+        add = want - present
+        remove = (mine - want) & present
+        if add:
+            adds[role] = add
+        if remove:
+            removes[role] = remove
+        managed[role] = (want & mine) | add if live_bindings is not None else want
+    if live_bindings is None:
+        principals = sum(len(m) for m in desired.values())
+    else:
+        principals = count_after(live_bindings, adds, removes)
+    check_limit(service, cloud_run, principals)
+    return ServiceChanges(service, cloud_run, _frozen(adds), _frozen(removes), _frozen(managed), principals)
+
+
+def plan_service(policy: Policy, service: Service, members_of: MembersOf, managed_before: Members,
+                 live_bindings: Sequence[Binding] | None = None) -> ServiceChanges:
+    """``desired_members`` then ``diff`` for one service that has ``cloud_run``."""
+    if not service.cloud_run:
+        raise ValueError(f"service {service.name!r} has no cloud_run target")
+    desired = desired_members(policy, service, members_of)
+    return diff(desired, managed_before, live_bindings, service=service.name, cloud_run=service.cloud_run)
+
+
+def plan_policy(policy: Policy, members_of: MembersOf, managed_of: Callable[[str], Members],
+                live_of: Callable[[str], Sequence[Binding] | None] | None = None) -> list[ServiceChanges]:
+    """A plan for every service with ``cloud_run``, in service-name order.
+
+    ``managed_of(service_name)`` is ``Store.managed_members``; ``live_of(resource)``
+    is ``IamWriter.live_bindings`` (None for record mode).
+    """
+    out = []
+    for name in sorted(policy.services):
+        service = policy.services[name]
+        if service.cloud_run:
+            live = live_of(service.cloud_run) if live_of else None
+            out.append(plan_service(policy, service, members_of, managed_of(name), live))
+    return out
