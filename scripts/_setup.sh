@@ -1,0 +1,20 @@
+# Sourced by scripts/dev, scripts/test and scripts/bench: a virtualenv with
+# requirements.txt installed, reused while requirements.txt is unchanged.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${AADRUN_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+if [ ! -x "$PY" ]; then
+  echo "setup: creating virtualenv $VENV" >&2
+  python3 -m venv "$VENV"
+fi
+stamp="$VENV/.requirements.sha256"
+want="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing requirements.txt" >&2
+  "$PY" -m pip install --disable-pip-version-check -q -r "$ROOT/requirements.txt" >&2
+  echo "$want" > "$stamp"
+fi
+export PYTHONPATH="$ROOT/functions:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# Off GCP: don't let google-auth probe the metadata server for credentials.
+export NO_GCE_CHECK="${NO_GCE_CHECK:-True}"

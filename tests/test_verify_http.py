@@ -1,0 +1,210 @@
+"""verify through the real functions-framework, every status and reason of
+CONTRACT.md §4 from one table, plus forward-auth mode, /healthz and revocation."""
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from aadrun.devidp import DevIdentityProvider, SigningKey
+from aadrun.store import GroupUpdate, SyncState, open_store, utcnow
+from tests.support.serve import FunctionServer
+from tests.support.world import ALICE, BOB, G_ENG, TENANT_A, TENANT_B, TENANT_OTHER, env_for, write_policy
+
+
+@pytest.fixture(scope="module")
+def idp():
+    with DevIdentityProvider() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, idp):
+    folder = tmp_path_factory.mktemp("verify")
+    policy = write_policy(folder)
+    store_url = f"sqlite:///{folder}/state.db"
+    store = open_store(store_url)
+    store.apply(GroupUpdate(TENANT_A, G_ENG, replace=frozenset({ALICE}), sync=SyncState(None, utcnow())))
+    with FunctionServer("verify", env_for(idp.url, policy, store_url)) as server:
+        yield server, store
+
+
+def call(server, *, method="POST", path="/verify", body=None, headers=None, raw: bytes | None = None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    hdrs = {"Content-Type": "application/json"} if body is not None else {}
+    hdrs.update(headers or {})
+    req = urllib.request.Request(server.url + path, data=data, method=method, headers=hdrs)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def token(idp, tenant=TENANT_A, **kw):
+    kw.setdefault("aud", "api://billing")
+    return idp.mint(tenant, oid=kw.pop("oid", ALICE), **kw)
+
+
+# (case, request builder(idp) -> kwargs for call, status, reason)
+CASES = [
+    ("over 64 KiB", lambda idp: {"raw": b"{" + b" " * 65537 + b"}", "headers": {"Content-Type": "application/json"}},
+     413, None),
+    ("not JSON", lambda idp: {"raw": b"{nope", "headers": {"Content-Type": "application/json"}}, 400, "bad_request"),
+    ("wrong content type", lambda idp: {"raw": b'{"service":"billing"}', "headers": {"Content-Type": "text/plain"}},
+     400, "bad_request"),
+    ("no service", lambda idp: {"body": {"token": "x"}}, 400, "bad_request"),
+    ("service not a string", lambda idp: {"body": {"service": 7}}, 400, "bad_request"),
+    ("JSON array", lambda idp: {"body": ["billing"]}, 400, "bad_request"),
+    ("GET without service", lambda idp: {"method": "GET"}, 400, "bad_request"),
+    ("unknown service", lambda idp: {"body": {"service": "nope"}, "headers": bearer(token(idp))}, 404,
+     "unknown_service"),
+    ("no token", lambda idp: {"body": {"service": "billing"}}, 401, "missing_token"),
+    ("basic auth is no bearer token", lambda idp: {"body": {"service": "billing"},
+                                                   "headers": {"Authorization": "Basic dXNlcjpwYXNz"}},
+     401, "missing_token"),
+    ("malformed", lambda idp: {"body": {"service": "billing"}, "headers": bearer("abc.def")}, 401,
+     "malformed_token"),
+    ("alg none", lambda idp: {"body": {"service": "billing", "token": "eyJhbGciOiJub25lIn0.e30."}}, 401,
+     "disallowed_alg"),
+    ("unknown tenant", lambda idp: {"body": {"service": "billing"}, "headers": bearer(token(idp, TENANT_OTHER))},
+     401, "unknown_tenant"),
+    ("unknown key", lambda idp: {"body": {"service": "billing"},
+                                 "headers": bearer(token(idp, key=SigningKey()))}, 401, "unknown_key"),
+    ("bad signature", lambda idp: {"body": {"service": "billing"},
+                                   "headers": bearer(token(idp, key=SigningKey(kid=idp.current.kid)))},
+     401, "bad_signature"),
+    ("wrong issuer (v1 where v2 only)", lambda idp: {"body": {"service": "billing"},
+                                                     "headers": bearer(token(idp, version=1))}, 401, "wrong_issuer"),
+    ("expired", lambda idp: {"body": {"service": "billing"}, "headers": bearer(token(idp, now=time.time() - 7200))},
+     401, "expired"),
+    ("not yet valid", lambda idp: {"body": {"service": "billing"},
+                                   "headers": bearer(token(idp, now=time.time() + 600))}, 401, "not_yet_valid"),
+    ("wrong audience", lambda idp: {"body": {"service": "billing"}, "headers": bearer(token(idp, aud="api://x"))},
+     401, "wrong_audience"),
+    ("wrong tenant", lambda idp: {"body": {"service": "tenant-b-app"},
+                                  "headers": bearer(token(idp, aud="api://tenant-b"))}, 401, "wrong_tenant"),
+    ("not member", lambda idp: {"body": {"service": "billing"}, "headers": bearer(token(idp, oid=BOB))}, 403,
+     "not_member"),
+    ("membership unknown", lambda idp: {"body": {"service": "unsynced"},
+                                        "headers": bearer(token(idp, aud="api://aadrun-test"))},
+     403, "membership_unknown"),
+    ("no matching rule", lambda idp: {"body": {"service": "roles-only"},
+                                      "headers": bearer(token(idp, aud="api://aadrun-test"))},
+     403, "no_matching_rule"),
+    ("ok by group", lambda idp: {"body": {"service": "billing"}, "headers": bearer(token(idp))}, 200, "ok"),
+    ("ok by app role", lambda idp: {"body": {"service": "billing"},
+                                    "headers": bearer(token(idp, oid=BOB, roles=["Billing.Admin"]))}, 200, "ok"),
+    ("ok, token in the body", lambda idp: {"body": {"service": "billing", "token": token(idp)}}, 200, "ok"),
+    ("token given twice, differently", lambda idp: {"body": {"service": "billing", "token": token(idp)},
+                                                    "headers": bearer(token(idp, oid=BOB))}, 400, "bad_request"),
+]
+
+
+@pytest.mark.parametrize("case,build,status,reason", CASES, ids=[c[0] for c in CASES])
+def test_reason_table(stack, idp, case, build, status, reason):
+    server, _ = stack
+    got_status, headers, body = call(server, **build(idp))
+    assert got_status == status
+    if status == 413:
+        return
+    payload = json.loads(body)
+    assert payload["reason"] == reason
+    assert payload["allow"] is (status == 200)
+    assert set(payload) >= {"allow", "reason", "subject", "tenant", "service", "decision_id"}
+    assert payload["decision_id"]
+    if status in (200, 403):
+        assert payload["tenant"] == TENANT_A and payload["subject"] in (ALICE, BOB)
+    if reason == "missing_token":
+        assert headers["WWW-Authenticate"] == 'Bearer realm="aadrun"'
+    elif status == 401:
+        assert headers["WWW-Authenticate"] == (
+            f'Bearer realm="aadrun", error="invalid_token", error_description="{reason}"')
+    else:
+        assert "WWW-Authenticate" not in headers
+
+
+def test_error_bodies_carry_no_internal_detail(stack, idp):
+    server, _ = stack
+    for _, build, status, _ in CASES:
+        _, _, body = call(server, **build(idp))
+        text = body.decode(errors="replace")
+        assert "Traceback" not in text and "File \"" not in text and "/work/" not in text
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH"])
+def test_forward_auth_mode_allows_with_headers(stack, idp, method):
+    server, _ = stack
+    status, headers, body = call(server, method=method, path="/verify?service=billing", headers=bearer(token(idp)))
+    assert status == 200
+    assert headers["X-Auth-Subject"] == ALICE and headers["X-Auth-Tenant"] == TENANT_A
+    assert headers["X-Auth-Decision-Id"] == json.loads(body)["decision_id"]
+
+
+def test_forward_auth_mode_denies_without_auth_headers(stack, idp):
+    server, _ = stack
+    status, headers, _ = call(server, method="GET", path="/verify?service=billing", headers=bearer(token(idp, oid=BOB)))
+    assert status == 403 and "X-Auth-Subject" not in headers
+    status, headers, _ = call(server, method="GET", path="/verify?service=billing")
+    assert status == 401 and headers["WWW-Authenticate"] == 'Bearer realm="aadrun"'
+
+
+def test_api_mode_sets_no_forward_auth_headers(stack, idp):
+    status, headers, _ = call(stack[0], body={"service": "billing"}, headers=bearer(token(idp)))
+    assert status == 200 and "X-Auth-Subject" not in headers
+
+
+def test_large_token_in_the_body(stack, idp):
+    # Above ~8 KB the header would hit the serving stack's limit; the body carries it.
+    big = token(idp, padding="p" * 9000)
+    status, _, body = call(stack[0], body={"service": "billing", "token": big})
+    assert (status, json.loads(body)["reason"]) == (200, "ok")
+
+
+def test_healthz(stack):
+    status, _, body = call(stack[0], method="GET", path="/healthz")
+    payload = json.loads(body)
+    assert status == 200 and payload["status"] == "ok"
+    assert payload["store"]["status"] == "ok" and payload["policy"]["services"] == 4
+
+
+def test_healthz_unhealthy_when_policies_do_not_load(tmp_path, idp):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tenants: [")
+    env = env_for(idp.url, bad, f"sqlite:///{tmp_path}/s.db")
+    with FunctionServer("verify", env) as server:
+        status, _, body = call(server, method="GET", path="/healthz")
+        assert status == 503 and json.loads(body)["policy"]["status"] == "error"
+        status, _, body = call(server, body={"service": "billing"}, headers=bearer(token(idp)))
+        assert (status, json.loads(body)["reason"]) == (503, "unavailable")
+
+
+def test_removed_member_is_denied_within_a_second(stack, idp):
+    server, store = stack
+    tok = token(idp)
+    assert call(server, body={"service": "billing"}, headers=bearer(tok))[0] == 200
+    store.apply(GroupUpdate(TENANT_A, G_ENG, removed=frozenset({ALICE}), source="test"))
+    removed_at = time.monotonic()
+    while call(server, body={"service": "billing"}, headers=bearer(tok))[0] == 200:
+        assert time.monotonic() - removed_at < 1.0, "still allowed a second after the removal"
+        time.sleep(0.02)
+    store.apply(GroupUpdate(TENANT_A, G_ENG, added=frozenset({ALICE}), source="test"))
+
+
+def test_decision_log_lines_never_contain_the_token(stack, idp):
+    server, _ = stack
+    tok = token(idp)
+    call(server, body={"service": "billing"}, headers=bearer(tok))
+    time.sleep(0.1)
+    out = server.output()
+    decisions = [json.loads(line) for line in out.splitlines() if line.startswith("{") and '"decision"' in line]
+    assert decisions, "no decision was logged"
+    assert all(d["severity"] in ("INFO", "NOTICE") and "decision_id" in d for d in decisions)
+    assert tok not in out and tok.split(".")[2] not in out
