@@ -20,13 +20,15 @@ _setup_lock = threading.Lock()
 _configured = False
 
 
-def logger() -> logging.Logger:
+def logger(stream=None) -> logging.Logger:
+    """The aadrun logger, writing to stdout (Cloud Functions collects it) unless
+    the first caller names another stream (the CLI keeps stdout for its output)."""
     global _configured
     log = logging.getLogger(LOGGER_NAME)
     if not _configured:
         with _setup_lock:
             if not _configured:
-                handler = StructuredLogHandler(stream=sys.stdout)
+                handler = StructuredLogHandler(stream=stream or sys.stdout)
                 log.addHandler(handler)
                 log.setLevel(logging.INFO)
                 log.propagate = False

@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Callable
 
+from . import audit
 from .config import Settings
 from .errors import AadrunError, PolicyError
 from .policy import load_policy, policy_files
@@ -129,6 +130,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    audit.logger(sys.stderr)  # stdout carries the command's own output
     try:
         settings = Settings.from_env()
         return COMMANDS[args.command][0](args, settings)

@@ -1,0 +1,80 @@
+"""scripts/aadrun as an operator runs it: exit codes and output."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from aadrun.devidp import DevIdentityProvider
+from aadrun.store import GroupUpdate, SyncState, open_store, utcnow
+from tests.support.world import ALICE, BOB, G_ENG, TENANT_A, env_for, write_policy
+
+CLI = str(Path(__file__).resolve().parents[1] / "scripts" / "aadrun")
+
+
+def run(*args, env=None):
+    proc = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_validate_ok():
+    code, out, _ = run("validate", "--policy", "policies")
+    assert code == 0 and "billing-api" in out
+
+
+def test_validate_reports_file_line_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tenants:\n  - id: 11111111-1111-1111-1111-111111111111\n    audiences: []\n")
+    code, out, _ = run("validate", "--policy", str(bad), "--json")
+    assert code == 1
+    error = json.loads(out)["error"]
+    assert (error["file"], error["line"], error["field"]) == (str(bad), 3, "tenants[0].audiences")
+
+
+def test_bad_usage_exits_2():
+    assert run("explain")[0] == 2
+    assert run("no-such-command")[0] == 2
+
+
+@pytest.fixture()
+def env(tmp_path):
+    with DevIdentityProvider() as idp:
+        store_url = f"sqlite:///{tmp_path}/state.db"
+        open_store(store_url).apply(GroupUpdate(TENANT_A, G_ENG, replace=frozenset({ALICE}),
+                                                sync=SyncState(None, utcnow())))
+        yield idp, env_for(idp.url, write_policy(tmp_path), store_url)
+
+
+def test_explain_token_allow_lists_every_step(env):
+    idp, variables = env
+    token = idp.mint(TENANT_A, oid=ALICE, aud="api://billing")
+    code, out, _ = run("explain", "--service", "billing", "--token", token, "--json", env=variables)
+    result = json.loads(out)
+    assert code == 0 and result["allow"] and result["reason"] == "ok"
+    assert len(result["steps"]) == 13 and all(s["outcome"].startswith("pass") for s in result["steps"])
+    assert token not in out
+
+
+def test_explain_token_deny_shows_the_failing_step(env):
+    idp, variables = env
+    token = idp.mint(TENANT_A, oid=ALICE, aud="api://elsewhere")
+    code, out, _ = run("explain", "--service", "billing", "--token", token, "--json", env=variables)
+    result = json.loads(out)
+    assert code == 1 and result["reason"] == "wrong_audience"
+    outcomes = [s["outcome"] for s in result["steps"]]
+    failed = outcomes.index("fail")
+    assert result["steps"][failed]["reason"] == "wrong_audience"
+    assert set(outcomes[:failed]) == {"pass"} and set(outcomes[failed + 1:]) == {"skipped"}
+
+
+def test_explain_user(env):
+    _, variables = env
+    code, out, _ = run("explain", "--service", "billing", "--user", ALICE, env=variables)
+    assert code == 0 and "ALLOW" in out and G_ENG in out
+    code, out, _ = run("explain", "--service", "billing", "--user", BOB, "--json", env=variables)
+    result = json.loads(out)
+    assert code == 1 and result["reason"] == "not_member" and result["groups"][0]["member"] is False

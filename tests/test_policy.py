@@ -1,0 +1,111 @@
+"""Policy files: loading, merging and errors located by file, line and field."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from aadrun.errors import PolicyError
+from aadrun.policy import load_policy
+from tests.support.world import G_ENG, POLICY, TENANT_A, TENANT_B
+
+T = TENANT_A
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_shipped_example_policy_loads():
+    policy = load_policy("policies")
+    assert "billing-api" in policy.services
+    assert policy.services["billing-api"].rules[2].bind == "group"
+
+
+def test_defaults_and_overrides(tmp_path):
+    policy = load_policy(write(tmp_path, "p.yaml", POLICY))
+    billing = policy.services["billing"]
+    assert billing.rules[0].role == "roles/run.invoker" and billing.rules[0].bind == "members"
+    assert policy.audiences_for(billing) == ("api://billing",)
+    assert policy.audiences_for(policy.services["roles-only"]) == ("api://aadrun-test",)
+    assert policy.tenants[TENANT_B].token_versions == (1, 2)
+    assert policy.referenced_groups()[TENANT_A] >= {G_ENG}
+    assert policy.member_principal("u").endswith("/subject/u")
+
+
+BASE = f"""\
+tenants:
+  - id: {T}
+    audiences: [api://a]
+services:
+  - name: s
+    tenant: {T}
+    access:
+      - groups: [{G_ENG}]
+"""
+
+ERRORS = [
+    ("bad tenant id", BASE.replace(f"id: {T}", "id: not-a-guid"), 2, "tenants[0].id"),
+    ("unknown field", BASE + "    colour: blue\n", 9, "services[0].colour"),
+    ("bad group", BASE.replace(f"groups: [{G_ENG}]", "groups: [engineers]"), 8, "services[0].access[0].groups[0]"),
+    ("empty access", BASE.replace(f"    access:\n      - groups: [{G_ENG}]\n", "    access: []\n"), 7,
+     "services[0].access"),
+    ("bad version", BASE.replace("    audiences: [api://a]", "    audiences: [api://a]\n    token_versions: [3]"), 4,
+     "tenants[0].token_versions"),
+    ("undefined tenant", BASE.replace(f"    tenant: {T}", f"    tenant: {TENANT_B}"), 6, "services[0].tenant"),
+    ("bad bind", BASE.replace(f"groups: [{G_ENG}]", f"groups: [{G_ENG}]\n        bind: everyone"), 9,
+     "services[0].access[0].bind"),
+    ("bad role", BASE.replace(f"groups: [{G_ENG}]", f"groups: [{G_ENG}]\n        role: admin"), 9,
+     "services[0].access[0].role"),
+    ("bind on app roles", BASE.replace(f"groups: [{G_ENG}]", "app_roles: [A]\n        bind: group"), 9,
+     "services[0].access[0].bind"),
+    ("group bind without group_principal",
+     BASE.replace("    access:", "    cloud_run: projects/p/locations/l/services/s\n    access:")
+     .replace(f"groups: [{G_ENG}]", f"groups: [{G_ENG}]\n        bind: group"), 10, "services[0].access[0].bind"),
+    ("bad cloud_run", BASE.replace("    access:", "    cloud_run: services/s\n    access:"), 7,
+     "services[0].cloud_run"),
+    ("invalid YAML", BASE + "  - [\n", None, None),
+    ("duplicate key", BASE.replace("    audiences: [api://a]", "    audiences: [api://a]\n    audiences: [b]"), 4,
+     "tenants[0].audiences"),
+    ("principal without placeholder", BASE + "principal: principal://x\n", 9, "principal"),
+    ("top level list", "- a\n", 1, None),
+]
+
+
+@pytest.mark.parametrize("case,text,line,field", ERRORS, ids=[e[0] for e in ERRORS])
+def test_errors_name_file_line_and_field(tmp_path, case, text, line, field):
+    path = write(tmp_path, "p.yaml", text)
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    error = caught.value
+    assert error.file == str(path)
+    if line is not None:
+        assert error.line == line, str(error)
+    assert error.field == field, str(error)
+
+
+def test_folder_merges_files(tmp_path):
+    write(tmp_path, "a.yaml", f"tenants:\n  - id: {T}\n    audiences: [x]\n")
+    write(tmp_path, "b.yml", f"services:\n  - name: s\n    tenant: {T}\n    access:\n      - app_roles: [R]\n")
+    policy = load_policy(tmp_path)
+    assert list(policy.services) == ["s"] and len(policy.sources) == 2
+
+
+@pytest.mark.parametrize("second,field", [
+    (f"tenants:\n  - id: {T}\n    audiences: [y]\n", "tenants[0].id"),
+    (f"services:\n  - name: s\n    tenant: {T}\n    access:\n      - app_roles: [R]\n", "services[0].name"),
+    ("principal: 'p/{oid}'\n", "principal"),
+])
+def test_folder_refuses_duplicates_across_files(tmp_path, second, field):
+    write(tmp_path, "a.yaml", BASE + "principal: 'q/{oid}'\n")
+    path = write(tmp_path, "b.yaml", second)
+    with pytest.raises(PolicyError) as caught:
+        load_policy(tmp_path)
+    assert (caught.value.file, caught.value.field) == (str(path), field)
+
+
+def test_empty_folder_is_an_error(tmp_path):
+    with pytest.raises(PolicyError, match="no policy files"):
+        load_policy(tmp_path)
