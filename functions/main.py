@@ -17,7 +17,8 @@ _READ_LIMIT = 1024 * 1024
 
 def _request(request: flask.Request, limit: int = _READ_LIMIT) -> HttpRequest:
     # Read at most limit+1 bytes so an oversized body is detected without buffering it all.
-    body = request.stream.read(limit + 1)
+    has_body = request.content_length or request.headers.get("Transfer-Encoding")
+    body = request.stream.read(limit + 1) if has_body else b""
     return HttpRequest(
         method=request.method,
         path=request.path,

@@ -8,10 +8,13 @@ Tokens, client states and raw bodies are never passed here: use
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
+import queue
 import sys
 import threading
+from logging.handlers import QueueHandler, QueueListener
 
 from google.cloud.logging.handlers import StructuredLogHandler
 
@@ -22,14 +25,24 @@ _configured = False
 
 def logger(stream=None) -> logging.Logger:
     """The aadrun logger, writing to stdout (Cloud Functions collects it) unless
-    the first caller names another stream (the CLI keeps stdout for its output)."""
+    the first caller names another stream (the CLI keeps stdout for its output).
+
+    Request threads only enqueue records; one listener thread formats and writes
+    them. Formatting there, outside the request context, also spares the
+    handler's per-line inspection of the Flask request (we pass the trace
+    ourselves), which otherwise costs more than a whole decision. The queue is
+    drained at interpreter exit, so no line is dropped on shutdown.
+    """
     global _configured
     log = logging.getLogger(LOGGER_NAME)
     if not _configured:
         with _setup_lock:
             if not _configured:
-                handler = StructuredLogHandler(stream=stream or sys.stdout)
-                log.addHandler(handler)
+                records: queue.SimpleQueue = queue.SimpleQueue()
+                listener = QueueListener(records, StructuredLogHandler(stream=stream or sys.stdout))
+                listener.start()
+                atexit.register(listener.stop)
+                log.addHandler(QueueHandler(records))
                 log.setLevel(logging.INFO)
                 log.propagate = False
                 _configured = True

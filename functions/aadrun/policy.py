@@ -6,6 +6,7 @@ refused whole: callers get either a complete ``Policy`` or a ``PolicyError``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from collections.abc import Iterable
@@ -50,12 +51,17 @@ class Service:
     cloud_run: str | None = None
     audience: str | None = None
 
-    @property
+    @functools.cached_property
     def groups(self) -> tuple[str, ...]:
+        """Every group any rule names, in rule order (computed once: read per decision)."""
         seen: dict[str, None] = {}
         for rule in self.rules:
             seen.update(dict.fromkeys(rule.groups))
         return tuple(seen)
+
+    @functools.cached_property
+    def app_roles(self) -> frozenset[str]:
+        return frozenset(role for rule in self.rules for role in rule.app_roles)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import binascii
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -61,12 +62,12 @@ class VerifiedToken:
     version: int
     versions: tuple[int, ...]   # the tenant's allowed versions (cache key of its keys)
 
-    @property
+    @functools.cached_property
     def subject(self) -> str | None:
         oid = self.claims.get("oid")
         return oid if isinstance(oid, str) else None
 
-    @property
+    @functools.cached_property
     def roles(self) -> tuple[str, ...]:
         roles = self.claims.get("roles")
         return tuple(r for r in roles if isinstance(r, str)) if isinstance(roles, list) else ()

@@ -149,14 +149,14 @@ class Verifier:
             check_audience(verified.claims, policy.audiences_for(service))
             if verified.tenant != service.tenant:
                 raise TokenError("wrong_tenant", "the token's tenant is not the service's tenant")
-            # App roles first: they need no store read, so they decide even when it is down.
-            outcome = decide(service, verified.roles, _NO_MEMBERSHIP)
-            if not outcome.allow and service.groups:
+            states = _NO_MEMBERSHIP
+            # An app role needs no store read, so it decides even while the store is down.
+            if service.groups and service.app_roles.isdisjoint(verified.roles):
                 user = verified.subject
                 # No oid: no group can contain the caller.
                 states = self.memberships.lookup(verified.tenant, user, service.groups) if user else \
                     dict.fromkeys(service.groups, False)
-                outcome = decide(service, verified.roles, states)
+            outcome = decide(service, verified.roles, states)
         except TokenError as e:
             return Decision(False, e.reason, service.name, decision_id, detail=str(e))
         except Unavailable as e:

@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class FunctionServer:
-    def __init__(self, target: str, env: dict[str, str], port: int | None = None, signature: str | None = None):
+    def __init__(self, target: str, env: dict[str, str], port: int | None = None, signature: str | None = None,
+                 source: Path | None = None):
         self.target, self.env = target, env
+        self.source = source or ROOT / "functions" / "main.py"
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.signature = signature
@@ -27,7 +29,7 @@ class FunctionServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> "FunctionServer":
-        args = [sys.executable, "-m", "functions_framework", "--source", str(ROOT / "functions" / "main.py"),
+        args = [sys.executable, "-m", "functions_framework", "--source", str(self.source),
                 "--target", self.target, "--host", "127.0.0.1", "--port", str(self.port)]
         if self.signature:
             args += ["--signature-type", self.signature]

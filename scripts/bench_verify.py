@@ -1,0 +1,165 @@
+"""verify benchmark: each figure next to a baseline measured in the same run.
+
+1. cold decisions (distinct tokens) vs PyJWT's ``jwt.decode`` on the same tokens
+   and key: target at most 0.8x PyJWT's time per token;
+2. a repeated token: target at most 5 us per decision;
+3. HTTP requests/s of verify vs an empty function, both served by the real
+   functions-framework (gunicorn) the same way and loaded by ``wrk`` (or a
+   Python keep-alive load generator when wrk is absent): target at least 0.9x.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import http.client
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "functions"), str(ROOT)]
+
+import jwt  # noqa: E402
+
+from aadrun import audit  # noqa: E402
+from aadrun.config import Settings  # noqa: E402
+from aadrun.devidp import DevIdentityProvider  # noqa: E402
+from aadrun.keys import KeyCache  # noqa: E402
+from aadrun.policy import load_policy  # noqa: E402
+from aadrun.store import GroupUpdate, SyncState, open_store, utcnow  # noqa: E402
+from aadrun.verify import Verifier  # noqa: E402
+from tests.support.serve import FunctionServer  # noqa: E402
+from tests.support.world import ALICE, G_ENG, TENANT_A, env_for, write_policy  # noqa: E402
+
+EMPTY_FUNCTION = '''
+import functions_framework
+
+@functions_framework.http
+def empty(request):
+    return {"allow": True}
+'''
+
+
+def best_of(rounds: int, fn) -> float:
+    return min(fn() for _ in range(rounds))
+
+
+def cold_vs_pyjwt(idp, verifier, n: int) -> tuple[float, float]:
+    tokens = [idp.mint(TENANT_A, oid=ALICE, aud="api://billing") for _ in range(n)]
+    key = idp.current.private.public_key()
+    issuer = idp.issuer(TENANT_A)
+
+    def ours() -> float:
+        verifier.tokens = type(verifier.tokens)()   # cold: nothing cached
+        start = time.perf_counter()
+        for token in tokens:
+            verifier.decide("billing", token)
+        return (time.perf_counter() - start) / n
+
+    def pyjwt() -> float:
+        start = time.perf_counter()
+        for token in tokens:
+            jwt.decode(token, key, algorithms=["RS256"], audience="api://billing", issuer=issuer)
+        return (time.perf_counter() - start) / n
+
+    return best_of(5, ours), best_of(5, pyjwt)
+
+
+def repeated(idp, verifier, n: int) -> float:
+    token = idp.mint(TENANT_A, oid=ALICE, aud="api://billing")
+    assert verifier.decide("billing", token).allow
+
+    def run() -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            verifier.decide("billing", token)
+        return (time.perf_counter() - start) / n
+
+    return best_of(5, run)
+
+
+def load(url: str, headers: dict[str, str], seconds: float) -> float:
+    """Requests per second at saturation."""
+    if shutil.which("wrk"):
+        args = ["wrk", "-t2", "-c16", f"-d{max(1, round(seconds))}s"]
+        for name, value in headers.items():
+            args += ["-H", f"{name}: {value}"]
+        out = subprocess.run(args + [url], capture_output=True, text=True, check=True).stdout
+        return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    path = "/" + url.split("//")[1].split("/", 1)[1]
+    count = [0] * 8
+    stop = time.monotonic() + seconds
+
+    def worker(i: int) -> None:
+        conn = http.client.HTTPConnection(host, int(port))
+        while time.monotonic() < stop:
+            conn.request("GET", path, headers=headers)
+            conn.getresponse().read()
+            count[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(count) / seconds
+
+
+def http_ratio(idp, folder: Path, store_url: str, policy: Path, seconds: float) -> tuple[float, float, float]:
+    token = idp.mint(TENANT_A, oid=ALICE, aud="api://billing", lifetime=3600)
+    empty_source = folder / "empty" / "main.py"
+    empty_source.parent.mkdir()
+    empty_source.write_text(EMPTY_FUNCTION)
+    headers = {"Authorization": f"Bearer {token}"}
+    # Both served the same way: the real functions-framework in production mode.
+    with FunctionServer("verify", env_for(idp.url, policy, store_url)) as verify, \
+            FunctionServer("empty", {}, source=empty_source) as empty:
+        verify_url = f"{verify.url}/verify?service=billing"
+        load(verify_url, headers, 2)   # warm up
+        load(f"{empty.url}/", headers, 2)
+        ours = statistics.median(load(verify_url, headers, seconds) for _ in range(3))
+        base = statistics.median(load(f"{empty.url}/", headers, seconds) for _ in range(3))
+    return ours, base, ours / base
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=5)
+    args = parser.parse_args()
+    audit.logger(open("/dev/null", "w"))  # measure decisions, not this process's log lines
+    with tempfile.TemporaryDirectory() as tmp, DevIdentityProvider() as idp:
+        folder = Path(tmp)
+        policy = write_policy(folder)
+        store_url = f"sqlite:///{folder}/state.db"
+        store = open_store(store_url)
+        store.apply(GroupUpdate(TENANT_A, G_ENG, replace=frozenset({ALICE}), sync=SyncState(None, utcnow())))
+        settings = dataclasses.replace(Settings(), authority_url=idp.url)
+        loaded = load_policy(policy)
+        verifier = Verifier(settings, lambda: loaded, KeyCache(settings), store)
+        ours, theirs = cold_vs_pyjwt(idp, verifier, args.tokens)
+        per_repeat = repeated(idp, verifier, 100_000)
+        rps, base, ratio = http_ratio(idp, folder, store_url, policy, args.seconds)
+    rows = [
+        ("cold decision (distinct tokens)", f"{ours * 1e6:.1f} us vs PyJWT decode {theirs * 1e6:.1f} us",
+         f"{ours / theirs:.2f}x", "<= 0.80x", ours / theirs <= 0.8),
+        ("repeated token", f"{per_repeat * 1e6:.2f} us/decision", f"{per_repeat * 1e6:.2f} us", "<= 5 us",
+         per_repeat <= 5e-6),
+        ("HTTP (forward-auth GET)", f"{rps:.0f} req/s vs empty function {base:.0f} req/s", f"{ratio:.2f}x",
+         ">= 0.90x", ratio >= 0.9),
+    ]
+    print(f"{'benchmark':<34} {'measured':<48} {'ratio':>8}  {'target':<9} met")
+    for name, measured, ratio_text, target, met in rows:
+        print(f"{name:<34} {measured:<48} {ratio_text:>8}  {target:<9} {'yes' if met else 'NO'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
