@@ -80,7 +80,7 @@ class Settings:
     jwks_unknown_kid_interval: float = 30.0
     http_timeout_seconds: float = 5.0
     membership_poll_seconds: float = 0.2
-    publish_timeout_seconds: float = 2.5
+    publish_timeout_seconds: float = 2.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":

@@ -16,10 +16,10 @@ import yaml
 
 from .errors import PolicyError
 
-GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-CLOUD_RUN = re.compile(r"^projects/[a-z0-9-]{1,63}/locations/[a-z0-9-]{1,63}/services/[a-z0-9-]{1,63}$")
-ROLE = re.compile(r"^(roles|projects/[^/]+/roles|organizations/[0-9]+/roles)/[A-Za-z0-9_.]+$")
-SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
+CLOUD_RUN = re.compile(r"^projects/[a-z0-9-]{1,63}/locations/[a-z0-9-]{1,63}/services/[a-z0-9-]{1,63}\Z")
+ROLE = re.compile(r"^(roles|projects/[^/]+/roles|organizations/[0-9]+/roles)/[A-Za-z0-9_.]+\Z")
+SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
 DEFAULT_ROLE = "roles/run.invoker"
 BINDS = ("members", "group")
 # Google's limit on principals in one allow policy (each occurrence counts).

@@ -1,0 +1,194 @@
+"""messages: Graph notification -> versioned message (golden files), dedupe ids, schema.
+
+Golden pairs live in tests/golden/: ``NAME.graph.json`` is a POST body as Microsoft
+Graph sends it, ``NAME.messages.json`` the messages it must become. Set
+AADRUN_UPDATE_GOLDEN=1 to rewrite the expected files after a deliberate schema change.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from aadrun.errors import RequestError
+from aadrun.messages import (SCHEMA, LifecycleEvent, MembershipChange, from_dict, from_json, group_of,
+                             lifecycle_from_graph, members_delta, membership_from_graph)
+
+GOLDEN = Path(__file__).parent / "golden"
+CASES = sorted(p.name.removesuffix(".graph.json") for p in GOLDEN.glob("*.graph.json"))
+RECEIVED_AT = "2024-05-01T12:00:00.000Z"
+TENANT = "11111111-1111-1111-1111-111111111111"
+GROUP = "aaaaaaaa-0000-0000-0000-000000000001"
+USER = "4d147cc8-10cb-4158-ac52-90ee8ff9d846"
+
+
+def graph_items(case: str) -> list[dict]:
+    return json.loads((GOLDEN / f"{case}.graph.json").read_text())["value"]
+
+
+def convert(item: dict, received_at: str = RECEIVED_AT):
+    """What the webhook makes of an item that passed its checks."""
+    tenant = (item.get("tenantId") or item["organizationId"]).lower()
+    if "lifecycleEvent" in item:
+        return lifecycle_from_graph(item, tenant, received_at)
+    return membership_from_graph(item, tenant, received_at)
+
+
+def test_every_required_shape_has_a_golden_file():
+    assert {"members_added", "members_removed_string", "members_removed_object", "no_members_delta",
+            "lifecycle_reauthorization_required", "several_subscriptions"} <= set(CASES)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_graph_payload_becomes_golden_messages(case):
+    got = [convert(item).to_dict() for item in graph_items(case)]
+    expected_path = GOLDEN / f"{case}.messages.json"
+    if os.environ.get("AADRUN_UPDATE_GOLDEN"):
+        expected_path.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
+    assert got == json.loads(expected_path.read_text())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden_messages_round_trip_through_json(case):
+    for item in graph_items(case):
+        message = convert(item)
+        assert from_json(message.to_json()) == message
+        assert json.loads(message.to_json())["schema"] == SCHEMA
+
+
+def test_removed_as_string_and_as_object_are_the_same_change():
+    as_string = convert(graph_items("members_removed_string")[0])
+    as_object = convert(graph_items("members_removed_object")[0])
+    assert as_string.removed == as_object.removed == (USER,)
+    assert as_string.added == as_object.added == ()
+    assert as_string.id == as_object.id
+
+
+def test_no_members_delta_means_reread_the_group():
+    message = convert(graph_items("no_members_delta")[0])
+    assert isinstance(message, MembershipChange)
+    assert message.reread and message.added == message.removed == ()
+
+
+def test_redelivery_gets_the_same_id():
+    item = graph_items("members_added")[0]
+    first = convert(item, "2024-05-01T12:00:00.000Z")
+    again = convert(copy.deepcopy(item), "2024-05-01T13:30:00.000Z")
+    assert first.id == again.id
+    assert first.received_at != again.received_at
+
+
+def test_member_order_does_not_change_the_id():
+    item = graph_items("members_added_and_removed")[0]
+    shuffled = copy.deepcopy(item)
+    random.Random(7).shuffle(shuffled["resourceData"]["members@delta"])
+    shuffled["resourceData"]["members@delta"].reverse()
+    assert convert(item).id == convert(shuffled).id
+
+
+def _changed(path: tuple, value):
+    item = copy.deepcopy(graph_items("members_added")[0])
+    target = item
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return item
+
+
+@pytest.mark.parametrize("path, value", [
+    (("subscriptionId",), "5c1b6e6a-3f0e-4e55-9a1c-0c6c3a0f2b7d"),
+    (("resource",), "Groups/aaaaaaaa-0000-0000-0000-000000000002"),
+    (("changeType",), "deleted"),
+    (("resourceData", "members@delta"), [{"id": USER}]),
+    (("resourceData", "members@delta"), [{"id": USER, "@removed": "deleted"}]),
+    (("subscriptionExpirationDateTime",), "2024-05-04T11:00:00+00:00"),
+    (("resourceData", "sequenceNumber"), 638500000000000001),
+    (("id",), "notification-2"),
+])
+def test_different_content_gets_a_different_id(path, value):
+    original = convert(graph_items("members_added")[0])
+    assert convert(_changed(path, value)).id != original.id
+
+
+def test_lifecycle_events_differ_by_event_and_subscription():
+    item = graph_items("lifecycle_reauthorization_required")[0]
+    base = convert(item)
+    assert isinstance(base, LifecycleEvent) and base.event == "reauthorizationRequired"
+    assert convert({**item, "lifecycleEvent": "missed"}).id != base.id
+    assert convert({**item, "subscriptionId": "5c1b6e6a-3f0e-4e55-9a1c-0c6c3a0f2b7d"}).id != base.id
+
+
+def test_ordering_keys_and_attributes():
+    change = convert(graph_items("members_added")[0])
+    assert change.ordering_key == f"{TENANT}/{GROUP}"
+    assert change.attributes == {"kind": "membership", "tenant": TENANT, "group": GROUP}
+    event = convert(graph_items("lifecycle_reauthorization_required")[0])
+    assert event.ordering_key == TENANT
+    assert event.attributes == {"kind": "lifecycle", "tenant": TENANT}
+
+
+@pytest.mark.parametrize("resource, group", [
+    ("Groups/AAAAAAAA-0000-0000-0000-000000000001", GROUP),
+    ("groups/aaaaaaaa-0000-0000-0000-000000000001", GROUP),
+    ("/groups/aaaaaaaa-0000-0000-0000-000000000001", GROUP),
+    ("/groups/aaaaaaaa-0000-0000-0000-000000000001/members", GROUP),
+    ("GROUPS/aaaaaaaa-0000-0000-0000-000000000001/Members", GROUP),
+    ("/groups", None),
+    ("/users/aaaaaaaa-0000-0000-0000-000000000001", None),
+    ("groups/not-a-guid", None),
+    ("groups/aaaaaaaa-0000-0000-0000-000000000001/owners", None),
+    ("groups/aaaaaaaa-0000-0000-0000-000000000001\n", None),
+    (None, None),
+    (42, None),
+])
+def test_group_of_resource(resource, group):
+    assert group_of(resource) == group
+
+
+@pytest.mark.parametrize("members", [
+    "not a list",
+    [{"id": "not-a-guid"}],
+    [{"id": USER}, "string entry"],
+    [{"@removed": "deleted"}],
+])
+def test_unreadable_members_delta_is_none(members):
+    assert members_delta({"members@delta": members}) is None
+
+
+def _valid() -> dict:
+    return convert(graph_items("members_added")[0]).to_dict()
+
+
+@pytest.mark.parametrize("change", [
+    {"schema": 2},
+    {"schema": True},
+    {"kind": "other"},
+    {"id": "short"},
+    {"tenant": "not-a-guid"},
+    {"group": None},
+    {"added": "4d147cc8-10cb-4158-ac52-90ee8ff9d846"},
+    {"removed": [1]},
+    {"subscription": ""},
+    {"received_at": "yesterday"},
+    {"received_at": "2024-05-01T12:00:00"},
+    {"change_type": "renamed"},
+])
+def test_from_dict_rejects_a_bad_message(change):
+    with pytest.raises(RequestError):
+        from_dict({**_valid(), **change})
+
+
+@pytest.mark.parametrize("data", [b"", b"{", b"[]", b"null", b"\xff\xfe", b"[" * 100_000])
+def test_from_json_rejects_what_is_not_a_message(data):
+    with pytest.raises(RequestError):
+        from_json(data)
+
+
+def test_from_json_rejects_a_lifecycle_event_it_does_not_know():
+    event = convert(graph_items("lifecycle_reauthorization_required")[0]).to_dict()
+    with pytest.raises(RequestError):
+        from_dict({**event, "event": "somethingElse"})

@@ -1,0 +1,386 @@
+"""graph_webhook's core (aadrun.webhook.Webhook) with HttpRequest values and a
+LocalBus whose handler records what would reach policy_sync."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from aadrun.bus import LocalBus
+from aadrun.config import Settings
+from aadrun.errors import PolicyError
+from aadrun.http import HttpRequest
+from aadrun.messages import from_json
+from aadrun.policy import load_policy
+from aadrun.webhook import MAX_BODY, MAX_ITEMS, Webhook
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden"
+POLICY = load_policy(ROOT / "policies" / "example.yaml")
+STATE = "golden-client-state"
+OLD_STATE = "previous-client-state"
+TENANT = "11111111-1111-1111-1111-111111111111"
+OTHER_TENANT = "22222222-2222-2222-2222-222222222222"
+NOW = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.timezone.utc)
+
+
+class Recorder:
+    """policy_sync's core as the local bus sees it: records every batch, or fails."""
+
+    def __init__(self, error: Exception | None = None):
+        self.batches: list[list] = []
+        self.error = error
+
+    def __call__(self, messages):
+        if self.error:
+            raise self.error
+        self.batches.append(messages)
+
+    @property
+    def messages(self):
+        return [m for batch in self.batches for m in batch]
+
+
+def make_webhook(recorder: Recorder | None = None, states=(STATE, OLD_STATE), policy_getter=None, bus_getter=None):
+    recorder = recorder if recorder is not None else Recorder()
+    bus = LocalBus(recorder)
+    return Webhook(Settings(client_states=tuple(states)), policy_getter or (lambda: POLICY),
+                   bus_getter or (lambda: bus), clock=lambda: NOW)
+
+
+def post(webhook: Webhook, body: bytes | dict, path: str = "/", query=None, too_large: bool = False):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return webhook.handle(HttpRequest("POST", path, dict(query or {}), {"content-type": "application/json"},
+                                      data, too_large))
+
+
+def golden(case: str) -> dict:
+    return json.loads((GOLDEN / f"{case}.graph.json").read_text())
+
+
+def golden_messages(case: str) -> list[dict]:
+    return json.loads((GOLDEN / f"{case}.messages.json").read_text())
+
+
+def item(**changes) -> dict:
+    base = golden("members_added")["value"][0]
+    return {k: v for k, v in {**base, **changes}.items() if v is not None}
+
+
+@pytest.fixture
+def records():
+    """Log records of the aadrun logger (audit entries and security events)."""
+    captured: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            captured.append(record)
+
+    log = logging.getLogger("aadrun")
+    handler = Capture()
+    log.addHandler(handler)
+    yield captured
+    log.removeHandler(handler)
+
+
+def fields(records, event: str) -> list[dict]:
+    return [r.json_fields for r in records if getattr(r, "json_fields", {}).get("event") == event]
+
+
+# --- validation handshake ---------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/", "/lifecycle"])
+@pytest.mark.parametrize("token", ["Validation: Testing client application reachability for subscription Request-Id: "
+                                   "2b5f2a0e-1f1c-4d0a-9a5b-3c7e1e2f4a6b", "a b+c&d=e/%", ""])
+def test_handshake_echoes_the_token_as_text(path, token):
+    recorder = Recorder()
+    response = post(make_webhook(recorder, states=()), b"\xff not json", path, {"validationToken": token})
+    assert response.status == 200
+    assert response.content_type.startswith("text/plain")
+    assert response.body == token.encode()
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert recorder.batches == []
+
+
+# --- statuses and limits ------------------------------------------------------------
+
+def test_without_client_state_notifications_are_not_configured():
+    response = post(make_webhook(states=()), golden("members_added"))
+    assert response.status == 503
+    assert response.json_body()["reason"] == "not_configured"
+
+
+@pytest.mark.parametrize("body, too_large", [(b"{}", True), (b" " * (MAX_BODY + 1), False)])
+def test_oversized_body_is_413(body, too_large):
+    recorder = Recorder()
+    response = post(make_webhook(recorder), body, too_large=too_large)
+    assert response.status == 413
+    assert response.json_body()["reason"] == "too_large"
+    assert recorder.batches == []
+
+
+def test_body_of_exactly_one_mib_is_read():
+    payload = json.dumps(golden("members_added")).encode()
+    body = payload[:-1] + b" " * (MAX_BODY - len(payload)) + b"}"
+    assert len(body) == MAX_BODY
+    assert post(make_webhook(), body).status == 202
+
+
+def _items(n: int) -> bytes:
+    return json.dumps({"value": [item()] * n}).encode()
+
+
+@pytest.mark.parametrize("body, detail", [
+    (b"\xff\xfe{}", "not_utf8"),
+    (b'{"value": [], "x": "\xc3\x28"}', "not_utf8"),
+    (b"", "not_json"),
+    (b"{", "not_json"),
+    (b'{"value": [NaN]}', "not_json"),
+    (b"\xef\xbb\xbf{\"value\": []}", "not_json"),
+    (b"[" * 100_000 + b"]" * 100_000, "not_json"),
+    (b'{"value": [' + b"9" * 5000 + b"]}", "not_json"),
+    (b"[]", "no_value"),
+    (b"{}", "no_value"),
+    (b'{"value": {}}', "no_value"),
+    (b'{"value": null}', "no_value"),
+    (b'"value"', "no_value"),
+    (_items(MAX_ITEMS + 1), "too_many_items"),
+])
+def test_malformed_body_is_400_with_a_reason(body, detail):
+    recorder = Recorder()
+    response = post(make_webhook(recorder), body)
+    assert response.status == 400
+    assert response.json_body()["reason"] == "bad_request"
+    assert response.json_body()["detail"] == detail
+    assert recorder.batches == []
+
+
+def test_exactly_max_items_is_accepted():
+    recorder = Recorder()
+    assert post(make_webhook(recorder), _items(MAX_ITEMS)).status == 202
+    assert len(recorder.messages) == 1  # identical items make one message
+
+
+@pytest.mark.parametrize("method, path, status", [("POST", "/other", 404), ("GET", "/", 405), ("PUT", "/lifecycle", 405)])
+def test_other_paths_and_methods(method, path, status):
+    response = make_webhook().handle(HttpRequest(method, path, {}, {}, b""))
+    assert response.status == status
+
+
+def test_empty_value_list_is_accepted():
+    recorder = Recorder()
+    assert post(make_webhook(recorder), {"value": []}).status == 202
+    assert recorder.batches == []
+
+
+# --- Graph's payload shapes ------------------------------------------------------------
+
+@pytest.mark.parametrize("case", sorted(p.name.removesuffix(".graph.json") for p in GOLDEN.glob("*.graph.json")))
+def test_golden_payloads_are_published(case, records):
+    recorder = Recorder()
+    path = "/lifecycle" if case.startswith("lifecycle") else "/"
+    response = post(make_webhook(recorder), golden(case), path)
+    assert response.status == 202
+    assert [m.to_dict() for m in recorder.messages] == golden_messages(case)
+    assert len(recorder.batches) == 1  # one publish per POST, confirmed before the 202
+    logged = [f["message_id"] for f in fields(records, "membership_notification") + fields(records, "lifecycle_notification")]
+    assert sorted(logged) == sorted(m.id for m in recorder.messages)
+
+
+def test_lifecycle_item_on_the_notification_url_is_a_lifecycle_event():
+    recorder = Recorder()
+    assert post(make_webhook(recorder), golden("lifecycle_reauthorization_required"), "/").status == 202
+    assert [m.kind for m in recorder.messages] == ["lifecycle"]
+
+
+def test_either_configured_client_state_is_accepted():
+    recorder = Recorder()
+    body = {"value": [item(clientState=STATE), item(clientState=OLD_STATE, subscriptionId="5c1b6e6a-3f0e-4e55-9a1c-0c6c3a0f2b7d")]}
+    assert post(make_webhook(recorder), body).status == 202
+    assert len(recorder.messages) == 2
+
+
+def test_the_same_notification_twice_is_published_once_with_a_stable_id():
+    recorder = Recorder()
+    webhook = make_webhook(recorder)
+    assert post(webhook, {"value": [item(), item()]}).status == 202
+    assert post(webhook, {"value": [item()]}).status == 202
+    assert [len(b) for b in recorder.batches] == [1, 1]
+    assert recorder.batches[0][0].id == recorder.batches[1][0].id
+
+
+# --- per-item checks: dropped, logged, never published ----------------------------------
+
+DROPS = [
+    ("wrong client state", "not-the-state", "bad_client_state"),
+    ("client state prefix", STATE[:-1], "bad_client_state"),
+    ("client state longer", STATE + "x", "bad_client_state"),
+    ("client state case", STATE.upper(), "bad_client_state"),
+    ("no client state", None, "bad_client_state"),
+    ("client state not a string", 42, "bad_client_state"),
+    ("non-ASCII client state", "ümlaut\ud800", "bad_client_state"),
+]
+
+
+@pytest.mark.parametrize("name, state, reason", DROPS, ids=[d[0] for d in DROPS])
+def test_bad_client_state_is_dropped_and_logged(name, state, reason, records):
+    recorder = Recorder()
+    bad = item(clientState=state) if state is not None else {k: v for k, v in item().items() if k != "clientState"}
+    good = item(subscriptionId="5c1b6e6a-3f0e-4e55-9a1c-0c6c3a0f2b7d")
+    assert post(make_webhook(recorder), {"value": [bad, good]}).status == 202
+    assert [m.subscription for m in recorder.messages] == ["5c1b6e6a-3f0e-4e55-9a1c-0c6c3a0f2b7d"]
+    [event] = fields(records, "security")
+    assert event["reason"] == reason
+    assert event["tenant"] == TENANT and event["subscription"] == "092ba742-89d2-4417-a4c7-c120db062842"
+    logged = json.dumps([r.json_fields for r in records if hasattr(r, "json_fields")])
+    assert STATE not in logged and "not-the-state" not in logged
+
+
+ITEM_DROPS = [
+    ("unknown tenant", dict(tenantId=OTHER_TENANT), "unknown_tenant"),
+    ("tenant not a GUID", dict(tenantId="contoso.onmicrosoft.com"), "bad_tenant"),
+    ("tenant with newline", dict(tenantId=TENANT + "\n"), "bad_tenant"),
+    ("no tenant", dict(tenantId=None), "bad_tenant"),
+    ("subscription not a GUID", dict(subscriptionId="sub-1"), "bad_subscription"),
+    ("no subscription", dict(subscriptionId=None), "bad_subscription"),
+    ("resource not a string", dict(resource=["Groups/x"]), "bad_resource"),
+    ("resource empty", dict(resource=""), "bad_resource"),
+    ("resource with control characters", dict(resource="Groups/\x00"), "bad_resource"),
+    ("resource too long", dict(resource="Groups/" + "a" * 3000), "bad_resource"),
+    ("change type not a string", dict(changeType=1), "bad_change_type"),
+    ("lifecycle event not a string", dict(lifecycleEvent=["missed"]), "bad_lifecycle_event"),
+]
+
+
+@pytest.mark.parametrize("name, changes, reason", ITEM_DROPS, ids=[d[0] for d in ITEM_DROPS])
+def test_malformed_or_foreign_item_is_dropped_and_the_rest_goes_on(name, changes, reason, records):
+    recorder = Recorder()
+    good = item(subscriptionId="5c1b6e6a-3f0e-4e55-9a1c-0c6c3a0f2b7d")
+    assert post(make_webhook(recorder), {"value": [item(**changes), good]}).status == 202
+    assert [m.subscription for m in recorder.messages] == ["5c1b6e6a-3f0e-4e55-9a1c-0c6c3a0f2b7d"]
+    assert [e["reason"] for e in fields(records, "security")] == [reason]
+
+
+@pytest.mark.parametrize("value", [None, 1, "text", [], [{"a": 1}]])
+def test_item_that_is_not_an_object_is_dropped(value, records):
+    recorder = Recorder()
+    assert post(make_webhook(recorder), {"value": [value]}).status == 202
+    assert recorder.batches == []
+    assert [e["reason"] for e in fields(records, "security")] == ["not_an_object"]
+
+
+def test_all_items_dropped_is_still_202():
+    recorder = Recorder()
+    body = {"value": [item(clientState="x"), item(tenantId=OTHER_TENANT)]}
+    assert post(make_webhook(recorder), body).status == 202
+    assert recorder.batches == []
+
+
+@pytest.mark.parametrize("changes, reason", [
+    (dict(resource="Users/4d147cc8-10cb-4158-ac52-90ee8ff9d846"), "not_a_group"),
+    (dict(resource="/groups"), "not_a_group"),
+    (dict(changeType="renamed"), "unknown_change_type"),
+    (dict(lifecycleEvent="somethingNew"), "unknown_lifecycle_event"),
+])
+def test_items_aadrun_does_not_handle_are_ignored_with_202(changes, reason, records):
+    recorder = Recorder()
+    assert post(make_webhook(recorder), {"value": [item(**changes)]}).status == 202
+    assert recorder.batches == []
+    assert [e["reason"] for e in fields(records, "notification_ignored")] == [reason]
+    assert fields(records, "security") == []
+
+
+def test_unreadable_members_delta_becomes_a_reread():
+    recorder = Recorder()
+    data = {**item()["resourceData"], "members@delta": [{"id": "not-a-guid"}]}
+    assert post(make_webhook(recorder), {"value": [item(resourceData=data)]}).status == 202
+    [message] = recorder.messages
+    assert message.reread
+
+
+# --- failures: 503 so that Graph retries; never a 500 ---------------------------------------
+
+def test_publish_failure_is_503_unavailable():
+    recorder = Recorder(error=RuntimeError("store down"))
+    response = post(make_webhook(recorder), golden("members_added"))
+    assert response.status == 503
+    assert response.json_body() == {"reason": "unavailable"}
+
+
+def test_policy_that_cannot_load_is_503_not_configured():
+    def broken():
+        raise PolicyError("invalid YAML", file="policies/x.yaml", line=3)
+    response = post(make_webhook(policy_getter=broken), golden("members_added"))
+    assert response.status == 503
+    assert response.json_body()["reason"] == "not_configured"
+
+
+def test_unexpected_error_is_503_without_a_stack_trace():
+    def broken_bus():
+        raise ZeroDivisionError("boom")
+    response = post(make_webhook(bus_getter=broken_bus), golden("members_added"))
+    assert response.status == 503
+    assert b"boom" not in response.body and b"Traceback" not in response.body
+
+
+def test_nothing_to_publish_needs_no_bus():
+    def no_bus():
+        raise AssertionError("the bus must not be opened")
+    assert post(make_webhook(bus_getter=no_bus), {"value": [item(clientState="wrong")]}).status == 202
+
+
+# --- fuzz ----------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=20)
+graph_keys = st.sampled_from(["changeType", "resource", "resourceData", "subscriptionId", "tenantId",
+                              "organizationId", "lifecycleEvent", "subscriptionExpirationDateTime", "id"])
+# Values that get an item past the early checks, so the fuzz reaches message building.
+plausible = st.sampled_from([
+    TENANT, "092ba742-89d2-4417-a4c7-c120db062842", "Groups/aaaaaaaa-0000-0000-0000-000000000001", "updated",
+    "deleted", "missed", "reauthorizationRequired",
+    {"members@delta": [{"id": "4d147cc8-10cb-4158-ac52-90ee8ff9d846"},
+                       {"id": "e8a3f0a6-6b1e-4c1f-9d6a-2c4b8f7e9a10", "@removed": "deleted"}]},
+    {"members@delta": [{"id": "4d147cc8-10cb-4158-ac52-90ee8ff9d846", "@removed": {"reason": "deleted"}}]},
+])
+any_items = st.dictionaries(graph_keys, json_values | plausible, max_size=9)
+forged_items = any_items.flatmap(
+    lambda d: st.text(max_size=30).filter(lambda s: s not in (STATE, OLD_STATE)).map(
+        lambda state: {**d, "clientState": state}))
+fuzz = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@fuzz
+@given(body=st.binary(max_size=2048) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_fuzz_random_bodies_only_get_202_400_413(body):
+    recorder = Recorder()
+    response = post(make_webhook(recorder), body)
+    assert response.status in (202, 400, 413)
+    assert recorder.batches == [] or response.status == 202
+
+
+@fuzz
+@given(items=st.lists(forged_items | json_values, max_size=6), extra=st.dictionaries(st.text(max_size=5), json_values,
+                                                                                      max_size=2))
+def test_fuzz_items_with_a_bad_client_state_are_never_published(items, extra):
+    recorder = Recorder()
+    response = post(make_webhook(recorder), {**extra, "value": items})
+    assert response.status in (202, 400)
+    assert recorder.batches == []
+
+
+@fuzz
+@given(items=st.lists(any_items.map(lambda d: {**d, "clientState": STATE}), max_size=6))
+def test_fuzz_authentic_items_of_any_shape_never_fail_the_request(items):
+    recorder = Recorder()
+    response = post(make_webhook(recorder), {"value": items})
+    assert response.status == 202
+    for message in recorder.messages:
+        assert message.tenant == TENANT
+        assert from_json(message.to_json()) == message
