@@ -1,0 +1,38 @@
+"""Update rules both stores share, so SQLite and Firestore agree on every edge."""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+
+from .base import ChangeEntry, GroupUpdate
+
+
+def check_update(update: GroupUpdate) -> None:
+    """Reject an update the interface calls invalid (a programming error)."""
+    if update.replace is not None and update.added:
+        raise ValueError("GroupUpdate: replace and added are exclusive")
+
+
+def member_entries(update: GroupUpdate, added: Iterable[str], removed: Iterable[str],
+                   at: dt.datetime, message_id: str | None) -> list[ChangeEntry]:
+    """The change-log entries of one group update (seq not yet assigned)."""
+    common = dict(at=at, tenant=update.tenant, group=update.group, source=update.source,
+                  why=update.why, message_id=message_id)
+    return ([ChangeEntry(kind="member_added", user=u, **common) for u in added]
+            + [ChangeEntry(kind="member_removed", user=u, **common) for u in removed])
+
+
+def diff_iam(current: Mapping[str, set[str]], desired: Mapping[str, set[str]]
+             ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(role, member) pairs to add and to remove, sorted; a role absent from
+    ``desired`` (or mapped to an empty set) has all its members removed."""
+    have = {(r, m) for r, ms in current.items() for m in ms}
+    want = {(r, m) for r, ms in desired.items() for m in ms}
+    return sorted(want - have), sorted(have - want)
+
+
+def monotonic_at(now: dt.datetime, last: dt.datetime | None) -> dt.datetime:
+    """The time of a new change-log entry: never before the previous entry's, so
+    that ``changes(since=...)`` is a consistent cursor even if the wall clock of
+    this host (or, with Firestore, of another instance) stepped back."""
+    return now if last is None or now >= last else last

@@ -1,0 +1,364 @@
+"""SQLite membership store: the embedded default (``sqlite:///path``).
+
+One database file, shared safely by threads and by processes on one host:
+
+  - WAL journal, so readers (verify) never wait for a writer (policy_sync);
+  - one connection per thread (a ``sqlite3.Connection`` must not be used by two
+    threads at once), created lazily and closed when its thread has ended;
+  - every mutating call is one ``BEGIN IMMEDIATE`` transaction: the write lock is
+    taken up front, so two writers queue on ``busy_timeout`` instead of failing
+    half-way with SQLITE_BUSY on a read-to-write upgrade
+    (https://www.sqlite.org/lang_transaction.html);
+  - ``generation()`` reads one row of ``meta``, bumped inside the transaction of
+    every membership change: a primary-key lookup of a few microseconds.
+
+Times are stored as integer microseconds since the epoch (UTC), so they sort,
+index and round-trip exactly. Any ``sqlite3.Error`` is raised as ``Unavailable``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+
+from ..errors import Unavailable
+from .base import UTC, ChangeEntry, GroupUpdate, Store, SyncState, utcnow
+from .rules import check_update, diff_iam, member_entries, monotonic_at
+
+BUSY_TIMEOUT_S = 5.0
+# Below SQLite's historical limit of 999 host parameters per statement.
+CHUNK = 500
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', 0);
+CREATE TABLE IF NOT EXISTS memberships (
+    tenant TEXT NOT NULL, grp TEXT NOT NULL, usr TEXT NOT NULL,
+    since INTEGER NOT NULL, source TEXT NOT NULL, message_id TEXT,
+    PRIMARY KEY (tenant, grp, usr)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS groups (
+    tenant TEXT NOT NULL, grp TEXT NOT NULL, delta_link TEXT, synced_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, grp)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS processed (
+    id TEXT PRIMARY KEY, expires_at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS processed_expiry ON processed (expires_at);
+CREATE TABLE IF NOT EXISTS managed (
+    service TEXT NOT NULL, role TEXT NOT NULL, member TEXT NOT NULL,
+    PRIMARY KEY (service, role, member)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, at INTEGER NOT NULL,
+    tenant TEXT, grp TEXT, usr TEXT, service TEXT, role TEXT, member TEXT,
+    source TEXT NOT NULL, why TEXT NOT NULL, message_id TEXT);
+CREATE INDEX IF NOT EXISTS changes_at ON changes (at);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at INTEGER NOT NULL) WITHOUT ROWID;
+"""
+
+CHANGE_COLUMNS = "seq, kind, at, tenant, grp, usr, service, role, member, source, why, message_id"
+
+
+def _us(t: dt.datetime) -> int:
+    """Microseconds since the epoch; a naive datetime is taken as UTC."""
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    delta = t - dt.datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _dt(us: int) -> dt.datetime:
+    return dt.datetime(1970, 1, 1, tzinfo=UTC) + dt.timedelta(microseconds=us)
+
+
+def _chunks(items: list[str]) -> Iterator[list[str]]:
+    for i in range(0, len(items), CHUNK):
+        yield items[i:i + CHUNK]
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """Turn any SQLite failure (locked past busy_timeout, I/O, missing file) into
+    ``Unavailable`` so callers fail closed with 503 (CONTRACT.md §4)."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise Unavailable(f"sqlite store: {e}") from e
+
+
+class SqliteStore(Store):
+    """The membership store in one SQLite file. Safe to share between threads."""
+
+    def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT_S):
+        self.path = os.path.abspath(path)
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: dict[threading.Thread, sqlite3.Connection] = {}
+        self._closed = False
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        except OSError as e:
+            raise Unavailable(f"sqlite store: cannot create the folder of {self.path}: {e}") from e
+        with _translated(), self._write() as conn:
+            if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # -- connections -------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        # timeout= is SQLite's busy_timeout: wait that long for another writer.
+        # isolation_level=None: no implicit transactions; we issue BEGIN ourselves.
+        # check_same_thread=False only so close() may close connections of other
+        # threads; each connection is otherwise used by its own thread alone.
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            # WAL: readers see the last commit while a writer works
+            # (https://www.sqlite.org/wal.html). NORMAL is durable across process
+            # crashes; a power cut may lose the last commits, which the next delta
+            # resync restores from Graph.
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.Error:
+            conn.close()
+            raise
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        with self._lock:
+            if self._closed:
+                raise Unavailable("sqlite store: closed")
+            conn = self._connect()
+            # Threads come and go (tests, thread pools): close what the dead left.
+            for thread in [t for t in self._conns if not t.is_alive()]:
+                self._conns.pop(thread).close()
+            self._conns[threading.current_thread()] = conn
+        self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: all effects commit together or none do."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            # Also after a failed COMMIT: never leave this thread's connection
+            # inside a transaction (its next BEGIN would fail).
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for conn in self._conns.values():
+                conn.close()
+            self._conns.clear()
+
+    # -- reads -------------------------------------------------------------
+
+    def ping(self) -> None:
+        self.generation()
+
+    def generation(self) -> int:
+        with _translated():
+            return self._conn().execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]
+
+    def membership(self, tenant: str, user: str, groups: Iterable[str]) -> dict[str, bool | None]:
+        wanted = list(dict.fromkeys(groups))
+        out: dict[str, bool | None] = dict.fromkeys(wanted)
+        with _translated():
+            conn = self._conn()
+            for part in _chunks(wanted):
+                # A group row exists once the group was synced; the membership row
+                # may exist before that (incremental notification) but does not count.
+                rows = conn.execute(
+                    "SELECT g.grp, EXISTS (SELECT 1 FROM memberships m"
+                    " WHERE m.tenant = g.tenant AND m.grp = g.grp AND m.usr = ?)"
+                    f" FROM groups g WHERE g.tenant = ? AND g.grp IN ({_marks(len(part))})",
+                    (user, tenant, *part))
+                for group, member in rows:
+                    out[group] = bool(member)
+        return out
+
+    def group_members(self, tenant: str, group: str) -> set[str] | None:
+        with _translated():
+            rows = self._conn().execute(
+                "SELECT m.usr FROM groups g LEFT JOIN memberships m"
+                " ON m.tenant = g.tenant AND m.grp = g.grp"
+                " WHERE g.tenant = ? AND g.grp = ?", (tenant, group)).fetchall()
+        if not rows:
+            return None
+        return {user for (user,) in rows if user is not None}
+
+    def sync_state(self, tenant: str, group: str) -> SyncState | None:
+        with _translated():
+            row = self._conn().execute(
+                "SELECT delta_link, synced_at FROM groups WHERE tenant = ? AND grp = ?",
+                (tenant, group)).fetchone()
+        return None if row is None else SyncState(row[0], _dt(row[1]))
+
+    def processed(self, message_ids: Iterable[str]) -> set[str]:
+        ids = list(dict.fromkeys(message_ids))
+        now = _us(utcnow())
+        found: set[str] = set()
+        with _translated():
+            conn = self._conn()
+            for part in _chunks(ids):
+                rows = conn.execute(
+                    f"SELECT id FROM processed WHERE id IN ({_marks(len(part))}) AND expires_at > ?",
+                    (*part, now))
+                found.update(r[0] for r in rows)
+        return found
+
+    def managed_members(self, service: str) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        with _translated():
+            rows = self._conn().execute(
+                "SELECT role, member FROM managed WHERE service = ?", (service,)).fetchall()
+        for role, member in rows:
+            out.setdefault(role, set()).add(member)
+        return out
+
+    def changes(self, since: dt.datetime | None = None, limit: int | None = None) -> list[ChangeEntry]:
+        sql = f"SELECT {CHANGE_COLUMNS} FROM changes"
+        args: list[object] = []
+        if since is not None:
+            sql += " WHERE at >= ?"
+            args.append(_us(since))
+        sql += " ORDER BY seq"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with _translated():
+            rows = self._conn().execute(sql, args).fetchall()
+        return [ChangeEntry(kind=r[1], at=_dt(r[2]), tenant=r[3], group=r[4], user=r[5], service=r[6],
+                            role=r[7], member=r[8], source=r[9], why=r[10], message_id=r[11], seq=r[0])
+                for r in rows]
+
+    # -- writes ------------------------------------------------------------
+
+    def apply(self, update: GroupUpdate, processed_ttl: float = 7 * 86400) -> list[ChangeEntry]:
+        check_update(update)
+        now = utcnow()
+        message_id = ",".join(update.message_ids) or None
+        with _translated(), self._write() as conn:
+            to_add, to_remove = self._apply_members(conn, update, now, message_id)
+            first_sync = False
+            if update.sync is not None:
+                first_sync = conn.execute("SELECT 1 FROM groups WHERE tenant = ? AND grp = ?",
+                                          (update.tenant, update.group)).fetchone() is None
+                conn.execute("INSERT INTO groups VALUES (?, ?, ?, ?) ON CONFLICT (tenant, grp)"
+                             " DO UPDATE SET delta_link = excluded.delta_link, synced_at = excluded.synced_at",
+                             (update.tenant, update.group, update.sync.delta_link,
+                              _us(update.sync.synced_at)))
+            self._mark_processed(conn, update.message_ids, now, processed_ttl)
+            entries = member_entries(update, to_add, to_remove, self._next_at(conn, now), message_id)
+            entries = self._log(conn, entries)
+            # A first sync turns "unknown" into "not a member": readers must see it too.
+            if to_add or to_remove or first_sync:
+                conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+        return entries
+
+    @staticmethod
+    def _apply_members(conn: sqlite3.Connection, update: GroupUpdate, now: dt.datetime,
+                       message_id: str | None) -> tuple[list[str], list[str]]:
+        """Write the membership rows; return the users really added and removed."""
+        key = (update.tenant, update.group)
+        insert = "INSERT OR IGNORE INTO memberships VALUES (?, ?, ?, ?, ?, ?)"
+        delete = "DELETE FROM memberships WHERE tenant = ? AND grp = ? AND usr = ?"
+        row = (_us(now), update.source, message_id)
+        if update.replace is not None:
+            current = {u for (u,) in conn.execute(
+                "SELECT usr FROM memberships WHERE tenant = ? AND grp = ?", key)}
+            target = update.replace - update.removed
+            to_add, to_remove = sorted(target - current), sorted(current - target)
+            conn.executemany(insert, [(*key, u, *row) for u in to_add])
+            conn.executemany(delete, [(*key, u) for u in to_remove])
+            return to_add, to_remove
+        # rowcount tells whether the row was really there (or not): no full read
+        # of a large group for an incremental change.
+        to_add = [u for u in sorted(update.added - update.removed)
+                  if conn.execute(insert, (*key, u, *row)).rowcount]
+        to_remove = [u for u in sorted(update.removed) if conn.execute(delete, (*key, u)).rowcount]
+        return to_add, to_remove
+
+    def record_iam(self, service: str, desired: Mapping[str, set[str]], *, source: str, why: str,
+                   message_id: str | None = None) -> list[ChangeEntry]:
+        with _translated(), self._write() as conn:
+            current: dict[str, set[str]] = {}
+            for role, member in conn.execute("SELECT role, member FROM managed WHERE service = ?",
+                                             (service,)):
+                current.setdefault(role, set()).add(member)
+            added, removed = diff_iam(current, desired)
+            conn.executemany("INSERT INTO managed VALUES (?, ?, ?)", [(service, r, m) for r, m in added])
+            conn.executemany("DELETE FROM managed WHERE service = ? AND role = ? AND member = ?",
+                             [(service, r, m) for r, m in removed])
+            at = self._next_at(conn, utcnow())
+            entries = [ChangeEntry(kind=kind, at=at, service=service, role=r, member=m, source=source,
+                                   why=why, message_id=message_id)
+                       for kind, pairs in (("iam_added", added), ("iam_removed", removed))
+                       for r, m in pairs]
+            return self._log(conn, entries)
+
+    def acquire_lease(self, name: str, holder: str, ttl_seconds: float) -> bool:
+        now = utcnow()
+        with _translated(), self._write() as conn:
+            row = conn.execute("SELECT holder, expires_at FROM leases WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] != holder and row[1] > _us(now):
+                return False
+            conn.execute("INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE"
+                         " SET holder = excluded.holder, expires_at = excluded.expires_at",
+                         (name, holder, _us(now + dt.timedelta(seconds=ttl_seconds))))
+            return True
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with _translated(), self._write() as conn:
+            conn.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+    # -- helpers (inside a write transaction) -------------------------------
+
+    @staticmethod
+    def _mark_processed(conn: sqlite3.Connection, ids: Iterable[str], now: dt.datetime,
+                        ttl: float) -> None:
+        # Expired ids are purged here, lazily: an indexed range delete, usually empty.
+        conn.execute("DELETE FROM processed WHERE expires_at <= ?", (_us(now),))
+        expires = _us(now + dt.timedelta(seconds=ttl))
+        conn.executemany("INSERT INTO processed VALUES (?, ?) ON CONFLICT (id)"
+                         " DO UPDATE SET expires_at = excluded.expires_at",
+                         [(i, expires) for i in ids])
+
+    @staticmethod
+    def _next_at(conn: sqlite3.Connection, now: dt.datetime) -> dt.datetime:
+        last = conn.execute("SELECT MAX(at) FROM changes").fetchone()[0]
+        return monotonic_at(now, None if last is None else _dt(last))
+
+    @staticmethod
+    def _log(conn: sqlite3.Connection, entries: list[ChangeEntry]) -> list[ChangeEntry]:
+        out = []
+        for e in entries:
+            cur = conn.execute(
+                "INSERT INTO changes (kind, at, tenant, grp, usr, service, role, member, source, why,"
+                " message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (e.kind, _us(e.at), e.tenant, e.group, e.user, e.service, e.role, e.member, e.source,
+                 e.why, e.message_id))
+            out.append(dataclasses.replace(e, seq=cur.lastrowid))
+        return out

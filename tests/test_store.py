@@ -1,0 +1,442 @@
+"""The membership store contract (store/base.py), run against both backends.
+
+Every test takes the ``store`` fixture, once per backend: SQLite in a temporary
+folder, and Firestore in the real emulator, each test in a project of its own so
+no state leaks between tests. Backend-specific tests (outages, URL parsing) are
+at the end.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from aadrun.errors import ConfigError, Unavailable
+from aadrun.store import GroupUpdate, Store, SyncState, open_store, utcnow
+from aadrun.store.firestore import FirestoreStore, doc_id
+from aadrun.store.sqlite import SqliteStore
+from tests.support.emulators import free_port
+
+T = "11111111-1111-1111-1111-111111111111"
+G = "aaaaaaaa-0000-0000-0000-000000000001"
+G2 = "aaaaaaaa-0000-0000-0000-000000000002"
+
+
+def synced(link: str = "https://graph.example/delta?token=1") -> SyncState:
+    return SyncState(link, utcnow())
+
+
+def users(*names: str) -> frozenset[str]:
+    return frozenset(names)
+
+
+# Short expiries (processed ids, leases): long enough for a slow machine to make
+# the calls that must happen before it, waited out exactly.
+TTL = 0.5
+
+
+def sleep_past(deadline: float) -> None:
+    time.sleep(max(0.0, deadline - time.monotonic()) + 0.05)
+
+
+@pytest.fixture(params=["sqlite", "firestore"])
+def backend(request):
+    """A factory of stores on one backing database: call it twice to get two
+    instances (two processes, in effect) that share state."""
+    if request.param == "sqlite":
+        path = str(request.getfixturevalue("tmp_path") / "state" / "aadrun.db")
+        factory = lambda: SqliteStore(path)  # noqa: E731
+    else:
+        request.getfixturevalue("firestore_emulator")
+        project = f"aadrun-test-{uuid.uuid4().hex[:12]}"
+        factory = lambda: FirestoreStore(project=project)  # noqa: E731
+    opened: list[Store] = []
+
+    def make() -> Store:
+        opened.append(factory())
+        return opened[-1]
+
+    yield make
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(backend) -> Store:
+    return backend()
+
+
+# -- membership and sync state ----------------------------------------------
+
+
+def test_never_synced_group_is_unknown(store):
+    assert store.membership(T, "u1", [G, G2]) == {G: None, G2: None}
+    assert store.group_members(T, G) is None
+    assert store.sync_state(T, G) is None
+    assert store.membership(T, "u1", []) == {}
+
+
+def test_apply_with_sync_marks_the_group_synced(store):
+    sync = synced()
+    store.apply(GroupUpdate(T, G, added=users("u1", "u2"), sync=sync))
+    assert store.membership(T, "u1", [G, G2]) == {G: True, G2: None}
+    assert store.membership(T, "u3", [G]) == {G: False}
+    assert store.group_members(T, G) == {"u1", "u2"}
+    assert store.sync_state(T, G) == sync
+    newer = SyncState("https://graph.example/delta?token=2", sync.synced_at + dt.timedelta(minutes=5))
+    store.apply(GroupUpdate(T, G, sync=newer))
+    assert store.sync_state(T, G) == newer
+
+
+def test_synced_empty_group_answers_false_not_unknown(store):
+    store.apply(GroupUpdate(T, G, replace=frozenset(), sync=synced()))
+    assert store.group_members(T, G) == set()
+    assert store.membership(T, "u1", [G]) == {G: False}
+
+
+def test_members_added_before_the_first_sync_stay_unknown(store):
+    # An incremental notification may arrive before the first full read.
+    store.apply(GroupUpdate(T, G, added=users("u1")))
+    assert store.membership(T, "u1", [G]) == {G: None}
+    assert store.group_members(T, G) is None
+    store.apply(GroupUpdate(T, G, sync=synced()))
+    assert store.membership(T, "u1", [G]) == {G: True}
+
+
+def test_removed(store):
+    store.apply(GroupUpdate(T, G, added=users("u1", "u2"), sync=synced()))
+    entries = store.apply(GroupUpdate(T, G, removed=users("u1", "never-member")))
+    assert [(e.kind, e.user) for e in entries] == [("member_removed", "u1")]
+    assert store.group_members(T, G) == {"u2"}
+    assert store.membership(T, "u1", [G]) == {G: False}
+
+
+def test_replace_writes_the_difference(store):
+    store.apply(GroupUpdate(T, G, added=users("u1", "u2"), sync=synced()))
+    entries = store.apply(GroupUpdate(T, G, replace=users("u2", "u3", "u4"), removed=users("u4"),
+                                      sync=synced(), source="graph-delta", why="full read"))
+    assert sorted((e.kind, e.user) for e in entries) == [("member_added", "u3"), ("member_removed", "u1")]
+    assert store.group_members(T, G) == {"u2", "u3"}
+
+
+def test_removal_wins_over_addition_in_one_update(store):
+    # Fail closed: an add and a remove of one user in one update cannot be ordered.
+    store.apply(GroupUpdate(T, G, added=users("u1"), removed=users("u1"), sync=synced()))
+    assert store.membership(T, "u1", [G]) == {G: False}
+
+
+def test_replace_and_added_are_exclusive(store):
+    with pytest.raises(ValueError):
+        store.apply(GroupUpdate(T, G, added=users("u1"), replace=users("u2")))
+    assert store.group_members(T, G) is None
+
+
+def test_groups_of_tenants_are_separate(store):
+    other = "22222222-2222-2222-2222-222222222222"
+    store.apply(GroupUpdate(T, G, added=users("u1"), sync=synced()))
+    assert store.membership(other, "u1", [G]) == {G: None}
+
+
+@pytest.mark.parametrize("group, user, other_group, other_user", [
+    ("a~b", "c", "a", "b~c"),                    # the id separator inside a value
+    ("a/b", "c", "a", "b/c"),                    # '/' is a path separator in Firestore
+    ("__x__", "..", "__x", "_.."),               # reserved document ids
+    ("g", "x" * 2000, "g", "x" * 1999),          # past the 1,500-byte id limit
+])
+def test_awkward_ids_round_trip_without_collisions(store, group, user, other_group, other_user):
+    store.apply(GroupUpdate(T, group, added=users(user), sync=synced()))
+    store.apply(GroupUpdate(T, other_group, sync=synced()))
+    assert store.group_members(T, group) == {user}
+    assert store.membership(T, user, [group]) == {group: True}
+    assert store.membership(T, other_user, [other_group]) == {other_group: False}
+
+
+def test_awkward_names_of_messages_leases_and_services(store):
+    ids = ("..", "__m__", "a/b", "a~b")
+    store.apply(GroupUpdate(T, G, message_ids=ids))
+    assert store.processed([*ids, ".", "a"]) == set(ids)
+    assert store.acquire_lease("__lease__", "h/1", 30)
+    assert not store.acquire_lease("__lease__", "h/2", 30)
+    store.record_iam("..", {"roles/run.invoker": {"p/1"}}, source="s", why="w")
+    store.record_iam("a/b", {"roles/run.invoker": {"p/2"}}, source="s", why="w")
+    assert store.managed_members("..") == {"roles/run.invoker": {"p/1"}}
+    assert store.managed_members("a/b") == {"roles/run.invoker": {"p/2"}}
+
+
+def test_doc_ids_are_valid_and_distinct():
+    ids = [doc_id("a~b", "c"), doc_id("a", "b~c"), doc_id("a/b"), doc_id("."), doc_id(".."),
+           doc_id("__x__"), doc_id("x" * 2000), doc_id("x" * 1999)]
+    assert len(set(ids)) == len(ids)
+    for i in ids:
+        assert "/" not in i and i not in (".", "..") and len(i.encode()) <= 1500
+        assert not (i.startswith("__") and i.endswith("__"))
+
+
+# -- change log and generation ------------------------------------------------
+
+
+def test_change_log_holds_only_real_differences(store):
+    before = utcnow()
+    first = store.apply(GroupUpdate(T, G, added=users("u1"), sync=synced(), message_ids=("m1",),
+                                    source="notification", why="members@delta"))
+    assert len(first) == 1
+    e = first[0]
+    assert (e.kind, e.tenant, e.group, e.user) == ("member_added", T, G, "u1")
+    assert (e.source, e.why, e.message_id) == ("notification", "members@delta", "m1")
+    assert before <= e.at <= utcnow() and e.seq is not None
+    assert store.apply(GroupUpdate(T, G, added=users("u1"), sync=synced(), message_ids=("m2",))) == []
+    assert store.apply(GroupUpdate(T, G, replace=users("u1"))) == []
+    assert store.changes() == first
+
+
+def test_seq_increases_and_since_filters(store):
+    written = []
+    for i in range(3):
+        written += store.apply(GroupUpdate(T, G, added=users(f"a{i}", f"b{i}"), sync=synced()))
+        time.sleep(0.01)
+    log = store.changes()
+    assert log == written
+    seqs = [e.seq for e in log]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert [e.at for e in log] == sorted(e.at for e in log)
+    assert store.changes(since=log[2].at) == log[2:]
+    assert store.changes(since=log[2].at, limit=3) == log[2:5]
+    assert store.changes(limit=1) == log[:1]
+    assert store.changes(since=utcnow() + dt.timedelta(seconds=1)) == []
+
+
+def test_generation_changes_on_membership_change_only(store):
+    g0 = store.generation()
+    store.apply(GroupUpdate(T, G, sync=synced()))
+    g1 = store.generation()
+    assert g1 != g0, "a first sync turns unknown into not-a-member"
+    store.apply(GroupUpdate(T, G, added=users("u1")))
+    g2 = store.generation()
+    assert g2 != g1
+    store.apply(GroupUpdate(T, G, added=users("u1"), sync=synced(), message_ids=("m1",)))
+    store.apply(GroupUpdate(T, G, removed=users("nobody")))
+    store.record_iam("billing-api", {"roles/run.invoker": {"principal://x/u1"}}, source="t", why="t")
+    store.acquire_lease("maintenance", "h1", 30)
+    assert store.generation() == g2
+    store.apply(GroupUpdate(T, G, removed=users("u1")))
+    assert store.generation() not in (g0, g1, g2)
+
+
+def test_generation_is_shared_between_instances(backend):
+    a, b = backend(), backend()
+    g = b.generation()
+    a.apply(GroupUpdate(T, G, added=users("u1"), sync=synced()))
+    assert b.generation() != g
+    assert b.membership(T, "u1", [G]) == {G: True}
+
+
+# -- processed message ids ---------------------------------------------------
+
+
+def test_processed_ids(store):
+    assert store.processed(["m1", "m2"]) == set()
+    store.apply(GroupUpdate(T, G, added=users("u1"), message_ids=("m1", "m2")))
+    assert store.processed(["m1", "m2", "m3"]) == {"m1", "m2"}
+    assert store.processed([]) == set()
+
+
+def test_processed_ids_expire_and_are_purged(store):
+    if isinstance(store, FirestoreStore):
+        store.purge_interval = 0  # purge on every apply, to observe it here
+    store.apply(GroupUpdate(T, G, message_ids=("kept",)))
+    expiry = time.monotonic() + TTL
+    store.apply(GroupUpdate(T, G, message_ids=("old",)), processed_ttl=TTL)
+    assert store.processed(["old", "kept"]) == {"old", "kept"}
+    sleep_past(expiry)
+    assert store.processed(["old", "kept"]) == {"kept"}
+    store.apply(GroupUpdate(T, G, message_ids=("new",)))
+    assert stored_processed_ids(store) == {"kept", "new"}
+
+
+def stored_processed_ids(store) -> set[str]:
+    """What is physically kept, expired or not (to see the lazy purge)."""
+    if isinstance(store, SqliteStore):
+        with sqlite3.connect(store.path) as conn:
+            return {r[0] for r in conn.execute("SELECT id FROM processed")}
+    return {snap.get("id") for snap in store._client.collection("processed").stream()}
+
+
+# -- managed IAM members -----------------------------------------------------
+
+
+def test_record_iam_logs_each_difference(store):
+    invoker, viewer = "roles/run.invoker", "roles/run.viewer"
+    assert store.managed_members("billing-api") == {}
+    first = store.record_iam("billing-api", {invoker: {"p/u1", "p/u2"}}, source="policy_sync",
+                             why="group change", message_id="m1")
+    assert sorted((e.kind, e.role, e.member) for e in first) == [
+        ("iam_added", invoker, "p/u1"), ("iam_added", invoker, "p/u2")]
+    assert all(e.service == "billing-api" and e.message_id == "m1" and e.source == "policy_sync"
+               for e in first)
+    second = store.record_iam("billing-api", {invoker: {"p/u2"}, viewer: {"p/u3"}}, source="s", why="w")
+    assert sorted((e.kind, e.role, e.member) for e in second) == [
+        ("iam_added", viewer, "p/u3"), ("iam_removed", invoker, "p/u1")]
+    assert store.managed_members("billing-api") == {invoker: {"p/u2"}, viewer: {"p/u3"}}
+    assert store.record_iam("billing-api", {invoker: {"p/u2"}, viewer: {"p/u3"}}, source="s", why="w") == []
+    assert store.managed_members("other-api") == {}
+    third = store.record_iam("billing-api", {invoker: set()}, source="s", why="w")
+    assert sorted(e.kind for e in third) == ["iam_removed", "iam_removed"]
+    assert store.managed_members("billing-api") == {}
+    assert store.changes() == first + second + third
+
+
+# -- leases ------------------------------------------------------------------
+
+
+def test_leases(backend):
+    a, b = backend(), backend()
+    assert a.acquire_lease("maintenance", "h1", 30)
+    assert not b.acquire_lease("maintenance", "h2", 30)
+    assert a.acquire_lease("maintenance", "h1", 30), "the holder extends its lease"
+    assert b.acquire_lease("other", "h2", 30), "leases are independent"
+    b.release_lease("maintenance", "h2")  # not the holder: no effect
+    assert not b.acquire_lease("maintenance", "h2", 30)
+    a.release_lease("maintenance", "h1")
+    expiry = time.monotonic() + TTL
+    assert b.acquire_lease("maintenance", "h2", TTL)
+    assert not a.acquire_lease("maintenance", "h1", 30)
+    sleep_past(expiry)
+    assert a.acquire_lease("maintenance", "h1", 30), "an expired lease can be taken"
+
+
+# -- concurrency -------------------------------------------------------------
+
+
+def test_concurrent_updates_of_one_group_lose_nothing(store):
+    store.apply(GroupUpdate(T, G, sync=synced()))
+    g0 = store.generation()
+    per_thread, threads = 4, 4
+    start = threading.Barrier(threads)
+
+    def worker(i: int) -> None:
+        start.wait()
+        for k in range(per_thread):
+            store.apply(GroupUpdate(T, G, added=users(f"u{i}-{k}"), message_ids=(f"m{i}-{k}",)))
+        store.apply(GroupUpdate(T, G, removed=users(f"u{i}-0")))
+
+    with ThreadPoolExecutor(threads) as pool:
+        for f in [pool.submit(worker, i) for i in range(threads)]:
+            f.result()
+    assert store.group_members(T, G) == {f"u{i}-{k}" for i in range(threads) for k in range(1, per_thread)}
+    log = store.changes()
+    assert len(log) == threads * (per_thread + 1)
+    assert [e.seq for e in log] == sorted({e.seq for e in log})
+    # One increment per changing call: a lost counter update would show here.
+    assert store.generation() == g0 + threads * (per_thread + 1)
+    ids = [f"m{i}-{k}" for i in range(threads) for k in range(per_thread)]
+    assert store.processed(ids) == set(ids)
+
+
+# -- outages -----------------------------------------------------------------
+
+
+def test_sqlite_path_that_cannot_be_created_is_unavailable(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(Unavailable):
+        SqliteStore(str(tmp_path / "a-file" / "state.db"))
+
+
+def test_sqlite_removed_folder_is_unavailable(tmp_path):
+    store = SqliteStore(str(tmp_path / "state" / "aadrun.db"))
+    shutil.rmtree(tmp_path / "state")
+    errors: list[BaseException] = []
+
+    def call() -> None:  # a thread with no open connection yet, as a new request has
+        try:
+            store.membership(T, "u1", [G])
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            errors.append(e)
+
+    t = threading.Thread(target=call)
+    t.start()
+    t.join()
+    assert len(errors) == 1 and isinstance(errors[0], Unavailable)
+    store.close()
+
+
+def test_sqlite_writer_locked_out_past_busy_timeout_is_unavailable(tmp_path):
+    store = SqliteStore(str(tmp_path / "aadrun.db"), busy_timeout=0.2)
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(Unavailable):
+            store.apply(GroupUpdate(T, G, added=users("u1"), sync=synced()))
+        assert store.generation() == 0, "readers still answer in WAL mode"
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    store.apply(GroupUpdate(T, G, added=users("u1"), sync=synced()))
+    assert store.membership(T, "u1", [G]) == {G: True}
+    store.close()
+
+
+def test_firestore_unreachable_fails_fast(firestore_emulator, monkeypatch):
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")  # nothing listens
+    store = FirestoreStore(project="aadrun-unreachable", timeout=0.5)
+    calls = [
+        store.ping,
+        lambda: store.membership(T, "u1", [G]),
+        lambda: store.group_members(T, G),
+        lambda: store.changes(),
+        lambda: store.apply(GroupUpdate(T, G, added=users("u1"), sync=synced())),
+        lambda: store.acquire_lease("maintenance", "h1", 30),
+    ]
+    for call in calls:
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            call()
+        assert time.monotonic() - started < 5
+    store.close()
+
+
+# -- open_store --------------------------------------------------------------
+
+
+def test_open_store_sqlite_relative(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store = open_store("sqlite:///.aadrun/state.db")
+    assert isinstance(store, SqliteStore)
+    assert store.path == str(tmp_path / ".aadrun" / "state.db")
+    store.apply(GroupUpdate(T, G, added=users("u1"), sync=synced()))
+    assert os.path.isfile(tmp_path / ".aadrun" / "state.db")
+    store.close()
+
+
+def test_open_store_sqlite_absolute(tmp_path):
+    path = tmp_path / "abs" / "state.db"
+    url = f"sqlite:///{path}"
+    assert url.startswith("sqlite:////")
+    store = open_store(url)
+    assert isinstance(store, SqliteStore) and store.path == str(path)
+    store.apply(GroupUpdate(T, G, added=users("u1"), sync=synced()))
+    assert SqliteStore(str(path)).membership(T, "u1", [G]) == {G: True}
+    store.close()
+
+
+def test_open_store_firestore(firestore_emulator, monkeypatch):
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", f"aadrun-test-{uuid.uuid4().hex[:12]}")
+    store = open_store("firestore://")
+    assert isinstance(store, FirestoreStore)
+    store.apply(GroupUpdate(T, G, added=users("u1"), sync=synced()))
+    named = open_store("firestore://audit-db")
+    assert named.membership(T, "u1", [G]) == {G: None}, "another database holds other data"
+    assert open_store("firestore://").membership(T, "u1", [G]) == {G: True}
+    store.close()
+    named.close()
+
+
+def test_open_store_rejects_other_urls():
+    with pytest.raises(ConfigError):
+        open_store("postgres://db/aadrun")
