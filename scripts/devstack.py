@@ -6,7 +6,6 @@ process behind.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import signal
 import sys

@@ -12,7 +12,7 @@ import pytest
 from aadrun.devidp import DevIdentityProvider, SigningKey
 from aadrun.store import GroupUpdate, SyncState, open_store, utcnow
 from tests.support.serve import FunctionServer
-from tests.support.world import ALICE, BOB, G_ENG, TENANT_A, TENANT_B, TENANT_OTHER, env_for, write_policy
+from tests.support.world import ALICE, BOB, G_ENG, TENANT_A, TENANT_OTHER, env_for, write_policy
 
 
 @pytest.fixture(scope="module")
