@@ -19,6 +19,10 @@ from logging.handlers import QueueHandler, QueueListener
 from google.cloud.logging.handlers import StructuredLogHandler
 
 LOGGER_NAME = "aadrun"
+# Cloud Logging's NOTICE (between INFO and WARNING) has no stdlib level: give it one,
+# so a denial is logged as NOTICE rather than falling back to INFO.
+NOTICE = 25
+logging.addLevelName(NOTICE, "NOTICE")
 _setup_lock = threading.Lock()
 _configured = False
 

@@ -1,0 +1,257 @@
+"""cloudbuild.yaml deploys every entry point of functions/main.py the way
+CONTRACT.md §1 says, and functions/requirements.txt matches requirements.txt.
+
+The pipeline is read as data: each deploy is one ``gcloud functions deploy``
+step, with Cloud Build's substitutions resolved from the file's defaults.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aadrun.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT, PROJECT_NUMBER = "example-project", "123456789"
+
+# entry point -> (trigger, public). CONTRACT.md §1.
+EXPECTED = {
+    "verify": ("http", False),
+    "graph_webhook": ("http", True),
+    "policy_sync": ("cloud_event", False),
+    "maintenance": ("http", False),
+}
+SECRET_ENV = {"AADRUN_CLIENT_STATE", "AADRUN_CLIENT_SECRET"}
+SECRET_REF = re.compile(r"^[A-Z][A-Z0-9_]*=[a-zA-Z0-9_-]+:(latest|[0-9]+)$")
+
+
+def entry_points() -> dict[str, str]:
+    """Top-level functions of functions/main.py decorated with functions_framework.http / cloud_event."""
+    tree = ast.parse((ROOT / "functions" / "main.py").read_text())
+    found = {}
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        for decorator in node.decorator_list:
+            if (isinstance(decorator, ast.Attribute) and isinstance(decorator.value, ast.Name)
+                    and decorator.value.id == "functions_framework" and decorator.attr in ("http", "cloud_event")):
+                found[node.name] = decorator.attr
+    return found
+
+
+def load_build() -> dict:
+    return yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
+
+
+def substitute(text: str, subs: dict[str, str]) -> str:
+    """Cloud Build's substitution: ${NAME} and $NAME; $$ is a literal $."""
+    def one(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(2)
+        return subs.get(name, match.group(0))
+    return re.sub(r"\$\$|\$\{([A-Z_][A-Z0-9_]*)\}|\$([A-Z_][A-Z0-9_]*)", one, text)
+
+
+def substitutions(build: dict, **overrides: str) -> dict[str, str]:
+    return {"PROJECT_ID": PROJECT, "PROJECT_NUMBER": PROJECT_NUMBER,
+            **{k: str(v) for k, v in (build.get("substitutions") or {}).items()}, **overrides}
+
+
+def parse_flags(args: list[str]) -> dict[str, list[str | None]]:
+    flags: dict[str, list[str | None]] = {}
+    for arg in args:
+        assert arg.startswith("--"), f"positional argument {arg!r} after the function name"
+        name, eq, value = arg.partition("=")
+        flags.setdefault(name, []).append(value if eq else None)
+    return flags
+
+
+def deploys(build: dict, **overrides: str) -> dict[str, dict]:
+    """function name -> {"step": step, "flags": {flag: [values]}}, substitutions resolved."""
+    subs = substitutions(build, **overrides)
+    found: dict[str, dict] = {}
+    for step in build["steps"]:
+        args = [substitute(str(a), subs) for a in step.get("args") or []]
+        if step.get("entrypoint") == "gcloud" and args[:2] == ["functions", "deploy"]:
+            name = args[2]
+            assert name not in found, f"{name} deployed twice"
+            found[name] = {"step": step, "flags": parse_flags(args[3:])}
+        else:
+            assert "functions deploy" not in " ".join(args), (
+                f"step {step.get('id')}: deploy in its own gcloud step so it can be checked")
+    return found
+
+
+def one(flags: dict, name: str) -> str | None:
+    values = flags.get(name, [])
+    assert len(values) == 1, f"{name} given {len(values)} times"
+    return values[0]
+
+
+def env_vars(flags: dict) -> dict[str, str]:
+    assert "--update-env-vars" not in flags and "--env-vars-file" not in flags
+    pairs = (item.partition("=") for item in (one(flags, "--set-env-vars") or "").split(","))
+    return {key: value for key, _, value in pairs}
+
+
+def secrets(flags: dict) -> dict[str, str]:
+    if "--set-secrets" not in flags:
+        return {}
+    items = (one(flags, "--set-secrets") or "").split(",")
+    for item in items:
+        assert SECRET_REF.match(item), f"--set-secrets item {item!r} is not ENV=SECRET:VERSION"
+    return dict(item.split("=", 1) for item in items)
+
+
+def scripts(build: dict) -> str:
+    return "\n".join(str(a) for step in build["steps"] for a in step.get("args") or [])
+
+
+@pytest.fixture(scope="module")
+def build() -> dict:
+    return load_build()
+
+
+@pytest.fixture(scope="module")
+def deployed(build) -> dict[str, dict]:
+    return deploys(build)
+
+
+def test_the_expected_table_is_the_entry_points_of_main(build):
+    assert entry_points() == {name: trigger for name, (trigger, _) in EXPECTED.items()}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_entry_point_is_deployed_as_a_gen2_python312_function_of_the_functions_folder(deployed, build, name):
+    flags = deployed[name]["flags"]
+    assert one(flags, "--gen2") is None
+    assert one(flags, "--runtime") == "python312"
+    assert one(flags, "--source") == "functions"
+    assert one(flags, "--entry-point") == name
+    assert one(flags, "--region") == str(build["substitutions"]["_REGION"])
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_trigger_and_authentication(deployed, name):
+    trigger, public = EXPECTED[name]
+    flags = deployed[name]["flags"]
+    if trigger == "http":
+        assert one(flags, "--trigger-http") is None
+        assert "--trigger-topic" not in flags
+        auth = "--allow-unauthenticated" if public else "--no-allow-unauthenticated"
+        other = "--no-allow-unauthenticated" if public else "--allow-unauthenticated"
+        assert one(flags, auth) is None and other not in flags
+    else:
+        assert one(flags, "--trigger-topic") == Settings().topic_changes
+        assert one(flags, "--retry") is None, "event functions are not retried unless deployed with --retry"
+        assert "--trigger-http" not in flags and "--allow-unauthenticated" not in flags
+
+
+def test_each_function_runs_as_its_own_service_account(deployed):
+    accounts = {name: one(d["flags"], "--service-account") for name, d in deployed.items()}
+    for name, account in accounts.items():
+        assert re.fullmatch(rf"aadrun-[a-z]+@{PROJECT}\.iam\.gserviceaccount\.com", account), (name, account)
+    assert len(set(accounts.values())) == len(accounts), accounts
+
+
+def test_maintenance_is_called_by_a_scheduler_job_with_an_oidc_token(build, deployed):
+    text = scripts(build)
+    assert re.search(r"gcloud scheduler jobs \S+ http", text)
+    assert "--oidc-service-account-email=" in text
+    assert "--oidc-token-audience=" in text
+    assert "gcloud functions describe maintenance" in text
+    caller = re.search(r"--oidc-service-account-email=(\S+)", substitute(text, substitutions(build))).group(1)
+    assert caller not in {one(d["flags"], "--service-account") for d in deployed.values()}, (
+        "the scheduler's identity is an invoker only, not a function's runtime account")
+
+
+def test_secrets_come_from_secret_manager_only(build, deployed):
+    for name, d in deployed.items():
+        assert not SECRET_ENV & env_vars(d["flags"]).keys(), f"{name}: a secret in --set-env-vars"
+        secrets(d["flags"])
+    for name in ("graph_webhook", "policy_sync", "maintenance"):
+        assert "AADRUN_CLIENT_STATE" in secrets(deployed[name]["flags"]), name
+    assert secrets(deployed["verify"]["flags"]) == {}, "verify needs no secret"
+    # No value is ever written next to a secret's variable name in the file.
+    text = (ROOT / "cloudbuild.yaml").read_text()
+    for match in re.finditer(r"(AADRUN_CLIENT_(?:STATE|SECRET))=([^\s,'\"]*)", text):
+        assert re.fullmatch(r"[a-z0-9-]+:(latest|[0-9]+)(\$\{_[A-Z_]+\})?", match.group(2)), match.group(0)
+
+
+def test_the_documented_client_secret_substitution_adds_a_secret_reference(build):
+    with_secret = deploys(build, _EXTRA_SECRETS=",AADRUN_CLIENT_SECRET=aadrun-client-secret:latest")
+    for name in ("policy_sync", "maintenance"):
+        assert secrets(with_secret[name]["flags"])["AADRUN_CLIENT_SECRET"] == "aadrun-client-secret:latest"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_function_environment_is_valid_settings(deployed, name):
+    flags = deployed[name]["flags"]
+    env = {**env_vars(flags), **{key: "from-secret-manager" for key in secrets(flags)}}
+    settings = Settings.from_env(env)
+    assert settings.policy_path == "policies/"
+    if name != "graph_webhook":
+        assert settings.store_url == "firestore://"
+    if name in ("graph_webhook", "policy_sync", "maintenance"):
+        assert settings.bus == "pubsub" and settings.project == PROJECT
+    if name in ("policy_sync", "maintenance"):
+        assert settings.iam_mode == "cloudrun"
+        assert settings.notification_url and settings.notification_url.endswith("/graph_webhook")
+
+
+def test_tests_validate_and_plan_run_before_any_deploy_and_policies_are_shipped(build):
+    ids = [step.get("id") for step in build["steps"]]
+    commands = [" ".join(str(a) for a in step.get("args") or []) for step in build["steps"]]
+    first_deploy = min(i for i, step in enumerate(build["steps"]) if step.get("entrypoint") == "gcloud")
+    position = {what: next(i for i, c in enumerate(commands) if what in c)
+                for what in ("scripts/test", "scripts/aadrun validate", "scripts/aadrun plan",
+                             "cp -r policies functions/policies")}
+    assert all(i < first_deploy for i in position.values()), position
+    assert "emulators" in build["steps"][position["scripts/test"]]["name"], "the tests need the emulators"
+    ship = ids[position["cp -r policies functions/policies"]]
+    for step in build["steps"][first_deploy:]:
+        if step.get("entrypoint") == "gcloud":
+            assert ship in step.get("waitFor", [ship]), f"{step['id']} may start before the policies are shipped"
+
+
+def test_topics_are_created_idempotently_and_policy_sync_gets_a_dead_letter_policy(build):
+    text = substitute(scripts(build), substitutions(build))
+    subs = substitutions(build)
+    for topic in (subs["_TOPIC_CHANGES"], subs["_TOPIC_POLICY"], subs["_TOPIC_DEAD_LETTER"]):
+        assert topic in text
+    assert re.search(r"gcloud pubsub topics describe .*\|\| gcloud pubsub topics create", text)
+    assert subs["_TOPIC_CHANGES"] == Settings().topic_changes and subs["_TOPIC_POLICY"] == Settings().topic_policy
+    update = re.search(r"gcloud pubsub subscriptions update (.*?)(?:\n(?!\s)|\Z)", text, re.S).group(0)
+    for flag in ("--dead-letter-topic=", "--max-delivery-attempts=", "--min-retry-delay=", "--max-retry-delay="):
+        assert flag in update
+    assert "transport.pubsub.subscription" in text, "the subscription is found through the Eventarc trigger"
+
+
+# -- functions/requirements.txt ---------------------------------------------------
+
+def pins(path: Path, section: str | None = None) -> dict[str, str]:
+    """package -> version of ``name==version`` lines (of one ``# Section`` only, if given)."""
+    found, inside = {}, section is None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            if section is not None:
+                inside = line[1:].strip().lower().startswith(section)
+            continue
+        if not line or not inside:
+            continue
+        name, sep, version = line.partition("==")
+        assert sep and version.strip(), f"{path.name}: {line!r} is not pinned with =="
+        found[re.sub(r"[-_.]+", "-", name.strip().lower())] = version.strip()
+    return found
+
+
+def test_functions_requirements_pin_the_runtime_packages_exactly_as_requirements_txt():
+    runtime = pins(ROOT / "requirements.txt", section="runtime")
+    assert {"functions-framework", "google-cloud-firestore", "pyjwt"} <= runtime.keys()
+    assert pins(ROOT / "functions" / "requirements.txt") == runtime
