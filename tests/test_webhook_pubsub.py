@@ -185,7 +185,7 @@ def test_rejected_and_dropped_posts_publish_nothing(stack, subscription):
     assert [m["id"] for m in decoded(got)] == [golden_messages("members_removed_string")[0]["id"]]
 
 
-def test_bus_fails_fast_on_a_missing_topic_and_resumes_the_paused_key(pubsub_emulator):
+def test_bus_fails_fast_on_a_missing_topic_then_publishes_on_the_same_key(pubsub_emulator):
     pubsub = PubSub(pubsub_emulator)
     suffix = uuid.uuid4().hex[:8]
     settings = Settings(bus="pubsub", project=PROJECT, topic_changes=f"changes-{suffix}",
@@ -199,7 +199,7 @@ def test_bus_fails_fast_on_a_missing_topic_and_resumes_the_paused_key(pubsub_emu
         assert time.monotonic() - started < 1.0
         changes = pubsub.subscribe(pubsub.create_topic(settings.topic_changes))
         policy = pubsub.subscribe(pubsub.create_topic(settings.topic_policy))
-        bus.publish_changes([message])  # same ordering key, paused by the failure above
+        bus.publish_changes([message])  # same ordering key: a failure leaves no key paused
         bus.publish_policy_update({"service": "billing-api", "version": 3})
         [published] = pubsub.pull(changes, until=lambda m: len(m) >= 1)
         assert json.loads(published.data) == golden_messages("members_added")[0]

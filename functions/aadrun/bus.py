@@ -10,10 +10,10 @@ otherwise, so the webhook can answer 202 (persisted) or 503 (Graph retries).
 from __future__ import annotations
 
 import abc
-import concurrent.futures
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
+
 
 from .config import Settings
 from .errors import ConfigError, Unavailable
@@ -23,9 +23,6 @@ from .messages import Message, canonical
 _FIRST_DELAY, _MAX_DELAY = 0.05, 0.4
 # Shortest per-attempt RPC deadline worth starting.
 _MIN_ATTEMPT = 0.1
-# Batches are committed by a timer thread, so a future can resolve a little after
-# its RPC deadline.
-_GRACE = 0.15
 
 
 class Bus(abc.ABC):
@@ -68,116 +65,61 @@ class LocalBus(Bus):
             raise Unavailable(f"local handler failed: {e.__class__.__name__}") from e
 
 
-class _Outgoing(NamedTuple):
-    data: bytes
-    ordering_key: str
-    attributes: Mapping[str, str]
-
-
-def _failed(error: BaseException) -> concurrent.futures.Future:
-    future: concurrent.futures.Future = concurrent.futures.Future()
-    future.set_exception(error)
-    return future
-
-
-def _outcome(future: concurrent.futures.Future, deadline: float) -> BaseException | None:
-    try:
-        future.result(timeout=max(deadline - time.monotonic(), 0.0))
-        return None
-    except concurrent.futures.TimeoutError as e:
-        return e
-    except Exception as e:
-        return e
-
-
 class PubSubBus(Bus):
-    """One thread-safe ``PublisherClient`` per instance, with message ordering.
+    """Google Cloud Pub/Sub through one thread-safe ``PublisherClient`` per instance.
 
-    The library retries an ordered publish for ever (it would outlive the HTTP
-    request and publish after we answered 503, duplicating Graph's retry), so each
-    attempt here is a single RPC bounded by the remaining time, and retries are
-    ours, all within ``publish_timeout_seconds``. A failed publish pauses its
-    ordering key until ``resume_publish`` (FACTS.md): a publish that finds its key
-    paused resumes it and tries again. Only an attempt still unanswered at the
-    deadline can land after the 503; Graph's retry then repeats it with the same
-    message ``id``.
+    All messages of one call go out in ONE Publish request (each keeping its own
+    ordering key; at most 1,000 per request, the webhook's item limit): the call
+    is all-or-nothing, so a retry by Graph never meets a half-published POST, and
+    no ordering key is left paused by a partial failure. It is also an order of
+    magnitude faster than the batching client's one request per ordering key.
+    Retries stay within ``publish_timeout_seconds``, so an attempt cannot outlive
+    the webhook's answer and publish after a 503.
     """
 
     def __init__(self, settings: Settings, client: Any = None):
         from google.api_core import exceptions as api_exceptions
+        from google.api_core import retry as api_retry
         from google.cloud import pubsub_v1
-        from google.cloud.pubsub_v1.publisher.exceptions import PublishToPausedOrderingKeyException
 
         if not settings.project:
             raise ConfigError("AADRUN_BUS=pubsub needs GOOGLE_CLOUD_PROJECT")
         self._timeout = settings.publish_timeout_seconds
-        self._client = client or pubsub_v1.PublisherClient(
-            publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True))
+        self._client = client or pubsub_v1.PublisherClient()
         self._changes = self._client.topic_path(settings.project, settings.topic_changes)
         self._policy = self._client.topic_path(settings.project, settings.topic_policy)
-        self._paused_error = PublishToPausedOrderingKeyException
-        # Transient failures worth another attempt; others (NotFound, PermissionDenied,
-        # a timed-out attempt that may still land) end the publish at once.
-        self._retryable = (api_exceptions.ServiceUnavailable, api_exceptions.InternalServerError,
-                           api_exceptions.Aborted, api_exceptions.TooManyRequests, api_exceptions.Unknown,
-                           api_exceptions.Cancelled, PublishToPausedOrderingKeyException, RuntimeError)
+        self._message = pubsub_v1.types.PubsubMessage
+        self._api_error = api_exceptions.GoogleAPIError
+        self._retry = api_retry.Retry(
+            predicate=api_retry.if_exception_type(
+                api_exceptions.ServiceUnavailable, api_exceptions.InternalServerError, api_exceptions.Aborted,
+                api_exceptions.TooManyRequests, api_exceptions.Unknown, api_exceptions.DeadlineExceeded),
+            initial=_FIRST_DELAY, maximum=_MAX_DELAY, multiplier=2.0)
 
     def publish_changes(self, messages: Sequence[Message]) -> None:
-        self._publish(self._changes, [_Outgoing(m.to_json(), m.ordering_key, m.attributes) for m in messages])
+        self._publish(self._changes, [self._message(data=m.to_json(), ordering_key=m.ordering_key,
+                                                    attributes=dict(m.attributes)) for m in messages])
 
     def publish_policy_update(self, event: Mapping[str, Any]) -> None:
-        self._publish(self._policy, [_Outgoing(canonical(dict(event)), "", {"kind": "policy_update"})])
+        self._publish(self._policy, [self._message(data=canonical(dict(event)),
+                                                   attributes={"kind": "policy_update"})])
 
     def close(self) -> None:
         self._client.stop()
 
-    def _publish(self, topic: str, items: list[_Outgoing]) -> None:
+    def _publish(self, topic: str, messages: list) -> None:
+        if not messages:
+            return
         deadline = time.monotonic() + self._timeout
-        pending, delay = items, _FIRST_DELAY
-        while pending:
-            failed = self._attempt(topic, pending, deadline)
-            errors = [error for _, error in failed]
-            pending = [item for item, _ in failed]
-            if not pending:
-                return
-            retryable = all(isinstance(e, self._retryable) for e in errors)
-            if not retryable or time.monotonic() + delay + _MIN_ATTEMPT > deadline:
-                first = errors[0]
-                raise Unavailable(f"{len(pending)} of {len(items)} messages not confirmed "
-                                  f"({first.__class__.__name__})") from first
-            time.sleep(delay)
-            delay = min(delay * 2, _MAX_DELAY)
-
-    def _attempt(self, topic: str, items: list[_Outgoing],
-                 deadline: float) -> list[tuple[_Outgoing, BaseException]]:
-        """Publish every item once and wait for all; returns those that failed."""
-        futures = [(item, self._submit(topic, item, deadline)) for item in items]
-        outcomes = [(item, _outcome(future, deadline + _GRACE)) for item, future in futures]
-        return [(item, error) for item, error in outcomes if error is not None]
-
-    def _submit(self, topic: str, item: _Outgoing, deadline: float) -> concurrent.futures.Future:
-        timeout = max(deadline - time.monotonic(), _MIN_ATTEMPT)
-
-        def publish():
-            return self._client.publish(topic, item.data, ordering_key=item.ordering_key,
-                                        retry=None, timeout=timeout, **item.attributes)
         try:
-            future = publish()
-            if item.ordering_key and self._is_paused(future):
-                self._resume(topic, item.ordering_key)
-                future = publish()
-            return future
-        except Exception as e:  # stopped client, oversized message: fail this item
-            return _failed(e)
-
-    def _is_paused(self, future: concurrent.futures.Future) -> bool:
-        return future.done() and isinstance(future.exception(timeout=0), self._paused_error)
-
-    def _resume(self, topic: str, key: str) -> None:
-        try:
-            self._client.resume_publish(topic, key)
-        except (RuntimeError, ValueError):
-            pass  # not paused (any more), or never seen: nothing to resume
+            response = self._client.api.publish(
+                topic=topic, messages=messages,
+                retry=self._retry.with_timeout(self._timeout),
+                timeout=max(deadline - time.monotonic(), _MIN_ATTEMPT))
+        except (self._api_error, OSError, ValueError) as e:  # RetryError is an API error too
+            raise Unavailable(f"{len(messages)} messages not confirmed ({e.__class__.__name__})") from e
+        if len(response.message_ids) != len(messages):
+            raise Unavailable(f"{len(messages) - len(response.message_ids)} messages not confirmed")
 
 
 def open_bus(settings: Settings, local_handler: Callable[[list[Message]], Any] | None = None) -> Bus:
