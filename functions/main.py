@@ -22,18 +22,16 @@ def _request(request: flask.Request, limit: int = _READ_LIMIT) -> HttpRequest:
     return HttpRequest(
         method=request.method,
         path=request.path,
-        query=request.args.to_dict(flat=True),
-        headers={k.lower(): v for k, v in request.headers.items()},
+        query=request.args,         # a mapping: a repeated parameter gives its first value
+        headers=request.headers,    # a mapping that ignores case
         body=body[:limit],
         body_too_large=len(body) > limit or (request.content_length or 0) > limit,
     )
 
 
 def _response(result: HttpResponse) -> flask.Response:
-    response = flask.Response(result.body, status=result.status, content_type=result.content_type)
-    for name, value in result.headers.items():
-        response.headers[name] = value
-    return response
+    return flask.Response(result.body, status=result.status, headers=result.headers,
+                          content_type=result.content_type)
 
 
 @functions_framework.http

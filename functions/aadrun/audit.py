@@ -27,6 +27,13 @@ _setup_lock = threading.Lock()
 _configured = False
 
 
+class _Enqueue(QueueHandler):
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # Our records carry no %-args and no exc_info: nothing to render before
+        # queueing, so skip the default's format-and-copy on the request thread.
+        return record
+
+
 def logger(stream=None) -> logging.Logger:
     """The aadrun logger, writing to stdout (Cloud Functions collects it) unless
     the first caller names another stream (the CLI keeps stdout for its output).
@@ -46,7 +53,7 @@ def logger(stream=None) -> logging.Logger:
                 listener = QueueListener(records, StructuredLogHandler(stream=stream or sys.stdout))
                 listener.start()
                 atexit.register(listener.stop)
-                log.addHandler(QueueHandler(records))
+                log.addHandler(_Enqueue(records))
                 log.setLevel(logging.INFO)
                 log.propagate = False
                 _configured = True
@@ -68,7 +75,11 @@ def entry(event: str, message: str, *, severity: str = "INFO", trace: str | None
     extra = {"json_fields": payload}
     if trace:
         extra["trace"] = trace
-    logger().log(level, message, extra=extra)
+    log = logger()
+    if log.isEnabledFor(level):
+        # makeRecord + handle skips logging's stack walk for the caller: the call
+        # site of an audit line is always this function, so it would say nothing.
+        log.handle(log.makeRecord(log.name, level, __name__, 0, message, None, None, extra=extra))
 
 
 def security(message: str, **fields) -> None:

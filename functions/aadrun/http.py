@@ -12,7 +12,7 @@ class HttpRequest:
     method: str
     path: str
     query: Mapping[str, str]
-    headers: Mapping[str, str]   # keys lower-cased
+    headers: Mapping[str, str]   # lower-cased keys, or a mapping that ignores case
     body: bytes
     body_too_large: bool = False  # the body exceeded the entry point's read limit
 
