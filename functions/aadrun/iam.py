@@ -9,6 +9,10 @@ Two modes, from ``Settings.iam_mode``:
     policy (other roles, conditional bindings, audit configs) goes back exactly
     as read.
 
+``apply(changes)`` writes a plan made beforehand; ``apply_with(resource, plan_for)``
+makes the plan inside the loop from each fresh read (policy_sync does, so a retry
+after a conflict also re-reads the membership store).
+
 A stale etag makes Cloud Run answer 409 ABORTED; the whole read-modify-write is
 then retried with jittered exponential backoff, as the IAM retry guidance says
 (cloud.google.com/iam/docs/retry-strategy). Over REST a 409 arrives as
@@ -196,31 +200,52 @@ class IamWriter:
         Raises ``UpstreamError`` (also when conflicts outlast ``max_attempts``) and
         ``PlanError`` when the fresh policy would exceed the principal limit.
         """
+        return self.apply_with(changes.cloud_run, lambda live: changes)
+
+    def apply_with(self, resource: str, plan_for: Callable[[list[Binding] | None], ServiceChanges],
+                   before_write: Callable[[ServiceChanges], None] | None = None) -> AppliedResult:
+        """Plan and apply inside one read-modify-write of ``resource``'s policy.
+
+        Each attempt reads the live policy, asks ``plan_for(live_bindings)`` for the
+        change (``plan_for(None)`` once in record mode), calls ``before_write`` with
+        it just before the set call, and sets the policy with the etag of that read.
+        A conflicting write makes the next attempt read and plan again, so a plan
+        never rests on inputs older than the policy it is written over. Raises as
+        ``apply`` does; whatever ``plan_for`` or ``before_write`` raise ends the loop.
+        """
         if self.mode == "record":
+            changes = plan_for(None)
             return AppliedResult(changes, wrote=False, attempts=0, members=changes.managed)
+        for attempt in range(1, self.max_attempts + 1):
+            policy = self._get(resource)
+            changes = plan_for(_bindings(policy))
+            if not edit_policy(policy, changes.adds, changes.removes):
+                return AppliedResult(changes, wrote=False, attempts=attempt, members=_members(policy, changes.roles))
+            check_limit(changes.service, resource, sum(len(b.members) for b in policy.bindings))
+            if before_write is not None:
+                before_write(changes)
+            written = self._set(resource, policy, attempt)
+            if written is not None:
+                return AppliedResult(changes, wrote=True, attempts=attempt, members=_members(written, changes.roles))
+            self._sleep(random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1))))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _set(self, resource: str, policy, attempt: int):
+        """One set call: the written policy, or None after a conflict worth another attempt."""
         from google.api_core import exceptions as gexc
 
-        roles = changes.roles
-        for attempt in range(1, self.max_attempts + 1):
-            policy = self._get(changes.cloud_run)
-            if not edit_policy(policy, changes.adds, changes.removes):
-                return AppliedResult(changes, wrote=False, attempts=attempt, members=_members(policy, roles))
-            check_limit(changes.service, changes.cloud_run, sum(len(b.members) for b in policy.bindings))
-            client = self.client
-            try:
-                written = client.set_iam_policy(request={"resource": changes.cloud_run, "policy": policy},
-                                                timeout=self.settings.http_timeout_seconds)
-            except gexc.Conflict as e:  # someone wrote since our read: read again
-                if attempt == self.max_attempts:
-                    raise UpstreamError(
-                        f"Cloud Run setIamPolicy on {changes.cloud_run} failed: the policy kept changing "
-                        f"under us ({attempt} attempts)", status_code=409, code="Conflict") from e
-                self._sleep(random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1))))
-                continue
-            except Exception as e:
-                raise _upstream("setIamPolicy", changes.cloud_run, e) from e
-            return AppliedResult(changes, wrote=True, attempts=attempt, members=_members(written, roles))
-        raise AssertionError("unreachable")  # pragma: no cover
+        client = self.client
+        try:
+            return client.set_iam_policy(request={"resource": resource, "policy": policy},
+                                         timeout=self.settings.http_timeout_seconds)
+        except gexc.Conflict as e:  # someone wrote since our read: read again
+            if attempt == self.max_attempts:
+                raise UpstreamError(
+                    f"Cloud Run setIamPolicy on {resource} failed: the policy kept changing "
+                    f"under us ({attempt} attempts)", status_code=409, code="Conflict") from e
+            return None
+        except Exception as e:
+            raise _upstream("setIamPolicy", resource, e) from e
 
     def _get(self, resource: str):
         from google.iam.v1 import options_pb2

@@ -12,7 +12,7 @@ One real HTTP(S) server on 127.0.0.1, following the documented APIs:
 
 Graph calls need a bearer token from the token endpoint (401 otherwise); the token's
 tenant and app decide whose data a call sees. Tests drive the state (members, faults,
-expiring links) through methods and read ``log`` for what was asked.
+expiring links, ``delays`` per path) through methods and read ``log`` for what was asked.
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ import secrets
 import ssl
 import threading
 import time
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -111,8 +113,12 @@ class _Tenant:
 
 
 class GraphServer:
-    def __init__(self, pki: Pki | None = None, *, page_size: int = 100):
+    def __init__(self, pki: Pki | None = None, *, page_size: int = 100, validate_notifications: bool = False):
         self.pki = pki
+        # Like Graph, POST notificationUrl?validationToken=... (and the lifecycle URL) on
+        # create and refuse the subscription unless the token is echoed (off by default).
+        self.validate_notifications = validate_notifications
+        self.validations: list[tuple[str, bool]] = []   # (url, echoed correctly)
         self.page_size = page_size
         self.google_subject = "110000000000000000001"   # the service account's unique id
         self.require_https_notifications = True
@@ -128,6 +134,7 @@ class GraphServer:
         self._cursors: dict[str, dict] = {}                      # skiptoken -> remaining pages
         self._subs: dict[tuple[str, str], dict[str, dict]] = {}
         self._faults: list[tuple[int, str | None, str]] = []
+        self.delays: dict[str, float] = {}    # path -> seconds to wait before answering (slow Graph)
         self._lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
 
@@ -238,6 +245,16 @@ class GraphServer:
     def subscriptions(self, tenant: str, client_id: str) -> dict[str, dict]:
         with self._lock:
             return {k: dict(v) for k, v in self._subs.get((tenant, client_id), {}).items()}
+
+    def set_expiration(self, tenant: str, client_id: str, subscription_id: str, when: dt.datetime) -> None:
+        """Move a subscription's expiry (e.g. close to now, to test renewal)."""
+        with self._lock:
+            sub = self._subs[(tenant, client_id)][subscription_id]
+            sub["expirationDateTime"] = when.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+    def reauthorizations(self, tenant: str, client_id: str, subscription_id: str) -> int:
+        with self._lock:
+            return self._subs[(tenant, client_id)][subscription_id]["reauthorizations"]
 
     def calls(self, method: str | None = None, prefix: str = "") -> list[Logged]:
         return [c for c in list(self.log) if (method is None or c.method == method) and c.path.startswith(prefix)]
@@ -392,6 +409,9 @@ class GraphServer:
         resource = body["resource"]
         if any(s["resource"].lower().strip("/") == resource.lower().strip("/") for s in subs.values()):
             raise HttpError(409, "Conflict", "A subscription for this resource already exists for this app.")
+        if self.validate_notifications:
+            for url in dict.fromkeys(u for u in (body["notificationUrl"], body.get("lifecycleNotificationUrl")) if u):
+                self._validate(url)
         sub = {"id": secrets.token_hex(16), "resource": resource, "applicationId": app,
                "changeType": body["changeType"], "clientState": body.get("clientState"),
                "notificationUrl": body["notificationUrl"],
@@ -401,6 +421,26 @@ class GraphServer:
                "includeResourceData": False, "reauthorizations": 0}
         subs[sub["id"]] = sub
         return self._public(sub, created=True)
+
+    def _validate(self, url: str) -> None:
+        """The validation handshake of learn.microsoft.com/graph/change-notifications-delivery-webhooks:
+        an empty text/plain POST with ``validationToken`` in the query; the endpoint must answer
+        200 with the URL-decoded token as text/plain within 10 s."""
+        token = f"Validation: Testing client application reachability for subscription Request-Id: " \
+                f"{secrets.token_hex(8)}+&=/"
+        sep = "&" if "?" in url else "?"
+        request = urllib.request.Request(f"{url}{sep}{urlencode({'validationToken': token})}", data=b"",
+                                         method="POST", headers={"Content-Type": "text/plain; charset=utf-8"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                ok = (resp.status == 200 and resp.headers.get_content_type() == "text/plain"
+                      and resp.read().decode() == token)
+        except (urllib.error.URLError, OSError, UnicodeDecodeError):
+            ok = False
+        self.validations.append((url, ok))
+        if not ok:
+            raise HttpError(400, "ValidationError", "Subscription validation request failed. Notification "
+                            "endpoint must respond with 200 OK to validation request.")
 
     @staticmethod
     def _public(sub: dict, created: bool = False) -> dict:
@@ -495,6 +535,8 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, KeyError) as e:
             status, body = 400, {"error": {"code": "BadRequest", "message": type(e).__name__}}
         self.app.log.append(Logged(self.command, url.path, query, status))
+        # The answer reflects the directory as it was when asked; it arrives late.
+        time.sleep(self.app.delays.get(url.path, 0.0))
         data = b"" if body is None else body.encode() if isinstance(body, str) else json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "text/plain" if isinstance(body, str) else "application/json")

@@ -1,0 +1,410 @@
+"""policy_sync's core: membership changes -> membership store -> Cloud Run IAM ->
+policy-update events (CONTRACT.md §5-§7, §9).
+
+    PolicySync(app)
+      .handle_cloud_event(data)       one Pub/Sub message as Eventarc (or a raw push) delivers it
+      .handle_messages(messages)      a batch: the local bus, tests
+      .resync(tenant, group, full)    delta reads of referenced groups: CLI ``resync``, reconcile
+
+A batch runs in four steps; each group is read and each service written at most
+once, however many messages name them (and concurrent batches of one process
+share reads and writes: ``coalesce.Combiner``):
+
+  1. removals  all removals of a group in one store commit, before any Graph call:
+               verify denies within its 0.2 s generation poll. The commit drops the
+               group's delta link, so its next read is a full one even if this
+               process dies now.
+  2. reads     one Graph delta read per group (``_READ``); only Graph's answer adds
+               members. A full read follows any removal: it undoes a stale or
+               reordered removal, whose re-add an incremental link that already
+               consumed it would never repeat. A read never undoes a removal
+               committed while it was in flight (``_answer``).
+  3. IAM       one read-modify-write per Cloud Run service that names a changed
+               group, planned inside the etag retry loop from fresh store reads,
+               the service's writers taking turns on a store lease (``_write_service``).
+  4. report    one audit entry per change, one policy-update event.
+
+Nothing is skipped as a duplicate: two distinct notifications can share an id
+(messages.py) and every step is idempotent. A message id is marked processed no
+later than the first change it causes; a redelivered message (one already marked)
+makes IAM re-checked and the event published again, as the attempt that applied
+it may have died in between. A message whose claims the store already shows
+(``_reflected``) needs no read at all.
+
+Failures (``Unavailable``, ``UpstreamError``, ``ConfigError``, anything
+unexpected) are raised once every step has gone as far as it can, so Pub/Sub
+redelivers. A plan over the principal limit (``PlanError``) and an unreadable
+message are logged as errors and not raised: redelivering cannot fix them.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import concurrent.futures
+import dataclasses
+import itertools
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from . import audit
+from .coalesce import Combiner, StoreLease
+from .errors import PlanError, RequestError, UpstreamError
+from .graph import DeltaResult, GraphClient
+from .iam import IamWriter
+from .messages import LifecycleEvent, MembershipChange, Message, from_json
+from .plan import ServiceChanges, plan_service
+from .policy import Policy, Service
+from .store import ChangeEntry, GroupUpdate, SyncState, utcnow
+from .sync_report import SyncSummary, audit_changes, iam_outcome, policy_event
+
+# Message ids carried into change-log entries; a larger batch marks its ids in a
+# commit of their own, just before the group's first change.
+MAX_LOGGED_IDS = 8
+MAX_CHECKED_CLAIMS = 16   # users of one message looked up in the store before reading Graph
+WORKERS = 8
+_RANK = {None: 0, "incremental": 1, "full": 2}
+# (carries removals, "group changed", already processed) -> the Graph read its group needs.
+# A redelivered "group changed" was fully read by the attempt that marked it.
+_READ = {
+    (True, False, False): "full", (True, False, True): "full",
+    (False, True, False): "full", (False, True, True): "incremental",
+    (False, False, False): "incremental", (False, False, True): "incremental",
+}
+
+
+@dataclasses.dataclass
+class _Group:
+    """What a batch asks of one group."""
+
+    tenant: str
+    group: str
+    read: str | None = None                   # None | "incremental" | "full"
+    removed: set[str] = dataclasses.field(default_factory=set)
+    ids: list[str] = dataclasses.field(default_factory=list)
+    redelivered: bool = False                 # a message of the batch was already processed
+    recheck: bool = False                     # check IAM even if the store does not change
+
+    def need(self, read: str | None) -> None:
+        self.read = max(self.read, read, key=_RANK.__getitem__)
+
+
+def decode_event(data: Any) -> Message:
+    """The message inside a ``messagePublished`` CloudEvent's data
+    (``{"message": {"data": base64, ...}, "subscription": ...}``); RequestError if unusable."""
+    if isinstance(data, (bytes, str)):
+        try:
+            data = json.loads(data)
+        except (ValueError, RecursionError):
+            raise RequestError("event data is not JSON") from None
+    message = data.get("message") if isinstance(data, Mapping) else None
+    if not isinstance(message, Mapping) or not isinstance(message.get("data"), str):
+        raise RequestError("event data has no message.data")
+    try:
+        raw = base64.b64decode(message["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError("message.data is not base64") from None
+    return from_json(raw)
+
+
+class PolicySync:
+    """policy_sync's core, shared by every request thread of an instance.
+
+    ``graph_factory(tenant)`` and ``iam_writer`` default to the real clients built
+    from ``app.settings``; ``workers`` bounds the concurrent Graph reads and IAM
+    writes of the instance.
+    """
+
+    def __init__(self, app, *, graph_factory: Callable[[str], GraphClient] | None = None,
+                 iam_writer: IamWriter | None = None, workers: int = WORKERS):
+        self._app = app
+        self._graph_factory = graph_factory or (lambda tenant: GraphClient(app.settings, tenant))
+        self._graphs: dict[str, GraphClient] = {}
+        self._iam = iam_writer
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="policy-sync")
+        self._reads, self._writes = Combiner(), Combiner()
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self._calls = itertools.count(1)
+
+    # -- entry points ------------------------------------------------------------
+
+    def handle_cloud_event(self, data: Any) -> SyncSummary | None:
+        """One Pub/Sub message. An unreadable one is logged and dropped (redelivering a
+        poison message cannot help); other failures raise, so Pub/Sub redelivers."""
+        try:
+            message = decode_event(data)
+        except RequestError as e:
+            envelope = data.get("message") if isinstance(data, Mapping) else None
+            audit.entry("poison_message", "policy_sync dropped an unreadable message", severity="ERROR",
+                        reason=str(e), pubsub_message_id=envelope.get("messageId")
+                        if isinstance(envelope, Mapping) else None)
+            return None
+        return self.handle_messages([message])
+
+    def handle_messages(self, messages: Sequence[Message]) -> SyncSummary:
+        """Apply a batch of changes-topic messages (the steps of the module docstring)."""
+        policy = self._app.policy
+        summary = SyncSummary("notification", messages=len(messages))
+        unique = list({m.id: m for m in messages}.values())
+        seen = self._app.store.processed([m.id for m in unique])
+        referenced = policy.referenced_groups()
+        groups: dict[tuple[str, str], _Group] = {}
+        reauthorize: list[LifecycleEvent] = []
+        for message in unique:
+            if isinstance(message, LifecycleEvent):
+                self._lifecycle(message, referenced, groups, reauthorize)
+            else:
+                self._membership(message, message.id in seen, referenced, groups, summary)
+        return self._run(policy, groups, reauthorize, summary)
+
+    def resync(self, tenant: str | None = None, group: str | None = None, *, full: bool = False) -> SyncSummary:
+        """Delta reads of every referenced group (or those of ``tenant`` / ``group``),
+        then IAM of every service naming them: the notification path with Graph as the
+        only input. Incremental from each stored link unless ``full``; RequestError
+        when no referenced group matches."""
+        policy = self._app.policy
+        groups = {(t, g): _Group(t, g, read="full" if full else "incremental", recheck=True)
+                  for t, names in policy.referenced_groups().items() if tenant in (None, t)
+                  for g in sorted(names) if group in (None, g)}
+        if not groups:
+            raise RequestError("no group referenced by the policies matches")
+        return self._run(policy, groups, [], SyncSummary("resync"))
+
+    # -- what a message asks for --------------------------------------------------------
+
+    def _membership(self, message: MembershipChange, seen: bool, referenced: Mapping[str, set[str]],
+                    groups: dict, summary: SyncSummary) -> None:
+        if message.group not in referenced.get(message.tenant, ()):
+            summary.ignored += 1
+            audit.entry("message_ignored", "membership change of a group no policy names", reason="not_referenced",
+                        message_id=message.id, tenant=message.tenant, group=message.group)
+            return
+        work = groups.setdefault((message.tenant, message.group), _Group(message.tenant, message.group))
+        if seen:
+            work.redelivered = work.recheck = True
+            summary.duplicates += 1
+        if self._reflected(message):
+            summary.reflected += 1
+            return
+        work.need(_READ[(bool(message.removed), message.reread, seen)])
+        work.removed.update(message.removed)
+        work.ids.append(message.id)
+
+    def _reflected(self, message: MembershipChange) -> bool:
+        """Whether the group's last Graph read already showed what the message claims
+        (every added user a member, every removed one not): such a message can neither
+        revoke nor grant, so it needs no read. Only a group with a delta link qualifies,
+        as the link is dropped whenever the store may differ from Graph's last answer."""
+        claims = [(u, True) for u in message.added] + [(u, False) for u in message.removed]
+        if not claims or len(claims) > MAX_CHECKED_CLAIMS:
+            return False
+        store, tenant, group = self._app.store, message.tenant, message.group
+        # Membership first: a removal of a member (the case to be fast) stops at one read.
+        if not all(store.membership(tenant, user, [group])[group] is member for user, member in claims):
+            return False
+        state = store.sync_state(tenant, group)
+        return bool(state and state.delta_link)
+
+    def _lifecycle(self, event: LifecycleEvent, referenced: Mapping[str, set[str]], groups: dict,
+                   reauthorize: list[LifecycleEvent]) -> None:
+        """reauthorizationRequired -> reauthorize the subscription; missed and
+        subscriptionRemoved -> full read of its group, or of every group of the tenant
+        when it names none (creating a subscription again is maintenance's task)."""
+        if event.event == "reauthorizationRequired":
+            reauthorize.append(event)
+            return
+        if event.event == "subscriptionRemoved":
+            audit.entry("subscription_removed", "Graph removed a subscription: maintenance must create it again",
+                        severity="WARNING", tenant=event.tenant, subscription=event.subscription, group=event.group)
+        names = referenced.get(event.tenant, set())
+        for group in [event.group] if event.group in names else sorted(names):
+            groups.setdefault((event.tenant, group), _Group(event.tenant, group)).need("full")
+
+    # -- the steps -------------------------------------------------------------------
+
+    def _run(self, policy: Policy, groups: dict[tuple[str, str], _Group], reauthorize: list[LifecycleEvent],
+             summary: SyncSummary) -> SyncSummary:
+        errors: list[Exception] = []
+        summary.groups = [f"{t}/{g}" for t, g in groups]
+        for work in groups.values():
+            if work.removed:
+                _guarded(errors, lambda w=work: summary.membership.extend(self._remove(w)))
+        reads = [self._pool.submit(self._reads.run, key, work, self._read) for key, work in groups.items()
+                 if work.read]
+        auths = [self._pool.submit(self._reauthorize, event) for event in reauthorize]
+        for kind, entries in _results(reads, errors):
+            summary.reads[kind] += 1
+            summary.membership.extend(entries)
+        summary.reauthorized = sum(_results(auths, errors))
+        # IAM where the store changed, and after a redelivery (the attempt that changed
+        # the store may have died before IAM); a resync checks every group it read.
+        dirty = {(e.tenant, e.group) for e in summary.membership} | {k for k, w in groups.items() if w.recheck}
+        why = "resync" if summary.source == "resync" else "group membership changed"
+        message_id = next((i for w in groups.values() for i in w.ids), None)
+        writes = [self._pool.submit(self._writes.run, s.name, s,
+                                    lambda _, s=s: self._write_service(policy, s, why, message_id))
+                  for s in policy.services.values() if s.cloud_run and any((s.tenant, g) in dirty for g in s.groups)]
+        iam_outcome(summary, _results(writes, errors))
+        summary.errors = [f"{type(e).__name__}: {e}" for e in errors]
+        if summary.membership or summary.iam_changes or any(w.redelivered for w in groups.values()):
+            event = policy_event(policy, groups, (i for w in groups.values() for i in w.ids), summary)
+            _guarded(errors, lambda: self._app.bus.publish_policy_update(event))
+        if errors:
+            raise errors[0]
+        return summary
+
+    def _remove(self, work: _Group) -> list[ChangeEntry]:
+        """Step 1: the group's removals in one commit, dropping its delta link."""
+        store = self._app.store
+        state = store.sync_state(work.tenant, work.group)
+        sync = SyncState(None, state.synced_at) if state is not None and state.delta_link else None
+        entries = store.apply(GroupUpdate(
+            work.tenant, work.group, removed=frozenset(work.removed), sync=sync,
+            message_ids=self._marks(work.tenant, work.group, work.ids), source="notification",
+            why="removal notified by Microsoft Graph"))
+        audit_changes(entries)
+        return entries
+
+    def _read(self, requests: list[_Group]) -> tuple[str, list[ChangeEntry]]:
+        """Step 2 for one group, on behalf of every batch whose request joined this run."""
+        tenant, group = requests[0].tenant, requests[0].group
+        ids = list(dict.fromkeys(i for r in requests for i in r.ids))
+        store = self._app.store
+        state = store.sync_state(tenant, group)
+        full = any(r.read == "full" for r in requests) or state is None or not state.delta_link
+        started, generation = utcnow(), store.generation()
+        result = self._graph(tenant).group_delta(group, None if full else state.delta_link, restart_on_expiry=True)
+        stale = self._removed_since(tenant, group, started, generation)
+        entries = store.apply(_answer(tenant, group, result, stale, self._marks(tenant, group, ids)))
+        audit_changes(entries)
+        return ("full" if result.full else "incremental"), entries
+
+    def _marks(self, tenant: str, group: str, ids: Sequence[str]) -> tuple[str, ...]:
+        """The ids to mark processed in the group's next commit: a larger set is marked
+        now, in a commit of its own (early is safe: a processed id never skips work)."""
+        if len(ids) <= MAX_LOGGED_IDS:
+            return tuple(ids)
+        self._app.store.apply(GroupUpdate(tenant, group, message_ids=tuple(ids), source="policy-sync"))
+        return ()
+
+    def _removed_since(self, tenant: str, group: str, since, generation: int) -> frozenset[str]:
+        """Users of the group whose removal someone committed while our read was in flight."""
+        store = self._app.store
+        if store.generation() == generation:
+            return frozenset()
+        return frozenset(e.user for e in store.changes(since=since)
+                         if e.kind == "member_removed" and e.tenant == tenant and e.group == group)
+
+    def _reauthorize(self, event: LifecycleEvent) -> int:
+        """Answer reauthorizationRequired. Failures raise (redelivery retries), except a
+        subscription that no longer exists: maintenance creates it again."""
+        try:
+            self._graph(event.tenant).reauthorize_subscription(event.subscription)
+        except UpstreamError as e:
+            if e.status_code != 404:
+                raise
+            audit.entry("subscription_gone", "reauthorization found no subscription: maintenance must create it",
+                        severity="WARNING", tenant=event.tenant, subscription=event.subscription)
+            return 0
+        audit.entry("subscription_reauthorized", "subscription reauthorized", tenant=event.tenant,
+                    subscription=event.subscription, message_id=event.id)
+        return 1
+
+    def _write_service(self, policy: Policy, service: Service, why: str, message_id: str | None):
+        """Step 3 for one service: (name, AppliedResult, None), or (name, None, refusal).
+
+        aadrun's writers of a service take turns on the lease ``iam/{service}`` (the
+        maintenance drift repair too), so the managed set a plan reads is the one the
+        previous writer recorded: no managed member is lost to a race. The members a
+        write adds are recorded as managed *before* its set call, so a crash after the
+        call cannot orphan them in IAM, where no later plan would remove them; a plan
+        drops a claimed member it finds absent. A 409 re-reads IAM and the store and
+        plans again (``IamWriter.apply_with``).
+        """
+        store, name, claimed = self._app.store, service.name, []
+        before: dict[str, set[str]] = {}
+        record = dict(source="policy-sync", why=why, message_id=message_id)
+        try:
+            with StoreLease(store, f"iam/{name}", f"{self._holder}:{next(self._calls)}") as lease:
+                def plan_for(live) -> ServiceChanges:
+                    lease.renew()
+                    before.clear()
+                    before.update(store.managed_members(name))
+                    return plan_service(policy, service, store.group_members, before, live)
+
+                def claim(changes: ServiceChanges) -> None:
+                    roles = set(before) | set(changes.adds)
+                    intent = {r: before.get(r, set()) | set(changes.adds.get(r, ())) for r in roles}
+                    claimed.extend(store.record_iam(name, intent, **record))
+
+                result = self._iam_writer().apply_with(service.cloud_run, plan_for, claim)
+                managed = {r: set(m) for r, m in result.changes.managed.items() if m}
+                if claimed or managed != {r: m for r, m in before.items() if m}:
+                    claimed += store.record_iam(name, managed, **record)
+        except PlanError as e:
+            audit.entry("iam_refused", str(e), severity="ERROR", reason=e.reason, service=name)
+            return name, None, str(e)
+        audit_changes(claimed)
+        if self._iam_writer().mode == "record" and not result.changes.empty:
+            audit.entry("iam_plan", f"IAM plan for {name} (AADRUN_IAM=record: not applied)",
+                        plan=result.changes.to_json())
+        return name, result, None
+
+    # -- clients -----------------------------------------------------------------------
+
+    def _graph(self, tenant: str) -> GraphClient:
+        with self._lock:
+            client = self._graphs.get(tenant)
+            if client is None:
+                client = self._graphs[tenant] = self._graph_factory(tenant)
+            return client
+
+    def _iam_writer(self) -> IamWriter:
+        with self._lock:
+            if self._iam is None:
+                self._iam = IamWriter(self._app.settings)
+            return self._iam
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for client in self._graphs.values():
+            client.close()
+        if self._iam is not None:
+            self._iam.close()
+
+
+def _answer(tenant: str, group: str, result: DeltaResult, stale: frozenset[str],
+            ids: tuple[str, ...]) -> GroupUpdate:
+    """The store update of Graph's answer. A user Graph lists but someone removed while
+    the read was in flight stays removed, and the delta link is then dropped (it no
+    longer matches the store), so that the next read is a full one."""
+    complete = result.full or result.group_deleted
+    members = result.added if result.full else frozenset()
+    contested = stale & (members if complete else result.added)
+    common = dict(sync=SyncState(None if contested else result.delta_link, utcnow()), message_ids=ids,
+                  source="graph-delta", why=f"{'full' if result.full else 'incremental'} delta read")
+    if complete:
+        return GroupUpdate(tenant, group, replace=members, removed=stale, **common)
+    return GroupUpdate(tenant, group, added=result.added - stale, removed=result.removed, **common)
+
+
+def _guarded(errors: list[Exception], step: Callable[[], Any]) -> None:
+    """Run one step; a failure is logged and kept for the end of the batch, so the
+    other steps still go as far as they can."""
+    try:
+        step()
+    except Exception as e:
+        errors.append(e)
+        audit.entry("sync_error", "policy_sync step failed: redelivery will retry", severity="ERROR",
+                    error=type(e).__name__, detail=str(e))
+
+
+def _results(futures: list[concurrent.futures.Future], errors: list[Exception]) -> list:
+    out: list = []
+    for future in futures:
+        _guarded(errors, lambda f=future: out.append(f.result()))
+    return out

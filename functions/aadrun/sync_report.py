@@ -1,0 +1,94 @@
+"""What a policy_sync run reports (CONTRACT.md §9): its summary, its audit entries
+and its policy-update event."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+from . import audit
+from .iam import AppliedResult
+from .messages import dedupe_id, rfc3339
+from .plan import ServiceChanges
+from .policy import Policy
+from .store import ChangeEntry, utcnow
+
+_AUDIT_EVENT = {"member_added": "membership_change", "member_removed": "membership_change",
+                "iam_added": "iam_change", "iam_removed": "iam_change"}
+
+
+@dataclasses.dataclass
+class SyncSummary:
+    """What one batch or resync did (``to_json``: the CLI's ``resync`` and maintenance's
+    reconcile fold it into their reports).
+
+    ``duplicates``: messages already processed (redeliveries); ``reflected``: messages
+    whose claims an earlier Graph read had already shown (no read needed); ``ignored``:
+    messages about groups no policy names.
+    """
+
+    source: str
+    messages: int = 0
+    duplicates: int = 0
+    reflected: int = 0
+    ignored: int = 0
+    reauthorized: int = 0
+    groups: list[str] = dataclasses.field(default_factory=list)
+    reads: dict[str, int] = dataclasses.field(default_factory=lambda: {"full": 0, "incremental": 0})
+    membership: list[ChangeEntry] = dataclasses.field(default_factory=list)
+    iam: dict[str, AppliedResult] = dataclasses.field(default_factory=dict)
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def iam_changes(self) -> dict[str, ServiceChanges]:
+        return {name: r.changes for name, r in self.iam.items() if not r.changes.empty}
+
+    def to_json(self) -> dict:
+        counts = {f: getattr(self, f) for f in ("source", "messages", "duplicates", "reflected", "ignored",
+                                               "reauthorized", "groups", "reads", "refused", "errors")}
+        return {**counts, "membership": [e.to_json() for e in self.membership],
+                "iam": {name: r.to_json() for name, r in sorted(self.iam.items())}}
+
+
+def audit_changes(entries: Iterable[ChangeEntry]) -> None:
+    """One audit entry per membership or IAM change (CONTRACT.md §9)."""
+    for e in entries:
+        member = e.kind.startswith("member")
+        what, where = (e.user, e.group) if member else (e.member, f"{e.service} {e.role}")
+        audit.entry(_AUDIT_EVENT[e.kind], f"{e.kind} {what} ({where})", **e.to_json())
+
+
+def policy_event(policy: Policy, groups: Iterable[tuple[str, str]], message_ids: Iterable[str],
+                 summary: SyncSummary) -> dict:
+    """The policy-update event of a run: for every group it touched, the members added
+    and removed; every service whose decisions that may change; the IAM changes made
+    (or planned, in record mode) and refused. ``id`` is a digest of the content, so a
+    consumer can drop the same event published again by a redelivery."""
+    changed: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for e in summary.membership:
+        slot = changed.setdefault((e.tenant, e.group), {"added": [], "removed": []})
+        slot["added" if e.kind == "member_added" else "removed"].append(e.user)
+    touched = sorted(set(groups) | set(changed))
+    content = {
+        "schema": 1, "kind": "policy_update", "source": summary.source,
+        "groups": [{"tenant": t, "group": g, **changed.get((t, g), {"added": [], "removed": []})}
+                   for t, g in touched],
+        "services": sorted(s.name for s in policy.services.values()
+                           if any((s.tenant, g) in touched for g in s.groups)),
+        "iam": {name: changes.to_json()["changes"] for name, changes in sorted(summary.iam_changes.items())},
+        "refused": sorted(summary.refused),
+        "message_ids": sorted(set(message_ids)),
+    }
+    return {**content, "id": dedupe_id(content), "at": rfc3339(utcnow())}
+
+
+def iam_outcome(summary: SyncSummary, outcomes: Iterable[tuple[str, AppliedResult | None, str | None]]) -> None:
+    """Fold step 3's (service, result, refusal) triples into the summary."""
+    for name, result, refused in outcomes:
+        if refused:
+            summary.refused[name] = refused
+        elif result is not None:
+            summary.iam[name] = result
+
+
+__all__ = ["SyncSummary", "audit_changes", "policy_event", "iam_outcome"]

@@ -1,0 +1,295 @@
+"""policy_sync's core (aadrun.sync.PolicySync) in process, against the local Microsoft
+Graph over TLS (real MSAL and requests) and the local Cloud Run IAM server (real
+google-cloud-run client), on a real SQLite store (one scenario also on the Firestore
+emulator). Decisions are checked with aadrun.verify.Verifier and tokens from the dev
+identity provider."""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import threading
+import time
+import uuid
+
+import pytest
+
+from aadrun.app import App
+from aadrun.errors import UpstreamError
+from aadrun.graph import max_expiration
+from aadrun.sync import decode_event
+from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, graph_pki, loopback_only
+from tests.support.graph_fixtures import graph_client
+from tests.support.sync_world import *  # noqa: F401,F403 - world, app, store_url, audit_lines, no_adc
+from tests.support.sync_world import (ALICE, BIG, BILLING, BOB, GROUP_PRINCIPAL, G_BIG, G_ENG, G_OPS,
+                                     G_OTHER, G_STAFF, INVOKER, MALLORY, REPORTS, SHARED, TENANT,
+                                     RecordingApp, change, lifecycle, slow_delta, synced, user)
+
+
+# -- the core scenarios ------------------------------------------------------------
+
+def test_confirmed_add_is_bound_in_iam_and_allowed_by_verify(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    summary = app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE}
+    assert summary.reads == {"full": 1, "incremental": 0}       # never synced: a full read
+    assert world.members(BILLING) == {user(ALICE), GROUP_PRINCIPAL.format(G_STAFF)}
+    assert world.members(REPORTS) == {user(ALICE)}
+    assert app.store.managed_members("billing") == {INVOKER: {user(ALICE), GROUP_PRINCIPAL.format(G_STAFF)}}
+    assert world.verifier().decide("billing", world.token(ALICE)).reason == "ok"
+    [event] = app.events
+    assert event["kind"] == "policy_update" and event["services"] == ["billing", "reports"]
+    assert event["groups"] == [{"tenant": TENANT, "group": G_ENG, "added": [ALICE], "removed": []}]
+    assert event["iam"]["billing"][INVOKER]["add"] == sorted([user(ALICE), GROUP_PRINCIPAL.format(G_STAFF)])
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "firestore"], indirect=True)
+def test_add_then_removal_end_to_end_on_each_store(world, app, store_url):
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    verifier = world.verifier()
+    token = world.token(BOB)
+    assert verifier.decide("billing", token).allow
+    assert world.members(REPORTS) == {user(ALICE), user(BOB)}
+    world.graph.remove_members(TENANT, G_ENG, [BOB])
+    app.sync.handle_messages([change(G_ENG, removed=[BOB])])
+    [removal] = [e for e in app.store.changes() if e.kind == "member_removed"]
+    while verifier.decide("billing", token).allow:
+        assert time.time() - removal.at.timestamp() < 1.0, "verify still allows a removed member"
+        time.sleep(0.01)
+    assert world.members(REPORTS) == {user(ALICE)}
+    assert app.store.managed_members("reports") == {INVOKER: {user(ALICE)}}
+
+
+def test_next_add_reads_incrementally_from_the_stored_link(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    world.graph.add_members(TENANT, G_ENG, [BOB])
+    summary = app.sync.handle_messages([change(G_ENG, added=[BOB])])
+    assert summary.reads == {"full": 0, "incremental": 1}
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE, BOB}
+    assert world.members(REPORTS) == {user(ALICE), user(BOB)}
+
+
+def test_removal_is_unbound_and_denied(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    verifier = world.verifier()
+    assert verifier.decide("billing", world.token(BOB)).reason == "ok"
+    world.graph.remove_members(TENANT, G_ENG, [BOB])
+    summary = app.sync.handle_messages([change(G_ENG, removed=[BOB])])
+    assert summary.reads["full"] == 1
+    assert world.members(REPORTS) == {user(ALICE)} and user(BOB) not in world.members(BILLING)
+    assert app.store.managed_members("reports") == {INVOKER: {user(ALICE)}}
+    time.sleep(0.25)   # verify re-reads the store generation every 0.2 s
+    assert verifier.decide("billing", world.token(BOB)).reason == "not_member"
+    assert verifier.decide("billing", world.token(ALICE)).reason == "ok"
+    kinds = [(e.kind, e.member or e.user) for e in app.store.changes() if (e.member or e.user) in (BOB, user(BOB))]
+    assert kinds.count(("member_removed", BOB)) == 1 and ("iam_removed", user(BOB)) in kinds
+
+
+def test_verify_denies_within_one_second_of_the_removal_commit(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    verifier = world.verifier()
+    token = world.token(BOB)
+    assert verifier.decide("billing", token).allow
+    world.graph.remove_members(TENANT, G_ENG, [BOB])
+    slow_delta(world.graph, 1.5)   # Graph is slow: the removal must not wait for it
+    denied_at: list[float] = []
+
+    def poll():
+        deadline = time.time() + 5
+        while time.time() < deadline and not denied_at:
+            if verifier.decide("billing", token).reason == "not_member":
+                denied_at.append(time.time())
+            time.sleep(0.01)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    app.sync.handle_messages([change(G_ENG, removed=[BOB])])
+    finished = time.time()
+    poller.join()
+    [removal] = [e for e in app.store.changes() if e.kind == "member_removed"]
+    assert denied_at, "verify never denied"
+    assert denied_at[0] - removal.at.timestamp() <= 1.0
+    assert denied_at[0] < finished - 1.0    # denied long before Graph answered
+
+
+def test_forged_add_is_never_granted(world, app, audit_lines):
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    app.sync.handle_messages([change(G_ENG, added=[MALLORY])])               # Graph: not a member
+    app.sync.handle_messages([change(G_OPS, added=[MALLORY])])               # never-synced group
+    assert app.store.membership(TENANT, MALLORY, [G_ENG, G_OPS]) == {G_ENG: False, G_OPS: False}
+    assert all(user(MALLORY) not in world.members(r) for r in (BILLING, REPORTS))
+    assert world.verifier().decide("billing", world.token(MALLORY)).reason == "not_member"
+    assert not [e for e in app.store.changes() if MALLORY in (e.user or "") + (e.member or "")]
+    assert not [line for line in audit_lines if MALLORY in json.dumps(line) and "change" in line["event"]]
+
+
+def test_unmanaged_bindings_and_conditions_are_kept_byte_for_byte(world, app):
+    condition = {"title": "office hours", "expression": "request.time.getHours('Europe/Berlin') < 18"}
+    others = [{"role": "roles/run.admin", "members": ["user:ops@example.com"]},
+              {"role": INVOKER, "members": [user(BOB)], "condition": condition}]
+    world.cloudrun.set_policy(REPORTS, {"version": 3, "bindings": others + [
+        {"role": INVOKER, "members": ["user:x@example.com", "group:eng@example.com"]}],
+        "auditConfigs": [{"service": "allServices", "auditLogConfigs": [{"logType": "DATA_READ"}]}]})
+
+    def unmanaged() -> list[str]:
+        policy = world.cloudrun.policy(REPORTS)
+        return [json.dumps(b, sort_keys=True) for b in policy["bindings"] if b["role"] != INVOKER or "condition" in b] \
+            + [json.dumps(policy["auditConfigs"], sort_keys=True)]
+
+    before = unmanaged()
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    world.graph.remove_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, removed=[ALICE, BOB])])
+    assert unmanaged() == before
+    assert world.members(REPORTS) == {"user:x@example.com", "group:eng@example.com"}
+    assert world.cloudrun.policy(REPORTS)["version"] == 3
+
+
+def test_a_member_granted_by_someone_else_is_never_taken_away(world, app):
+    world.cloudrun.set_policy(REPORTS, {"bindings": [{"role": INVOKER, "members": [user(BOB)]}]})
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    assert app.store.managed_members("reports") == {INVOKER: {user(ALICE)}}
+    world.graph.remove_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, removed=[ALICE, BOB])])
+    assert world.members(REPORTS) == {user(BOB)}
+
+
+def test_the_principal_guard_refuses_the_plan_and_keeps_the_store(world, app, audit_lines):
+    people = [str(uuid.UUID(int=i + 1)) for i in range(1501)]
+    world.graph.add_members(TENANT, G_BIG, people)
+    summary = app.sync.handle_messages([change(G_BIG, added=people[:3])])   # no exception: not retryable
+    assert "bind: group" in summary.refused["big"] and "1501" in summary.refused["big"]
+    assert world.cloudrun.sets(BIG) == 0 and app.store.managed_members("big") == {}
+    assert len(app.store.group_members(TENANT, G_BIG)) == 1501
+    [line] = [a for a in audit_lines if a["event"] == "iam_refused"]
+    assert line["severity"] == "ERROR" and line["service"] == "big"
+
+
+def test_record_mode_stores_the_plan_and_calls_nothing(world, audit_lines):
+    app = RecordingApp(dataclasses.replace(world.settings, iam_mode="record"))
+    world.apps.append(app)
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    summary = app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    assert world.cloudrun.requests == []
+    assert app.store.managed_members("reports") == {INVOKER: {user(ALICE)}}
+    assert not summary.iam["reports"].wrote
+    assert any(a["event"] == "iam_plan" for a in audit_lines)
+
+
+def test_group_changed_message_re_reads_the_group(world, app):
+    synced(app, G_ENG, [ALICE, MALLORY])
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    summary = app.sync.handle_messages([change(G_ENG)])
+    assert summary.reads["full"] == 1 and app.store.group_members(TENANT, G_ENG) == {ALICE, BOB}
+
+
+def test_expired_delta_link_falls_back_to_a_full_read(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    world.graph.expire_delta_links(status=400, code="syncStateNotFound")
+    world.graph.add_members(TENANT, G_ENG, [BOB])
+    summary = app.sync.handle_messages([change(G_ENG, added=[BOB])])
+    assert summary.reads["full"] == 1 and app.store.group_members(TENANT, G_ENG) == {ALICE, BOB}
+
+
+def test_unreferenced_groups_are_ignored(world, app, audit_lines):
+    summary = app.sync.handle_messages([change(G_OTHER, added=[ALICE])])
+    assert summary.ignored == 1 and world.graph.calls() == [] and app.events == []
+    assert app.store.sync_state(TENANT, G_OTHER) is None
+
+
+def test_lifecycle_events(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    world.graph.add_members(TENANT, G_OPS, [BOB])
+    created = graph_client(world.graph).create_subscription(
+        f"/groups/{G_ENG}", "https://hooks.example/graph", None, "state", max_expiration())
+    reauth = dataclasses.replace(lifecycle("reauthorizationRequired"), subscription=created["id"])
+    summary = app.sync.handle_messages([reauth, lifecycle("missed")])
+    assert world.graph.subscriptions(TENANT, world.settings.client_id)[created["id"]]["reauthorizations"] == 1
+    assert summary.reads["full"] == 4 + len(SHARED)     # every referenced group of the tenant
+    assert app.store.group_members(TENANT, G_OPS) == {BOB}
+
+
+def test_missed_event_naming_a_group_reads_that_group(world, app):
+    world.graph.add_members(TENANT, G_OPS, [BOB])
+    summary = app.sync.handle_messages([lifecycle("subscriptionRemoved", G_OPS)])
+    assert summary.reads["full"] == 1 and app.store.group_members(TENANT, G_OPS) == {BOB}
+
+
+def test_graph_failure_raises_after_removals_and_iam_are_done(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    world.graph.remove_members(TENANT, G_ENG, [BOB])
+    world.graph.fail_next(1, status=500, retry_after=None, code="InternalServerError")
+    message = change(G_ENG, removed=[BOB])
+    with pytest.raises(UpstreamError):
+        app.sync.handle_messages([message])
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE}
+    assert world.members(REPORTS) == {user(ALICE)}          # IAM revoked even though Graph failed
+    app.sync.handle_messages([message])                     # the redelivery
+    assert app.store.sync_state(TENANT, G_ENG).delta_link
+
+
+def test_resync_reads_every_referenced_group_and_writes_iam(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    summary = app.sync.resync()
+    assert summary.reads == {"full": 4 + len(SHARED), "incremental": 0}    # nothing synced yet
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE}
+    assert world.members(BILLING) == {user(ALICE), GROUP_PRINCIPAL.format(G_STAFF)}
+    world.graph.add_members(TENANT, G_ENG, [BOB])
+    summary = app.sync.resync(group=G_ENG)
+    assert summary.reads == {"full": 0, "incremental": 1} and user(BOB) in world.members(REPORTS)
+
+
+# -- the Pub/Sub envelope ------------------------------------------------------------
+
+def envelope(data: bytes, message_id: str = "1") -> dict:
+    return {"message": {"data": base64.b64encode(data).decode(), "messageId": message_id,
+                        "attributes": {"kind": "membership"}}, "subscription": "projects/p/subscriptions/s"}
+
+
+def test_cloud_event_data_is_decoded(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    message = change(G_ENG, added=[ALICE])
+    assert decode_event(envelope(message.to_json())) == message
+    assert decode_event(json.dumps(envelope(message.to_json())).encode()) == message
+    app.sync.handle_cloud_event(envelope(message.to_json()))
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE}
+
+
+@pytest.mark.parametrize("data", [
+    {"message": {"data": "%%%", "messageId": "9"}},
+    {"message": {"messageId": "9"}},
+    envelope(b"not json"),
+    envelope(b'{"schema": 1, "kind": "membership"}'),
+    b"[1, 2",
+    None,
+])
+def test_a_poison_message_is_logged_and_not_redelivered(world, app, audit_lines, data):
+    assert app.sync.handle_cloud_event(data) is None
+    [line] = [a for a in audit_lines if a["event"] == "poison_message"]
+    assert line["severity"] == "ERROR"
+
+
+def test_policy_update_event_is_published_on_the_policy_topic(world, pubsub_emulator):
+    from tests.test_webhook_pubsub import PROJECT, PubSub
+
+    pubsub = PubSub(pubsub_emulator)
+    topic_id = f"policy-{uuid.uuid4().hex[:8]}"
+    subscription = pubsub.subscribe(pubsub.create_topic(topic_id))
+    app = App(dataclasses.replace(world.settings, bus="pubsub", project=PROJECT, topic_policy=topic_id))
+    world.apps.append(app)
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    [message] = pubsub.pull(subscription, until=lambda got: len(got) >= 1)
+    event = json.loads(message.data)
+    assert message.attributes["kind"] == "policy_update"
+    assert event["groups"] == [{"tenant": TENANT, "group": G_ENG, "added": [ALICE], "removed": []}]
+    assert event["services"] == ["billing", "reports"] and set(event["iam"]) == {"billing", "reports"}

@@ -1,0 +1,185 @@
+"""policy_sync's core under concurrency, duplicates and reordering: several threads
+and several instances at once, against the local Graph and Cloud Run IAM servers
+(the world of tests/support/sync_world.py)."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+
+from aadrun.messages import MembershipChange
+from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, graph_pki, loopback_only
+from tests.support.sync_world import *  # noqa: F401,F403 - world, app, store_url, no_adc
+from tests.support.sync_world import (ALICE, BILLING, BOB, CAROL, G_ENG, G_OPS, INVOKER, MALLORY, REPORTS,
+                                     SHARED, SHARED_RUN, TENANT, change, slow_delta, user)
+
+
+def test_storm_of_duplicated_and_reordered_notifications_converges_to_graph(world, app):
+    """Graph changes while three threads apply duplicated, shuffled notifications
+    (old ones included) in random batches; once all are in, the store and IAM hold
+    exactly Graph's members."""
+    rng = random.Random(7)
+    people = [str(uuid.UUID(int=rng.getrandbits(128))) for _ in range(12)]
+    pending: list[MembershipChange] = []
+    lock = threading.Lock()
+
+    def graph_changes(rounds: int) -> None:
+        for step in range(rounds):
+            group, who = rng.choice([G_ENG, G_OPS]), rng.sample(people, 2)
+            add = rng.random() < 0.5
+            (world.graph.add_members if add else world.graph.remove_members)(TENANT, group, who)
+            message = change(group, **{"added" if add else "removed": who}, salt=str(step))
+            with lock:
+                pending.extend([message] * rng.randint(1, 3))
+            time.sleep(0.002)
+
+    def deliver(seed: int, until: threading.Event) -> None:
+        mine = random.Random(seed)
+        while not (until.is_set() and not pending):
+            with lock:
+                mine.shuffle(pending)
+                size = mine.randint(1, 6)
+                batch, pending[:] = pending[:size], pending[size:]
+            if batch:
+                app.sync.handle_messages(batch + [mine.choice(batch)])   # and a duplicate in the batch
+            time.sleep(0.001)
+
+    done = threading.Event()
+    threads = [threading.Thread(target=deliver, args=(k, done)) for k in range(3)]
+    for t in threads:
+        t.start()
+    graph_changes(80)
+    with lock:
+        pending.append(change(G_OPS))                                   # "group changed": re-read it
+    done.set()
+    for t in threads:
+        t.join()
+    for group in (G_ENG, G_OPS):
+        assert app.store.group_members(TENANT, group) == world.graph.members(TENANT, group)
+    truth = world.graph.members(TENANT, G_ENG) | world.graph.members(TENANT, G_OPS)
+    assert world.members(REPORTS) == {user(u) for u in truth}
+    assert app.store.managed_members("reports") == {INVOKER: {user(u) for u in truth}}
+
+
+def test_a_stale_removal_delivered_after_the_re_add_converges_to_graph(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    world.graph.remove_members(TENANT, G_ENG, [ALICE])
+    removal = change(G_ENG, removed=[ALICE])
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE], salt="again")])   # the re-add first
+    app.sync.handle_messages([removal])                                       # then the stale removal
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE}
+    assert user(ALICE) in world.members(REPORTS)
+
+
+def test_a_read_in_flight_never_undoes_a_removal_committed_meanwhile(world, app):
+    """Another instance commits a removal while this one's Graph answer (taken
+    before the removal) is on its way: the answer must not grant the user again."""
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    other = world.app()
+    slow_delta(world.graph, 0.4)
+    reader = threading.Thread(target=app.sync.handle_messages, args=([change(G_ENG)],))   # full re-read
+    reader.start()
+    time.sleep(0.1)                                       # its answer (with BOB) is in flight
+    world.graph.remove_members(TENANT, G_ENG, [BOB])
+    remover = threading.Thread(target=other.sync.handle_messages, args=([change(G_ENG, removed=[BOB])],))
+    remover.start()
+    reader.join()
+    assert remover.is_alive(), "the remover's own read should still be on its way"
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE}
+    assert app.store.sync_state(TENANT, G_ENG).delta_link is None    # next read: a full one
+    remover.join()
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE}
+    assert user(BOB) not in world.members(REPORTS)
+    assert [e.kind for e in app.store.changes() if e.user == BOB] == ["member_added", "member_removed"]
+
+
+def test_a_burst_makes_one_graph_read_and_one_iam_write_per_group_and_service(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB, CAROL])
+    world.graph.add_members(TENANT, G_OPS, [MALLORY])
+    burst = [change(G_ENG, added=[who], salt=str(i)) for i, who in enumerate([ALICE, BOB, CAROL] * 5)]
+    burst += [change(G_OPS, added=[MALLORY], salt=str(i)) for i in range(5)]
+    summary = app.sync.handle_messages(burst)
+    assert len(world.graph.calls("GET", "/v1.0/groups/delta")) == 2
+    assert world.cloudrun.sets(REPORTS) == 1 and world.cloudrun.sets(BILLING) == 1
+    assert summary.reads == {"full": 2, "incremental": 0} and len(app.events) == 1
+
+
+def test_redelivery_is_idempotent_and_republishes_the_event(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    message = change(G_ENG, added=[ALICE])
+    app.sync.handle_messages([message])
+    before = app.store.changes()
+    summary = app.sync.handle_messages([message])
+    assert summary.duplicates == 1 and summary.reflected == 1
+    assert summary.reads == {"full": 0, "incremental": 0}   # the store already holds what it claims
+    assert app.store.changes() == before
+    assert world.cloudrun.sets(REPORTS) == 1
+    assert len(app.events) == 2 and app.events[1]["groups"][0]["added"] == []
+
+
+def test_a_re_add_whose_notification_repeats_an_earlier_id_is_granted(world, app):
+    """Added, removed, added again: the third notification has the first one's content,
+    hence its id (messages.py). It still leads to a read, so Graph's answer grants."""
+    added = change(G_ENG, added=[ALICE])
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([added])
+    world.graph.remove_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, removed=[ALICE])])
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([added])
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE}
+    assert user(ALICE) in world.members(REPORTS)
+
+
+def test_concurrent_workers_writing_one_service_lose_no_update(world):
+    """Four policy_sync instances (own store objects, clients, caches) write one
+    service at once, round after round, while another party's writes cause 409s."""
+    world.cloudrun.set_policy(SHARED_RUN, {"bindings": [{"role": INVOKER, "members": ["user:x@example.com"]}]})
+    workers = [world.app() for _ in range(4)]
+    kept: dict[str, list[str]] = {g: [] for g in SHARED}
+    world.cloudrun.inject_conflicts(SHARED_RUN, 6)
+    real_handle = world.cloudrun.handle
+
+    def slow_handle(method, resource, verb, query, body):
+        time.sleep(0.005)   # a wider window between each worker's read and its write
+        return real_handle(method, resource, verb, query, body)
+
+    world.cloudrun.handle = slow_handle
+
+    def work(app, group):
+        for round_ in range(4):
+            new = [str(uuid.uuid4()) for _ in range(3)]
+            world.graph.add_members(TENANT, group, new)
+            app.sync.handle_messages([change(group, added=new)])
+            gone, kept[group] = kept[group][:2], kept[group][2:] + new
+            world.graph.remove_members(TENANT, group, gone)
+            app.sync.handle_messages([change(group, removed=gone, salt=str(round_))])
+
+    threads = [threading.Thread(target=work, args=(a, g)) for a, g in zip(workers, SHARED)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected = {user(u) for people in kept.values() for u in people}
+    assert world.members(SHARED_RUN) == expected | {"user:x@example.com"}
+    assert workers[0].store.managed_members("shared") == {INVOKER: expected}
+
+
+def test_iam_writes_of_a_service_wait_for_its_lease(world, app):
+    """The lease ``iam/{service}`` makes every aadrun writer of a service take turns
+    (maintenance's drift repair takes the same one)."""
+    world.graph.add_members(TENANT, G_OPS, [ALICE])
+    assert app.store.acquire_lease("iam/reports", "another-worker", 30)
+    worker = threading.Thread(target=app.sync.handle_messages, args=([change(G_OPS, added=[ALICE])],))
+    worker.start()
+    time.sleep(0.3)
+    assert app.store.group_members(TENANT, G_OPS) == {ALICE}       # the store does not wait
+    assert world.cloudrun.sets(REPORTS) == 0                        # IAM does
+    app.store.release_lease("iam/reports", "another-worker")
+    worker.join()
+    assert world.members(REPORTS) == {user(ALICE)}
+    assert app.store.acquire_lease("iam/reports", "another-worker", 30)   # given back
