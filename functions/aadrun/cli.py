@@ -1,19 +1,29 @@
 """The operator CLI (CONTRACT.md §8): ``scripts/aadrun COMMAND``.
 
-Exit codes: 0 success, 1 a finding or a denial, 2 bad usage (argparse's own).
-Every command takes ``--json`` for machine-readable output.
+    validate    policy files                      1: a policy error (file, line, field)
+    explain     a decision, step by step          1: denied
+    plan        IAM adds/removes, principal count 1: a service over the 1,500 limit
+    subscribe   Graph subscriptions now           1: a subscription failed, or a run holds the lease
+    resync      delta sync, per group, progress   1: a group failed or a plan was refused
+    audit       change log as CSV or JSON         (0 unless the store fails)
+
+Exit codes: 0 success, 1 a finding or a denial, 2 bad usage (argparse's own, or a
+``resync --group`` no policy names). Every command takes ``--json``; logs go to
+stderr, so stdout carries only the command's output.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime as dt
 import json
 import sys
 from collections.abc import Callable
 
 from . import audit
 from .config import Settings
-from .errors import AadrunError, PolicyError
-from .policy import load_policy, policy_files
+from .errors import AadrunError, PlanError, PolicyError
+from .policy import MAX_PRINCIPALS, load_policy, policy_files
 from .tokens import STEPS
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
@@ -28,9 +38,10 @@ def cmd_validate(args, settings: Settings) -> int:
     try:
         policy = load_policy(path)
     except PolicyError as e:
+        message = f"error: {e}"
         _emit(args, {"valid": False, "error": {"file": e.file, "line": e.line, "field": e.field,
                                                "message": e.message}},
-              lambda p: f"error: {e}")
+              lambda p: message)
         return EXIT_FINDING
     payload = {"valid": True, "files": [str(f) for f in policy_files(path)], "tenants": sorted(policy.tenants),
                "services": sorted(policy.services)}
@@ -106,9 +117,178 @@ def cmd_explain(args, settings: Settings) -> int:
     return EXIT_OK if payload["allow"] else EXIT_FINDING
 
 
+def cmd_plan(args, settings: Settings) -> int:
+    """Per service: the IAM members aadrun would add and remove, and the principal count
+    against Google's limit. Exit 1 when a service's plan is refused (over the limit)."""
+    from .app import App
+    from .iam import IamWriter
+    from .plan import plan_service
+
+    app = App(settings)
+    policy, writer = app.policy, IamWriter(settings)
+    services, refused = [], {}
+    for name in sorted(policy.services):
+        service = policy.services[name]
+        if not service.cloud_run:
+            continue
+        try:
+            live = writer.live_bindings(service.cloud_run)
+            changes = plan_service(policy, service, app.store.group_members, app.store.managed_members(name), live)
+        except PlanError as e:
+            refused[name] = str(e)
+            continue
+        services.append({**changes.to_json(), "limit": MAX_PRINCIPALS, "live": live is not None})
+    payload = {"mode": settings.iam_mode, "services": services, "refused": refused}
+    _emit(args, payload, _plan_text)
+    return EXIT_FINDING if refused else EXIT_OK
+
+
+def _plan_text(p: dict) -> str:
+    lines = []
+    for s in p["services"]:
+        adds = sum(len(c["add"]) for c in s["changes"].values())
+        removes = sum(len(c["remove"]) for c in s["changes"].values())
+        lines.append(f"{s['service']} ({s['cloud_run']}): +{adds} -{removes}, "
+                     f"{s['principals']}/{s['limit']} principals" + ("" if s["live"] else " (record mode)"))
+        for role, change in s["changes"].items():
+            lines += [f"  + {role} {m}" for m in change["add"]] + [f"  - {role} {m}" for m in change["remove"]]
+    lines += [f"REFUSED {name}: {why}" for name, why in p["refused"].items()]
+    return "\n".join(lines) or "no service has a cloud_run target"
+
+
+def cmd_subscribe(args, settings: Settings) -> int:
+    """Create, renew or replace Graph subscriptions now (maintenance's subscriptions task)."""
+    from .app import App
+
+    result = App(settings).maintenance.run(["subscriptions"])["tasks"]["subscriptions"]
+
+    def text(p: dict) -> str:
+        if p["status"] != "ok" and "actions" not in p:
+            return f"{p['status']}: {p.get('reason') or p.get('detail')}"
+        return "\n".join(f"{a['action']:<9} {a['tenant']} {a['resource']}" + (f"  {a['error']}" if "error" in a
+                                                                              else "")
+                         for a in p["actions"]) or "no group is referenced by the policies"
+
+    _emit(args, result, text)
+    return EXIT_OK if result["status"] == "ok" else EXIT_FINDING
+
+
+def cmd_resync(args, settings: Settings) -> int:
+    """Delta sync from Graph, one group at a time (with a progress bar), through
+    policy_sync's own path; shares the reconcile task's lease."""
+    from .app import App
+    from .maintenance import merge_resync
+
+    app = App(settings)
+    groups = [(t, g) for t, names in sorted(app.policy.referenced_groups().items()) if args.tenant in (None, t)
+              for g in sorted(names) if args.group in (None, g)]
+    if not groups:
+        print("resync: no group referenced by the policies matches", file=sys.stderr)
+        return EXIT_USAGE
+    out = {"groups": 0, "reads": {}, "added": 0, "removed": 0, "changes": [], "iam": {}, "refused": {}, "errors": []}
+    with app.maintenance.lease("reconcile") as held:
+        if not held:
+            print("resync: another run holds the reconcile lease; try again later", file=sys.stderr)
+            return EXIT_FINDING
+        bar = Progress(len(groups), sys.stderr, args.progress)
+        for tenant, group in groups:
+            try:
+                merge_resync(out, app.sync.resync(tenant=tenant, group=group, full=args.full).to_json())
+            except AadrunError as e:
+                out["errors"].append({"tenant": tenant, "group": group, "error": type(e).__name__, "detail": str(e)})
+            bar.step()
+        bar.close()
+    _emit(args, out, lambda p: (f"{p['groups']} group(s): +{p['added']} -{p['removed']} member(s), "
+                                f"IAM changed on {len(p['iam'])} service(s)"
+                                + "".join(f"\nREFUSED {n}: {w}" for n, w in p["refused"].items())
+                                + "".join(f"\nERROR {e.get('group', '')} {e['error']}: {e.get('detail', '')}"
+                                          for e in p["errors"])))
+    return EXIT_FINDING if out["errors"] or out["refused"] else EXIT_OK
+
+
+class Progress:
+    """A one-line progress bar on ``stream``: shown when ``enabled`` (default: when the
+    stream is a terminal) and there is more than one step."""
+
+    WIDTH = 30
+
+    def __init__(self, total: int, stream, enabled: bool | None = None):
+        self.total, self.done, self.stream = total, 0, stream
+        self.on = (stream.isatty() if enabled is None else enabled) and total > 1
+
+    def step(self) -> None:
+        self.done += 1
+        if self.on:
+            filled = self.WIDTH * self.done // self.total
+            self.stream.write(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {self.done}/{self.total} groups")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.on:
+            self.stream.write("\n")
+
+
+AUDIT_COLUMNS = ("seq", "at", "kind", "tenant", "group", "user", "service", "role", "member", "source", "why",
+                 "message_id")
+
+
+def cmd_audit(args, settings: Settings) -> int:
+    """The change log (who gained or lost what, when, why, from which message) as CSV
+    or JSON: evidence for access reviews."""
+    from .store import open_store
+
+    entries = [e.to_json() for e in open_store(settings.store_url).changes(since=args.since)]
+    out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
+    try:
+        if args.json or args.format == "json":
+            json.dump({"since": args.since.isoformat() if args.since else None, "count": len(entries),
+                       "entries": entries}, out, indent=2)
+            out.write("\n")
+        else:
+            writer = csv.DictWriter(out, fieldnames=AUDIT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(entries)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return EXIT_OK
+
+
+def since_arg(text: str) -> dt.datetime:
+    """``--since``: a date (midnight UTC) or an ISO 8601 time (naive means UTC)."""
+    try:
+        value = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date or ISO 8601 time: {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "validate": (cmd_validate, "check the policy files"),
     "explain": (cmd_explain, "explain a decision for a token or a user"),
+    "plan": (cmd_plan, "IAM members each service would gain and lose"),
+    "subscribe": (cmd_subscribe, "create, renew or replace Graph subscriptions"),
+    "resync": (cmd_resync, "delta sync of the referenced groups from Microsoft Graph"),
+    "audit": (cmd_audit, "export the access change log as CSV or JSON"),
+}
+
+# command -> its arguments (besides --json), as add_argument's (flags, options).
+ARGUMENTS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
+    "validate": [(("--policy",), {"help": "file or folder (default: AADRUN_POLICY_PATH or policies/)"})],
+    "explain": [(("--service",), {"required": True}),
+                (("--token",), {"help": "an access token to check"}),
+                (("--user",), {"help": "a user object id (decide from membership alone)"}),
+                (("--role",), {"action": "append", "help": "with --user: an app role the user holds"})],
+    "plan": [],
+    "subscribe": [],
+    "resync": [(("--group",), {"type": str.lower, "help": "one group object id (default: every referenced group)"}),
+               (("--tenant",), {"type": str.lower, "help": "only the groups of this tenant"}),
+               (("--full",), {"action": "store_true", "help": "full reads instead of incremental ones"}),
+               (("--progress",), {"action": argparse.BooleanOptionalAction, "default": None,
+                                  "help": "progress bar on stderr (default: when stderr is a terminal)"})],
+    "audit": [(("--since",), {"type": since_arg, "help": "DATE or ISO 8601 time (UTC when no offset)"}),
+              (("--format",), {"choices": ("csv", "json"), "default": "csv"}),
+              (("--output", "-o"), {"help": "write to this file instead of stdout"})],
 }
 
 
@@ -118,13 +298,8 @@ def parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--json", action="store_true", help="machine-readable output")
-        if name == "validate":
-            p.add_argument("--policy", help="file or folder (default: AADRUN_POLICY_PATH or policies/)")
-        if name == "explain":
-            p.add_argument("--service", required=True)
-            p.add_argument("--token", help="an access token to check")
-            p.add_argument("--user", help="a user object id (decide from membership alone)")
-            p.add_argument("--role", action="append", help="with --user: an app role the user holds")
+        for flags, options in ARGUMENTS[name]:
+            p.add_argument(*flags, **options)
     return root
 
 

@@ -1,0 +1,316 @@
+"""maintenance's core (CONTRACT.md §1, §5-§7): the scheduled upkeep of aadrun.
+
+    Maintenance(app)
+      .handle(HttpRequest) -> HttpResponse    Cloud Scheduler's call
+      .run(tasks) -> dict                     the same, for the CLI and tests
+
+Tasks, run in this order whatever order they are asked in:
+
+    subscriptions  Graph subscriptions cover every referenced group (subscriptions.py)
+    reconcile      delta read of every referenced group through policy_sync's own
+                   path (``PolicySync.resync``): groups get no ``missed`` event, so a
+                   lost notification is found here; removals apply at once, additions
+                   as Graph confirms them, and IAM follows
+    drift          each service's live IAM policy against the desired one: managed
+                   members changed outside aadrun are restored, members aadrun does
+                   not manage are reported and never touched
+
+Each task runs under the store lease ``maintenance/{task}``: of two overlapping
+runs, the second skips a task the first is running (status ``skipped``, reason
+``lease_held``) rather than waiting for it, since the first does the same work.
+
+HTTP (POST, optional JSON body ``{"tasks": [...]}``; empty body = every task):
+
+    every task ran or was skipped (lease held)   200   summary
+    some task failed                             503   summary (Cloud Scheduler retries)
+    not POST                                     405   method_not_allowed
+    body over 64 KiB                             413   too_large
+    not a JSON object / unknown key / bad task   400   bad_request
+
+The body is always ``{"ok", "tasks": {name: {"status", ...}}}``; no error escapes
+as a 500: a task's failure is caught and reported by its class and message.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+from . import audit
+from .errors import AadrunError, PlanError, RequestError, Unavailable
+from .graph import GraphClient
+from .http import HttpRequest, HttpResponse
+from .iam import IamWriter
+from .plan import Binding, ServiceChanges, desired_members, diff
+from .policy import Policy, Service
+from .subscriptions import Subscriptions
+
+TASKS = ("subscriptions", "reconcile", "drift")
+MAX_BODY = 64 * 1024
+# A task lease outlives any run Cloud Scheduler waits for (its HTTP deadline is at most
+# 30 min); a crashed run blocks that task no longer than this.
+LEASE_TTL_S = 1800.0
+IAM_LEASE_TTL_S, IAM_LEASE_WAIT_S = 30.0, 30.0
+MAX_LISTED = 100   # membership changes listed in a reconcile summary
+
+
+class Maintenance:
+    """The maintenance tasks of one instance; ``graph_factory`` and ``iam_writer``
+    default to the real clients built from ``app.settings``."""
+
+    def __init__(self, app, *, graph_factory: Callable[[str], GraphClient] | None = None,
+                 iam_writer: IamWriter | None = None, subscriptions: Subscriptions | None = None):
+        self._app = app
+        self._graph_factory = graph_factory or (lambda tenant: GraphClient(app.settings, tenant))
+        self._graphs: dict[str, GraphClient] = {}
+        self._iam = iam_writer
+        self._subscriptions = subscriptions
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self._runs = itertools.count(1)
+        self._lock = threading.Lock()   # request threads share the lazily built clients
+        self._tasks: dict[str, Callable[[], dict]] = {
+            "subscriptions": self.subscriptions_task, "reconcile": self.reconcile_task, "drift": self.drift_task}
+
+    # -- entry points ---------------------------------------------------------------
+
+    def handle(self, req: HttpRequest) -> HttpResponse:
+        """Cloud Scheduler's POST (statuses in the module docstring)."""
+        if req.method != "POST":
+            return HttpResponse.json(405, {"error": "method_not_allowed"}, {"Allow": "POST"})
+        if req.body_too_large or len(req.body) > MAX_BODY:
+            return HttpResponse.json(413, {"error": "too_large"})
+        try:
+            tasks = parse_tasks(req.body)
+        except RequestError as e:
+            return HttpResponse.json(400, {"error": "bad_request", "detail": str(e)})
+        summary = self.run(tasks)
+        return HttpResponse.json(200 if summary["ok"] else 503, summary)
+
+    def run(self, tasks: Sequence[str] | None = None) -> dict:
+        """Run ``tasks`` (default: all) in the order of ``TASKS``, each under its lease."""
+        unknown = sorted(set(tasks or ()) - set(TASKS))
+        if unknown:
+            raise RequestError(f"unknown task {unknown[0]!r} (tasks: {', '.join(TASKS)})")
+        chosen = [t for t in TASKS if tasks is None or t in tasks]
+        holder = f"{self._holder}:{next(self._runs)}"
+        results = {name: self._task(name, holder) for name in chosen}
+        ok = all(r["status"] != "error" for r in results.values())
+        audit.entry("maintenance", "maintenance run", severity="INFO" if ok else "ERROR",
+                    tasks={n: r["status"] for n, r in results.items()})
+        return {"ok": ok, "tasks": results}
+
+    def _task(self, name: str, holder: str) -> dict:
+        started = time.monotonic()
+        try:
+            with self.lease(name, holder) as held:
+                result = {"status": "ok", **self._tasks[name]()} if held else {"status": "skipped",
+                                                                                "reason": "lease_held"}
+        except AadrunError as e:
+            result = {"status": "error", "error": type(e).__name__, "detail": str(e)}
+        except Exception as e:  # noqa: BLE001 - the scheduler gets a summary, never a stack trace
+            audit.entry("maintenance_error", f"maintenance task {name} failed", severity="ERROR",
+                        error=type(e).__name__)
+            result = {"status": "error", "error": type(e).__name__, "detail": "unexpected error"}
+        if result["status"] == "ok" and result.get("errors"):
+            result["status"] = "error"
+        result["seconds"] = round(time.monotonic() - started, 3)
+        return result
+
+    @contextlib.contextmanager
+    def lease(self, task: str, holder: str | None = None) -> Iterator[bool]:
+        """Hold ``maintenance/{task}`` for the block; yields False (and holds nothing)
+        when another run has it. The CLI's ``resync`` shares the reconcile lease."""
+        store, name = self._app.store, f"maintenance/{task}"
+        holder = holder or f"{self._holder}:{next(self._runs)}"
+        if not store.acquire_lease(name, holder, LEASE_TTL_S):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with contextlib.suppress(AadrunError):   # it expires on its own
+                store.release_lease(name, holder)
+
+    # -- tasks ------------------------------------------------------------------------
+
+    def subscriptions_task(self) -> dict:
+        """Subscriptions for every referenced group; per-resource actions and their counts."""
+        actions = self.subscriptions.ensure(self._app.policy.referenced_groups())
+        counts: dict[str, int] = {}
+        for a in actions:
+            counts[a["action"]] = counts.get(a["action"], 0) + 1
+        return {"counts": counts, "actions": actions, "errors": [a for a in actions if a["action"] == "error"]}
+
+    def reconcile_task(self) -> dict:
+        """``PolicySync.resync`` per tenant, so one tenant's failure spares the others."""
+        out = {"groups": 0, "reads": {}, "added": 0, "removed": 0, "changes": [], "iam": {}, "refused": {},
+               "errors": []}
+        for tenant, groups in sorted(self._app.policy.referenced_groups().items()):
+            if not groups:
+                continue
+            try:
+                merge_resync(out, self._app.sync.resync(tenant=tenant).to_json())
+            except AadrunError as e:
+                out["errors"].append({"tenant": tenant, "error": type(e).__name__, "detail": str(e)})
+        return out
+
+    def drift_task(self) -> dict:
+        """Every service with ``cloud_run``: restored / removed managed members, unmanaged ones."""
+        writer = self.iam_writer
+        if writer.mode == "record":
+            return {"mode": "record", "services": {}, "note": "AADRUN_IAM=record: no live policy to compare"}
+        policy, services, errors = self._app.policy, {}, []
+        for name in sorted(policy.services):
+            service = policy.services[name]
+            if not service.cloud_run:
+                continue
+            try:
+                services[name] = self._drift(policy, service)
+            except AadrunError as e:
+                errors.append({"service": name, "error": type(e).__name__, "detail": str(e)})
+        repaired = sorted(n for n, s in services.items() if s["restored"] or s["removed"])
+        return {"mode": writer.mode, "services": services, "repaired": repaired, "errors": errors}
+
+    # -- drift ------------------------------------------------------------------------
+
+    def _drift(self, policy: Policy, service: Service) -> dict:
+        """One service: the report of its live policy, and the repair of managed members
+        (under the same ``iam/{service}`` lease policy_sync's writes take turns on)."""
+        store, name = self._app.store, service.name
+        managed_before: dict[str, set[str]] = {}
+        found: dict[str, object] = {}
+
+        def plan_for(live: list[Binding] | None) -> ServiceChanges:
+            managed_before.clear()
+            managed_before.update(store.managed_members(name))
+            found["unmanaged"] = unmanaged(live or [], managed_before)
+            desired = desired_members(policy, service, store.group_members)
+            return diff(desired, managed_before, live, service=name, cloud_run=service.cloud_run)
+
+        def claim(changes: ServiceChanges) -> None:
+            # Claimed before the set call, as policy_sync does: never orphaned in IAM.
+            roles = set(managed_before) | set(changes.adds)
+            store.record_iam(name, {r: managed_before.get(r, set()) | set(changes.adds.get(r, ())) for r in roles},
+                             source="maintenance", why="IAM drift repaired")
+
+        try:
+            with _iam_lease(store, name, f"{self._holder}:drift:{next(self._runs)}"):
+                result = self.iam_writer.apply_with(service.cloud_run, plan_for, claim)
+                managed = {r: set(m) for r, m in result.changes.managed.items() if m}
+                if managed != {r: m for r, m in managed_before.items() if m}:
+                    store.record_iam(name, managed, source="maintenance", why="IAM drift repaired")
+        except PlanError as e:
+            return {"cloud_run": service.cloud_run, "refused": str(e), "restored": {}, "removed": {},
+                    "unmanaged": found.get("unmanaged", [])}
+        changes = result.changes
+        if not changes.empty:
+            audit.entry("iam_drift", f"IAM drift repaired on {name}", service=name, plan=changes.to_json())
+        return {"cloud_run": service.cloud_run, "restored": _sorted(changes.adds), "removed": _sorted(changes.removes),
+                "unmanaged": found.get("unmanaged", []), "principals": changes.principals}
+
+    # -- clients ----------------------------------------------------------------------
+
+    @property
+    def subscriptions(self) -> Subscriptions:
+        with self._lock:
+            if self._subscriptions is None:
+                self._subscriptions = Subscriptions(self._app.settings, self._app.store, self.graph)
+            return self._subscriptions
+
+    def graph(self, tenant: str) -> GraphClient:
+        """The tenant's Graph client, built once (MSAL caches its token per client)."""
+        with self._lock:
+            if tenant not in self._graphs:
+                self._graphs[tenant] = self._graph_factory(tenant)
+            return self._graphs[tenant]
+
+    @property
+    def iam_writer(self) -> IamWriter:
+        with self._lock:
+            if self._iam is None:
+                self._iam = IamWriter(self._app.settings)
+            return self._iam
+
+
+def parse_tasks(body: bytes) -> list[str] | None:
+    """The tasks a request body selects: None (all) for an empty body or one without
+    ``tasks``; RequestError for anything but ``{"tasks": [known task, ...]}``."""
+    if not body.strip():
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise RequestError("body is not JSON") from None
+    if not isinstance(data, dict):
+        raise RequestError("body must be a JSON object")
+    extra = sorted(set(data) - {"tasks"})
+    if extra:
+        raise RequestError(f"unknown field {extra[0]!r}")
+    tasks = data.get("tasks")
+    if tasks is None:
+        return None
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise RequestError("tasks must be a non-empty list of task names")
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise RequestError(f"unknown task {unknown[0]!r} (tasks: {', '.join(TASKS)})")
+    return tasks
+
+
+def unmanaged(live: Sequence[Binding], managed: Mapping[str, set[str]]) -> list[dict]:
+    """Bindings (or the parts of them) aadrun does not manage: reported, never touched.
+    A conditional binding is never aadrun's."""
+    out = []
+    for b in live:
+        members = sorted(b.members if b.condition is not None else set(b.members) - managed.get(b.role, set()))
+        if members:
+            entry = {"role": b.role, "members": members}
+            if b.condition is not None:
+                entry["condition"] = dict(b.condition)
+            out.append(entry)
+    return out
+
+
+def merge_resync(out: dict, summary: Mapping) -> None:
+    """Fold one ``SyncSummary.to_json()`` into a reconcile report."""
+    out["groups"] += len(summary.get("groups", ()))
+    for kind, n in summary.get("reads", {}).items():
+        out["reads"][kind] = out["reads"].get(kind, 0) + n
+    for e in summary.get("membership", ()):
+        out["added" if e["kind"] == "member_added" else "removed"] += 1
+        if len(out["changes"]) < MAX_LISTED:
+            out["changes"].append({k: e[k] for k in ("kind", "tenant", "group", "user")})
+    for name, applied in summary.get("iam", {}).items():
+        if applied.get("changes"):
+            out["iam"][name] = applied["changes"]
+    out["refused"].update(summary.get("refused", {}))
+    out["errors"] += [{"error": e} for e in summary.get("errors", ())]
+
+
+def _sorted(mapping: Mapping[str, frozenset[str]]) -> dict[str, list[str]]:
+    return {role: sorted(m) for role, m in sorted(mapping.items())}
+
+
+@contextlib.contextmanager
+def _iam_lease(store, service: str, holder: str) -> Iterator[None]:
+    """Wait for the lease ``iam/{service}`` (policy_sync takes the same one per write)."""
+    name, delay = f"iam/{service}", 0.01
+    deadline = time.monotonic() + IAM_LEASE_WAIT_S
+    while not store.acquire_lease(name, holder, IAM_LEASE_TTL_S):
+        if time.monotonic() + delay > deadline:
+            raise Unavailable(f"lease {name} is held by another worker")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(AadrunError):
+            store.release_lease(name, holder)
+
+
+__all__ = ["Maintenance", "TASKS", "parse_tasks", "unmanaged", "merge_resync"]

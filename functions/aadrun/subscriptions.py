@@ -1,0 +1,236 @@
+"""Microsoft Graph subscriptions covering every group the policies reference
+(CONTRACT.md §5, §6): maintenance's ``subscriptions`` task and ``aadrun subscribe``.
+
+What exists is read from Graph every run (``GET /subscriptions`` is the truth);
+aadrun keeps no copy of subscription ids or expirations. Per tenant:
+
+  - ours      subscriptions of this app whose ``notificationUrl`` is
+              ``AADRUN_NOTIFICATION_URL`` and whose resource is a group resource;
+              the app's other subscriptions are left alone but count against
+              Graph's quota of 100 per app and tenant;
+  - wanted    ``/groups/{id}`` per referenced group while that fits in the quota,
+              else one tenant-wide ``/groups`` (webhook and sync ignore the
+              notifications of groups no policy names);
+  - actions   create what is wanted and missing (a removed, expired or vanished
+              subscription is simply missing), renew what expires within
+              ``renew_within``, delete ours that are no longer wanted, after the
+              creations so that coverage has no gap when switching shapes.
+
+Graph asks not to reauthorize and renew one subscription within 10 minutes of
+each other (learn.microsoft.com/graph/change-notifications-lifecycle-events).
+The time of the last of either is kept as a store lease named
+``graph-subscription/{id}`` held for 10 minutes by the action's name
+(``claim_touch``): a renewal finding a fresh reauthorization (or the reverse) is
+deferred, which is safe because renewals start days before expiry and a renewal
+also reauthorizes.
+
+Action names in reports: ``created``, ``exists`` (409 on create), ``renewed``,
+``kept``, ``deferred``, ``deleted``, ``error``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Callable, Iterable
+
+from . import audit
+from .config import Settings
+from .errors import AadrunError, ConfigError, UpstreamError
+from .graph import GraphClient, SubscriptionExists, max_expiration
+from .store import Store, utcnow
+
+# https://learn.microsoft.com/graph/api/resources/subscription (quota per app and tenant)
+QUOTA = 100
+TENANT_WIDE = "/groups"
+RENEW_WITHIN = dt.timedelta(days=3)
+TOUCH_WINDOW_S = 600.0
+
+
+def claim_touch(store: Store, subscription_id: str, action: str) -> bool:
+    """Whether ``action`` ("renew" or "reauthorize") may touch the subscription now.
+
+    Claims the 10-minute window for ``action``; False when the other action
+    claimed it less than 10 minutes ago. Repeating the same action is allowed.
+    """
+    return store.acquire_lease(f"graph-subscription/{subscription_id}", action, TOUCH_WINDOW_S)
+
+
+def resource_key(resource: str) -> str:
+    """Graph echoes resources with or without the leading slash, in any case."""
+    return "/" + resource.strip().strip("/").lower()
+
+
+def is_group_resource(resource: object) -> bool:
+    return isinstance(resource, str) and resource_key(resource).split("/")[1:2] == ["groups"]
+
+
+def wanted_resources(groups: Iterable[str], others: int, quota: int = QUOTA) -> list[str]:
+    """One resource per group while ``others`` (the app's subscriptions aadrun does not
+    own) plus one per group stays within ``quota``; else the tenant-wide one."""
+    groups = sorted({g.lower() for g in groups})
+    if not groups:
+        return []
+    if others + len(groups) <= quota:
+        return [f"/groups/{g}" for g in groups]
+    return [TENANT_WIDE]
+
+
+def _expiry(sub: dict) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromisoformat(str(sub.get("expirationDateTime")).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+@dataclasses.dataclass
+class _Tenant:
+    """One tenant's run: its client, what Graph lists, and the actions taken."""
+
+    tenant: str
+    graph: GraphClient
+    ours: dict[str, dict]
+    others: int
+    actions: list[dict] = dataclasses.field(default_factory=list)
+
+    def report(self, action: str, resource: str, sub: dict | None = None, **extra) -> None:
+        expires = (sub or {}).get("expirationDateTime")
+        self.actions.append({"tenant": self.tenant, "resource": resource, "action": action,
+                             "subscription": (sub or {}).get("id"), "expires": expires, **extra})
+        severity = "ERROR" if action == "error" else "INFO"
+        audit.entry("subscription", f"subscription {action}: {resource}", severity=severity,
+                    tenant=self.tenant, resource=resource, action=action, subscription=(sub or {}).get("id"),
+                    **extra)
+
+
+class Subscriptions:
+    """Keeps Graph subscriptions in line with the policies, one tenant at a time.
+
+    ``graph_for(tenant)`` gives the tenant's client; ``now`` and ``quota`` are
+    injectable for tests. Raises ``ConfigError`` when the notification URL or
+    client state is missing; Graph failures are reported per resource.
+    """
+
+    def __init__(self, settings: Settings, store: Store, graph_for: Callable[[str], GraphClient], *,
+                 now: Callable[[], dt.datetime] = utcnow, quota: int = QUOTA,
+                 renew_within: dt.timedelta = RENEW_WITHIN):
+        self.settings, self.store, self.graph_for = settings, store, graph_for
+        self.now, self.quota, self.renew_within = now, quota, renew_within
+
+    def _config(self) -> tuple[str, str]:
+        if not self.settings.notification_url:
+            raise ConfigError("AADRUN_NOTIFICATION_URL is required to create subscriptions")
+        if not self.settings.client_states:
+            raise ConfigError("AADRUN_CLIENT_STATE is required to create subscriptions")
+        return self.settings.notification_url, self.settings.client_states[0]
+
+    def ensure(self, referenced: dict[str, set[str]]) -> list[dict]:
+        """Create, renew and delete so that each tenant's referenced groups are covered;
+        every action taken (or failed) is one entry of the returned list."""
+        self._config()
+        actions: list[dict] = []
+        for tenant in sorted(referenced):
+            try:
+                run = self._load(tenant)
+            except AadrunError as e:
+                actions.append({"tenant": tenant, "resource": None, "action": "error", "error": str(e)})
+                continue
+            self._tenant(run, wanted_resources(referenced[tenant], run.others, self.quota))
+            actions += run.actions
+        return actions
+
+    def _load(self, tenant: str) -> _Tenant:
+        graph = self.graph_for(tenant)
+        url = self._config()[0]
+        ours: dict[str, dict] = {}
+        others = 0
+        for sub in graph.list_subscriptions():
+            if sub.get("notificationUrl") != url or not is_group_resource(sub.get("resource")):
+                others += 1
+                continue
+            key = resource_key(sub["resource"])
+            # Two of ours for one resource cannot be created (409), but keep the longest-lived.
+            if key not in ours or (_expiry(sub) or self.now()) > (_expiry(ours[key]) or self.now()):
+                ours[key] = sub
+        return _Tenant(tenant, graph, ours, others)
+
+    def _tenant(self, run: _Tenant, wanted: list[str]) -> None:
+        for resource in wanted:
+            self._guarded(run, resource, lambda r=resource: self._cover(run, r))
+        for key, sub in sorted(run.ours.items()):
+            if key not in wanted:
+                self._guarded(run, key, lambda s=sub, k=key: self._delete(run, k, s))
+
+    def _guarded(self, run: _Tenant, resource: str, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except AadrunError as e:
+            run.report("error", resource, error=str(e))
+
+    def _cover(self, run: _Tenant, resource: str) -> None:
+        sub = run.ours.get(resource)
+        expires = _expiry(sub) if sub else None
+        if sub is not None and (expires is None or expires <= self.now()):
+            # Graph deletes expired subscriptions; one still listed cannot be renewed.
+            run.graph.delete_subscription(sub["id"])
+            sub = None
+        if sub is None:
+            self._create(run, resource)
+        elif expires - self.now() < self.renew_within:
+            self._renew(run, resource, sub)
+        else:
+            run.report("kept", resource, sub)
+
+    def _create(self, run: _Tenant, resource: str) -> None:
+        url, state = self._config()
+        try:
+            sub = run.graph.create_subscription(resource, url, f"{url}/lifecycle", state,
+                                                max_expiration(self.now()))
+        except SubscriptionExists:
+            self._exists(run, resource)
+            return
+        run.report("created", resource, sub)
+
+    def _exists(self, run: _Tenant, resource: str) -> None:
+        """409: this app already subscribes to ``resource`` (a concurrent create, or one
+        with another notification URL, which is reported and left alone)."""
+        listed = [s for s in run.graph.list_subscriptions() if resource_key(str(s.get("resource"))) == resource]
+        mine = next((s for s in listed if s.get("notificationUrl") == self._config()[0]), None)
+        if mine is None:
+            other = listed[0].get("notificationUrl") if listed else None
+            run.report("exists", resource, listed[0] if listed else None, notification_url=other)
+            return
+        run.report("exists", resource, mine)
+        expires = _expiry(mine)
+        if expires is not None and expires - self.now() < self.renew_within:
+            self._renew(run, resource, mine)
+
+    def _renew(self, run: _Tenant, resource: str, sub: dict) -> None:
+        if not claim_touch(self.store, sub["id"], "renew"):
+            run.report("deferred", resource, sub, why="reauthorized less than 10 minutes ago")
+            return
+        try:
+            renewed = run.graph.renew_subscription(sub["id"], max_expiration(self.now()))
+        except UpstreamError as e:
+            if e.status_code != 404:
+                raise
+            self._create(run, resource)   # vanished between list and renew
+            return
+        run.report("renewed", resource, renewed)
+
+    def _delete(self, run: _Tenant, resource: str, sub: dict) -> None:
+        run.graph.delete_subscription(sub["id"])
+        run.report("deleted", resource, sub)
+
+    def reauthorize(self, tenant: str, subscription_id: str) -> str:
+        """Answer ``reauthorizationRequired``: "reauthorized", "deferred" (renewed less
+        than 10 minutes ago, which reauthorized it) or "gone" (404: the next
+        ``ensure`` creates it again)."""
+        if not claim_touch(self.store, subscription_id, "reauthorize"):
+            return "deferred"
+        try:
+            self.graph_for(tenant).reauthorize_subscription(subscription_id)
+        except UpstreamError as e:
+            if e.status_code != 404:
+                raise
+            return "gone"
+        return "reauthorized"

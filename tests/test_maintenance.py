@@ -1,0 +1,342 @@
+"""maintenance (aadrun.maintenance, aadrun.subscriptions) against the local Microsoft
+Graph over TLS (real MSAL and requests), the local Cloud Run IAM server (real
+google-cloud-run client) and a real SQLite store; graph_webhook and maintenance
+itself run through the real functions-framework where the wiring matters."""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import textwrap
+import threading
+import urllib.request
+
+import pytest
+from google.auth.compute_engine import _metadata
+
+from aadrun.app import App
+from aadrun.graph import GraphClient, max_expiration
+from aadrun.http import HttpRequest
+from aadrun.maintenance import Maintenance
+from aadrun.subscriptions import Subscriptions
+from aadrun.store import utcnow
+from tests.support.cloudrun_server import CloudRunIamServer
+from tests.support.emulators import free_port
+from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, graph_pki, loopback_only
+from tests.support.graph_fixtures import CLIENT_ID, CLIENT_SECRET, TENANT, graph_settings
+from tests.support.serve import FunctionServer
+
+G_ENG = "aaaaaaaa-0000-0000-0000-000000000001"
+G_STAFF = "aaaaaaaa-0000-0000-0000-000000000002"
+G_OTHER = "aaaaaaaa-0000-0000-0000-0000000000ff"     # named by no policy
+ALICE = "0a11ce00-0000-0000-0000-000000000001"
+BOB = "0b0b0000-0000-0000-0000-000000000002"
+CAROL = "0ca401a0-0000-0000-0000-000000000003"
+STATE = "client-state-for-tests"
+NOTIFY = "https://aadrun-webhook.test/graph"
+INVOKER = "roles/run.invoker"
+BILLING = "projects/p/locations/europe-west1/services/billing"
+PRINCIPAL = "principal://iam.googleapis.com/locations/global/workforcePools/entra/subject/{}"
+
+POLICY = textwrap.dedent(f"""\
+    tenants:
+      - id: {TENANT}
+        audiences: ["api://aadrun-test"]
+    principal: "{PRINCIPAL.format('{oid}')}"
+    services:
+      - name: billing
+        tenant: {TENANT}
+        cloud_run: {BILLING}
+        access:
+          - groups: [{G_ENG}]
+      - name: wiki
+        tenant: {TENANT}
+        access:
+          - groups: [{G_STAFF}]
+    """)
+
+
+def user(oid: str) -> str:
+    return PRINCIPAL.format(oid)
+
+
+@pytest.fixture(autouse=True)
+def no_adc(monkeypatch, tmp_path):
+    """No Application Default Credentials and no metadata-server probe."""
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    monkeypatch.setattr(_metadata, "_NO_GCE_CHECK", True)
+
+
+@dataclasses.dataclass
+class World:
+    graph: object
+    cloudrun: CloudRunIamServer
+    settings: object
+    apps: list
+
+    def app(self, **overrides) -> App:
+        self.apps.append(App(dataclasses.replace(self.settings, **overrides)))
+        return self.apps[-1]
+
+    def subs(self) -> dict[str, dict]:
+        """Resource -> subscription, as the server holds them."""
+        return {s["resource"]: s for s in self.graph.subscriptions(TENANT, CLIENT_ID).values()}
+
+    def members(self, role: str = INVOKER) -> set[str]:
+        return {m for b in self.cloudrun.policy(BILLING).get("bindings", [])
+                if b["role"] == role and "condition" not in b for m in b["members"]}
+
+
+@pytest.fixture
+def world(graph_server, tmp_path):
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    graph_server.set_members(TENANT, G_ENG, [ALICE])
+    graph_server.set_members(TENANT, G_STAFF, [BOB])
+    with CloudRunIamServer() as cloudrun:
+        settings = graph_settings(graph_server, policy_path=str(tmp_path / "policy.yaml"),
+                                  store_url=f"sqlite:///{tmp_path}/state.db", iam_mode="cloudrun",
+                                  cloudrun_endpoint=cloudrun.url, client_states=(STATE,), notification_url=NOTIFY)
+        w = World(graph_server, cloudrun, settings, [])
+        yield w
+        for app in w.apps:
+            if app.__dict__.get("_sync") is not None:
+                app.sync.close()
+
+
+def actions(summary: dict) -> dict[str, str]:
+    """Resource -> action of a run's subscriptions task."""
+    return {a["resource"]: a["action"] for a in summary["tasks"]["subscriptions"]["actions"]}
+
+
+# -- subscriptions -------------------------------------------------------------------
+
+def test_subscriptions_pass_the_real_validation_handshake(world, tmp_path):
+    world.graph.validate_notifications = True
+    world.graph.require_https_notifications = False
+    env = {"AADRUN_POLICY_PATH": str(tmp_path / "policy.yaml"), "AADRUN_STORE": f"sqlite:///{tmp_path}/hook.db",
+           "AADRUN_CLIENT_STATE": STATE}
+    with FunctionServer("graph_webhook", env) as webhook:
+        summary = world.app(notification_url=webhook.url).maintenance.run(["subscriptions"])
+    assert summary["ok"], summary
+    assert actions(summary) == {f"/groups/{G_ENG}": "created", f"/groups/{G_STAFF}": "created"}
+    # Both URLs of both subscriptions were validated by graph_webhook echoing the token.
+    assert sorted(world.graph.validations) == sorted([(webhook.url, True), (webhook.url + "/lifecycle", True)] * 2)
+    for group in (G_ENG, G_STAFF):
+        sub = world.subs()[f"/groups/{group}"]
+        assert (sub["changeType"], sub["clientState"]) == ("updated", STATE)
+        assert (sub["notificationUrl"], sub["lifecycleNotificationUrl"]) == (webhook.url, webhook.url + "/lifecycle")
+
+
+def test_a_failed_handshake_is_reported_and_the_http_answer_is_503(world):
+    world.graph.validate_notifications = True
+    world.graph.require_https_notifications = False
+    app = world.app(notification_url=f"http://127.0.0.1:{free_port()}")   # nobody listens
+    response = app.maintenance.handle(HttpRequest("POST", "/", {}, {}, b'{"tasks": ["subscriptions"]}'))
+    body = response.json_body()
+    assert response.status == 503 and not body["ok"]
+    task = body["tasks"]["subscriptions"]
+    assert task["status"] == "error" and task["counts"] == {"error": 2}
+    assert all("ValidationError" in e["error"] for e in task["errors"]) and world.subs() == {}
+
+
+def test_second_run_keeps_then_renews_near_expiry(world):
+    app = world.app()
+    app.maintenance.run(["subscriptions"])
+    assert set(actions(app.maintenance.run(["subscriptions"])).values()) == {"kept"}
+    eng = world.subs()[f"/groups/{G_ENG}"]
+    world.graph.set_expiration(TENANT, CLIENT_ID, eng["id"], utcnow() + dt.timedelta(hours=1))
+    before = len(world.graph.calls("PATCH"))
+    assert actions(app.maintenance.run(["subscriptions"])) == {f"/groups/{G_ENG}": "renewed",
+                                                                 f"/groups/{G_STAFF}": "kept"}
+    assert len(world.graph.calls("PATCH")) == before + 1
+    renewed = dt.datetime.fromisoformat(world.subs()[f"/groups/{G_ENG}"]["expirationDateTime"].replace("Z", "+00:00"))
+    assert abs((renewed - max_expiration()).total_seconds()) < 60
+
+
+def test_vanished_and_unreferenced_subscriptions(world):
+    app = world.app()
+    app.maintenance.run(["subscriptions"])
+    graph = GraphClient(world.settings, TENANT)
+    graph.delete_subscription(world.subs()[f"/groups/{G_ENG}"]["id"])           # removed behind our back
+    graph.create_subscription(f"/groups/{G_OTHER}", NOTIFY, NOTIFY + "/lifecycle", STATE, max_expiration())
+    assert actions(app.maintenance.run(["subscriptions"])) == {
+        f"/groups/{G_ENG}": "created", f"/groups/{G_STAFF}": "kept", f"/groups/{G_OTHER}": "deleted"}
+    assert sorted(world.subs()) == sorted([f"/groups/{G_ENG}", f"/groups/{G_STAFF}"])
+
+
+def test_409_on_create_is_already_exists(world):
+    graph = GraphClient(world.settings, TENANT)
+    # The same app already subscribes to G_ENG, for another endpoint: reported, left alone.
+    other = graph.create_subscription(f"/groups/{G_ENG}", "https://old.example/hook", None, "x", max_expiration())
+    summary = world.app().maintenance.run(["subscriptions"])
+    assert [a["action"] for a in summary["tasks"]["subscriptions"]["actions"]] == ["exists", "created"]
+    exists = summary["tasks"]["subscriptions"]["actions"][0]
+    assert (exists["subscription"], exists["notification_url"]) == (other["id"], "https://old.example/hook")
+    assert len(world.graph.calls("POST", "/v1.0/subscriptions")) == 3 and summary["ok"]
+
+
+def test_409_after_a_concurrent_create_adopts_the_subscription(world):
+    class StaleList(GraphClient):
+        """Lists nothing the first time, as if another run created everything right after."""
+        stale = True
+
+        def list_subscriptions(self):
+            listed = super().list_subscriptions()
+            stale, StaleList.stale = StaleList.stale, False
+            return [] if stale else listed
+
+    app = world.app()
+    app.maintenance.run(["subscriptions"])
+    created = {r: s["id"] for r, s in world.subs().items()}
+    maintenance = Maintenance(app, graph_factory=lambda tenant: StaleList(app.settings, tenant))
+    summary = maintenance.run(["subscriptions"])
+    assert set(actions(summary).values()) == {"exists"} and summary["ok"]
+    assert {r: s["id"] for r, s in world.subs().items()} == created
+
+
+def test_past_the_quota_one_tenant_wide_subscription(world):
+    app = world.app()
+    app.maintenance.run(["subscriptions"])
+    small = Maintenance(app, subscriptions=Subscriptions(app.settings, app.store, app.maintenance.graph, quota=1))
+    assert actions(small.run(["subscriptions"])) == {
+        "/groups": "created", f"/groups/{G_ENG}": "deleted", f"/groups/{G_STAFF}": "deleted"}
+    assert list(world.subs()) == ["/groups"]
+    assert actions(app.maintenance.run(["subscriptions"])) == {   # back within the quota
+        f"/groups/{G_ENG}": "created", f"/groups/{G_STAFF}": "created", "/groups": "deleted"}
+
+
+def test_reauthorize_and_renew_never_within_ten_minutes(world):
+    app = world.app()
+    app.maintenance.run(["subscriptions"])
+    subs = app.maintenance.subscriptions
+    eng, staff = world.subs()[f"/groups/{G_ENG}"]["id"], world.subs()[f"/groups/{G_STAFF}"]["id"]
+    assert subs.reauthorize(TENANT, eng) == "reauthorized"
+    assert world.graph.reauthorizations(TENANT, CLIENT_ID, eng) == 1
+    for sub in (eng, staff):
+        world.graph.set_expiration(TENANT, CLIENT_ID, sub, utcnow() + dt.timedelta(hours=1))
+    # eng was just reauthorized: its renewal waits for the next run; staff is renewed.
+    assert actions(app.maintenance.run(["subscriptions"])) == {f"/groups/{G_ENG}": "deferred",
+                                                                 f"/groups/{G_STAFF}": "renewed"}
+    # staff was just renewed, which reauthorizes it: no reauthorize call now.
+    assert subs.reauthorize(TENANT, staff) == "deferred"
+    assert world.graph.reauthorizations(TENANT, CLIENT_ID, staff) == 0
+    assert subs.reauthorize(TENANT, "0" * 32) == "gone"
+
+
+# -- reconcile and drift -------------------------------------------------------------------
+
+def test_reconcile_finds_a_change_whose_notification_never_came(world):
+    app = world.app()
+    first = app.maintenance.run(["reconcile"])["tasks"]["reconcile"]
+    assert first["status"] == "ok" and first["added"] == 2 and first["groups"] == 2
+    assert world.members() == {user(ALICE)}
+    world.graph.add_members(TENANT, G_ENG, [CAROL])     # Graph changed; no notification arrives
+    world.graph.remove_members(TENANT, G_ENG, [ALICE])
+    task = app.maintenance.run(["reconcile"])["tasks"]["reconcile"]
+    assert (task["status"], task["added"], task["removed"]) == ("ok", 1, 1)
+    assert task["reads"] == {"full": 0, "incremental": 2}
+    assert {(c["kind"], c["user"]) for c in task["changes"]} == {("member_added", CAROL), ("member_removed", ALICE)}
+    assert app.store.group_members(TENANT, G_ENG) == {CAROL}
+    assert world.members() == {user(CAROL)}
+    assert task["iam"]["billing"] == {INVOKER: {"add": [user(CAROL)], "remove": [user(ALICE)]}}
+
+
+def test_drift_restores_managed_members_and_reports_the_rest(world):
+    app = world.app()
+    world.graph.add_members(TENANT, G_ENG, [CAROL])
+    app.maintenance.run(["reconcile"])
+    assert world.members() == {user(ALICE), user(CAROL)}
+    condition = {"title": "office hours", "expression": "request.time.getHours('UTC') < 18"}
+    foreign = [{"role": "roles/run.admin", "members": ["user:ops@example.com"]},
+               {"role": INVOKER, "members": ["user:cond@example.com"], "condition": condition}]
+    # Behind aadrun's back: ALICE's grant removed, EVE added beside CAROL, admins and a condition.
+    world.cloudrun.set_policy(BILLING, {"version": 3, "bindings": [
+        {"role": INVOKER, "members": [user(CAROL), "user:eve@example.com"]}, *foreign]})
+    task = app.maintenance.run(["drift"])["tasks"]["drift"]
+    report = task["services"]["billing"]
+    assert task["status"] == "ok" and task["repaired"] == ["billing"]
+    assert (report["restored"], report["removed"]) == ({INVOKER: [user(ALICE)]}, {})
+    assert {json.dumps(u, sort_keys=True) for u in report["unmanaged"]} == {json.dumps(u, sort_keys=True) for u in [
+        {"role": INVOKER, "members": ["user:eve@example.com"]}, {"role": "roles/run.admin", "members": [
+            "user:ops@example.com"]}, {"role": INVOKER, "members": ["user:cond@example.com"], "condition": condition}]}
+    assert world.members() == {user(ALICE), user(CAROL), "user:eve@example.com"}
+    bindings = world.cloudrun.policy(BILLING)["bindings"]
+    assert all(b in bindings for b in foreign)
+    assert app.store.managed_members("billing") == {INVOKER: {user(ALICE), user(CAROL)}}
+    again = app.maintenance.run(["drift"])["tasks"]["drift"]["services"]["billing"]
+    assert (again["restored"], again["removed"]) == ({}, {})
+
+
+def test_drift_in_record_mode_compares_nothing(world):
+    task = world.app(iam_mode="record").maintenance.run(["drift"])["tasks"]["drift"]
+    assert task["status"] == "ok" and task["mode"] == "record" and task["services"] == {}
+
+
+# -- the HTTP entry point and the lease ------------------------------------------------------
+
+def post(app, body: bytes, method: str = "POST"):
+    response = app.maintenance.handle(HttpRequest(method, "/", {}, {"content-type": "application/json"}, body))
+    return response.status, response.json_body()
+
+
+@pytest.mark.parametrize("body, detail", [
+    (b"{not json", "not JSON"), (b"[]", "JSON object"), (b'{"tasks": "drift"}', "non-empty list"),
+    (b'{"tasks": []}', "non-empty list"), (b'{"tasks": ["drift", "coffee"]}', "unknown task"),
+    (b'{"task": ["drift"]}', "unknown field"),
+])
+def test_bad_bodies_are_400(world, body, detail):
+    status, answer = post(world.app(), body)
+    assert status == 400 and answer["error"] == "bad_request" and detail in answer["detail"]
+
+
+def test_method_and_size(world):
+    app = world.app()
+    assert post(app, b"", "GET")[0] == 405
+    big = app.maintenance.handle(HttpRequest("POST", "/", {}, {}, b"", body_too_large=True))
+    assert big.status == 413
+
+
+def test_a_held_lease_skips_the_task_with_200(world):
+    app = world.app()
+    assert app.store.acquire_lease("maintenance/reconcile", "another-run", 60)
+    status, answer = post(app, b"")
+    assert status == 200 and answer["ok"]
+    skipped = answer["tasks"]["reconcile"]
+    assert (skipped["status"], skipped["reason"]) == ("skipped", "lease_held")
+    assert answer["tasks"]["subscriptions"]["status"] == "ok" and answer["tasks"]["drift"]["status"] == "ok"
+    assert not world.graph.calls("GET", "/v1.0/groups/delta")
+
+
+def test_a_failing_task_is_503_with_a_summary_never_500(world):
+    status, answer = post(world.app(notification_url=None), b'{"tasks": ["subscriptions", "reconcile"]}')
+    assert status == 503 and not answer["ok"]
+    assert answer["tasks"]["subscriptions"]["error"] == "ConfigError"
+    assert "AADRUN_NOTIFICATION_URL" in answer["tasks"]["subscriptions"]["detail"]
+    assert answer["tasks"]["reconcile"]["status"] == "ok"
+
+
+def test_two_overlapping_scheduler_calls_share_one_lease(world, tmp_path):
+    world.graph.delays["/v1.0/groups/delta"] = 0.4     # slow delta reads, so the two calls overlap
+    env = {"AADRUN_POLICY_PATH": str(tmp_path / "policy.yaml"), "AADRUN_STORE": world.settings.store_url,
+           "AADRUN_GRAPH_URL": world.graph.graph_url, "AADRUN_AUTHORITY_URL": world.graph.authority_url,
+           "AADRUN_CLIENT_ID": CLIENT_ID, "AADRUN_CLIENT_SECRET": CLIENT_SECRET, "AADRUN_IAM": "record"}
+    answers: list[dict] = []
+    with FunctionServer("maintenance", env) as server:
+        start = threading.Barrier(2)
+
+        def call():
+            start.wait()
+            request = urllib.request.Request(server.url, data=b'{"tasks": ["reconcile"]}', method="POST",
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                answers.append({"status": resp.status, **json.load(resp)})
+
+        threads = [threading.Thread(target=call) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sorted(a["tasks"]["reconcile"]["status"] for a in answers) == ["ok", "skipped"]
+    assert {a["status"] for a in answers} == {200}
+    assert len(world.graph.calls("GET", "/v1.0/groups/delta")) == 2    # one read per group, not two
