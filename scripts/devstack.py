@@ -1,22 +1,37 @@
-"""The local stack behind ``scripts/dev``: identity provider, verify, a demo membership.
+"""The local stack behind ``scripts/dev``: the whole pipeline on one machine.
 
-Everything listens on 127.0.0.1 and stops on Ctrl-C (or SIGTERM), leaving no
-process behind.
+Default (embedded): SQLite store, in-process bus (graph_webhook runs policy_sync's
+core itself), ``record`` IAM mode, the local dev identity provider and a local
+Microsoft Graph stand-in. ``--emulators``: the same across processes, with the
+Pub/Sub and Firestore emulators and a push subscription into policy_sync.
+
+It plays a scripted scenario and prints its timeline, then stays up and prints
+how to call verify and send a notification by hand. Ctrl-C (or SIGTERM) stops
+everything it started.
 """
 from __future__ import annotations
 
 import argparse
-import shlex
+import json
+import os
+import secrets
+import shutil
 import signal
+import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "functions"), str(ROOT)]
 
 from aadrun.devidp import DevIdentityProvider  # noqa: E402
-from aadrun.store import GroupUpdate, SyncState, open_store, utcnow  # noqa: E402
+from tests.support.emulators import Emulator  # noqa: E402
+from tests.support.graph_fixtures import make_pki  # noqa: E402
+from tests.support.graph_server import GraphServer  # noqa: E402
 from tests.support.serve import FunctionServer  # noqa: E402
 
 TENANT = "11111111-1111-1111-1111-111111111111"
@@ -24,70 +39,219 @@ ENGINEERS = "aaaaaaaa-0000-0000-0000-000000000001"
 STAFF = "aaaaaaaa-0000-0000-0000-000000000002"
 ALICE = "a11ce000-0000-0000-0000-000000000001"
 BOB = "b0b00000-0000-0000-0000-000000000002"
+CAROL = "ca401000-0000-0000-0000-000000000003"
+CLIENT_ID = "00000000-0000-0000-0000-00000000a0a0"
+PROJECT = "aadrun-dev"
+SUBSCRIPTION = "5e5e5e5e-0000-0000-0000-000000000001"
+
+
+class Stack:
+    """Starts and stops every part; ``stop`` is safe to call twice."""
+
+    def __init__(self, state: Path, emulators: bool, port: int):
+        self.state, self.emulators, self.port = state, emulators, port
+        self.parts: list = []
+        self.client_state = secrets.token_urlsafe(24)
+        self.t0 = time.monotonic()
+
+    def say(self, text: str) -> None:
+        print(f"[{(time.monotonic() - self.t0) * 1000:8.0f} ms] {text}", flush=True)
+
+    def start(self) -> None:
+        if self.state.exists():
+            shutil.rmtree(self.state)
+        self.state.mkdir(parents=True)
+        pki = make_pki(self.state)
+        os.environ["REQUESTS_CA_BUNDLE"] = os.environ["SSL_CERT_FILE"] = pki.ca_file  # MSAL needs https
+        self.graph = self._keep(GraphServer(pki).start())
+        secret = secrets.token_urlsafe(16)
+        self.graph.add_app(TENANT, CLIENT_ID, secret=secret)
+        self.graph.set_members(TENANT, ENGINEERS, set())
+        self.graph.set_members(TENANT, STAFF, {BOB})
+        self.idp = self._keep(DevIdentityProvider().start())
+        common = {"AADRUN_POLICY_PATH": str(ROOT / "policies"), "AADRUN_IAM": "record",
+                  "AADRUN_CLIENT_ID": CLIENT_ID, "AADRUN_CLIENT_SECRET": secret,
+                  "AADRUN_CLIENT_STATE": self.client_state, "AADRUN_GRAPH_URL": self.graph.graph_url,
+                  "AADRUN_AUTHORITY_URL": self.graph.authority_url, "GOOGLE_CLOUD_PROJECT": PROJECT,
+                  "REQUESTS_CA_BUNDLE": pki.ca_file, "SSL_CERT_FILE": pki.ca_file}
+        if self.emulators:
+            common.update(self._start_emulators())
+        else:
+            common.update({"AADRUN_STORE": f"sqlite:///{self.state / 'state.db'}", "AADRUN_BUS": "local"})
+        self.env = common
+        self.webhook = self._keep(FunctionServer("graph_webhook", common).start())
+        if self.emulators:
+            sync = self._keep(FunctionServer("policy_sync", common, signature="cloudevent").start())
+            self._push_into(sync.url)
+        # verify trusts the identity provider that signs users' tokens.
+        self.verify = self._keep(FunctionServer("verify", {**common, "AADRUN_AUTHORITY_URL": self.idp.url},
+                                                port=self.port).start())
+
+    def _start_emulators(self) -> dict[str, str]:
+        pubsub = self._keep(Emulator("pubsub").start())
+        firestore = self._keep(Emulator("firestore").start())
+        os.environ["PUBSUB_EMULATOR_HOST"], os.environ["FIRESTORE_EMULATOR_HOST"] = pubsub.host, firestore.host
+        return {"AADRUN_STORE": "firestore://", "AADRUN_BUS": "pubsub", "PUBSUB_EMULATOR_HOST": pubsub.host,
+                "FIRESTORE_EMULATOR_HOST": firestore.host}
+
+    def _push_into(self, url: str) -> None:
+        from google.cloud import pubsub_v1
+
+        publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+        for topic in ("aadrun-membership-changes", "aadrun-policy-updates"):
+            publisher.create_topic(name=publisher.topic_path(PROJECT, topic))
+        subscriber.create_subscription(
+            name=subscriber.subscription_path(PROJECT, "aadrun-policy-sync"),
+            topic=publisher.topic_path(PROJECT, "aadrun-membership-changes"),
+            push_config={"push_endpoint": url + "/"}, ack_deadline_seconds=30)
+
+    def _keep(self, part):
+        self.parts.append(part)
+        return part
+
+    def stop(self) -> None:
+        while self.parts:
+            part = self.parts.pop()
+            try:
+                part.stop()
+            except Exception:  # stopping the rest matters more than one part's error
+                pass
+
+    # -- actions ------------------------------------------------------------------
+
+    def cli(self, *args: str) -> dict:
+        out = subprocess.run([str(ROOT / "scripts" / "aadrun"), *args, "--json"], capture_output=True, text=True,
+                             env={**os.environ, **self.env}, timeout=120)
+        return json.loads(out.stdout) if out.stdout.strip().startswith("{") else {"error": out.stderr[-500:]}
+
+    def notify(self, group: str, added=(), removed=()) -> int:
+        delta = [{"@odata.type": "#microsoft.graph.user", "id": u} for u in added] + \
+                [{"@odata.type": "#microsoft.graph.user", "id": u, "@removed": "deleted"} for u in removed]
+        body = {"value": [{
+            "subscriptionId": SUBSCRIPTION, "clientState": self.client_state, "changeType": "updated",
+            "resource": f"Groups/{group}", "tenantId": TENANT,
+            "subscriptionExpirationDateTime": "2026-12-01T00:00:00Z",
+            "resourceData": {"@odata.type": "#Microsoft.Graph.Group", "@odata.id": f"Groups/{group}",
+                             "id": group, "organizationId": TENANT, "members@delta": delta}}]}
+        return _post(self.webhook.url + "/", body)[0]
+
+    def verify_status(self, user: str) -> tuple[int, str]:
+        token = self.idp.mint(TENANT, oid=user, aud="api://billing-api")
+        status, payload = _post(self.verify.url + "/verify", {"service": "billing-api"},
+                                {"Authorization": f"Bearer {token}"})
+        return status, payload.get("reason", "")
+
+    def wait_for(self, user: str, status: int, within: float = 10.0) -> float | None:
+        start = time.monotonic()
+        while time.monotonic() - start < within:
+            if self.verify_status(user)[0] == status:
+                return time.monotonic() - start
+            time.sleep(0.01)
+        return None
+
+    def bound(self, user: str) -> bool:
+        plan = self.cli("plan")
+        text = json.dumps(plan)
+        return f"subject/{user}" in text
+
+
+def _post(url: str, body: dict, headers: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json",
+                                                                  **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=15) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw.startswith(b"{") else {}
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        return e.code, json.loads(raw) if raw.startswith(b"{") else {}
+
+
+def scenario(stack: Stack) -> bool:
+    """Plays onboarding, offboarding and a forged addition; True when all went as expected."""
+    ok = True
+    say = stack.say
+    summary = stack.cli("resync")
+    say(f"initial delta sync from Graph: {summary.get('groups', '?')} group(s) read")
+    say("Graph: Alice is added to billing engineers; Graph notifies graph_webhook")
+    stack.graph.add_members(TENANT, ENGINEERS, {ALICE})
+    sent = time.monotonic()
+    say(f"graph_webhook answered {stack.notify(ENGINEERS, added=[ALICE])}; policy_sync confirms by delta query")
+    allowed_after = stack.wait_for(ALICE, 200)
+    ok &= allowed_after is not None
+    say(f"verify allows Alice ({(time.monotonic() - sent) * 1000:.0f} ms after the notification)")
+    bound = stack.bound(ALICE)
+    ok &= bound
+    say(f"IAM plan (record mode): Alice's principal bound to roles/run.invoker on billing-api: {bound}")
+
+    say("Graph: Alice is removed from billing engineers; Graph notifies graph_webhook")
+    stack.graph.remove_members(TENANT, ENGINEERS, {ALICE})
+    sent = time.monotonic()
+    stack.notify(ENGINEERS, removed=[ALICE])
+    denied_after = stack.wait_for(ALICE, 403)
+    ok &= denied_after is not None
+    say(f"verify denies Alice {(time.monotonic() - sent) * 1000:.0f} ms after the removal notification "
+        f"(her token is still valid for an hour)")
+    unbound = not stack.bound(ALICE)
+    ok &= unbound
+    say(f"IAM plan: Alice's binding removed: {unbound}")
+
+    say("forged notification: 'Carol was added to billing engineers' (Graph says she was not)")
+    stack.notify(ENGINEERS, added=[CAROL])
+    time.sleep(0.5)
+    status, reason = stack.verify_status(CAROL)
+    bound = stack.bound(CAROL)
+    ok &= status == 403 and not bound
+    say(f"verify for Carol: {status} {reason}; IAM plan binds Carol: {bound}")
+    return bool(ok)
+
+
+def instructions(stack: Stack) -> str:
+    token = stack.idp.mint(TENANT, oid=BOB, aud="api://billing-api", lifetime=3600)
+    return f"""
+aadrun local stack is up ({'emulators' if stack.emulators else 'embedded'} mode)
+  verify               {stack.verify.url}
+  graph_webhook        {stack.webhook.url}
+  identity provider    {stack.idp.url}    (tenant {TENANT})
+  Graph stand-in       {stack.graph.graph_url}
+  policies             {ROOT / 'policies'}
+
+Call verify (Bob is in all-staff, bound to billing-api as one group principal):
+  TOKEN={token}
+  curl -s {stack.verify.url}/verify -H 'Content-Type: application/json' \\
+    -H "Authorization: Bearer $TOKEN" -d '{{"service": "billing-api"}}'
+
+Send a notification by hand (a removal takes effect on the notification alone):
+  curl -s -i {stack.webhook.url}/ -H 'Content-Type: application/json' -d '{{"value": [{{
+    "subscriptionId": "{SUBSCRIPTION}", "clientState": "{stack.client_state}",
+    "changeType": "updated", "resource": "Groups/{STAFF}", "tenantId": "{TENANT}",
+    "resourceData": {{"id": "{STAFF}", "members@delta": [{{"id": "{BOB}", "@removed": "deleted"}}]}}}}]}}'
+
+Ctrl-C stops everything."""
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Run aadrun locally.")
+    parser = argparse.ArgumentParser(description="Run the aadrun pipeline locally.")
+    parser.add_argument("--emulators", action="store_true", help="Pub/Sub + Firestore emulators, one process each")
     parser.add_argument("--port", type=int, default=8080, help="verify's port (default 8080)")
-    parser.add_argument("--state", default=str(ROOT / ".aadrun" / "dev"), help="folder for the local state")
-    parser.add_argument("--once", action="store_true", help="start, print, check one call, then stop")
+    parser.add_argument("--state", default=str(ROOT / ".aadrun" / "dev"), help="folder for local state")
+    parser.add_argument("--once", action="store_true", help="play the scenario, then stop (exit 1 if it failed)")
     args = parser.parse_args()
-
-    state = Path(args.state)
-    state.mkdir(parents=True, exist_ok=True)
-    store_url = f"sqlite:///{state / 'state.db'}"
-    store = open_store(store_url)
-    store.apply(GroupUpdate(TENANT, ENGINEERS, replace=frozenset({ALICE}), sync=SyncState(None, utcnow()),
-                            source="dev-seed", why="demo membership"))
-    store.apply(GroupUpdate(TENANT, STAFF, replace=frozenset({ALICE, BOB}), sync=SyncState(None, utcnow()),
-                            source="dev-seed", why="demo membership"))
-
-    idp = DevIdentityProvider().start()
-    env = {"AADRUN_AUTHORITY_URL": idp.url, "AADRUN_POLICY_PATH": str(ROOT / "policies"),
-           "AADRUN_STORE": store_url}
-    verify = FunctionServer("verify", env, port=args.port).start()
+    stack = Stack(Path(args.state), args.emulators, args.port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        token = idp.mint(TENANT, oid=ALICE, aud="api://billing-api", lifetime=3600)
-        denied = idp.mint(TENANT, oid="c0c00000-0000-0000-0000-000000000003", aud="api://billing-api")
-        print(f"""
-aadrun local stack is up
-  identity provider  {idp.url}   (tenant {TENANT})
-  verify             {verify.url}
-  policies           {ROOT / 'policies'}
-  store              {store_url}
-
-Alice (member of billing engineers) is allowed:
-  TOKEN={token}
-  curl -s {verify.url}/verify -H 'Content-Type: application/json' \\
-    -H "Authorization: Bearer $TOKEN" -d '{{"service": "billing-api"}}'
-
-Someone in no group is denied (403 not_member):
-  curl -s {verify.url}/verify -H 'Content-Type: application/json' \\
-    -H {shlex.quote('Authorization: Bearer ' + denied)} \\
-    -d '{{"service": "billing-api"}}'
-
-Explain a decision step by step:
-  AADRUN_AUTHORITY_URL={idp.url} AADRUN_STORE={store_url} \\
-    scripts/aadrun explain --service billing-api --token "$TOKEN"
-
-Ctrl-C stops everything.""", flush=True)
+        stack.start()
+        ok = scenario(stack)
+        stack.say("scenario " + ("passed" if ok else "FAILED"))
         if args.once:
-            import json
-            import urllib.request
-            req = urllib.request.Request(f"{verify.url}/verify", data=json.dumps({"service": "billing-api"}).encode(),
-                                         headers={"Content-Type": "application/json",
-                                                  "Authorization": f"Bearer {token}"})
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                print(resp.status, resp.read().decode())
-            return 0
+            return 0 if ok else 1
+        print(instructions(stack), flush=True)
         stop.wait()
     except KeyboardInterrupt:
         pass
     finally:
-        verify.stop()
-        idp.stop()
+        stack.stop()
         print("stopped", flush=True)
     return 0
 
