@@ -3,6 +3,7 @@ subprocess on a free loopback port (each function in its own process: several
 ``create_app`` calls in one process collide on the module name ``main``)."""
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -15,6 +16,15 @@ from pathlib import Path
 from tests.support.emulators import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the process that started it dies, so a
+    killed test run leaves no server behind (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
 
 
 class FunctionServer:
@@ -35,7 +45,7 @@ class FunctionServer:
             args += ["--signature-type", self.signature]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "functions"), **self.env}
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

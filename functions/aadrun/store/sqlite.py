@@ -23,6 +23,7 @@ import datetime as dt
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 
 from ..errors import Unavailable
@@ -60,6 +61,23 @@ CREATE TABLE IF NOT EXISTS leases (
 """
 
 CHANGE_COLUMNS = "seq, kind, at, tenant, grp, usr, service, role, member, source, why, message_id"
+
+
+def _use_wal(conn: sqlite3.Connection, patience: float) -> None:
+    """Switch the file to WAL (persistent, so usually already done). Switching
+    needs a moment alone with the file and, unlike writes, does not wait on the
+    busy timeout: processes opening a new database together retry here."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _us(t: dt.datetime) -> int:
@@ -128,7 +146,7 @@ class SqliteStore(Store):
             # (https://www.sqlite.org/wal.html). NORMAL is durable across process
             # crashes; a power cut may lose the last commits, which the next delta
             # resync restores from Graph.
-            conn.execute("PRAGMA journal_mode = WAL")
+            _use_wal(conn, self.busy_timeout)
             conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error:
             conn.close()
