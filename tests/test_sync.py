@@ -18,6 +18,7 @@ from aadrun.app import App
 from aadrun.errors import UpstreamError
 from aadrun.graph import max_expiration
 from aadrun.sync import decode_event
+from aadrun.subscriptions import claim_touch
 from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, graph_pki, loopback_only
 from tests.support.graph_fixtures import graph_client
 from tests.support.sync_world import *  # noqa: F401,F403 - world, app, store_url, audit_lines, no_adc
@@ -215,6 +216,16 @@ def test_lifecycle_events(world, app):
     assert world.graph.subscriptions(TENANT, world.settings.client_id)[created["id"]]["reauthorizations"] == 1
     assert summary.reads["full"] == 4 + len(SHARED)     # every referenced group of the tenant
     assert app.store.group_members(TENANT, G_OPS) == {BOB}
+
+
+def test_reauthorization_is_deferred_within_ten_minutes_of_a_renewal(world, app):
+    created = graph_client(world.graph).create_subscription(
+        f"/groups/{G_ENG}", "https://hooks.example/graph", None, "state", max_expiration())
+    assert claim_touch(app.store, created["id"], "renew")       # maintenance renewed it just now
+    reauth = dataclasses.replace(lifecycle("reauthorizationRequired"), subscription=created["id"])
+    summary = app.sync.handle_messages([reauth])
+    assert summary.reauthorized == 0
+    assert world.graph.subscriptions(TENANT, world.settings.client_id)[created["id"]]["reauthorizations"] == 0
 
 
 def test_missed_event_naming_a_group_reads_that_group(world, app):

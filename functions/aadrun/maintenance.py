@@ -42,7 +42,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from . import audit
-from .errors import AadrunError, PlanError, RequestError, Unavailable
+from .coalesce import StoreLease
+from .errors import AadrunError, PlanError, RequestError
 from .graph import GraphClient
 from .http import HttpRequest, HttpResponse
 from .iam import IamWriter
@@ -199,7 +200,9 @@ class Maintenance:
                              source="maintenance", why="IAM drift repaired")
 
         try:
-            with _iam_lease(store, name, f"{self._holder}:drift:{next(self._runs)}"):
+            # The same lease policy_sync takes per IAM write of a service.
+            with StoreLease(store, f"iam/{name}", f"{self._holder}:drift:{next(self._runs)}",
+                            ttl=IAM_LEASE_TTL_S, wait=IAM_LEASE_WAIT_S):
                 result = self.iam_writer.apply_with(service.cloud_run, plan_for, claim)
                 managed = {r: set(m) for r, m in result.changes.managed.items() if m}
                 if managed != {r: m for r, m in managed_before.items() if m}:
@@ -294,23 +297,6 @@ def merge_resync(out: dict, summary: Mapping) -> None:
 
 def _sorted(mapping: Mapping[str, frozenset[str]]) -> dict[str, list[str]]:
     return {role: sorted(m) for role, m in sorted(mapping.items())}
-
-
-@contextlib.contextmanager
-def _iam_lease(store, service: str, holder: str) -> Iterator[None]:
-    """Wait for the lease ``iam/{service}`` (policy_sync takes the same one per write)."""
-    name, delay = f"iam/{service}", 0.01
-    deadline = time.monotonic() + IAM_LEASE_WAIT_S
-    while not store.acquire_lease(name, holder, IAM_LEASE_TTL_S):
-        if time.monotonic() + delay > deadline:
-            raise Unavailable(f"lease {name} is held by another worker")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.25)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(AadrunError):
-            store.release_lease(name, holder)
 
 
 __all__ = ["Maintenance", "TASKS", "parse_tasks", "unmanaged", "merge_resync"]

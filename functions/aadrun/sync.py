@@ -59,6 +59,7 @@ from .messages import LifecycleEvent, MembershipChange, Message, from_json
 from .plan import ServiceChanges, plan_service
 from .policy import Policy, Service
 from .store import ChangeEntry, GroupUpdate, SyncState, utcnow
+from .subscriptions import claim_touch
 from .sync_report import SyncSummary, audit_changes, iam_outcome, policy_event
 
 # Message ids carried into change-log entries; a larger batch marks its ids in a
@@ -302,6 +303,12 @@ class PolicySync:
     def _reauthorize(self, event: LifecycleEvent) -> int:
         """Answer reauthorizationRequired. Failures raise (redelivery retries), except a
         subscription that no longer exists: maintenance creates it again."""
+        # Graph refuses a reauthorize and a renew (PATCH) of one subscription within
+        # 10 minutes; maintenance may have renewed it just now.
+        if not claim_touch(self._app.store, event.subscription, "reauthorize"):
+            audit.entry("subscription_reauthorize_deferred", "renewed less than 10 minutes ago: left to maintenance",
+                        tenant=event.tenant, subscription=event.subscription, message_id=event.id)
+            return 0
         try:
             self._graph(event.tenant).reauthorize_subscription(event.subscription)
         except UpstreamError as e:
