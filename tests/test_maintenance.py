@@ -264,6 +264,9 @@ def test_drift_restores_managed_members_and_reports_the_rest(world):
     bindings = world.cloudrun.policy(BILLING)["bindings"]
     assert all(b in bindings for b in foreign)
     assert app.store.managed_members("billing") == {INVOKER: {user(ALICE), user(CAROL)}}
+    restored = [e for e in app.store.changes() if e.kind == "iam_restored"]
+    assert [(e.service, e.role, e.member, e.source) for e in restored] == [
+        ("billing", INVOKER, user(ALICE), "maintenance")]                 # evidence for access reviews
     again = app.maintenance.run(["drift"])["tasks"]["drift"]["services"]["billing"]
     assert (again["restored"], again["removed"]) == ({}, {})
 

@@ -271,6 +271,16 @@ def stored_processed_ids(store) -> set[str]:
 # -- managed IAM members -----------------------------------------------------
 
 
+def test_record_iam_logs_restored_members_that_stay_managed(store):
+    invoker = "roles/run.invoker"
+    store.record_iam("billing-api", {invoker: {"p/u1", "p/u2"}}, source="s", why="w")
+    entries = store.record_iam("billing-api", {invoker: {"p/u1", "p/u2"}}, source="maintenance",
+                               why="IAM drift repaired", restored={invoker: {"p/u1", "p/u9"}})
+    assert [(e.kind, e.member, e.source) for e in entries] == [("iam_restored", "p/u1", "maintenance")]
+    assert [e.kind for e in store.changes()][-1] == "iam_restored"
+    assert store.managed_members("billing-api") == {invoker: {"p/u1", "p/u2"}}
+
+
 def test_record_iam_logs_each_difference(store):
     invoker, viewer = "roles/run.invoker", "roles/run.viewer"
     assert store.managed_members("billing-api") == {}

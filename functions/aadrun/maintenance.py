@@ -196,8 +196,10 @@ class Maintenance:
         def claim(changes: ServiceChanges) -> None:
             # Claimed before the set call, as policy_sync does: never orphaned in IAM.
             roles = set(managed_before) | set(changes.adds)
+            # A managed member put back after a change outside aadrun is logged as restored.
+            restored = {r: set(changes.adds.get(r, ())) & managed_before.get(r, set()) for r in roles}
             store.record_iam(name, {r: managed_before.get(r, set()) | set(changes.adds.get(r, ())) for r in roles},
-                             source="maintenance", why="IAM drift repaired")
+                             source="maintenance", why="IAM drift repaired", restored=restored)
 
         try:
             # The same lease policy_sync takes per IAM write of a service.

@@ -41,7 +41,8 @@ class ChangeEntry:
     """One line of the change log (also the shape of `aadrun audit` rows).
 
     kind: ``member_added`` | ``member_removed`` (membership store) or
-          ``iam_added`` | ``iam_removed`` (a Cloud Run IAM member).
+          ``iam_added`` | ``iam_removed`` | ``iam_restored`` (a Cloud Run IAM member;
+          restored: put back after a change made outside aadrun).
     """
 
     kind: str
@@ -123,9 +124,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def record_iam(self, service: str, desired: Mapping[str, set[str]], *, source: str, why: str,
-                   message_id: str | None = None) -> list[ChangeEntry]:
+                   message_id: str | None = None,
+                   restored: Mapping[str, set[str]] | None = None) -> list[ChangeEntry]:
         """Store the managed members of a service (role -> members) after IAM was
-        written, logging ``iam_added`` / ``iam_removed`` for each difference."""
+        written, logging ``iam_added`` / ``iam_removed`` for each difference, and
+        ``iam_restored`` for each managed member a drift repair put back in IAM."""
 
     @abc.abstractmethod
     def changes(self, since: dt.datetime | None = None, limit: int | None = None) -> list[ChangeEntry]:

@@ -61,7 +61,7 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 
 from ..errors import ConfigError, Unavailable
 from .base import UTC, ChangeEntry, GroupUpdate, Store, SyncState, utcnow
-from .rules import check_update, diff_iam, member_entries, monotonic_at
+from .rules import check_update, diff_iam, iam_entries, member_entries, monotonic_at
 
 EMULATOR_PROJECT = "aadrun-local"
 TIMEOUT_S = 5.0
@@ -304,21 +304,23 @@ class FirestoreStore(Store):
         return entries
 
     def record_iam(self, service: str, desired: Mapping[str, set[str]], *, source: str, why: str,
-                   message_id: str | None = None) -> list[ChangeEntry]:
-        return self._run(self._record_iam, service, desired, source, why, message_id, utcnow())
+                   message_id: str | None = None,
+                   restored: Mapping[str, set[str]] | None = None) -> list[ChangeEntry]:
+        return self._run(self._record_iam, service, desired, source, why, message_id, restored, utcnow())
 
     def _record_iam(self, txn, service: str, desired: Mapping[str, set[str]], source: str, why: str,
-                    message_id: str | None, now: dt.datetime) -> list[ChangeEntry]:
+                    message_id: str | None, restored: Mapping[str, set[str]] | None,
+                    now: dt.datetime) -> list[ChangeEntry]:
         ref = self._doc("managed", service)
         current = self._roles(self._read(txn, [ref])[ref.path])
         added, removed = diff_iam(current, desired)
-        if not added and not removed:
+        if not added and not removed and not any((restored or {}).values()):
             return []
         counters = self._counters_now()
         at = monotonic_at(now, counters["last_at"])
-        entries = [ChangeEntry(kind=kind, at=at, service=service, role=r, member=m, source=source,
-                               why=why, message_id=message_id)
-                   for kind, pairs in (("iam_added", added), ("iam_removed", removed)) for r, m in pairs]
+        entries = iam_entries(service, added, removed, restored, desired, at, source, why, message_id)
+        if not entries:
+            return []
         entries = self._log(txn, entries, counters, bump_generation=False)
         roles = [{"role": r, "members": sorted(ms)} for r, ms in sorted(desired.items()) if ms]
         txn.set(ref, {"service": service, "roles": roles})

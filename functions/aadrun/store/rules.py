@@ -36,3 +36,14 @@ def monotonic_at(now: dt.datetime, last: dt.datetime | None) -> dt.datetime:
     that ``changes(since=...)`` is a consistent cursor even if the wall clock of
     this host (or, with Firestore, of another instance) stepped back."""
     return now if last is None or now >= last else last
+
+
+def iam_entries(service: str, added, removed, restored: Mapping[str, set[str]] | None, desired: Mapping[str, set[str]],
+                at: dt.datetime, source: str, why: str, message_id: str | None) -> list[ChangeEntry]:
+    """The change-log entries of one ``record_iam``; a restored member counts only
+    while it stays managed."""
+    back = [(r, m) for r, ms in sorted((restored or {}).items()) for m in sorted(ms) if m in desired.get(r, ())]
+    return [ChangeEntry(kind=kind, at=at, service=service, role=r, member=m, source=source, why=why,
+                        message_id=message_id)
+            for kind, pairs in (("iam_added", added), ("iam_removed", removed), ("iam_restored", back))
+            for r, m in pairs]

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from ..errors import Unavailable
 from .base import UTC, ChangeEntry, GroupUpdate, Store, SyncState, utcnow
-from .rules import check_update, diff_iam, member_entries, monotonic_at
+from .rules import check_update, diff_iam, iam_entries, member_entries, monotonic_at
 
 BUSY_TIMEOUT_S = 5.0
 # Below SQLite's historical limit of 999 host parameters per statement.
@@ -320,7 +320,8 @@ class SqliteStore(Store):
         return to_add, to_remove
 
     def record_iam(self, service: str, desired: Mapping[str, set[str]], *, source: str, why: str,
-                   message_id: str | None = None) -> list[ChangeEntry]:
+                   message_id: str | None = None,
+                   restored: Mapping[str, set[str]] | None = None) -> list[ChangeEntry]:
         with _translated(), self._write() as conn:
             current: dict[str, set[str]] = {}
             for role, member in conn.execute("SELECT role, member FROM managed WHERE service = ?",
@@ -331,11 +332,8 @@ class SqliteStore(Store):
             conn.executemany("DELETE FROM managed WHERE service = ? AND role = ? AND member = ?",
                              [(service, r, m) for r, m in removed])
             at = self._next_at(conn, utcnow())
-            entries = [ChangeEntry(kind=kind, at=at, service=service, role=r, member=m, source=source,
-                                   why=why, message_id=message_id)
-                       for kind, pairs in (("iam_added", added), ("iam_removed", removed))
-                       for r, m in pairs]
-            return self._log(conn, entries)
+            return self._log(conn, iam_entries(service, added, removed, restored, desired, at, source, why,
+                                               message_id))
 
     def acquire_lease(self, name: str, holder: str, ttl_seconds: float) -> bool:
         now = utcnow()
