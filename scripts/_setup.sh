@@ -17,4 +17,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 export PYTHONPATH="$ROOT/functions:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # Off GCP: don't let google-auth probe the metadata server for credentials.
-export NO_GCE_CHECK="${NO_GCE_CHECK:-True}"
+export NO_GCE_CHECK="${NO_GCE_CHECK:-true}"  # google-auth compares with "true"

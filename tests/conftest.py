@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from google.auth.compute_engine import _metadata
 
 from tests.support.emulators import ENV, Emulator
 
@@ -32,3 +33,13 @@ def pubsub_emulator():
 def firestore_emulator():
     """host:port of a running Firestore emulator (FIRESTORE_EMULATOR_HOST is set)."""
     yield from _emulator("firestore")
+
+
+@pytest.fixture
+def offline_google(monkeypatch, tmp_path):
+    """No Application Default Credentials and no metadata-server probe, so Google
+    clients built in a test stay on loopback (google-auth reads NO_GCE_CHECK only
+    at import, hence the attribute)."""
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    monkeypatch.setattr(_metadata, "_NO_GCE_CHECK", True)

@@ -5,7 +5,6 @@ import json
 import threading
 
 import pytest
-from google.auth.compute_engine import _metadata
 from google.auth.credentials import AnonymousCredentials
 from google.iam.v1 import policy_pb2
 from google.protobuf import json_format
@@ -35,11 +34,8 @@ def user(oid: str) -> str:
 
 
 @pytest.fixture(autouse=True)
-def no_adc(monkeypatch, tmp_path):
-    """No Application Default Credentials and no metadata-server probe (network stays on loopback)."""
-    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
-    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
-    monkeypatch.setattr(_metadata, "_NO_GCE_CHECK", True)
+def no_adc(offline_google):
+    """Google clients of these tests stay offline (see conftest)."""
 
 
 @pytest.fixture

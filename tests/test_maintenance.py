@@ -12,7 +12,6 @@ import threading
 import urllib.request
 
 import pytest
-from google.auth.compute_engine import _metadata
 
 from aadrun.app import App
 from aadrun.graph import GraphClient, max_expiration
@@ -61,11 +60,8 @@ def user(oid: str) -> str:
 
 
 @pytest.fixture(autouse=True)
-def no_adc(monkeypatch, tmp_path):
-    """No Application Default Credentials and no metadata-server probe."""
-    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
-    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
-    monkeypatch.setattr(_metadata, "_NO_GCE_CHECK", True)
+def no_adc(offline_google):
+    """Google clients of these tests stay offline (see conftest)."""
 
 
 @dataclasses.dataclass

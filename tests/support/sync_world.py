@@ -23,7 +23,6 @@ import time
 import uuid
 
 import pytest
-from google.auth.compute_engine import _metadata
 
 from aadrun.app import App
 from aadrun.bus import LocalBus
@@ -148,11 +147,8 @@ class World:
 
 
 @pytest.fixture(autouse=True)
-def no_adc(monkeypatch, tmp_path):
-    """No Application Default Credentials and no metadata-server probe."""
-    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
-    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
-    monkeypatch.setattr(_metadata, "_NO_GCE_CHECK", True)
+def no_adc(offline_google):
+    """Google clients of these tests stay offline (see conftest)."""
 
 
 @pytest.fixture
