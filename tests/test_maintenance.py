@@ -310,7 +310,7 @@ def test_a_held_lease_skips_the_task_with_200(world):
 def test_a_failing_task_is_503_with_a_summary_never_500(world):
     status, answer = post(world.app(notification_url=None), b'{"tasks": ["subscriptions", "reconcile"]}')
     assert status == 503 and not answer["ok"]
-    assert answer["tasks"]["subscriptions"]["error"] == "ConfigError"
+    assert answer["tasks"]["subscriptions"]["error"] == "not_configured"
     assert "AADRUN_NOTIFICATION_URL" in answer["tasks"]["subscriptions"]["detail"]
     assert answer["tasks"]["reconcile"]["status"] == "ok"
 

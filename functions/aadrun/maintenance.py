@@ -96,7 +96,7 @@ class Maintenance:
         """Run ``tasks`` (default: all) in the order of ``TASKS``, each under its lease."""
         unknown = sorted(set(tasks or ()) - set(TASKS))
         if unknown:
-            raise RequestError(f"unknown task {unknown[0]!r} (tasks: {', '.join(TASKS)})")
+            raise RequestError(f"unknown task (tasks: {', '.join(TASKS)})")
         chosen = [t for t in TASKS if tasks is None or t in tasks]
         holder = f"{self._holder}:{next(self._runs)}"
         results = {name: self._task(name, holder) for name in chosen}
@@ -112,11 +112,13 @@ class Maintenance:
                 result = {"status": "ok", **self._tasks[name]()} if held else {"status": "skipped",
                                                                                 "reason": "lease_held"}
         except AadrunError as e:
-            result = {"status": "error", "error": type(e).__name__, "detail": str(e)}
+            audit.entry("maintenance_error", f"maintenance task {name} failed", severity="ERROR",
+                        error=type(e).__name__, detail=str(e))
+            result = {"status": "error", "error": e.reason, "detail": str(e)}
         except Exception as e:  # noqa: BLE001 - the scheduler gets a summary, never a stack trace
             audit.entry("maintenance_error", f"maintenance task {name} failed", severity="ERROR",
                         error=type(e).__name__)
-            result = {"status": "error", "error": type(e).__name__, "detail": "unexpected error"}
+            result = {"status": "error", "error": "internal", "detail": "unexpected error"}
         if result["status"] == "ok" and result.get("errors"):
             result["status"] = "error"
         result["seconds"] = round(time.monotonic() - started, 3)
@@ -157,7 +159,7 @@ class Maintenance:
             try:
                 merge_resync(out, self._app.sync.resync(tenant=tenant).to_json())
             except AadrunError as e:
-                out["errors"].append({"tenant": tenant, "error": type(e).__name__, "detail": str(e)})
+                out["errors"].append({"tenant": tenant, "error": e.reason, "detail": str(e)})
         return out
 
     def drift_task(self) -> dict:
@@ -173,7 +175,7 @@ class Maintenance:
             try:
                 services[name] = self._drift(policy, service)
             except AadrunError as e:
-                errors.append({"service": name, "error": type(e).__name__, "detail": str(e)})
+                errors.append({"service": name, "error": e.reason, "detail": str(e)})
         repaired = sorted(n for n, s in services.items() if s["restored"] or s["removed"])
         return {"mode": writer.mode, "services": services, "repaired": repaired, "errors": errors}
 
@@ -255,7 +257,7 @@ def parse_tasks(body: bytes) -> list[str] | None:
         raise RequestError("body must be a JSON object")
     extra = sorted(set(data) - {"tasks"})
     if extra:
-        raise RequestError(f"unknown field {extra[0]!r}")
+        raise RequestError("unknown field (allowed: tasks)")
     tasks = data.get("tasks")
     if tasks is None:
         return None
@@ -263,7 +265,7 @@ def parse_tasks(body: bytes) -> list[str] | None:
         raise RequestError("tasks must be a non-empty list of task names")
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
-        raise RequestError(f"unknown task {unknown[0]!r} (tasks: {', '.join(TASKS)})")
+        raise RequestError(f"unknown task (tasks: {', '.join(TASKS)})")
     return tasks
 
 

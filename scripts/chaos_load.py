@@ -1,0 +1,185 @@
+"""Load and long fuzzing for ``scripts/chaos``.
+
+    load(quick)     verify at its HTTP ceiling (wrk, else a Python keep-alive generator)
+                    for 60 s: no error, resident memory of the serving worker growing
+                    under 10% (sampled from /proc); graph_webhook under 50 concurrent
+                    senders POSTing Graph-sized batches (1-100 items): every answer a
+                    202 within Graph's 3 s deadline
+    fuzz(examples)  the Hypothesis suites of tests/test_fuzz.py (verify requests, the
+                    policy loader) and of tests/test_webhook.py (bodies, forged and
+                    authentic items), with ``examples`` examples each and no deadline
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from chaos_lab import ROOT, TENANT, Lab, Row, group_id, user_id
+from chaos_tokens import _seed
+
+RSS_LIMIT, DEADLINE = 0.10, 3.0
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def worker_pid(pid: int) -> int:
+    """The serving process: gunicorn's worker (the master's child), else the process itself."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return int(children[0]) if children else pid
+
+
+def _generate(port: int, path: str, headers: dict, seconds: float) -> tuple[int, int]:
+    """(requests, errors) from 16 keep-alive connections (when wrk is absent)."""
+    import http.client
+
+    counts, errors, stop = [0] * 16, [0] * 16, time.monotonic() + seconds
+
+    def run(i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        while time.monotonic() < stop:
+            try:
+                conn.request("GET", path, headers=headers)
+                response = conn.getresponse()
+                response.read()
+                counts[i] += 1
+                errors[i] += response.status != 200
+            except (OSError, http.client.HTTPException):
+                errors[i] += 1
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts), sum(errors)
+
+
+def verify_ceiling(folder: Path, seconds: float) -> tuple[Row, Lab]:
+    lab = Lab(folder)
+    member = _seed(lab)
+    lab.verify = lab.function("verify", AADRUN_AUTHORITY_URL=lab.idp.url)
+    token = lab.idp.mint(TENANT, oid=member, aud="api://svc-0", lifetime=7200)
+    lab.secrets.add(token)
+    headers, path = {"Authorization": f"Bearer {token}"}, "/verify?service=svc-0"   # forward-auth mode
+    pid = worker_pid(lab.verify.proc.pid)
+    _generate(lab.verify.port, path, headers, 2.0)                 # warm-up: caches, allocator, log queue
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.5):
+            samples.append(rss_kib(pid))
+    sampler = threading.Thread(target=sample, daemon=True)
+    samples.append(rss_kib(pid))
+    sampler.start()
+    if shutil.which("wrk"):
+        args = ["wrk", "-t2", "-c16", f"-d{max(1, round(seconds))}s", "-H", f"Authorization: Bearer {token}",
+                f"{lab.verify.url}{path}"]
+        out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+        total = int(re.search(r"(\d+) requests in", out).group(1))
+        errors = sum(int(n) for n in re.findall(r"(?:Non-2xx or 3xx responses|connect|read|write|timeout) (\d+)",
+                                                 out))
+        tool = "wrk -t2 -c16"
+    else:
+        total, errors = _generate(lab.verify.port, path, headers, seconds)
+        tool = "Python, 16 connections"
+    done.set()
+    sampler.join()
+    samples.append(rss_kib(pid))
+    growth = (samples[-1] - samples[0]) / samples[0]
+    wrong = errors + (growth >= RSS_LIMIT)
+    note = (f"{total / seconds:.0f} req/s ({tool}), {errors} errors, RSS {samples[0] / 1024:.1f} -> "
+            f"{samples[-1] / 1024:.1f} MiB ({growth:+.1%}, peak {max(samples) / 1024:.1f})")
+    return Row(f"verify at its HTTP ceiling, {seconds:.0f} s", total, 0, wrong, 0.0, note), lab
+
+
+def webhook_senders(folder: Path, pubsub: str, seconds: float, senders: int = 50) -> tuple[Row, Lab]:
+    lab = Lab(folder, pubsub=pubsub)
+    lab.webhook = lab.function("graph_webhook")
+    lab.provision()
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    items_sent, lock, stop = [0], threading.Lock(), time.monotonic() + seconds
+
+    def sender(seed: int) -> None:
+        import random
+
+        rng = random.Random(seed)
+        while time.monotonic() < stop:
+            n = rng.randint(1, 100)
+            batch = [lab.item(group_id(rng.randrange(6)), user_id(rng.randrange(24)), rng.random() < 0.3)
+                     for _ in range(n)]
+            started = time.monotonic()
+            status = lab.notify(batch)
+            took = time.monotonic() - started
+            with lock:
+                latencies.append(took)
+                statuses[status] = statuses.get(status, 0) + 1
+                items_sent[0] += n
+    threads = [threading.Thread(target=sender, args=(i,), daemon=True) for i in range(senders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ordered = sorted(latencies)
+    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    late = sum(1 for t in latencies if t > DEADLINE)
+    wrong = late + sum(n for s, n in statuses.items() if s != 202)
+    note = (f"{len(latencies)} POSTs, answers {statuses}, p50 {ordered[len(ordered) // 2]:.3f} s, "
+            f"p99 {p99:.3f} s, max {ordered[-1]:.3f} s, {late} over 3 s")
+    return Row(f"graph_webhook, {senders} senders x 1-100 items", items_sent[0], 0, wrong, 0.0, note), lab
+
+
+def load(quick: bool) -> list[Row]:
+    from tests.support.emulators import Emulator
+
+    rows, own = [], None
+    pubsub = os.environ.get("PUBSUB_EMULATOR_HOST")
+    if not pubsub:
+        own = Emulator("pubsub").start()
+        pubsub = own.host
+    try:
+        for build in (lambda f: verify_ceiling(f, 5 if quick else 60),
+                      lambda f: webhook_senders(f, pubsub, 3 if quick else 20)):
+            folder = Path(tempfile.mkdtemp(prefix="aadrun-load-"))
+            lab = None
+            try:
+                row, lab = build(folder)
+            finally:
+                if lab:
+                    lab.stop()
+                shutil.rmtree(folder, ignore_errors=True)
+            print(f"{row.scenario}: {row.messages} messages, {row.wrong} wrong; {row.note}", flush=True)
+            rows.append(row)
+    finally:
+        if own:
+            own.stop()
+    return rows
+
+
+def fuzz(examples: int) -> int:
+    """The fuzz suites with ``examples`` examples each (exit status of pytest)."""
+    env = {**os.environ, "AADRUN_FUZZ_EXAMPLES": str(examples)}
+    tests = ["tests/test_fuzz.py", "scripts/chaos_fuzz_webhook.py"]
+    print("fuzz: Hypothesis only (atheris is not among the requirements)", file=sys.stderr)
+    return subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT, env=env)
+
+
+__all__ = ["load", "fuzz", "verify_ceiling", "webhook_senders", "json"]

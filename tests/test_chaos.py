@@ -1,0 +1,39 @@
+"""The resilience scenarios of ``scripts/chaos`` in their quick form: every row must
+show nothing lost, nothing wrong, and convergence (the full run: ``scripts/chaos``)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import chaos  # noqa: E402
+import chaos_load  # noqa: E402
+
+# Variables a lab sets for its processes; restored after each test.
+_ENV = ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "PUBSUB_EMULATOR_HOST", "FIRESTORE_EMULATOR_HOST")
+
+
+@pytest.fixture
+def isolated_env(monkeypatch):
+    import os
+
+    for name in _ENV:
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize("name", list(chaos.SCENARIOS))
+def test_fault_scenario_loses_nothing_and_converges(name, pubsub_emulator, isolated_env):
+    row, _ = chaos.run_one(name, quick=True, pubsub=pubsub_emulator)
+    assert (row.lost, row.wrong) == (0, 0), chaos.table([row])
+    assert row.converge_s is not None, chaos.table([row])
+
+
+def test_load_quick(pubsub_emulator, isolated_env):
+    rows = chaos_load.load(quick=True)
+    assert [r.wrong for r in rows] == [0, 0], chaos.table(rows)
