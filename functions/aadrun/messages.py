@@ -144,8 +144,10 @@ class LifecycleEvent:
         return attrs
 
     def to_dict(self) -> dict[str, Any]:
+        # added/removed are always empty here; present so both kinds share one shape (CONTRACT §5).
         return {"schema": SCHEMA, "id": self.id, "kind": self.kind, "tenant": self.tenant, "group": self.group,
-                "subscription": self.subscription, "event": self.event, "received_at": self.received_at}
+                "added": [], "removed": [], "subscription": self.subscription, "event": self.event,
+                "received_at": self.received_at}
 
     def to_json(self) -> bytes:
         return canonical(self.to_dict())
