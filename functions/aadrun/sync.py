@@ -67,6 +67,9 @@ from .sync_report import SyncSummary, audit_changes, iam_outcome, policy_event
 MAX_LOGGED_IDS = 8
 MAX_CHECKED_CLAIMS = 16   # users of one message looked up in the store before reading Graph
 WORKERS = 8
+# Reads of one group in a row while removals keep landing during them (then Pub/Sub
+# redelivery or the reconcile takes over).
+CONTESTED_READS = 3
 _RANK = {None: 0, "incremental": 1, "full": 2}
 # (carries removals, "group changed", already processed) -> the Graph read its group needs.
 # A redelivered "group changed" was fully read by the attempt that marked it.
@@ -277,10 +280,21 @@ class PolicySync:
         store = self._app.store
         state = store.sync_state(tenant, group)
         full = any(r.read == "full" for r in requests) or state is None or not state.delta_link
-        started, generation = utcnow(), store.generation()
-        result = self._graph(tenant).group_delta(group, None if full else state.delta_link, restart_on_expiry=True)
-        stale = self._removed_since(tenant, group, started, generation)
-        entries = store.apply(_answer(tenant, group, result, stale, self._marks(tenant, group, ids)))
+        marks, entries = self._marks(tenant, group, ids), []
+        for _ in range(CONTESTED_READS):
+            started, generation = utcnow(), store.generation()
+            result = self._graph(tenant).group_delta(group, None if full else state.delta_link,
+                                                     restart_on_expiry=True)
+            stale = self._removed_since(tenant, group, started, generation)
+            update = _answer(tenant, group, result, stale, marks)
+            entries += store.apply(update)
+            marks = ()
+            # A removal committed while the read was in flight outranks it; a read
+            # started after that removal is Graph's truth again, so read once more
+            # now rather than leave the group to the next notification or reconcile.
+            if update.sync is None or update.sync.delta_link is not None:
+                break
+            full = True
         audit_changes(entries)
         return ("full" if result.full else "incremental"), entries
 
