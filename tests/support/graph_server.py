@@ -24,6 +24,7 @@ import json
 import re
 import secrets
 import ssl
+import sys
 import threading
 import time
 import urllib.error
@@ -142,7 +143,7 @@ class GraphServer:
 
     def start(self) -> "GraphServer":
         handler = type("Handler", (_Handler,), {"app": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd = _QuietServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         scheme = "http"
         if self.pki:
@@ -510,6 +511,13 @@ class GraphServer:
             if len(parts) == 4 and parts[1:] == ["oauth2", "v2.0", "token"] and method == "POST":
                 return 200, self._token(parts[0], dict(parse_qsl(raw.decode())))
         raise HttpError(404, "not_found", path, oauth=True)
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        # A client killed mid-request (the SIGKILL scenarios) is expected: no traceback.
+        if not isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError)):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
