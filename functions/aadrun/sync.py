@@ -257,6 +257,12 @@ class PolicySync:
         if summary.membership or summary.iam_changes or any(w.redelivered for w in groups.values()):
             event = policy_event(policy, groups, (i for w in groups.values() for i in w.ids), summary)
             _guarded(errors, lambda: self._app.bus.publish_policy_update(event))
+        ids = [i for w in groups.values() for i in w.ids]
+        # One line per batch, so an operator can follow a message id end to end.
+        audit.entry("sync_batch", f"policy_sync {summary.source}: {len(summary.membership)} membership change(s)",
+                    severity="WARNING" if errors else "INFO", source=summary.source, message_ids=ids[:50],
+                    messages=summary.messages, duplicates=summary.duplicates, reflected=summary.reflected,
+                    reads=dict(summary.reads), changes=len(summary.membership), errors=len(errors))
         if errors:
             raise errors[0]
         return summary
