@@ -9,6 +9,7 @@ import time
 import uuid
 
 from aadrun.messages import MembershipChange
+from aadrun.store import GroupUpdate
 from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, graph_pki, loopback_only
 from tests.support.sync_world import *  # noqa: F401,F403 - world, app, store_url, no_adc
 from tests.support.sync_world import (ALICE, BILLING, BOB, CAROL, G_ENG, G_OPS, INVOKER, MALLORY, REPORTS,
@@ -102,6 +103,26 @@ def test_a_read_in_flight_never_undoes_a_removal_committed_meanwhile(world, app)
     assert app.store.group_members(TENANT, G_ENG) == {ALICE}
     assert user(BOB) not in world.members(REPORTS)
     assert [e.kind for e in app.store.changes() if e.user == BOB] == ["member_added", "member_removed"]
+
+
+def test_a_stale_removal_during_an_incremental_read_is_settled_by_a_full_read(world, app):
+    """Another instance commits a removal Graph never made (stale or reordered) and dies
+    before reading; meanwhile this instance's incremental read, which cannot speak of
+    that user, lands. It must not store a current link over the hole: it reads in full,
+    and a redelivery of the removal is then not mistaken for an already-reflected one."""
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    world.graph.add_members(TENANT, G_ENG, [CAROL])
+    slow_delta(world.graph, 0.4)
+    reader = threading.Thread(target=app.sync.handle_messages, args=([change(G_ENG, added=[CAROL])],))
+    reader.start()
+    time.sleep(0.1)                                        # the incremental read is in flight
+    app.store.apply(GroupUpdate(TENANT, G_ENG, removed=frozenset({BOB}), source="notification",
+                                why="stale removal committed by an instance that then died"))
+    reader.join()
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE, BOB, CAROL}
+    assert app.sync.handle_messages([change(G_ENG, removed=[BOB])]).reflected == 0
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE, BOB, CAROL}
 
 
 def test_a_burst_makes_one_graph_read_and_one_iam_write_per_group_and_service(world, app):

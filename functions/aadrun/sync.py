@@ -411,7 +411,12 @@ def _answer(tenant: str, group: str, result: DeltaResult, stale: frozenset[str],
     longer matches the store), so that the next read is a full one."""
     complete = result.full or result.group_deleted
     members = result.added if result.full else frozenset()
-    contested = stale & (members if complete else result.added)
+    # A full answer settles every user it lists. An incremental one speaks only of
+    # changes since its link: a removal committed meanwhile may be stale (Graph
+    # re-added the user before that link), and silence cannot tell, so any such
+    # removal leaves the group to a full read; otherwise a restored link would make
+    # the store look current while it lacks a member.
+    contested = stale & members if complete else stale
     common = dict(sync=SyncState(None if contested else result.delta_link, utcnow()), message_ids=ids,
                   source="graph-delta", why=f"{'full' if result.full else 'incremental'} delta read")
     if complete:
