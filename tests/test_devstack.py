@@ -33,6 +33,16 @@ def test_scenario_passes_in_embedded_mode(tmp_path):
     assert not listening(port)
 
 
+def test_scenario_passes_across_processes_with_the_emulators(tmp_path):
+    port = free_port()
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "devstack.py"), "--once", "--emulators",
+                           "--port", str(port), "--state", str(tmp_path / "dev")],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert any(line.endswith("scenario passed") for line in proc.stdout.splitlines())
+    assert not listening(port)
+
+
 def test_ctrl_c_stops_everything(tmp_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "devstack.py"), "--port", str(port),
