@@ -247,7 +247,10 @@ def main() -> int:
         if args.once:
             return 0 if ok else 1
         print(instructions(stack), flush=True)
-        stop.wait()
+        # Wake up regularly: a signal delivered to another thread (a server's) does
+        # not interrupt an untimed wait, so Ctrl-C would otherwise go unnoticed.
+        while not stop.wait(0.2):
+            pass
     except KeyboardInterrupt:
         pass
     finally:

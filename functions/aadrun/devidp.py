@@ -161,7 +161,11 @@ def main() -> None:
     args = parser.parse_args()
     idp = DevIdentityProvider(port=args.port).start()
     print(json.dumps({"authority_url": idp.url}), flush=True)
-    threading.Event().wait()
+    try:
+        while True:  # a timed sleep, so Ctrl-C is seen even when another thread got the signal
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        idp.stop()
 
 
 if __name__ == "__main__":
