@@ -6,6 +6,7 @@ import os
 import pytest
 from google.auth.compute_engine import _metadata
 
+from aadrun.devidp import DevIdentityProvider
 from tests.support.emulators import ENV, Emulator
 
 
@@ -43,3 +44,11 @@ def offline_google(monkeypatch, tmp_path):
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
     monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
     monkeypatch.setattr(_metadata, "_NO_GCE_CHECK", True)
+
+
+@pytest.fixture(scope="module")
+def idp():
+    """A local Entra-like identity provider for a test module (a module may define
+    its own, e.g. function-scoped where tests rotate keys)."""
+    with DevIdentityProvider() as server:
+        yield server

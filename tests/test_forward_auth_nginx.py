@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from aadrun.devidp import DevIdentityProvider
 from aadrun.store import GroupUpdate, SyncState, open_store, utcnow
 from tests.support.emulators import free_port
 from tests.support.serve import FunctionServer
@@ -165,12 +164,6 @@ class Nginx:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-@pytest.fixture(scope="module")
-def idp():
-    with DevIdentityProvider() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

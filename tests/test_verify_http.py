@@ -9,16 +9,10 @@ import urllib.request
 
 import pytest
 
-from aadrun.devidp import DevIdentityProvider, SigningKey
+from aadrun.devidp import SigningKey
 from aadrun.store import GroupUpdate, SyncState, open_store, utcnow
 from tests.support.serve import FunctionServer
 from tests.support.world import ALICE, BOB, G_ENG, TENANT_A, TENANT_OTHER, env_for, write_policy
-
-
-@pytest.fixture(scope="module")
-def idp():
-    with DevIdentityProvider() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
