@@ -9,7 +9,15 @@ import functions_framework
 import flask
 
 from aadrun.app import get_app
+from aadrun.errors import ConfigError
 from aadrun.http import HttpRequest, HttpResponse
+
+# Bad configuration stops the instance at start-up with the variable named, rather
+# than failing every request later.
+try:
+    get_app()
+except ConfigError as error:
+    raise SystemExit(f"aadrun: configuration error: {error}") from None
 
 # Largest body any HTTP entry point reads; each core applies its own, smaller limit.
 _READ_LIMIT = 1024 * 1024

@@ -1,0 +1,55 @@
+"""Settings from the environment: defaults, and bad values named at start-up."""
+from __future__ import annotations
+
+import pytest
+
+from aadrun.config import Settings
+from aadrun.errors import ConfigError
+from tests.support.serve import FunctionServer
+
+
+def test_defaults_follow_the_contract():
+    settings = Settings.from_env({})
+    assert (settings.policy_path, settings.store_url, settings.bus, settings.iam_mode) == (
+        "policies/", "sqlite:///.aadrun/state.db", "local", "record")
+    assert settings.authority_url == "https://login.microsoftonline.com"
+    assert settings.graph_url == "https://graph.microsoft.com/v1.0"
+    assert settings.client_states == ()
+
+
+def test_client_state_is_a_comma_separated_list_and_never_shown():
+    settings = Settings.from_env({"AADRUN_CLIENT_STATE": " old-secret , new-secret ",
+                                  "AADRUN_CLIENT_SECRET": "app-secret"})
+    assert settings.client_states == ("old-secret", "new-secret")
+    shown = repr(settings)
+    assert "old-secret" not in shown and "new-secret" not in shown and "app-secret" not in shown
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"AADRUN_BUS": "kafka"}, "AADRUN_BUS"),
+    ({"AADRUN_IAM": "gcp"}, "AADRUN_IAM"),
+    ({"AADRUN_AUTHORITY_URL": "http://login.example.com"}, "AADRUN_AUTHORITY_URL"),
+    ({"AADRUN_GRAPH_URL": "ftp://127.0.0.1/v1.0"}, "AADRUN_GRAPH_URL"),
+    ({"AADRUN_CLOUDRUN_ENDPOINT": "http://10.0.0.1:8080"}, "AADRUN_CLOUDRUN_ENDPOINT"),
+    ({"AADRUN_NOTIFICATION_URL": "http://hooks.example.com/"}, "AADRUN_NOTIFICATION_URL"),
+    ({"AADRUN_LEEWAY_SECONDS": "a minute"}, "AADRUN_LEEWAY_SECONDS"),
+    ({"AADRUN_LEEWAY_SECONDS": "-5"}, "AADRUN_LEEWAY_SECONDS"),
+    ({"AADRUN_BUS": "pubsub"}, "GOOGLE_CLOUD_PROJECT"),
+])
+def test_bad_values_name_the_variable(env, variable):
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env(env)
+
+
+def test_plain_http_only_towards_loopback():
+    settings = Settings.from_env({"AADRUN_AUTHORITY_URL": "http://127.0.0.1:8443/",
+                                  "AADRUN_CLOUDRUN_ENDPOINT": "http://localhost:9000"})
+    assert settings.authority_url == "http://127.0.0.1:8443"
+    assert settings.cloudrun_endpoint == "http://localhost:9000"
+
+
+def test_a_function_with_bad_configuration_stops_at_start_up_naming_the_variable():
+    with pytest.raises(RuntimeError) as stopped:
+        FunctionServer("verify", {"AADRUN_BUS": "kafka"}).start(timeout=30)
+    message = str(stopped.value)
+    assert "AADRUN_BUS must be one of local, pubsub" in message and "Traceback" not in message
