@@ -34,6 +34,7 @@ from aadrun.devidp import DevIdentityProvider  # noqa: E402
 from tests.support.cloudrun_server import CloudRunIamServer  # noqa: E402
 from tests.support.graph_fixtures import CLIENT_ID, CLIENT_SECRET, make_pki  # noqa: E402
 from tests.support.graph_server import GraphServer  # noqa: E402
+from tests.support.parts import Parts
 from tests.support.serve import FunctionServer  # noqa: E402
 
 PROJECT = "aadrun-chaos"
@@ -95,7 +96,7 @@ class Lab:
     def __init__(self, folder: Path, *, store: str = "sqlite", pubsub: str | None = None,
                  firestore: str | None = None, extra_env: dict | None = None):
         self.folder, self.rng = folder, random.Random(7)
-        self.parts: list = []
+        self.parts = Parts()
         self.servers: list[FunctionServer] = []
         self.client_state = "cs-" + secrets.token_urlsafe(18)
         self.canary = "canary-" + secrets.token_hex(8)   # put in every body: must never reach a log
@@ -139,8 +140,7 @@ class Lab:
         self._conns = threading.local()
 
     def _keep(self, part):
-        self.parts.append(part)
-        return part
+        return self.parts.keep(part)
 
     # -- processes ------------------------------------------------------------------
 
@@ -188,12 +188,7 @@ class Lab:
         return "\n".join(s.output() for s in self.servers)
 
     def stop(self) -> None:
-        while self.parts:
-            part = self.parts.pop()
-            try:
-                part.stop()
-            except Exception:  # stopping the rest matters more than one part's error
-                pass
+        self.parts.stop()
 
     # -- HTTP -----------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from aadrun.devidp import DevIdentityProvider  # noqa: E402
 from tests.support.emulators import Emulator  # noqa: E402
 from tests.support.graph_fixtures import make_pki  # noqa: E402
 from tests.support.graph_server import GraphServer  # noqa: E402
+from tests.support.parts import Parts
 from tests.support.serve import FunctionServer  # noqa: E402
 
 TENANT = "11111111-1111-1111-1111-111111111111"
@@ -50,7 +51,7 @@ class Stack:
 
     def __init__(self, state: Path, emulators: bool, port: int):
         self.state, self.emulators, self.port = state, emulators, port
-        self.parts: list = []
+        self.parts = Parts()
         self.client_state = secrets.token_urlsafe(24)
         self.t0 = time.monotonic()
 
@@ -106,16 +107,10 @@ class Stack:
             push_config={"push_endpoint": url + "/"}, ack_deadline_seconds=30)
 
     def _keep(self, part):
-        self.parts.append(part)
-        return part
+        return self.parts.keep(part)
 
     def stop(self) -> None:
-        while self.parts:
-            part = self.parts.pop()
-            try:
-                part.stop()
-            except Exception:  # stopping the rest matters more than one part's error
-                pass
+        self.parts.stop()
 
     # -- actions ------------------------------------------------------------------
 
