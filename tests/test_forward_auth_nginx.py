@@ -284,8 +284,10 @@ def test_verify_decides_in_forward_auth_mode_and_its_decision_id_reaches_the_ups
     assert call(nginx, "/orders/decision-id", method="POST", token=token, body=b"x")[0] == 200
     [request] = reached(upstream, "/orders/decision-id")
     decision_id = request["headers"]["x-auth-decision-id"]
-    entries = [json.loads(line) for line in verify.output().splitlines() if line.startswith("{")]
-    [entry] = [e for e in entries if e.get("event") == "decision" and e.get("decision_id") == decision_id]
+    def mine(entries):
+        return [e for e in entries if e.get("event") == "decision" and e.get("decision_id") == decision_id]
+
+    [entry] = mine(verify.log_entries(until=mine))
     assert (entry["mode"], entry["reason"], entry["subject"]) == ("forward_auth", "ok", ALICE)
 
 

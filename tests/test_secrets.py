@@ -82,7 +82,7 @@ def test_attack_catalog_and_abusive_requests_log_no_secret(tmp_path, pubsub_emul
             for raw in (b"{" + lab.canary.encode(), lab.canary.encode() + b"\xff", b'{"service": 7, "x": "'
                         + lab.canary.encode() + b'"}'):
                 bodies.append(call(verify, raw=raw, headers={"Content-Type": "application/json"})[2])
-            verify_log = verify.output()
+        verify_log = verify.output()   # after the stop, which writes every queued line
         attacker_state = "attacker-state-" + lab.canary
         secrets.add(attacker_state)
         for body in (b"{" + lab.canary.encode(), b"\xfe" + lab.canary.encode(), json.dumps({"value": lab.canary}).encode(),

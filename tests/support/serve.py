@@ -4,6 +4,7 @@ subprocess on a free loopback port (each function in its own process: several
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.support.emulators import free_port
@@ -63,6 +65,16 @@ class FunctionServer:
     def output(self) -> str:
         self.log.flush()
         return Path(self.log.name).read_text(errors="replace")
+
+    def log_entries(self, until: Callable[[list[dict]], bool] = bool, timeout: float = 10.0) -> list[dict]:
+        """The JSON lines written so far, once ``until`` holds for them (audit lines
+        reach stdout in batches, a fraction of a second after the request)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
+            if until(entries) or time.monotonic() > deadline:
+                return entries
+            time.sleep(0.02)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
