@@ -136,6 +136,9 @@ def verify_signed(token: str, tenant_versions: Callable[[str], tuple[int, ...] |
     return VerifiedToken(claims, kid, tid, version, versions)
 
 
+_NUMBER_TYPES = (int, float)
+
+
 def check_time(claims: dict, now: float, leeway: float) -> None:
     exp = claims.get("exp")
     if not _is_number(exp) or now > exp + leeway:
@@ -153,7 +156,8 @@ def check_audience(claims: dict, accepted: tuple[str, ...]) -> None:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # JSON numbers decode to exactly int or float; a bool (a JSON true) is not a time.
+    return type(value) in _NUMBER_TYPES
 
 
 def token_digest(token: str) -> bytes:
