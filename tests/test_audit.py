@@ -98,3 +98,16 @@ def test_a_failing_stream_loses_that_batch_but_not_the_writer():
     assert done.returncode == 0, done.stderr
     assert [e["message"] for e in lines(done.stdout)] == ["written after the failure"]
     assert "Traceback" not in done.stderr
+
+
+def test_an_entry_that_cannot_be_rendered_is_reported_and_the_next_ones_are_written():
+    done = run("""
+        from aadrun import audit
+
+        audit.entry("security", "before")
+        audit.entry("security", "not JSON", value=object())
+        audit.entry("security", "after")
+    """)
+    assert done.returncode == 0, done.stderr
+    assert [e["message"] for e in lines(done.stdout)] == ["before", "after"]
+    assert "Logging error" in done.stderr   # the standard library's report of a lost record

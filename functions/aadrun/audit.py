@@ -66,11 +66,15 @@ class _BatchWriter:
         self._drain()
 
     def _drain(self) -> None:
-        try:
-            while True:
-                self._handler.handle(self._records.get_nowait())
-        except queue.Empty:
-            pass
+        while True:
+            try:
+                record = self._records.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                self._handler.handle(record)
+            except Exception:  # noqa: BLE001 - one bad record must not end the writer
+                self._handler.handleError(record)
         if not self._buffer.tell():
             return
         try:
