@@ -64,16 +64,32 @@ class Emulator:
             return False
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
+        """Stop the emulator and return once its port no longer accepts connections:
+        gcloud exits before the JVM it started has let go of the port."""
+        if self.proc is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=15)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + 15
+            while self._listening() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not self._listening():
+                break
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
         self.proc = None
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
 
     def restart(self) -> None:
         self.stop()
