@@ -71,7 +71,8 @@ class FunctionServer:
         reach stdout in batches, a fraction of a second after the request)."""
         deadline = time.monotonic() + timeout
         while True:
-            entries = [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
+            # Complete lines only: the last one may be half written while we read.
+            entries = [json.loads(line) for line in self.output().split("\n")[:-1] if line.startswith("{")]
             if until(entries) or time.monotonic() > deadline:
                 return entries
             time.sleep(0.02)
