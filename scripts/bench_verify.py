@@ -135,7 +135,7 @@ def http_ratio(idp, folder: Path, store_url: str, policy: Path, seconds: float) 
     for source in sources.values():
         source.parent.mkdir()
     sources["empty"].write_text(EMPTY_FUNCTION)
-    # Both served the same way: the real functions-framework in production mode.
+    # All three served the same way: the real functions-framework in production mode.
     with FunctionServer("verify", env_for(idp.url, policy, store_url)) as verify:
         urls = {"verify": f"{verify.url}/verify?service=billing"}
         conn = http.client.HTTPConnection("127.0.0.1", verify.port)
