@@ -59,7 +59,7 @@ def _parse(req: HttpRequest) -> tuple[str, str | None, str]:
         raise BadRequest("the content type must be application/json")
     try:
         body = json.loads(req.body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise BadRequest("the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
@@ -101,8 +101,7 @@ class VerifyEndpoint:
         if decision.reason == "missing_token":
             headers["WWW-Authenticate"] = _CHALLENGE
         elif decision.status == 401:
-            headers["WWW-Authenticate"] = (
-                f'Bearer realm="aadrun", error="invalid_token", error_description="{decision.reason}"')
+            headers["WWW-Authenticate"] = f'Bearer error="invalid_token", error_description="{decision.reason}"'
         if decision.allow and mode == "forward_auth":
             headers.update({"X-Auth-Subject": decision.subject or "", "X-Auth-Tenant": decision.tenant or "",
                             "X-Auth-Decision-Id": decision.decision_id})
