@@ -201,7 +201,8 @@ class LocalPipeline:
         self.app = App(Settings.from_env({**servers.env, "AADRUN_BUS": "local"}))
         settings = dataclasses.replace(self.app.settings, authority_url=servers.idp.url)
         policy = self.app.policy
-        self.verifier = Verifier(settings, lambda: policy, KeyCache(settings), open_store(servers.store_url))
+        store = open_store(servers.store_url)
+        self.verifier = Verifier(settings, lambda: policy, KeyCache(settings), lambda: store)
 
     def post(self, items: list[dict]) -> int:
         from aadrun.http import HttpRequest

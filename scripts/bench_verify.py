@@ -171,7 +171,7 @@ def main() -> int:
         store.apply(GroupUpdate(TENANT_A, G_ENG, replace=frozenset({ALICE}), sync=SyncState(None, utcnow())))
         settings = dataclasses.replace(Settings(), authority_url=idp.url)
         loaded = load_policy(policy)
-        verifier = Verifier(settings, lambda: loaded, KeyCache(settings), store)
+        verifier = Verifier(settings, lambda: loaded, KeyCache(settings), lambda: store)
         ours, theirs = cold_vs_pyjwt(idp, verifier, args.tokens)
         per_repeat = repeated(idp, verifier, 100_000)
         http_rates = http_ratio(idp, folder, store_url, policy, args.seconds)

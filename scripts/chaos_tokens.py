@@ -124,7 +124,7 @@ def _skewed_verifier(lab: Lab, member: str, rounds: int) -> tuple[int, int]:
     lifetime = 3600
     for skew, reason in ((-30, "ok"), (-(LEEWAY + 60), "not_yet_valid"),
                          (lifetime + 30, "ok"), (lifetime + LEEWAY + 60, "expired")):
-        verifier = Verifier(settings, lambda: policy, keys, lab.store, clock=lambda s=skew: time.time() + s)
+        verifier = Verifier(settings, lambda: policy, keys, lambda: lab.store, clock=lambda s=skew: time.time() + s)
         for _ in range(rounds * 3):
             token = lab.idp.mint(TENANT, oid=member, aud="api://svc-0", lifetime=lifetime)
             n += 1

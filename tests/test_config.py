@@ -35,6 +35,8 @@ def test_client_state_is_a_comma_separated_list_and_never_shown():
     ({"AADRUN_LEEWAY_SECONDS": "a minute"}, "AADRUN_LEEWAY_SECONDS"),
     ({"AADRUN_LEEWAY_SECONDS": "-5"}, "AADRUN_LEEWAY_SECONDS"),
     ({"AADRUN_BUS": "pubsub"}, "GOOGLE_CLOUD_PROJECT"),
+    ({"AADRUN_STORE": "postgres://db/aadrun"}, "AADRUN_STORE"),
+    ({"AADRUN_STORE": "sqlite://state.db"}, "AADRUN_STORE"),
 ])
 def test_bad_values_name_the_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):

@@ -36,7 +36,7 @@ def endpoint(tmp_path_factory):
         store.apply(GroupUpdate(TENANT_A, G_ENG, replace=frozenset({ALICE}), sync=SyncState(None, utcnow())))
         config = settings_for(idp.url, policy_path, f"sqlite:///{folder}/s.db")
         policy = load_policy(policy_path)
-        verifier = Verifier(config, lambda: policy, KeyCache(config), store)
+        verifier = Verifier(config, lambda: policy, KeyCache(config), lambda: store)
         good = idp.mint(TENANT_A, oid=ALICE, aud="api://billing")
         yield VerifyEndpoint(verifier, lambda: (True, {})), good
 

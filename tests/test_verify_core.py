@@ -52,7 +52,7 @@ def world(tmp_path, idp):
     settings = settings_for(idp.url, policy_path, f"sqlite:///{tmp_path}/state.db")
     policy = load_policy(policy_path)
     keys = KeyCache(settings)
-    return Verifier(settings, lambda: policy, keys, store), store, keys, settings
+    return Verifier(settings, lambda: policy, keys, lambda: store), store, keys, settings
 
 
 def claims(idp, token: str) -> dict:
@@ -294,7 +294,7 @@ def test_keys_never_fetched_is_unavailable(tmp_path, idp):
     settings = settings_for(idp.url, policy_path, f"sqlite:///{tmp_path}/s.db")
     store = open_store(settings.store_url)
     store.apply(GroupUpdate(TENANT_A, G_ENG, replace=frozenset({ALICE}), sync=SyncState(None, utcnow())))
-    verifier = Verifier(settings, lambda: load_policy(policy_path), KeyCache(settings), store)
+    verifier = Verifier(settings, lambda: load_policy(policy_path), KeyCache(settings), lambda: store)
     decision = verifier.decide("billing", good(idp))
     assert (decision.allow, decision.reason, decision.status) == (False, "unavailable", 503)
     idp.down = False
@@ -327,7 +327,7 @@ def test_periodic_refresh_drops_keys_that_left(tmp_path, idp):
     store = open_store(settings.store_url)
     store.apply(GroupUpdate(TENANT_A, G_ENG, replace=frozenset({ALICE}), sync=SyncState(None, utcnow())))
     policy = load_policy(policy_path)
-    verifier = Verifier(settings, lambda: policy, KeyCache(settings), store)
+    verifier = Verifier(settings, lambda: policy, KeyCache(settings), lambda: store)
     old_key = idp.current
     assert verifier.decide("billing", good(idp)).allow
     idp.rotate(keep_old=False)
@@ -371,7 +371,7 @@ class BrokenStore:
 def test_store_down_fails_closed(world, idp):
     settings, keys = world[3], world[2]
     policy = load_policy(settings.policy_path)
-    verifier = Verifier(settings, lambda: policy, keys, BrokenStore())
+    verifier = Verifier(settings, lambda: policy, keys, BrokenStore)
     decision = verifier.decide("billing", good(idp))
     assert (decision.allow, decision.reason, decision.status) == (False, "unavailable", 503)
     # An app-role rule needs no membership, so it still decides.

@@ -181,6 +181,21 @@ def test_healthz_unhealthy_when_policies_do_not_load(tmp_path, idp):
         assert (status, json.loads(body)["reason"]) == (503, "unavailable")
 
 
+def test_a_store_that_cannot_be_opened_is_503_and_unhealthy_never_a_500(tmp_path, idp):
+    # The folder of the SQLite file cannot be created: the store never opens.
+    env = env_for(idp.url, write_policy(tmp_path), "sqlite:////proc/aadrun-no-such-folder/state.db")
+    with FunctionServer("verify", env) as server:
+        for _ in range(2):   # the first request and a later one, after the failure was seen
+            status, _, body = call(server, body={"service": "billing"}, headers=bearer(token(idp)))
+            assert (status, json.loads(body)["reason"]) == (503, "unavailable")
+        status, _, body = call(server, method="GET", path="/healthz")
+        assert status == 503 and json.loads(body)["store"] == {"status": "unavailable"}
+        # An app role needs no store read: it still decides.
+        status, _, body = call(server, body={"service": "billing"},
+                               headers=bearer(token(idp, oid=BOB, roles=["Billing.Admin"])))
+        assert (status, json.loads(body)["reason"]) == (200, "ok")
+
+
 def test_removed_member_is_denied_within_a_second(stack, idp):
     server, store = stack
     tok = token(idp)

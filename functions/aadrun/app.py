@@ -57,7 +57,7 @@ class App:
     def verifier(self):
         from .verify import Verifier
 
-        return Verifier(self.settings, lambda: self.policy, self.keys, self.store)
+        return Verifier(self.settings, lambda: self.policy, self.keys, lambda: self.store)
 
     @_once("_verifier_http")
     def verifier_http(self):

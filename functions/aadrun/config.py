@@ -38,6 +38,15 @@ def check_url(name: str, url: str) -> str:
     raise ConfigError(f"{name} must be an https:// URL (http:// only for a loopback host): {url!r}")
 
 
+STORE_SCHEMES = ("sqlite:///", "firestore://")
+
+
+def check_store_url(url: str) -> str:
+    if not url.startswith(STORE_SCHEMES):
+        raise ConfigError(f"AADRUN_STORE must start with sqlite:/// or firestore://, got {url!r}")
+    return url
+
+
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -90,7 +99,7 @@ class Settings:
         notification = env.get("AADRUN_NOTIFICATION_URL") or None
         settings = cls(
             policy_path=env.get("AADRUN_POLICY_PATH") or "policies/",
-            store_url=env.get("AADRUN_STORE") or cls.store_url,
+            store_url=check_store_url(env.get("AADRUN_STORE") or cls.store_url),
             bus=_choice(env, "AADRUN_BUS", "local", ("local", "pubsub")),
             topic_changes=env.get("AADRUN_TOPIC_CHANGES") or cls.topic_changes,
             topic_policy=env.get("AADRUN_TOPIC_POLICY") or cls.topic_policy,

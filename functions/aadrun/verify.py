@@ -76,9 +76,12 @@ class Decision:
 
 
 class MembershipView:
-    """Cached group memberships, invalidated by the store's generation."""
+    """Cached group memberships, invalidated by the store's generation.
 
-    def __init__(self, store: Store, poll_seconds: float, clock: Callable[[], float] = time.monotonic,
+    ``store`` is a getter: a store that cannot even be opened (a bad path, an
+    unreachable backend) is one more store that cannot answer."""
+
+    def __init__(self, store: Callable[[], Store], poll_seconds: float, clock: Callable[[], float] = time.monotonic,
                  max_entries: int = 50_000):
         self._store, self._poll, self._clock, self._max = store, poll_seconds, clock, max_entries
         self._cache: OrderedDict[tuple, dict[str, bool | None]] = OrderedDict()
@@ -95,7 +98,7 @@ class MembershipView:
             generation = self._generation
         if hit is not None:
             return hit
-        states = self._store.membership(tenant, user, groups)
+        states = self._store().membership(tenant, user, groups)
         with self._lock:
             if generation == self._generation:   # do not cache a read that raced a change
                 self._cache[key] = states
@@ -110,7 +113,7 @@ class MembershipView:
                 raise Unavailable("the membership store did not answer")
             return
         try:
-            generation = self._store.generation()
+            generation = self._store().generation()
         except Exception as e:  # fail closed on anything the backend raises
             with self._lock:
                 self._failed, self._checked = True, now
@@ -124,7 +127,7 @@ class MembershipView:
 
 
 class Verifier:
-    def __init__(self, settings: Settings, policy: Callable[[], Policy], keys: KeyCache, store: Store,
+    def __init__(self, settings: Settings, policy: Callable[[], Policy], keys: KeyCache, store: Callable[[], Store],
                  clock: Callable[[], float] = time.time):
         self._settings, self._policy, self._keys, self._clock = settings, policy, keys, clock
         self.tokens = VerifiedTokenCache()

@@ -136,7 +136,8 @@ class World:
         synced(self.apps[0], G_STAFF, [])
         settings = dataclasses.replace(self.settings, authority_url=self.idp.url)
         policy = self.apps[0].policy
-        return Verifier(settings, lambda: policy, KeyCache(settings), open_store(self.settings.store_url))
+        store = open_store(self.settings.store_url)
+        return Verifier(settings, lambda: policy, KeyCache(settings), lambda: store)
 
     def token(self, oid: str) -> str:
         return self.idp.mint(TENANT, oid=oid, aud="api://billing")

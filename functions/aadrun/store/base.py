@@ -23,6 +23,8 @@ import dataclasses
 import datetime as dt
 from collections.abc import Iterable, Mapping
 
+from ..config import check_store_url
+
 UTC = dt.timezone.utc
 
 
@@ -148,14 +150,11 @@ class Store(abc.ABC):
 
 def open_store(url: str) -> Store:
     """``sqlite:///relative``, ``sqlite:////absolute`` or ``firestore://[DATABASE]``."""
-    from ..errors import ConfigError
-
+    check_store_url(url)
     if url.startswith("sqlite:///"):
         from .sqlite import SqliteStore
 
         return SqliteStore(url[len("sqlite:///"):])
-    if url.startswith("firestore://"):
-        from .firestore import FirestoreStore
+    from .firestore import FirestoreStore
 
-        return FirestoreStore(url[len("firestore://"):] or None)
-    raise ConfigError(f"AADRUN_STORE must start with sqlite:/// or firestore://, got {url!r}")
+    return FirestoreStore(url[len("firestore://"):] or None)
