@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import datetime as dt
 import email.utils
+import os
+import ssl
 
 import pytest
 import requests
 
+from aadrun.config import Settings
+from aadrun.devidp import DevIdentityProvider
 from aadrun.errors import RateLimited, UpstreamError
-from aadrun.graph import (FEDERATION_AUDIENCE, MAX_GROUP_SUBSCRIPTION_MINUTES, DeltaExpired, SubscriptionExists,
-                          max_expiration)
+from aadrun.graph import (FEDERATION_AUDIENCE, MAX_GROUP_SUBSCRIPTION_MINUTES, DeltaExpired, GraphClient,
+                          SubscriptionExists, max_expiration)
+from aadrun.keys import KeyCache
 from tests.support.graph_fixtures import *  # noqa: F401,F403
 from tests.support.graph_fixtures import CLIENT_ID, CLIENT_SECRET, FEDERATED_CLIENT_ID, TENANT, graph_client
 
@@ -38,6 +44,24 @@ def test_client_secret_token_is_cached_and_stays_on_the_authority(graph_server):
     paths = [c.path for c in graph_server.log]
     assert f"/{TENANT}/v2.0/.well-known/openid-configuration" in paths
     assert not [p for p in paths if "discovery/instance" in p]
+
+
+@pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"])
+def test_either_ca_variable_alone_is_trusted_by_msal_graph_and_jwks_fetching(graph_server, graph_pki, monkeypatch,
+                                                                           variable):
+    for name in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, graph_pki.ca_file)
+    settings = Settings.from_env({**os.environ, "AADRUN_AUTHORITY_URL": graph_server.authority_url,
+                                  "AADRUN_GRAPH_URL": graph_server.graph_url, "AADRUN_CLIENT_ID": CLIENT_ID,
+                                  "AADRUN_CLIENT_SECRET": CLIENT_SECRET})
+    graph_server.set_members(TENANT, GROUP, users(2))
+    assert GraphClient(settings, TENANT).group_delta(GROUP).added == users(2)   # MSAL, then Graph
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(graph_pki.cert_file, graph_pki.key_file)
+    with DevIdentityProvider(tls=tls) as idp:
+        keys = KeyCache(dataclasses.replace(settings, authority_url=idp.url))
+        assert idp.current.kid in keys.keyset(TENANT, (2,)).keys
 
 
 def test_workload_identity_federation_uses_a_google_id_token(graph_server):

@@ -83,6 +83,7 @@ class Settings:
     client_states: tuple[str, ...] = ()
     notification_url: str | None = None
     project: str | None = None
+    ca_file: str | None = None   # extra CA bundle for outbound HTTPS (tests, private CAs)
     # Tunables (not pinned by the contract).
     leeway_seconds: float = 60.0
     jwks_refresh_seconds: float = 3600.0
@@ -112,6 +113,7 @@ class Settings:
             client_states=states,
             notification_url=check_url("AADRUN_NOTIFICATION_URL", notification) if notification else None,
             project=env.get("GOOGLE_CLOUD_PROJECT") or env.get("GCP_PROJECT") or None,
+            ca_file=env.get("REQUESTS_CA_BUNDLE") or env.get("SSL_CERT_FILE") or None,
             leeway_seconds=_float(env, "AADRUN_LEEWAY_SECONDS", 60.0),
             jwks_refresh_seconds=_float(env, "AADRUN_JWKS_REFRESH_SECONDS", 3600.0),
             membership_poll_seconds=_float(env, "AADRUN_MEMBERSHIP_POLL_SECONDS", 0.2),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import threading
 import time
 import uuid
@@ -35,7 +36,7 @@ class SigningKey:
 class DevIdentityProvider:
     """Discovery + JWKS server and token minter. Thread-safe; ``start()`` binds a free port."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None):
         self.keys: list[SigningKey] = [SigningKey()]
         self.requests: Counter[str] = Counter()
         self.down = False          # answer 503 to everything (an outage)
@@ -43,7 +44,9 @@ class DevIdentityProvider:
         self._server = ThreadingHTTPServer((host, port), _handler(self))
         self._server.daemon_threads = True
         self._server.RequestHandlerClass.disable_nagle_algorithm = True  # no 40 ms delayed-ACK stalls
-        self.url = f"http://{host}:{self._server.server_address[1]}"
+        if tls is not None:   # https, as the real authority (and MSAL) insists on
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        self.url = f"{'https' if tls else 'http'}://{host}:{self._server.server_address[1]}"
         self._thread: threading.Thread | None = None
 
     # -- server ---------------------------------------------------------------

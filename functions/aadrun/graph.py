@@ -37,6 +37,7 @@ import requests
 
 from .config import Settings
 from .errors import ConfigError, RateLimited, UpstreamError
+from .outbound import client_session
 
 __all__ = ["GraphClient", "DeltaResult", "DeltaExpired", "SubscriptionExists", "max_expiration",
            "GRAPH_SCOPE", "FEDERATION_AUDIENCE", "METADATA_IDENTITY_URL", "MAX_GROUP_SUBSCRIPTION_MINUTES"]
@@ -161,7 +162,7 @@ class GraphClient:
         self._graph = settings.graph_url.rstrip("/")
         self._origin = urlsplit(self._graph)[:2]
         self._timeout = settings.http_timeout_seconds
-        self._session = session or requests.Session()   # honours REQUESTS_CA_BUNDLE
+        self._session = session or client_session(settings)
         self._metadata_url = metadata_url
         self._sleep, self._retries, self._max_wait = sleep, retries, max_wait
         self._msal: msal.ConfidentialClientApplication | None = None

@@ -25,6 +25,7 @@ import requests
 from . import audit
 from .config import Settings, check_url
 from .errors import ConfigError, TokenError, Unavailable
+from .outbound import client_session
 
 _MAX_DOCUMENT = 512 * 1024
 
@@ -50,7 +51,7 @@ class KeyCache:
     def __init__(self, settings: Settings, session: requests.Session | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self._settings = settings
-        self._session = session or requests.Session()
+        self._session = session or client_session(settings)
         self._clock = clock
         self._tenants: dict[tuple[str, tuple[int, ...]], _TenantKeys] = {}
         self._guard = threading.Lock()
