@@ -5,9 +5,12 @@ calls one core object of ``aadrun.app.App`` and maps the result to a response.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import functions_framework
 import flask
 
+from aadrun import audit
 from aadrun.app import get_app
 from aadrun.errors import ConfigError
 from aadrun.http import HttpRequest, HttpResponse
@@ -42,14 +45,21 @@ def _response(result: HttpResponse) -> flask.Response:
                           content_type=result.content_type)
 
 
+def _serve(handle: Callable[[HttpRequest], HttpResponse], request: flask.Request) -> flask.Response:
+    req = _request(request)
+    # Every log line written while serving joins the request's trace (CONTRACT.md §9).
+    with audit.request_trace(req.trace(get_app().settings.project)):
+        return _response(handle(req))
+
+
 @functions_framework.http
 def verify(request: flask.Request) -> flask.Response:
-    return _response(get_app().verifier_http.handle(_request(request)))
+    return _serve(get_app().verifier_http.handle, request)
 
 
 @functions_framework.http
 def graph_webhook(request: flask.Request) -> flask.Response:
-    return _response(get_app().webhook.handle(_request(request)))
+    return _serve(get_app().webhook.handle, request)
 
 
 @functions_framework.cloud_event
@@ -60,4 +70,4 @@ def policy_sync(event) -> None:
 
 @functions_framework.http
 def maintenance(request: flask.Request) -> flask.Response:
-    return _response(get_app().maintenance.handle(_request(request)))
+    return _serve(get_app().maintenance.handle, request)

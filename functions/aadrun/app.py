@@ -64,7 +64,7 @@ class App:
         from .verify_http import VerifyEndpoint, health_check
 
         health = health_check(lambda: self.policy, lambda: self.store, lambda: self.keys)
-        return VerifyEndpoint(self.verifier, health, self.settings.project)
+        return VerifyEndpoint(self.verifier, health)
 
     @_once("_bus")
     def bus(self):

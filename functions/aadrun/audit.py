@@ -9,6 +9,8 @@ Tokens, client states and raw bodies are never passed here: use
 from __future__ import annotations
 
 import atexit
+import contextlib
+import contextvars
 import hashlib
 import io
 import logging
@@ -29,6 +31,8 @@ logging.addLevelName(NOTICE, "NOTICE")
 WRITE_INTERVAL = 0.01
 _LEVELS = {name: logging.getLevelName(name) for name in ("DEBUG", "INFO", "NOTICE", "WARNING", "ERROR", "CRITICAL")}
 _setup_lock = threading.Lock()
+# The trace of the request being served, for every line written while serving it.
+_request_trace: contextvars.ContextVar[str | None] = contextvars.ContextVar("aadrun_request_trace", default=None)
 _logger: logging.Logger | None = None
 
 
@@ -121,13 +125,26 @@ def token_fingerprint(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def request_trace(trace: str | None):
+    """Lines written inside (on this thread or context) carry ``trace``: the entry
+    points wrap each HTTP request in it, so every line of a request joins its trace."""
+    token = _request_trace.set(trace)
+    try:
+        yield
+    finally:
+        _request_trace.reset(token)
+
+
 def entry(event: str, message: str, *, severity: str = "INFO", trace: str | None = None, **fields) -> None:
     """Write one log line: ``event`` names its kind (``decision``, ``membership_change``,
-    ``iam_change``, ``security``...); ``fields`` become top-level JSON fields."""
+    ``iam_change``, ``security``...); ``fields`` become top-level JSON fields. ``trace``
+    defaults to the trace of the request being served, if any."""
     level = _LEVELS.get(severity, logging.INFO)
     log = _logger or logger()
     if not log.isEnabledFor(level):
         return
+    trace = trace or _request_trace.get()
     payload = {"event": event}
     payload.update((k, v) for k, v in fields.items() if v is not None)
     extra = {"json_fields": payload, "trace": trace} if trace else {"json_fields": payload}

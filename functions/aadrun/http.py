@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
+
+_TRACE_ID = re.compile(r"[0-9a-fA-F]{32}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +25,18 @@ class HttpRequest:
     @property
     def content_type(self) -> str:
         return (self.header("content-type") or "").split(";", 1)[0].strip().lower()
+
+    def trace(self, project: str | None) -> str | None:
+        """Cloud Logging trace name from X-Cloud-Trace-Context or W3C traceparent."""
+        raw = self.header("x-cloud-trace-context")
+        trace_id = raw.split("/", 1)[0] if raw else None
+        if not trace_id and self.header("traceparent"):
+            parts = self.header("traceparent").split("-")
+            trace_id = parts[1] if len(parts) >= 3 else None
+        # Both formats carry 32 hex digits; W3C forbids all zeros. Anything else is ignored.
+        if not trace_id or not _TRACE_ID.fullmatch(trace_id) or not trace_id.strip("0"):
+            return None
+        return f"projects/{project}/traces/{trace_id}" if project else trace_id
 
 
 @dataclasses.dataclass

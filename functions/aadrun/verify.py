@@ -188,12 +188,12 @@ def _versions(policy: Policy, tid: str) -> tuple[int, ...] | None:
     return tenant.token_versions if tenant else None
 
 
-def log_decision(decision: Decision, token: str | None, trace: str | None = None, mode: str = "api") -> None:
+def log_decision(decision: Decision, token: str | None, mode: str = "api") -> None:
     """One audit entry per decision; the token appears only as a hash prefix and its id."""
     verified = decision.token
     audit.entry(
         "decision", f"{'allow' if decision.allow else 'deny'} {decision.service or '-'}: {decision.reason}",
-        severity="INFO" if decision.allow else "NOTICE", trace=trace,
+        severity="INFO" if decision.allow else "NOTICE",
         decision_id=decision.decision_id, allow=decision.allow, reason=decision.reason, status=decision.status,
         service=decision.service, subject=decision.subject, tenant=decision.tenant, mode=mode,
         rule=decision.rule, via=decision.via,

@@ -33,18 +33,6 @@ def bearer_token(value: str | None) -> str | None:
     return credentials.strip() or None
 
 
-def trace_of(req: HttpRequest, project: str | None) -> str | None:
-    """Cloud Logging trace name from X-Cloud-Trace-Context or W3C traceparent."""
-    raw = req.header("x-cloud-trace-context")
-    trace_id = raw.split("/", 1)[0] if raw else None
-    if not trace_id and req.header("traceparent"):
-        parts = req.header("traceparent").split("-")
-        trace_id = parts[1] if len(parts) >= 3 else None
-    if not trace_id or not trace_id.isalnum() or len(trace_id) > 64:
-        return None
-    return f"projects/{project}/traces/{trace_id}" if project else trace_id
-
-
 def _parse(req: HttpRequest) -> tuple[str, str | None, str]:
     """(service, token, mode) or BadRequest."""
     header_token = bearer_token(req.header("authorization"))
@@ -75,8 +63,8 @@ def _parse(req: HttpRequest) -> tuple[str, str | None, str]:
 
 
 class VerifyEndpoint:
-    def __init__(self, verifier: Verifier, health: Callable[[], tuple[bool, dict]], project: str | None = None):
-        self._verifier, self._health, self._project = verifier, health, project
+    def __init__(self, verifier: Verifier, health: Callable[[], tuple[bool, dict]]):
+        self._verifier, self._health = verifier, health
 
     def handle(self, req: HttpRequest) -> HttpResponse:
         if req.path.rstrip("/").endswith("/healthz") and req.method in ("GET", "HEAD"):
@@ -84,15 +72,14 @@ class VerifyEndpoint:
             return HttpResponse.json(200 if healthy else 503, {"status": "ok" if healthy else "unhealthy", **parts})
         if req.body_too_large or len(req.body) > MAX_BODY:
             return HttpResponse(413, b"", "text/plain")
-        trace = trace_of(req, self._project)
         try:
             service, token, mode = _parse(req)
         except BadRequest as e:
             decision = Decision(False, "bad_request", None, new_decision_id(), detail=str(e))
-            log_decision(decision, None, trace)
+            log_decision(decision, None)
             return HttpResponse.json(400, {**decision.body(), "message": str(e)})
         decision = self._verifier.decide(service, token)
-        log_decision(decision, token, trace, mode)
+        log_decision(decision, token, mode)
         return self.response(decision, mode)
 
     @staticmethod

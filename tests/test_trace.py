@@ -1,0 +1,67 @@
+"""Every log line written while serving an HTTP request carries the request's trace
+(CONTRACT.md §9), whichever function serves it: served by the real functions-framework."""
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from tests.support.serve import FunctionServer
+from tests.support.world import ALICE, TENANT_A, env_for, write_policy
+
+PROJECT = "aadrun-test"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def post(url: str, body: dict, headers: dict[str, str]) -> int:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def lines_of(server: FunctionServer, event: str, n: int, **fields) -> list[dict]:
+    def found(entries):
+        return [e for e in entries if e.get("event") == event and fields.items() <= e.items()]
+
+    return found(server.log_entries(until=lambda entries: len(found(entries)) >= n))
+
+
+TRACE_HEADERS = [
+    ({"X-Cloud-Trace-Context": f"{TRACE_ID}/1;o=1"}, f"projects/{PROJECT}/traces/{TRACE_ID}"),
+    ({"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"}, f"projects/{PROJECT}/traces/{TRACE_ID}"),
+    ({"X-Cloud-Trace-Context": "nothex/1;o=1"}, ""),
+    ({"traceparent": f"00-{'0' * 32}-00f067aa0ba902b7-01"}, ""),    # all zeros: invalid (W3C)
+    ({}, ""),
+]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, idp):
+    folder = tmp_path_factory.mktemp("trace")
+    env = {**env_for(idp.url, write_policy(folder), f"sqlite:///{folder}/state.db"),
+           "GOOGLE_CLOUD_PROJECT": PROJECT, "AADRUN_CLIENT_STATE": "the-state"}
+    with FunctionServer("verify", env) as verify, FunctionServer("graph_webhook", env) as webhook:
+        yield verify, webhook
+
+
+def test_decision_lines_join_the_request_trace(servers, idp):
+    verify, _ = servers
+    token = idp.mint(TENANT_A, oid=ALICE, aud="api://billing")
+    for headers, _ in TRACE_HEADERS:
+        post(verify.url + "/verify", {"service": "billing"}, {"Authorization": f"Bearer {token}", **headers})
+    traces = [e["logging.googleapis.com/trace"] for e in lines_of(verify, "decision", len(TRACE_HEADERS), service="billing")]
+    assert traces == [expected for _, expected in TRACE_HEADERS]
+
+
+def test_webhook_lines_join_the_request_trace(servers):
+    _, webhook = servers
+    forged = {"value": [{"clientState": "not-the-state", "subscriptionId": "x", "tenantId": TENANT_A}]}
+    for headers, _ in TRACE_HEADERS:
+        assert post(webhook.url + "/", forged, headers) == 202
+    traces = [e["logging.googleapis.com/trace"] for e in lines_of(webhook, "security", len(TRACE_HEADERS))]
+    assert traces == [expected for _, expected in TRACE_HEADERS]
