@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -309,6 +311,27 @@ def test_publish_failure_is_503_unavailable():
     response = post(make_webhook(recorder), golden("members_added"))
     assert response.status == 503
     assert response.json_body() == {"reason": "unavailable"}
+
+
+def test_a_slow_local_policy_sync_gets_503_at_the_deadline_and_still_finishes():
+    release, handled = threading.Event(), []
+
+    def slow(messages):
+        release.wait(10)
+        handled.append(messages)
+
+    bus = LocalBus(slow, timeout=0.3, workers=1)
+    webhook = make_webhook(bus_getter=lambda: bus)
+    try:
+        for _ in range(2):   # the second finds the only worker busy: it fails, it does not queue
+            started = time.monotonic()
+            response = post(webhook, golden("members_added"))
+            assert (response.status, response.json_body()["reason"]) == (503, "unavailable")
+            assert 0.3 <= time.monotonic() - started < 1.5
+        release.set()
+    finally:
+        bus.close()
+    assert len(handled) == 1   # the first, finished after its 503; Graph's retry would be idempotent
 
 
 def test_policy_that_cannot_load_is_503_not_configured():

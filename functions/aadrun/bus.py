@@ -10,10 +10,12 @@ otherwise, so the webhook can answer 202 (persisted) or 503 (Graph retries).
 from __future__ import annotations
 
 import abc
+import concurrent.futures
+import contextvars
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-
 
 from .config import Settings
 from .errors import ConfigError, Unavailable
@@ -40,14 +42,28 @@ class Bus(abc.ABC):
 
 
 class LocalBus(Bus):
-    """Hands messages synchronously to ``handler`` (policy_sync's core): a failure
-    of the handler is a publish failure. ``policy_handler`` receives policy-update
-    events; without one they are discarded (nothing subscribes in process)."""
+    """Hands messages to ``handler`` (policy_sync's core) in this process and waits
+    for it: a failure of the handler is a publish failure. ``policy_handler``
+    receives policy-update events; without one they are discarded (nothing
+    subscribes in process).
+
+    With a ``timeout``, the handler runs on one of ``workers`` threads and the
+    wait ends at the deadline, like a Pub/Sub publish: so graph_webhook answers
+    503 within Graph's deadline even while Graph throttles policy_sync's reads.
+    A handler still running then finishes on its own; Graph's retry of the same
+    notification is applied idempotently. When every worker is busy until the
+    deadline, the publish fails rather than queueing work without bound.
+    """
 
     def __init__(self, handler: Callable[[list[Message]], Any],
-                 policy_handler: Callable[[dict], Any] | None = None):
+                 policy_handler: Callable[[dict], Any] | None = None, *,
+                 timeout: float | None = None, workers: int = 8):
         self._handler = handler
         self._policy_handler = policy_handler
+        self._timeout = timeout
+        self._slots = threading.BoundedSemaphore(workers)
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="aadrun-local-sync") \
+            if timeout is not None else None
 
     def publish_changes(self, messages: Sequence[Message]) -> None:
         if messages:
@@ -57,12 +73,38 @@ class LocalBus(Bus):
         if self._policy_handler is not None:
             self._call(self._policy_handler, dict(event))
 
-    @staticmethod
-    def _call(handler: Callable, arg: Any) -> None:
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _call(self, handler: Callable, arg: Any) -> None:
         try:
-            handler(arg)
+            if self._pool is None:
+                handler(arg)
+            else:
+                self._call_by_deadline(handler, arg)
+        except Unavailable:
+            raise
         except Exception as e:  # any failure of the core means "not persisted"
             raise Unavailable(f"local handler failed: {e.__class__.__name__}") from e
+
+    def _call_by_deadline(self, handler: Callable, arg: Any) -> None:
+        deadline = time.monotonic() + self._timeout
+        if not self._slots.acquire(timeout=self._timeout):
+            raise Unavailable("local handler busy: no worker free in time")
+
+        def run() -> None:
+            try:
+                handler(arg)
+            finally:
+                self._slots.release()
+
+        # The copied context keeps the request's log trace on the worker's lines.
+        future = self._pool.submit(contextvars.copy_context().run, run)
+        try:
+            future.result(timeout=max(deadline - time.monotonic(), 0))
+        except concurrent.futures.TimeoutError:
+            raise Unavailable("local handler did not finish in time") from None
 
 
 class PubSubBus(Bus):
@@ -128,4 +170,4 @@ def open_bus(settings: Settings, local_handler: Callable[[list[Message]], Any] |
         return PubSubBus(settings)
     if local_handler is None:
         raise ConfigError("AADRUN_BUS=local needs policy_sync's core in process")
-    return LocalBus(local_handler)
+    return LocalBus(local_handler, timeout=settings.publish_timeout_seconds)
