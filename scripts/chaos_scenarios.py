@@ -72,8 +72,8 @@ def _finish(lab: Lab, name: str, messages: int, accepted: list, ended: float, ti
             wrong: int = 0, note: str = "") -> Row:
     # Converged = Graph's truth held once every redelivery has drained: a late
     # redelivered removal revokes at once and the read that follows restores, so a
-    # state seen between the two is re-checked (the push subscription's backoff is
-    # at most 2 s, hence 3 s of quiet).
+    # state seen between the two is re-checked (the emulator redelivers a failed
+    # push after 1 s, hence 3 s of quiet).
     deadline, converge = time.monotonic() + timeout, None
     while converge is None and time.monotonic() < deadline:
         if lab.converge(deadline - time.monotonic(), also=lambda: lost(lab, accepted) == 0) is None:
