@@ -259,12 +259,76 @@ def test_drift_restores_managed_members_and_reports_the_rest(world):
     assert world.members() == {user(ALICE), user(CAROL), "user:eve@example.com"}
     bindings = world.cloudrun.policy(BILLING)["bindings"]
     assert all(b in bindings for b in foreign)
-    assert app.store.managed_members("billing") == {INVOKER: {user(ALICE), user(CAROL)}}
+    assert app.store.managed_members(BILLING) == {INVOKER: {user(ALICE), user(CAROL)}}
     restored = [e for e in app.store.changes() if e.kind == "iam_restored"]
     assert [(e.service, e.role, e.member, e.source) for e in restored] == [
-        ("billing", INVOKER, user(ALICE), "maintenance")]                 # evidence for access reviews
+        (BILLING, INVOKER, user(ALICE), "maintenance")]                   # evidence for access reviews
     again = app.maintenance.run(["drift"])["tasks"]["drift"]["services"]["billing"]
     assert (again["restored"], again["removed"]) == ({}, {})
+
+
+def members_on(world, resource: str) -> set[str]:
+    return {m for b in world.cloudrun.policy(resource).get("bindings", [])
+            if b["role"] == INVOKER and "condition" not in b for m in b["members"]}
+
+
+def with_policy(world, tmp_path, text: str) -> App:
+    """An instance started after an operator changed the policy (a redeploy)."""
+    path = tmp_path / "changed.yaml"
+    path.write_text(text)
+    return world.app(policy_path=str(path))
+
+
+def test_a_service_removed_from_the_policy_loses_every_grant_aadrun_made(world, tmp_path):
+    app = world.app()
+    app.maintenance.run(["reconcile"])
+    world.cloudrun.set_policy(BILLING, {"version": 3, "bindings": [
+        {"role": INVOKER, "members": [user(ALICE), "user:eve@example.com"]}]})   # EVE granted by hand
+    billing = f"  - name: billing\n    tenant: {TENANT}\n    cloud_run: {BILLING}\n    access:\n      - groups: [{G_ENG}]\n"
+    assert billing in POLICY
+    later = with_policy(world, tmp_path, POLICY.replace(billing, ""))
+    task = later.maintenance.run(["drift"])["tasks"]["drift"]
+    assert task["status"] == "ok" and task["orphaned"][BILLING]["removed"] == {INVOKER: [user(ALICE)]}
+    assert world.members() == {"user:eve@example.com"}                  # someone else's grant stays
+    assert later.store.managed_members(BILLING) == {} and later.store.managed_targets() == set()
+    again = later.maintenance.run(["drift"])["tasks"]["drift"]
+    assert again["orphaned"] == {} and world.members() == {"user:eve@example.com"}
+
+
+def test_a_moved_service_is_revoked_on_the_old_resource_and_never_claims_a_grant_on_the_new(world, tmp_path):
+    app = world.app()
+    app.maintenance.run(["reconcile"])
+    assert world.members() == {user(ALICE)}
+    moved_to = BILLING + "-v2"
+    world.cloudrun.set_policy(moved_to, {"version": 3, "bindings": [{"role": INVOKER, "members": [user(BOB)]}]})
+    later = with_policy(world, tmp_path, POLICY.replace(f"cloud_run: {BILLING}", f"cloud_run: {moved_to}"))
+    task = later.maintenance.run(["drift"])["tasks"]["drift"]
+    assert task["orphaned"][BILLING]["removed"] == {INVOKER: [user(ALICE)]}
+    assert task["services"]["billing"]["restored"] == {INVOKER: [user(ALICE)]}
+    assert world.members() == set()                                      # old resource: nothing left of aadrun's
+    assert members_on(world, moved_to) == {user(ALICE), user(BOB)}     # BOB was granted by hand: never claimed
+    assert later.store.managed_members(moved_to) == {INVOKER: {user(ALICE)}}
+    world.graph.remove_members(TENANT, G_ENG, [ALICE])
+    later.maintenance.run(["reconcile"])
+    assert members_on(world, moved_to) == {user(BOB)}
+
+
+def test_two_services_on_one_resource_keep_the_union_of_their_members(world, tmp_path):
+    wiki = f"  - name: wiki\n    tenant: {TENANT}\n"
+    assert wiki in POLICY
+    shared = POLICY.replace(wiki, f"{wiki}    cloud_run: {BILLING}\n")
+    world.graph.add_members(TENANT, G_STAFF, [ALICE])
+    app = with_policy(world, tmp_path, shared)
+    app.maintenance.run(["reconcile"])
+    assert world.members() == {user(ALICE), user(BOB)}
+    world.graph.remove_members(TENANT, G_ENG, [ALICE])     # ALICE is still in wiki's group
+    app.maintenance.run(["reconcile"])
+    assert world.members() == {user(ALICE), user(BOB)}
+    drift = app.maintenance.run(["drift"])["tasks"]["drift"]
+    assert drift["repaired"] == [] and world.members() == {user(ALICE), user(BOB)}
+    world.graph.remove_members(TENANT, G_STAFF, [ALICE])
+    app.maintenance.run(["reconcile"])
+    assert world.members() == {user(BOB)}
 
 
 def test_drift_in_record_mode_compares_nothing(world):

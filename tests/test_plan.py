@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aadrun.errors import PlanError
-from aadrun.plan import Binding, desired_members, diff, plan_policy, plan_service
+from aadrun.plan import Binding, desired_members, desired_on, diff, orphans, plan_policy, plan_service
 from aadrun.policy import MAX_PRINCIPALS, parse_documents
 
 TENANT = "11111111-1111-1111-1111-111111111111"
@@ -151,6 +151,30 @@ def test_plan_policy_plans_only_services_with_cloud_run():
     assert plans[0].adds[INVOKER] == {user("u1"), group(G2)}
     with pytest.raises(ValueError):
         plan_service(policy, policy.services["no-iam"], members_of({}), {})
+
+
+def test_two_services_on_one_resource_want_the_union_and_neither_revokes_the_other():
+    policy = load(POLICY.replace("  - name: no-iam\n    tenant: " + TENANT, "  - name: no-iam\n    tenant: " + TENANT
+                                 + "\n    cloud_run: " + RUN))
+    table = members_of({G1: {"u1"}, G2: set(), G3: set()})
+    assert desired_on(policy, RUN, table)[INVOKER] == {user("u1"), group(G2)}
+    # Both services want u1 (through G1): the plan of either keeps what the other grants.
+    for name in ("billing-api", "no-iam"):
+        changes = plan_service(policy, policy.services[name], table, {INVOKER: {user("u1"), group(G2)}},
+                               [Binding(INVOKER, (user("u1"), group(G2)))])
+        assert changes.empty
+
+
+def test_a_resource_no_service_names_is_an_orphan_whose_managed_members_are_all_revoked():
+    policy = load()
+    old = RUN.replace("billing-api", "old-billing")
+    assert orphans(policy, {RUN, old}) == [old]
+    managed = {RUN: {}, old: {INVOKER: {user("u1")}}}
+    live = {RUN: [], old: [Binding(INVOKER, (user("u1"), "user:eve@example.com"))]}
+    plans = plan_policy(policy, members_of({G1: set()}), managed.__getitem__, live.__getitem__, managed_targets={old})
+    assert [(p.service, p.cloud_run) for p in plans] == [("billing-api", RUN), ("", old)]
+    assert plans[1].removes == {INVOKER: {user("u1")}} and not plans[1].adds   # EVE's grant stays
+    assert plans[1].managed == {INVOKER: frozenset()}
 
 
 # --- the principal guard -----------------------------------------------------------

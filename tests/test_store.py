@@ -302,6 +302,16 @@ def test_record_iam_logs_each_difference(store):
     assert store.changes() == first + second + third
 
 
+def test_managed_targets_are_the_resources_with_a_managed_member(store):
+    run = "projects/p/locations/europe-west1/services/"
+    assert store.managed_targets() == set()
+    store.record_iam(run + "a", {"roles/run.invoker": {"p/u1"}}, source="s", why="w")
+    store.record_iam(run + "b", {"roles/run.invoker": {"p/u2"}}, source="s", why="w")
+    assert store.managed_targets() == {run + "a", run + "b"}
+    store.record_iam(run + "a", {"roles/run.invoker": set()}, source="s", why="w")
+    assert store.managed_targets() == {run + "b"}
+
+
 # -- leases ------------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ def test_confirmed_add_is_bound_in_iam_and_allowed_by_verify(world, app):
     assert summary.reads == {"full": 1, "incremental": 0}       # never synced: a full read
     assert world.members(BILLING) == {user(ALICE), GROUP_PRINCIPAL.format(G_STAFF)}
     assert world.members(REPORTS) == {user(ALICE)}
-    assert app.store.managed_members("billing") == {INVOKER: {user(ALICE), GROUP_PRINCIPAL.format(G_STAFF)}}
+    assert app.store.managed_members(BILLING) == {INVOKER: {user(ALICE), GROUP_PRINCIPAL.format(G_STAFF)}}
     assert world.verifier().decide("billing", world.token(ALICE)).reason == "ok"
     [event] = app.events
     assert event["kind"] == "policy_update" and event["services"] == ["billing", "reports"]
@@ -59,7 +59,7 @@ def test_add_then_removal_end_to_end_on_each_store(world, app, store_url):
         assert time.time() - removal.at.timestamp() < 1.0, "verify still allows a removed member"
         time.sleep(0.01)
     assert world.members(REPORTS) == {user(ALICE)}
-    assert app.store.managed_members("reports") == {INVOKER: {user(ALICE)}}
+    assert app.store.managed_members(REPORTS) == {INVOKER: {user(ALICE)}}
 
 
 def test_next_add_reads_incrementally_from_the_stored_link(world, app):
@@ -81,7 +81,7 @@ def test_removal_is_unbound_and_denied(world, app):
     summary = app.sync.handle_messages([change(G_ENG, removed=[BOB])])
     assert summary.reads["full"] == 1
     assert world.members(REPORTS) == {user(ALICE)} and user(BOB) not in world.members(BILLING)
-    assert app.store.managed_members("reports") == {INVOKER: {user(ALICE)}}
+    assert app.store.managed_members(REPORTS) == {INVOKER: {user(ALICE)}}
     time.sleep(0.25)   # verify re-reads the store generation every 0.2 s
     assert verifier.decide("billing", world.token(BOB)).reason == "not_member"
     assert verifier.decide("billing", world.token(ALICE)).reason == "ok"
@@ -156,7 +156,7 @@ def test_a_member_granted_by_someone_else_is_never_taken_away(world, app):
     world.cloudrun.set_policy(REPORTS, {"bindings": [{"role": INVOKER, "members": [user(BOB)]}]})
     world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
     app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
-    assert app.store.managed_members("reports") == {INVOKER: {user(ALICE)}}
+    assert app.store.managed_members(REPORTS) == {INVOKER: {user(ALICE)}}
     world.graph.remove_members(TENANT, G_ENG, [ALICE, BOB])
     app.sync.handle_messages([change(G_ENG, removed=[ALICE, BOB])])
     assert world.members(REPORTS) == {user(BOB)}
@@ -167,7 +167,7 @@ def test_the_principal_guard_refuses_the_plan_and_keeps_the_store(world, app, au
     world.graph.add_members(TENANT, G_BIG, people)
     summary = app.sync.handle_messages([change(G_BIG, added=people[:3])])   # no exception: not retryable
     assert "bind: group" in summary.refused["big"] and "1501" in summary.refused["big"]
-    assert world.cloudrun.sets(BIG) == 0 and app.store.managed_members("big") == {}
+    assert world.cloudrun.sets(BIG) == 0 and app.store.managed_members(BIG) == {}
     assert len(app.store.group_members(TENANT, G_BIG)) == 1501
     [line] = [a for a in audit_lines if a["event"] == "iam_refused"]
     assert line["severity"] == "ERROR" and line["service"] == "big"
@@ -179,7 +179,7 @@ def test_record_mode_stores_the_plan_and_calls_nothing(world, audit_lines):
     world.graph.add_members(TENANT, G_ENG, [ALICE])
     summary = app.sync.handle_messages([change(G_ENG, added=[ALICE])])
     assert world.cloudrun.requests == []
-    assert app.store.managed_members("reports") == {INVOKER: {user(ALICE)}}
+    assert app.store.managed_members(REPORTS) == {INVOKER: {user(ALICE)}}
     assert not summary.iam["reports"].wrote
     assert any(a["event"] == "iam_plan" for a in audit_lines)
 

@@ -60,7 +60,7 @@ def test_storm_of_duplicated_and_reordered_notifications_converges_to_graph(worl
         assert app.store.group_members(TENANT, group) == world.graph.members(TENANT, group)
     truth = world.graph.members(TENANT, G_ENG) | world.graph.members(TENANT, G_OPS)
     assert world.members(REPORTS) == {user(u) for u in truth}
-    assert app.store.managed_members("reports") == {INVOKER: {user(u) for u in truth}}
+    assert app.store.managed_members(REPORTS) == {INVOKER: {user(u) for u in truth}}
 
 
 def test_a_stale_removal_delivered_after_the_re_add_converges_to_graph(world, app):
@@ -194,20 +194,20 @@ def test_concurrent_workers_writing_one_service_lose_no_update(world):
         t.join()
     expected = {user(u) for people in kept.values() for u in people}
     assert world.members(SHARED_RUN) == expected | {"user:x@example.com"}
-    assert workers[0].store.managed_members("shared") == {INVOKER: expected}
+    assert workers[0].store.managed_members(SHARED_RUN) == {INVOKER: expected}
 
 
 def test_iam_writes_of_a_service_wait_for_its_lease(world, app):
-    """The lease ``iam/{service}`` makes every aadrun writer of a service take turns
+    """The lease ``iam/{resource}`` makes every aadrun writer of a Cloud Run resource take turns
     (maintenance's drift repair takes the same one)."""
     world.graph.add_members(TENANT, G_OPS, [ALICE])
-    assert app.store.acquire_lease("iam/reports", "another-worker", 30)
+    assert app.store.acquire_lease(f"iam/{REPORTS}", "another-worker", 30)
     worker = threading.Thread(target=app.sync.handle_messages, args=([change(G_OPS, added=[ALICE])],))
     worker.start()
     time.sleep(0.3)
     assert app.store.group_members(TENANT, G_OPS) == {ALICE}       # the store does not wait
     assert world.cloudrun.sets(REPORTS) == 0                        # IAM does
-    app.store.release_lease("iam/reports", "another-worker")
+    app.store.release_lease(f"iam/{REPORTS}", "another-worker")
     worker.join()
     assert world.members(REPORTS) == {user(ALICE)}
-    assert app.store.acquire_lease("iam/reports", "another-worker", 30)   # given back
+    assert app.store.acquire_lease(f"iam/{REPORTS}", "another-worker", 30)   # given back

@@ -150,4 +150,4 @@ def test_a_process_killed_mid_batch_converges_on_redelivery(stack):
     log = [(e.kind, e.user or e.member, e.service) for e in stack.store.changes()]
     assert len(log) == len(set(log)), "a change was logged twice"
     assert ("member_removed", BOB, None) in log and ("member_added", CAROL, None) in log
-    assert ("iam_removed", user(BOB), "reports") in log and ("iam_added", user(CAROL), "reports") in log
+    assert ("iam_removed", user(BOB), REPORTS) in log and ("iam_added", user(CAROL), REPORTS) in log

@@ -119,23 +119,27 @@ def cmd_explain(args, settings: Settings) -> int:
 
 def cmd_plan(args, settings: Settings) -> int:
     """Per service: the IAM members aadrun would add and remove, and the principal count
-    against Google's limit. Exit 1 when a service's plan is refused (over the limit)."""
+    against Google's limit; then each resource no service names any more, whose managed
+    members would all be removed. Exit 1 when a service's plan is refused (over the limit)."""
     from .app import App
     from .iam import IamWriter
-    from .plan import plan_service
+    from .plan import orphans, plan_orphan, plan_service
 
     app = App(settings)
-    policy, writer = app.policy, IamWriter(settings)
+    policy, writer, store = app.policy, IamWriter(settings), app.store
+    targets = [(name, policy.services[name].cloud_run) for name in sorted(policy.services)
+               if policy.services[name].cloud_run]
+    targets += [(None, resource) for resource in orphans(policy, store.managed_targets())]
     services, refused = [], {}
-    for name in sorted(policy.services):
-        service = policy.services[name]
-        if not service.cloud_run:
-            continue
+    for name, resource in targets:
         try:
-            live = writer.live_bindings(service.cloud_run)
-            changes = plan_service(policy, service, app.store.group_members, app.store.managed_members(name), live)
+            live, managed = writer.live_bindings(resource), store.managed_members(resource)
+            if name:
+                changes = plan_service(policy, policy.services[name], store.group_members, managed, live)
+            else:
+                changes = plan_orphan(resource, managed, live)
         except PlanError as e:
-            refused[name] = str(e)
+            refused[name or resource] = str(e)
             continue
         services.append({**changes.to_json(), "limit": MAX_PRINCIPALS, "live": live is not None})
     payload = {"mode": settings.iam_mode, "services": services, "refused": refused}
@@ -148,7 +152,7 @@ def _plan_text(p: dict) -> str:
     for s in p["services"]:
         adds = sum(len(c["add"]) for c in s["changes"].values())
         removes = sum(len(c["remove"]) for c in s["changes"].values())
-        lines.append(f"{s['service']} ({s['cloud_run']}): +{adds} -{removes}, "
+        lines.append(f"{s['service'] or '(no service any more)'} ({s['cloud_run']}): +{adds} -{removes}, "
                      f"{s['principals']}/{s['limit']} principals" + ("" if s["live"] else " (record mode)"))
         for role, change in s["changes"].items():
             lines += [f"  + {role} {m}" for m in change["add"]] + [f"  - {role} {m}" for m in change["remove"]]

@@ -13,7 +13,9 @@ Tasks, run in this order whatever order they are asked in:
                    as Graph confirms them, and IAM follows
     drift          each service's live IAM policy against the desired one: managed
                    members changed outside aadrun are restored, members aadrun does
-                   not manage are reported and never touched
+                   not manage are reported and never touched; on a resource no
+                   service names any more (service removed, ``cloud_run`` moved)
+                   every member aadrun manages is revoked
 
 Each task runs under the store lease ``maintenance/{task}``: of two overlapping
 runs, the second skips a task the first is running (status ``skipped``, reason
@@ -47,8 +49,8 @@ from .errors import AadrunError, PlanError, RequestError
 from .graph import GraphClient
 from .http import HttpRequest, HttpResponse
 from .iam import IamWriter
-from .plan import Binding, ServiceChanges, desired_members, diff
-from .policy import Policy, Service
+from .plan import Binding, ServiceChanges, desired_on, diff, orphans
+from .policy import Policy
 from .subscriptions import Subscriptions
 
 TASKS = ("subscriptions", "reconcile", "drift")
@@ -163,61 +165,69 @@ class Maintenance:
         return out
 
     def drift_task(self) -> dict:
-        """Every service with ``cloud_run``: restored / removed managed members, unmanaged ones."""
+        """Every service with ``cloud_run``: restored / removed managed members, unmanaged
+        ones; and every orphaned resource (``orphaned``): its managed members revoked."""
         writer = self.iam_writer
         if writer.mode == "record":
             return {"mode": "record", "services": {}, "note": "AADRUN_IAM=record: no live policy to compare"}
-        policy, services, errors = self._app.policy, {}, []
-        for name in sorted(policy.services):
-            service = policy.services[name]
-            if not service.cloud_run:
-                continue
+        policy, reports, errors = self._app.policy, {}, []
+        targets = [(name, policy.services[name].cloud_run) for name in sorted(policy.services)
+                   if policy.services[name].cloud_run]
+        targets += [(None, resource) for resource in orphans(policy, self._app.store.managed_targets())]
+        for name, resource in targets:
             try:
-                services[name] = self._drift(policy, service)
+                reports[name or resource] = self._drift(policy, name, resource)
             except AadrunError as e:
-                errors.append({"service": name, "error": e.reason, "detail": str(e)})
-        repaired = sorted(n for n, s in services.items() if s["restored"] or s["removed"])
-        return {"mode": writer.mode, "services": services, "repaired": repaired, "errors": errors}
+                errors.append({"service": name or resource, "error": e.reason, "detail": str(e)})
+        services = {k: r for k, r in reports.items() if k in policy.services}
+        orphaned = {k: r for k, r in reports.items() if k not in policy.services}
+        repaired = sorted(k for k, r in reports.items() if r["restored"] or r["removed"])
+        return {"mode": writer.mode, "services": services, "orphaned": orphaned, "repaired": repaired,
+                "errors": errors}
 
     # -- drift ------------------------------------------------------------------------
 
-    def _drift(self, policy: Policy, service: Service) -> dict:
-        """One service: the report of its live policy, and the repair of managed members
-        (under the same ``iam/{service}`` lease policy_sync's writes take turns on)."""
-        store, name = self._app.store, service.name
+    def _drift(self, policy: Policy, name: str | None, resource: str) -> dict:
+        """One resource, for service ``name`` or, with None, as an orphan: the report
+        of its live policy, and the repair of managed members (under the same
+        ``iam/{resource}`` lease policy_sync's writes take turns on)."""
+        store = self._app.store
         managed_before: dict[str, set[str]] = {}
         found: dict[str, object] = {}
 
         def plan_for(live: list[Binding] | None) -> ServiceChanges:
             managed_before.clear()
-            managed_before.update(store.managed_members(name))
+            managed_before.update(store.managed_members(resource))
             found["unmanaged"] = unmanaged(live or [], managed_before)
-            desired = desired_members(policy, service, store.group_members)
-            return diff(desired, managed_before, live, service=name, cloud_run=service.cloud_run)
+            desired = desired_on(policy, resource, store.group_members) if name else {}
+            return diff(desired, managed_before, live, service=name or "", cloud_run=resource)
 
         def claim(changes: ServiceChanges) -> None:
             # Claimed before the set call, as policy_sync does: never orphaned in IAM.
             roles = set(managed_before) | set(changes.adds)
             # A managed member put back after a change outside aadrun is logged as restored.
             restored = {r: set(changes.adds.get(r, ())) & managed_before.get(r, set()) for r in roles}
-            store.record_iam(name, {r: managed_before.get(r, set()) | set(changes.adds.get(r, ())) for r in roles},
+            store.record_iam(resource,
+                             {r: managed_before.get(r, set()) | set(changes.adds.get(r, ())) for r in roles},
                              source="maintenance", why="IAM drift repaired", restored=restored)
 
+        why = "IAM drift repaired" if name else "no service names this resource any more"
         try:
-            # The same lease policy_sync takes per IAM write of a service.
-            with StoreLease(store, f"iam/{name}", f"{self._holder}:drift:{next(self._runs)}",
+            # The same lease policy_sync takes per IAM write of a resource.
+            with StoreLease(store, f"iam/{resource}", f"{self._holder}:drift:{next(self._runs)}",
                             ttl=IAM_LEASE_TTL_S, wait=IAM_LEASE_WAIT_S):
-                result = self.iam_writer.apply_with(service.cloud_run, plan_for, claim)
+                result = self.iam_writer.apply_with(resource, plan_for, claim)
                 managed = {r: set(m) for r, m in result.changes.managed.items() if m}
                 if managed != {r: m for r, m in managed_before.items() if m}:
-                    store.record_iam(name, managed, source="maintenance", why="IAM drift repaired")
+                    store.record_iam(resource, managed, source="maintenance", why=why)
         except PlanError as e:
-            return {"cloud_run": service.cloud_run, "refused": str(e), "restored": {}, "removed": {},
+            return {"cloud_run": resource, "refused": str(e), "restored": {}, "removed": {},
                     "unmanaged": found.get("unmanaged", [])}
         changes = result.changes
         if not changes.empty:
-            audit.entry("iam_drift", f"IAM drift repaired on {name}", service=name, plan=changes.to_json())
-        return {"cloud_run": service.cloud_run, "restored": _sorted(changes.adds), "removed": _sorted(changes.removes),
+            audit.entry("iam_drift", f"IAM drift repaired on {name or resource}", service=name, cloud_run=resource,
+                        plan=changes.to_json())
+        return {"cloud_run": resource, "restored": _sorted(changes.adds), "removed": _sorted(changes.removes),
                 "unmanaged": found.get("unmanaged", []), "principals": changes.principals}
 
     # -- clients ----------------------------------------------------------------------

@@ -4,6 +4,12 @@ Pure functions, no I/O (STYLE.md §3). The inputs are the policy, the membership
 store's view of each group, the members aadrun already manages, and optionally
 the live IAM bindings; the output is a ``ServiceChanges`` per service.
 
+What aadrun manages is kept per Cloud Run resource, not per policy service: two
+services on one resource want the union of their members (neither revokes what
+the other grants), and a resource no service names any more (the service was
+removed, or its ``cloud_run`` moved) is an *orphan* whose managed members are all
+revoked, while a grant someone else made on the new resource is never claimed.
+
 Rules (CONTRACT.md §3, §7):
   - only services with ``cloud_run`` are planned; ``app_roles`` rules are checked
     by verify and put nothing into IAM;
@@ -104,6 +110,23 @@ def desired_members(policy: Policy, service: Service, members_of: MembersOf) -> 
     return desired
 
 
+def desired_on(policy: Policy, cloud_run: str, members_of: MembersOf) -> dict[str, set[str]]:
+    """Role -> IAM members the policy wants on the resource ``cloud_run``: the union
+    over every service that names it."""
+    desired: dict[str, set[str]] = {}
+    for service in policy.services.values():
+        if service.cloud_run == cloud_run:
+            for role, members in desired_members(policy, service, members_of).items():
+                desired.setdefault(role, set()).update(members)
+    return desired
+
+
+def orphans(policy: Policy, managed_targets: Iterable[str]) -> list[str]:
+    """Resources aadrun manages members on that no service of the policy names."""
+    named = {s.cloud_run for s in policy.services.values() if s.cloud_run}
+    return sorted(set(managed_targets) - named)
+
+
 def unconditioned(bindings: Iterable[Binding]) -> dict[str, set[str]]:
     """Role -> members of the bindings without a condition (the ones aadrun edits)."""
     out: dict[str, set[str]] = {}
@@ -174,18 +197,27 @@ def diff(desired: Members, managed_before: Members, live_bindings: Sequence[Bind
 
 def plan_service(policy: Policy, service: Service, members_of: MembersOf, managed_before: Members,
                  live_bindings: Sequence[Binding] | None = None) -> ServiceChanges:
-    """``desired_members`` then ``diff`` for one service that has ``cloud_run``."""
+    """``desired_on`` then ``diff`` for one service that has ``cloud_run``;
+    ``managed_before`` is what aadrun manages on that resource."""
     if not service.cloud_run:
         raise ValueError(f"service {service.name!r} has no cloud_run target")
-    desired = desired_members(policy, service, members_of)
+    desired = desired_on(policy, service.cloud_run, members_of)
     return diff(desired, managed_before, live_bindings, service=service.name, cloud_run=service.cloud_run)
 
 
-def plan_policy(policy: Policy, members_of: MembersOf, managed_of: Callable[[str], Members],
-                live_of: Callable[[str], Sequence[Binding] | None] | None = None) -> list[ServiceChanges]:
-    """A plan for every service with ``cloud_run``, in service-name order.
+def plan_orphan(cloud_run: str, managed_before: Members,
+                live_bindings: Sequence[Binding] | None = None) -> ServiceChanges:
+    """Revoke every member aadrun manages on a resource no service names (``service`` is "")."""
+    return diff({}, managed_before, live_bindings, cloud_run=cloud_run)
 
-    ``managed_of(service_name)`` is ``Store.managed_members``; ``live_of(resource)``
+
+def plan_policy(policy: Policy, members_of: MembersOf, managed_of: Callable[[str], Members],
+                live_of: Callable[[str], Sequence[Binding] | None] | None = None,
+                managed_targets: Iterable[str] = ()) -> list[ServiceChanges]:
+    """A plan for every service with ``cloud_run``, in service-name order, then one
+    per orphaned resource among ``managed_targets`` (``Store.managed_targets``).
+
+    ``managed_of(resource)`` is ``Store.managed_members``; ``live_of(resource)``
     is ``IamWriter.live_bindings`` (None for record mode).
     """
     out = []
@@ -193,5 +225,7 @@ def plan_policy(policy: Policy, members_of: MembersOf, managed_of: Callable[[str
         service = policy.services[name]
         if service.cloud_run:
             live = live_of(service.cloud_run) if live_of else None
-            out.append(plan_service(policy, service, members_of, managed_of(name), live))
+            out.append(plan_service(policy, service, members_of, managed_of(service.cloud_run), live))
+    for resource in orphans(policy, managed_targets):
+        out.append(plan_orphan(resource, managed_of(resource), live_of(resource) if live_of else None))
     return out

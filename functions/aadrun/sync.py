@@ -344,34 +344,35 @@ class PolicySync:
     def _write_service(self, policy: Policy, service: Service, why: str, message_id: str | None):
         """Step 3 for one service: (name, AppliedResult, None), or (name, None, refusal).
 
-        aadrun's writers of a service take turns on the lease ``iam/{service}`` (the
-        maintenance drift repair too), so the managed set a plan reads is the one the
+        aadrun's writers of a Cloud Run resource take turns on the lease
+        ``iam/{resource}`` (the maintenance drift repair too, and the other services
+        on the same resource), so the managed set a plan reads is the one the
         previous writer recorded: no managed member is lost to a race. The members a
         write adds are recorded as managed *before* its set call, so a crash after the
         call cannot orphan them in IAM, where no later plan would remove them; a plan
         drops a claimed member it finds absent. A 409 re-reads IAM and the store and
         plans again (``IamWriter.apply_with``).
         """
-        store, name, claimed = self._app.store, service.name, []
+        store, name, target, claimed = self._app.store, service.name, service.cloud_run, []
         before: dict[str, set[str]] = {}
         record = dict(source="policy-sync", why=why, message_id=message_id)
         try:
-            with StoreLease(store, f"iam/{name}", f"{self._holder}:{next(self._calls)}") as lease:
+            with StoreLease(store, f"iam/{target}", f"{self._holder}:{next(self._calls)}") as lease:
                 def plan_for(live) -> ServiceChanges:
                     lease.renew()
                     before.clear()
-                    before.update(store.managed_members(name))
+                    before.update(store.managed_members(target))
                     return plan_service(policy, service, store.group_members, before, live)
 
                 def claim(changes: ServiceChanges) -> None:
                     roles = set(before) | set(changes.adds)
                     intent = {r: before.get(r, set()) | set(changes.adds.get(r, ())) for r in roles}
-                    claimed.extend(store.record_iam(name, intent, **record))
+                    claimed.extend(store.record_iam(target, intent, **record))
 
-                result = self._iam_writer().apply_with(service.cloud_run, plan_for, claim)
+                result = self._iam_writer().apply_with(target, plan_for, claim)
                 managed = {r: set(m) for r, m in result.changes.managed.items() if m}
                 if claimed or managed != {r: m for r, m in before.items() if m}:
-                    claimed += store.record_iam(name, managed, **record)
+                    claimed += store.record_iam(target, managed, **record)
         except PlanError as e:
             audit.entry("iam_refused", str(e), severity="ERROR", reason=e.reason, service=name)
             return name, None, str(e)

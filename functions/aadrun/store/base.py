@@ -6,7 +6,7 @@ What it holds (CONTRACT.md §3, §5; issue #4):
                     a group with no sync record was *never synced* (verify then
                     answers ``membership_unknown``, never a guess)
   - processed ids   message ids already applied, with expiry (dedupe)
-  - managed members (service, role) -> IAM members aadrun put there
+  - managed members (Cloud Run resource, role) -> IAM members aadrun put there
   - change log      append-only: what changed, when, why, from which message
   - leases          named, expiring locks for maintenance runs
   - generation      a counter bumped by every membership change, so readers
@@ -52,7 +52,7 @@ class ChangeEntry:
     tenant: str | None = None
     group: str | None = None
     user: str | None = None
-    service: str | None = None
+    service: str | None = None   # IAM entries: the Cloud Run resource
     role: str | None = None
     member: str | None = None
     source: str = ""          # who: "graph-delta", "notification", "maintenance", ...
@@ -121,16 +121,21 @@ class Store(abc.ABC):
         """Which of these message ids were already applied (and not yet expired)."""
 
     @abc.abstractmethod
-    def managed_members(self, service: str) -> dict[str, set[str]]:
-        """Role -> IAM members aadrun manages on this service."""
+    def managed_members(self, cloud_run: str) -> dict[str, set[str]]:
+        """Role -> IAM members aadrun manages on this Cloud Run resource."""
 
     @abc.abstractmethod
-    def record_iam(self, service: str, desired: Mapping[str, set[str]], *, source: str, why: str,
+    def managed_targets(self) -> set[str]:
+        """The Cloud Run resources on which aadrun manages at least one member."""
+
+    @abc.abstractmethod
+    def record_iam(self, cloud_run: str, desired: Mapping[str, set[str]], *, source: str, why: str,
                    message_id: str | None = None,
                    restored: Mapping[str, set[str]] | None = None) -> list[ChangeEntry]:
-        """Store the managed members of a service (role -> members) after IAM was
-        written, logging ``iam_added`` / ``iam_removed`` for each difference, and
-        ``iam_restored`` for each managed member a drift repair put back in IAM."""
+        """Store the managed members of a Cloud Run resource (role -> members) after
+        IAM was written, logging ``iam_added`` / ``iam_removed`` for each difference
+        (their ``service`` is the resource), and ``iam_restored`` for each managed
+        member a drift repair put back in IAM."""
 
     @abc.abstractmethod
     def changes(self, since: dt.datetime | None = None, limit: int | None = None) -> list[ChangeEntry]:

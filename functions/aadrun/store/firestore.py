@@ -5,7 +5,7 @@ Collections (document ids from ``doc_id``, fields hold the raw values):
     memberships/{tenant~group~user}   tenant, group, user, since, source, message_id
     groups/{tenant~group}             tenant, group, delta_link, synced_at (= synced)
     processed/{message id}            id, expires_at
-    managed/{service}                 service, roles: [{role, members: [...]}]
+    managed/{cloud run resource}      service (the resource), roles: [{role, members: [...]}]
     changes/{seq, 20 digits}          the ChangeEntry fields
     leases/{name}                     name, holder, expires_at
     meta/counters                     generation, seq, last_at
@@ -237,6 +237,10 @@ class FirestoreStore(Store):
         with _translated():
             snap = self._doc("managed", service).get()
         return self._roles(snap)
+
+    def managed_targets(self) -> set[str]:
+        with _translated():
+            return {snap.get("service") for snap in self._client.collection("managed").stream() if self._roles(snap)}
 
     @staticmethod
     def _roles(snap) -> dict[str, set[str]]:

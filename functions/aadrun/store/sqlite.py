@@ -256,6 +256,10 @@ class SqliteStore(Store):
             out.setdefault(role, set()).add(member)
         return out
 
+    def managed_targets(self) -> set[str]:
+        with _translated():
+            return {r[0] for r in self._conn().execute("SELECT DISTINCT service FROM managed")}
+
     def changes(self, since: dt.datetime | None = None, limit: int | None = None) -> list[ChangeEntry]:
         sql = f"SELECT {CHANGE_COLUMNS} FROM changes"
         args: list[object] = []
