@@ -35,6 +35,17 @@ def test_validate_reports_file_line_field(tmp_path):
     assert (error["file"], error["line"], error["field"]) == (str(bad), 3, "tenants[0].audiences")
 
 
+def test_validate_lists_every_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tenants:\n  - id: 11111111-1111-1111-1111-111111111111\n    audiences: []\n"
+                   "services:\n  - name: s\n    tenant: nope\n    access: []\n")
+    code, out, err = run("validate", "--policy", str(bad))
+    assert code == 1 and "Traceback" not in out + err
+    assert [line.split("bad.yaml:", 1)[1].split(":", 1)[0] for line in out.splitlines()] == ["3", "6"]
+    code, out, _ = run("validate", "--policy", str(bad), "--json")
+    assert [e["field"] for e in json.loads(out)["errors"]] == ["tenants[0].audiences", "services[0].tenant"]
+
+
 def test_bad_usage_exits_2():
     assert run("explain")[0] == 2
     assert run("no-such-command")[0] == 2

@@ -106,6 +106,40 @@ def test_folder_refuses_duplicates_across_files(tmp_path, second, field):
     assert (caught.value.file, caught.value.field) == (str(path), field)
 
 
+def test_every_problem_is_reported_in_file_and_line_order(tmp_path):
+    write(tmp_path, "a.yaml", f"""\
+tenants:
+  - id: {T}
+    audiences: [x]
+services:
+  - name: bad-group
+    tenant: {T}
+    access:
+      - groups: [not-a-guid]
+  - name: no-tenant
+    tenant: {TENANT_B}
+    access:
+      - app_roles: [R]
+""")
+    write(tmp_path, "b.yaml", "services: {}\n")
+    with pytest.raises(PolicyError) as caught:
+        load_policy(tmp_path)
+    found = [(e.file.rsplit("/", 1)[1], e.line, e.field) for e in caught.value.errors]
+    assert found == [("a.yaml", 8, "services[0].access[0].groups[0]"), ("a.yaml", 10, "services[1].tenant"),
+                     ("b.yaml", 1, "services")]
+    assert "(and 2 more)" in str(caught.value)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("a: &x [*x]\n", "alias that contains itself"),
+    ("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)), "expands to more than"),
+])
+def test_self_referencing_or_exploding_aliases_are_policy_errors(tmp_path, text, message):
+    with pytest.raises(PolicyError, match=message):
+        load_policy(write(tmp_path, "p.yaml", text))
+
+
 def test_empty_folder_is_an_error(tmp_path):
     with pytest.raises(PolicyError, match="no policy files"):
         load_policy(tmp_path)

@@ -38,10 +38,9 @@ def cmd_validate(args, settings: Settings) -> int:
     try:
         policy = load_policy(path)
     except PolicyError as e:
-        message = f"error: {e}"
-        _emit(args, {"valid": False, "error": {"file": e.file, "line": e.line, "field": e.field,
-                                               "message": e.message}},
-              lambda p: message)
+        found = [{"file": x.file, "line": x.line, "field": x.field, "message": x.message} for x in e.errors]
+        text = "\n".join(f"error: {x}" for x in e.errors)
+        _emit(args, {"valid": False, "error": found[0], "errors": found}, lambda p: text)
         return EXIT_FINDING
     payload = {"valid": True, "files": [str(f) for f in policy_files(path)], "tenants": sorted(policy.tenants),
                "services": sorted(policy.services)}

@@ -2,7 +2,7 @@
 
     AadrunError
     ├── ConfigError            bad environment or settings (start-up)
-    ├── PolicyError            a policy file is invalid (file, line, field)
+    ├── PolicyError            a policy file is invalid (file, line, field); PolicyErrors: several
     ├── RequestError           a caller's request is unusable       400 bad_request
     ├── TokenError             the token is rejected                 401 <reason>
     ├── Unavailable            a dependency cannot answer            503 unavailable
@@ -39,6 +39,17 @@ class PolicyError(AadrunError):
         suffix = f" (field {field})" if field else ""
         super().__init__(f"{prefix}{message}{suffix}")
         self.message = message
+        self.errors: list[PolicyError] = [self]
+
+
+class PolicyErrors(PolicyError):
+    """Several policy problems: located as the first, each in ``errors``."""
+
+    def __init__(self, errors: list[PolicyError]):
+        first = errors[0]
+        super().__init__(f"{first.message} (and {len(errors) - 1} more)", file=first.file, line=first.line,
+                         field=first.field)
+        self.errors = list(errors)
 
 
 class RequestError(AadrunError):

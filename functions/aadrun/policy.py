@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import PolicyError
+from .errors import PolicyError, PolicyErrors
 
 GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 CLOUD_RUN = re.compile(r"^projects/[a-z0-9-]{1,63}/locations/[a-z0-9-]{1,63}/services/[a-z0-9-]{1,63}\Z")
@@ -95,13 +95,22 @@ class Policy:
 
 # --- YAML with positions -------------------------------------------------------
 
+# More values than any real policy holds: what aliases expanding into aliases make.
+MAX_VALUES = 100_000
+
+
 class _Located:
     """A parsed YAML value together with the line of every key, for error messages."""
 
     def __init__(self, file: str):
         self.file = file
+        self.values = 0
 
     def to_python(self, node: yaml.Node, path: str, lines: dict[str, int]):
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise PolicyError(f"the document expands to more than {MAX_VALUES} values (aliases of aliases?)",
+                              file=self.file)
         lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             out = {}
@@ -175,6 +184,8 @@ def _parse_file(path: Path) -> tuple[dict, dict[str, int], str]:
         data = _Located(name).to_python(node, "", lines)
     except yaml.YAMLError as e:
         raise PolicyError(f"invalid YAML value: {e}", file=name) from e
+    except RecursionError:
+        raise PolicyError("nested too deep, or an alias that contains itself", file=name) from None
     if not isinstance(data, dict):
         raise PolicyError("the top level must be a mapping", file=name, line=1)
     return data, lines, name
@@ -223,48 +234,76 @@ def _service(c: _Checker, raw, field: str) -> Service:
 
 
 def parse_documents(docs: list[tuple[dict, dict[str, int], str]]) -> Policy:
+    """The policy of parsed files, or ``PolicyError`` naming every problem found:
+    one per file, tenant, service and cross-reference (``PolicyErrors`` for several)."""
     tenants: dict[str, Tenant] = {}
     services: dict[str, Service] = {}
     where: dict[str, tuple[_Checker, str]] = {}
     singles: dict[str, tuple[str, str]] = {}
+    errors: list[PolicyError] = []
     for data, lines, name in docs:
         c = _Checker(name, lines)
-        c.mapping(data, "", ("tenants", "services", "principal", "group_principal"))
-        for key, placeholder in (("principal", "{oid}"), ("group_principal", "{group_id}")):
-            if key in data:
-                value = c.string(data[key], key)
-                if placeholder not in value:
-                    raise c.error(key, f"must contain {placeholder}")
-                if key in singles:
-                    raise c.error(key, f"already set in {singles[key][1]}")
-                singles[key] = (value, name)
-        for section in ("tenants", "services"):
-            if section in data and not isinstance(data[section], list):
-                raise c.error(section, "must be a list")
+        try:
+            _top_level(c, data, singles)
+        except PolicyError as e:
+            errors.append(e)
+            continue   # its sections cannot be read
         for i, raw in enumerate(data.get("tenants", [])):
-            tenant = _tenant(c, raw, f"tenants[{i}]")
-            if tenant.id in tenants:
-                raise c.error(f"tenants[{i}].id", f"tenant {tenant.id} defined twice")
-            tenants[tenant.id] = tenant
+            try:
+                tenant = _tenant(c, raw, f"tenants[{i}]")
+                if tenant.id in tenants:
+                    raise c.error(f"tenants[{i}].id", f"tenant {tenant.id} defined twice")
+                tenants[tenant.id] = tenant
+            except PolicyError as e:
+                errors.append(e)
         for i, raw in enumerate(data.get("services", [])):
-            service = _service(c, raw, f"services[{i}]")
-            if service.name in services:
-                raise c.error(f"services[{i}].name", f"service {service.name} defined twice")
-            services[service.name] = service
-            where[service.name] = (c, f"services[{i}]")
+            try:
+                service = _service(c, raw, f"services[{i}]")
+                if service.name in services:
+                    raise c.error(f"services[{i}].name", f"service {service.name} defined twice")
+                services[service.name] = service
+                where[service.name] = (c, f"services[{i}]")
+            except PolicyError as e:
+                errors.append(e)
     principal = singles.get("principal", (None, ""))[0]
     group_principal = singles.get("group_principal", (None, ""))[0]
+    # A tenant that did not parse would make its services' references look wrong too.
+    check_tenants = not any(e.field and e.field.startswith("tenants") for e in errors)
     for service in services.values():
-        c, field = where[service.name]
-        if service.tenant not in tenants:
-            raise c.error(f"{field}.tenant", f"tenant {service.tenant} is not defined under tenants")
-        if service.cloud_run:
-            for i, rule in enumerate(service.rules):
-                if rule.groups and rule.bind == "members" and not principal:
-                    raise c.error(f"{field}.access[{i}]", "binding members in IAM needs a top-level principal")
-                if rule.groups and rule.bind == "group" and not group_principal:
-                    raise c.error(f"{field}.access[{i}].bind", "bind: group needs a top-level group_principal")
+        try:
+            _references(service, *where[service.name], tenants if check_tenants else None, principal,
+                        group_principal)
+        except PolicyError as e:
+            errors.append(e)
+    _raise_all(errors)
     return Policy(tenants, services, principal, group_principal, tuple(d[2] for d in docs))
+
+
+def _top_level(c: _Checker, data: dict, singles: dict[str, tuple[str, str]]) -> None:
+    c.mapping(data, "", ("tenants", "services", "principal", "group_principal"))
+    for key, placeholder in (("principal", "{oid}"), ("group_principal", "{group_id}")):
+        if key in data:
+            value = c.string(data[key], key)
+            if placeholder not in value:
+                raise c.error(key, f"must contain {placeholder}")
+            if key in singles:
+                raise c.error(key, f"already set in {singles[key][1]}")
+            singles[key] = (value, c.file)
+    for section in ("tenants", "services"):
+        if section in data and not isinstance(data[section], list):
+            raise c.error(section, "must be a list")
+
+
+def _references(service: Service, c: _Checker, field: str, tenants: dict[str, Tenant] | None,
+                principal: str | None, group_principal: str | None) -> None:
+    if tenants is not None and service.tenant not in tenants:
+        raise c.error(f"{field}.tenant", f"tenant {service.tenant} is not defined under tenants")
+    if service.cloud_run:
+        for i, rule in enumerate(service.rules):
+            if rule.groups and rule.bind == "members" and not principal:
+                raise c.error(f"{field}.access[{i}]", "binding members in IAM needs a top-level principal")
+            if rule.groups and rule.bind == "group" and not group_principal:
+                raise c.error(f"{field}.access[{i}].bind", "bind: group needs a top-level group_principal")
 
 
 def policy_files(path: str | os.PathLike) -> list[Path]:
@@ -277,8 +316,27 @@ def policy_files(path: str | os.PathLike) -> list[Path]:
 
 
 def load_policy(path: str | os.PathLike) -> Policy:
-    """Load a file or a folder of YAML files; raises ``PolicyError`` on the first problem."""
+    """Load a file or a folder of YAML files; raises ``PolicyError`` naming every
+    problem (``PolicyErrors`` when there are several)."""
     files = policy_files(path)
     if not files:
         raise PolicyError("no policy files (*.yaml, *.yml) found", file=str(path))
-    return parse_documents([_parse_file(p) for p in files])
+    docs, errors = [], []
+    for file in files:
+        try:
+            docs.append(_parse_file(file))
+        except PolicyError as e:
+            errors.append(e)
+    try:
+        policy = parse_documents(docs)
+    except PolicyError as e:
+        errors += e.errors
+    _raise_all(errors)
+    return policy
+
+
+def _raise_all(errors: list[PolicyError]) -> None:
+    """Raise the errors found, if any, in file and line order."""
+    if errors:
+        errors = sorted(errors, key=lambda e: (e.file or "", e.line or 0))
+        raise errors[0] if len(errors) == 1 else PolicyErrors(errors)
