@@ -121,6 +121,9 @@ def test_audit_exports_the_change_log(ops, tmp_path):
     target = tmp_path / "evidence.csv"
     code, out, _ = run("audit", "--output", str(target))
     assert code == 0 and out == "" and len(target.read_text().splitlines()) == 4
+    for unwritable in (tmp_path / "no-such-folder" / "x.csv", tmp_path):
+        code, _, err = run("audit", "--output", str(unwritable))
+        assert code == 2 and f"cannot write {unwritable}" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("command", ["validate", "plan", "subscribe", "resync", "audit"])

@@ -241,7 +241,11 @@ def cmd_audit(args, settings: Settings) -> int:
     from .store import open_store
 
     entries = [e.to_json() for e in open_store(settings.store_url).changes(since=args.since)]
-    out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
+    try:
+        out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
+    except OSError as e:
+        print(f"error: cannot write {args.output}: {e.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         if args.json or args.format == "json":
             json.dump({"since": args.since.isoformat() if args.since else None, "count": len(entries),
