@@ -168,6 +168,9 @@ def test_maintenance_is_called_by_a_scheduler_job_with_an_oidc_token(build, depl
     caller = re.search(r"--oidc-service-account-email=(\S+)", substitute(text, substitutions(build))).group(1)
     assert caller not in {one(d["flags"], "--service-account") for d in deployed.values()}, (
         "the scheduler's identity is an invoker only, not a function's runtime account")
+    # Scheduler's default is no retry: a failed run (503) would wait for the next schedule.
+    retries = re.search(r"--max-retry-attempts=(\d+)", text)
+    assert retries and int(retries.group(1)) >= 1
 
 
 def test_secrets_come_from_secret_manager_only(build, deployed):
