@@ -3,9 +3,9 @@ subprocess on a free loopback port (each function in its own process: several
 ``create_app`` calls in one process collide on the module name ``main``)."""
 from __future__ import annotations
 
-import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,13 +20,11 @@ from tests.support.emulators import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the process that started it dies, so a
-    killed test run leaves no server behind (Linux prctl PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
+# The child gets SIGTERM when the thread that started it dies, so a killed test run
+# leaves no server behind: through util-linux's setpriv, not a preexec_fn. A preexec_fn
+# makes subprocess fork() the whole multi-threaded test process, and gRPC's fork
+# handler (installed once a test used Pub/Sub or Firestore) can deadlock in that fork.
+_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM", "--"] if shutil.which("setpriv") else []
 
 
 class FunctionServer:
@@ -41,13 +39,13 @@ class FunctionServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> "FunctionServer":
-        args = [sys.executable, "-m", "functions_framework", "--source", str(self.source),
+        args = [*_DIE_WITH_PARENT, sys.executable, "-m", "functions_framework", "--source", str(self.source),
                 "--target", self.target, "--host", "127.0.0.1", "--port", str(self.port)]
         if self.signature:
             args += ["--signature-type", self.signature]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "functions"), **self.env}
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+                                     start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
