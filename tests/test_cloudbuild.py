@@ -152,6 +152,17 @@ def test_trigger_and_authentication(deployed, name):
         assert "--trigger-http" not in flags and "--allow-unauthenticated" not in flags
 
 
+def test_every_function_is_built_by_the_build_account_setup_gcp_creates(deployed):
+    for name, d in deployed.items():
+        assert one(d["flags"], "--build-service-account") == (
+            f"projects/{PROJECT}/serviceAccounts/aadrun-build@{PROJECT}.iam.gserviceaccount.com"), name
+    setup = (ROOT / "scripts" / "setup-gcp").read_text()
+    assert '"aadrun-build|' in setup
+    roles = re.search(r'for role in ([^;]+); do\n  project_role "\$\(sa aadrun-build\)" "\$role"', setup)
+    assert roles and set(roles.group(1).split()) == {
+        "roles/logging.logWriter", "roles/artifactregistry.writer", "roles/storage.objectAdmin"}
+
+
 def test_each_function_runs_as_its_own_service_account(deployed):
     accounts = {name: one(d["flags"], "--service-account") for name, d in deployed.items()}
     for name, account in accounts.items():
