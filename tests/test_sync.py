@@ -234,6 +234,30 @@ def test_missed_event_naming_a_group_reads_that_group(world, app):
     assert summary.reads["full"] == 1 and app.store.group_members(TENANT, G_OPS) == {BOB}
 
 
+def test_lines_written_by_the_sync_workers_keep_the_callers_trace(world, app):
+    import logging
+
+    from aadrun import audit
+
+    traces: list[tuple[str, str | None]] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            traces.append((record.json_fields["event"], getattr(record, "trace", None)))
+
+    handler = Capture()
+    logging.getLogger("aadrun").addHandler(handler)
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    try:
+        with audit.request_trace("projects/p/traces/4bf92f3577b34da6a3ce929d0e0e4736"):
+            app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    finally:
+        logging.getLogger("aadrun").removeHandler(handler)
+    events = {event for event, _ in traces}
+    assert {"membership_change", "iam_change", "sync_batch"} <= events
+    assert {trace for _, trace in traces} == {"projects/p/traces/4bf92f3577b34da6a3ce929d0e0e4736"}
+
+
 def test_webhook_on_the_local_bus_answers_within_graphs_deadline_while_graph_is_slow(world):
     # AADRUN_BUS=local: the webhook runs policy_sync in process, yet must answer in time.
     from aadrun.http import HttpRequest

@@ -41,6 +41,7 @@ from __future__ import annotations
 import base64
 import binascii
 import concurrent.futures
+import contextvars
 import dataclasses
 import itertools
 import json
@@ -237,9 +238,9 @@ class PolicySync:
         for work in groups.values():
             if work.removed:
                 _guarded(errors, lambda w=work: summary.membership.extend(self._remove(w)))
-        reads = [self._pool.submit(self._reads.run, key, work, self._read) for key, work in groups.items()
+        reads = [self._submit(self._reads.run, key, work, self._read) for key, work in groups.items()
                  if work.read]
-        auths = [self._pool.submit(self._reauthorize, event) for event in reauthorize]
+        auths = [self._submit(self._reauthorize, event) for event in reauthorize]
         for kind, entries in _results(reads, errors):
             summary.reads[kind] += 1
             summary.membership.extend(entries)
@@ -249,8 +250,8 @@ class PolicySync:
         dirty = {(e.tenant, e.group) for e in summary.membership} | {k for k, w in groups.items() if w.recheck}
         why = "resync" if summary.source == "resync" else "group membership changed"
         message_id = next((i for w in groups.values() for i in w.ids), None)
-        writes = [self._pool.submit(self._writes.run, s.name, s,
-                                    lambda _, s=s: self._write_service(policy, s, why, message_id))
+        writes = [self._submit(self._writes.run, s.name, s,
+                               lambda _, s=s: self._write_service(policy, s, why, message_id))
                   for s in policy.services.values() if s.cloud_run and any((s.tenant, g) in dirty for g in s.groups)]
         iam_outcome(summary, _results(writes, errors))
         summary.errors = [f"{type(e).__name__}: {e}" for e in errors]
@@ -396,6 +397,10 @@ class PolicySync:
             if self._iam is None:
                 self._iam = IamWriter(self._app.settings)
             return self._iam
+
+    def _submit(self, fn: Callable, *args) -> concurrent.futures.Future:
+        # In the caller's context, so the lines a worker writes keep the request's trace.
+        return self._pool.submit(contextvars.copy_context().run, fn, *args)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
