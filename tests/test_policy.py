@@ -121,17 +121,27 @@ services:
     access:
       - app_roles: [R]
 """)
-    write(tmp_path, "b.yaml", "services: {}\n")
+    write(tmp_path, "b.yaml", "services:\n  - name: no-access\n")
     with pytest.raises(PolicyError) as caught:
         load_policy(tmp_path)
     found = [(e.file.rsplit("/", 1)[1], e.line, e.field) for e in caught.value.errors]
     assert found == [("a.yaml", 8, "services[0].access[0].groups[0]"), ("a.yaml", 10, "services[1].tenant"),
-                     ("b.yaml", 1, "services")]
+                     ("b.yaml", 2, "services[0].tenant")]
     assert "(and 2 more)" in str(caught.value)
+
+
+@pytest.mark.parametrize("broken", ["tenants: [\n", "tenant: []\n"])
+def test_a_file_that_cannot_be_read_does_not_make_the_others_references_look_wrong(tmp_path, broken):
+    write(tmp_path, "a.yaml", broken)     # where the tenants would be
+    write(tmp_path, "b.yaml", f"services:\n  - name: s\n    tenant: {T}\n    access:\n      - app_roles: [R]\n")
+    with pytest.raises(PolicyError) as caught:
+        load_policy(tmp_path)
+    assert [e.file.rsplit("/", 1)[1] for e in caught.value.errors] == ["a.yaml"]
 
 
 @pytest.mark.parametrize("text,message", [
     ("a: &x [*x]\n", "alias that contains itself"),
+    ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deep"),
     ("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)), "expands to more than"),
 ])

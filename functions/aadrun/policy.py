@@ -177,6 +177,8 @@ def _parse_file(path: Path) -> tuple[dict, dict[str, int], str]:
         mark = getattr(e, "problem_mark", None)
         raise PolicyError(f"invalid YAML: {getattr(e, 'problem', None) or e}", file=name,
                           line=mark.line + 1 if mark else None) from e
+    except RecursionError:
+        raise PolicyError("nested too deep", file=name) from None
     if node is None:
         return {}, {}, name
     lines: dict[str, int] = {}
@@ -233,9 +235,11 @@ def _service(c: _Checker, raw, field: str) -> Service:
     return Service(name, tenant, rules, cloud_run, audience)
 
 
-def parse_documents(docs: list[tuple[dict, dict[str, int], str]]) -> Policy:
+def parse_documents(docs: list[tuple[dict, dict[str, int], str]], *, complete: bool = True) -> Policy:
     """The policy of parsed files, or ``PolicyError`` naming every problem found:
-    one per file, tenant, service and cross-reference (``PolicyErrors`` for several)."""
+    one per file, tenant, service and cross-reference (``PolicyErrors`` for several).
+    ``complete=False``: some file of the policy could not be read, so references
+    (to tenants, to the principals) are not checked: they may be in that file."""
     tenants: dict[str, Tenant] = {}
     services: dict[str, Service] = {}
     where: dict[str, tuple[_Checker, str]] = {}
@@ -247,6 +251,7 @@ def parse_documents(docs: list[tuple[dict, dict[str, int], str]]) -> Policy:
             _top_level(c, data, singles)
         except PolicyError as e:
             errors.append(e)
+            complete = False
             continue   # its sections cannot be read
         for i, raw in enumerate(data.get("tenants", [])):
             try:
@@ -268,8 +273,8 @@ def parse_documents(docs: list[tuple[dict, dict[str, int], str]]) -> Policy:
     principal = singles.get("principal", (None, ""))[0]
     group_principal = singles.get("group_principal", (None, ""))[0]
     # A tenant that did not parse would make its services' references look wrong too.
-    check_tenants = not any(e.field and e.field.startswith("tenants") for e in errors)
-    for service in services.values():
+    check_tenants = complete and not any(e.field and e.field.startswith("tenants") for e in errors)
+    for service in services.values() if complete else ():
         try:
             _references(service, *where[service.name], tenants if check_tenants else None, principal,
                         group_principal)
@@ -328,7 +333,7 @@ def load_policy(path: str | os.PathLike) -> Policy:
         except PolicyError as e:
             errors.append(e)
     try:
-        policy = parse_documents(docs)
+        policy = parse_documents(docs, complete=not errors)
     except PolicyError as e:
         errors += e.errors
     _raise_all(errors)
