@@ -331,6 +331,21 @@ def test_two_services_on_one_resource_keep_the_union_of_their_members(world, tmp
     assert world.members() == {user(BOB)}
 
 
+def test_drift_adopts_members_an_earlier_version_kept_under_the_service_name(world):
+    app = world.app()
+    app.maintenance.run(["reconcile"])
+    assert world.members() == {user(ALICE)}
+    # As an earlier version kept them: under the service's name, not its resource.
+    managed = app.store.managed_members(BILLING)
+    app.store.record_iam("billing", managed, source="test", why="an earlier version")
+    app.store.record_iam(BILLING, {}, source="test", why="an earlier version")
+    world.graph.remove_members(TENANT, G_ENG, [ALICE])
+    drift = app.maintenance.run(["reconcile", "drift"])["tasks"]["drift"]
+    assert drift["status"] == "ok" and drift["errors"] == [] and drift["orphaned"] == {}
+    assert world.members() == set()                               # ALICE's grant was aadrun's: revoked
+    assert app.store.managed_targets() == set() and app.store.managed_members("billing") == {}
+
+
 def test_drift_in_record_mode_compares_nothing(world):
     task = world.app(iam_mode="record").maintenance.run(["drift"])["tasks"]["drift"]
     assert task["status"] == "ok" and task["mode"] == "record" and task["services"] == {}

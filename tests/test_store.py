@@ -302,6 +302,18 @@ def test_record_iam_logs_each_difference(store):
     assert store.changes() == first + second + third
 
 
+def test_members_kept_under_a_service_name_are_adopted_by_its_resource_without_a_log_entry(store):
+    run, invoker = "projects/p/locations/europe-west1/services/billing", "roles/run.invoker"
+    store.record_iam("billing", {invoker: {"p/u1", "p/u2"}}, source="s", why="an earlier version")
+    store.record_iam(run, {invoker: {"p/u2", "p/u3"}}, source="s", why="w")
+    logged = len(store.changes())
+    assert store.adopt_managed("billing", run) is True
+    assert store.managed_members(run) == {invoker: {"p/u1", "p/u2", "p/u3"}}
+    assert store.managed_members("billing") == {} and store.managed_targets() == {run}
+    assert len(store.changes()) == logged
+    assert store.adopt_managed("billing", run) is False
+
+
 def test_managed_targets_are_the_resources_with_a_managed_member(store):
     run = "projects/p/locations/europe-west1/services/"
     assert store.managed_targets() == set()

@@ -169,7 +169,8 @@ class Maintenance:
         ones; and every orphaned resource (``orphaned``): its managed members revoked."""
         writer = self.iam_writer
         if writer.mode == "record":
-            return {"mode": "record", "services": {}, "note": "AADRUN_IAM=record: no live policy to compare"}
+            return {"mode": "record", "services": {}, "orphaned": {},
+                    "note": "AADRUN_IAM=record: no live policy to compare"}
         policy, reports, errors = self._app.policy, {}, []
         targets = [(name, policy.services[name].cloud_run) for name in sorted(policy.services)
                    if policy.services[name].cloud_run]
@@ -216,6 +217,9 @@ class Maintenance:
             # The same lease policy_sync takes per IAM write of a resource.
             with StoreLease(store, f"iam/{resource}", f"{self._holder}:drift:{next(self._runs)}",
                             ttl=IAM_LEASE_TTL_S, wait=IAM_LEASE_WAIT_S):
+                if name and store.adopt_managed(name, resource):   # kept by service name before
+                    audit.entry("managed_adopted", f"managed members of {name} now kept under {resource}",
+                                service=name, cloud_run=resource)
                 result = self.iam_writer.apply_with(resource, plan_for, claim)
                 managed = {r: set(m) for r, m in result.changes.managed.items() if m}
                 if managed != {r: m for r, m in managed_before.items() if m}:

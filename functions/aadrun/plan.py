@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 
 from .errors import PlanError
-from .policy import MAX_PRINCIPALS, Policy, Service
+from .policy import CLOUD_RUN, MAX_PRINCIPALS, Policy, Service
 
 MembersOf = Callable[[str, str], "set[str] | None"]
 Members = Mapping[str, "set[str] | frozenset[str]"]
@@ -122,9 +122,10 @@ def desired_on(policy: Policy, cloud_run: str, members_of: MembersOf) -> dict[st
 
 
 def orphans(policy: Policy, managed_targets: Iterable[str]) -> list[str]:
-    """Resources aadrun manages members on that no service of the policy names."""
+    """Resources aadrun manages members on that no service of the policy names
+    (a key that is no resource name, as an earlier version's service name, is not one)."""
     named = {s.cloud_run for s in policy.services.values() if s.cloud_run}
-    return sorted(set(managed_targets) - named)
+    return sorted(t for t in set(managed_targets) - named if CLOUD_RUN.match(t))
 
 
 def unconditioned(bindings: Iterable[Binding]) -> dict[str, set[str]]:

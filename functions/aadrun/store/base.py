@@ -129,6 +129,12 @@ class Store(abc.ABC):
         """The Cloud Run resources on which aadrun manages at least one member."""
 
     @abc.abstractmethod
+    def adopt_managed(self, legacy: str, cloud_run: str) -> bool:
+        """Move the managed members a store of an earlier version kept under a service
+        name (``legacy``) to the service's Cloud Run resource, merging with what is
+        there, without change-log entries (nobody's access changes). True if any moved."""
+
+    @abc.abstractmethod
     def record_iam(self, cloud_run: str, desired: Mapping[str, set[str]], *, source: str, why: str,
                    message_id: str | None = None,
                    restored: Mapping[str, set[str]] | None = None) -> list[ChangeEntry]:

@@ -242,6 +242,22 @@ class FirestoreStore(Store):
         with _translated():
             return {snap.get("service") for snap in self._client.collection("managed").stream() if self._roles(snap)}
 
+    def adopt_managed(self, legacy: str, cloud_run: str) -> bool:
+        return self._run(self._adopt, legacy, cloud_run)
+
+    def _adopt(self, txn, legacy: str, cloud_run: str) -> bool:
+        old, new = self._doc("managed", legacy), self._doc("managed", cloud_run)
+        snaps = self._read(txn, [old, new])
+        if not snaps[old.path].exists:
+            return False
+        moved, merged = self._roles(snaps[old.path]), self._roles(snaps[new.path])
+        for role, members in moved.items():
+            merged.setdefault(role, set()).update(members)
+        roles = [{"role": r, "members": sorted(m)} for r, m in sorted(merged.items()) if m]
+        txn.set(new, {"service": cloud_run, "roles": roles})
+        txn.delete(old)
+        return bool(moved)
+
     @staticmethod
     def _roles(snap) -> dict[str, set[str]]:
         if not snap.exists:

@@ -260,6 +260,12 @@ class SqliteStore(Store):
         with _translated():
             return {r[0] for r in self._conn().execute("SELECT DISTINCT service FROM managed")}
 
+    def adopt_managed(self, legacy: str, cloud_run: str) -> bool:
+        with _translated(), self._write() as conn:
+            conn.execute("INSERT OR IGNORE INTO managed SELECT ?, role, member FROM managed WHERE service = ?",
+                         (cloud_run, legacy))
+            return conn.execute("DELETE FROM managed WHERE service = ?", (legacy,)).rowcount > 0
+
     def changes(self, since: dt.datetime | None = None, limit: int | None = None) -> list[ChangeEntry]:
         sql = f"SELECT {CHANGE_COLUMNS} FROM changes"
         args: list[object] = []
