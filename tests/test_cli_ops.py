@@ -63,6 +63,19 @@ def test_plan_shows_adds_removes_and_the_principal_count(ops):
     assert cloudrun.sets(BILLING) == 1     # plan wrote nothing (the one set is resync's)
 
 
+def test_plan_shows_the_revocations_on_a_resource_no_service_names_any_more(ops):
+    run, store_url, _, cloudrun = ops
+    old = BILLING + "-old"
+    cloudrun.set_policy(old, {"version": 3, "bindings": [{"role": INVOKER, "members": [user(ALICE), user(BOB)]}]})
+    open_store(store_url).record_iam(old, {INVOKER: {user(ALICE)}}, source="test", why="granted by aadrun")
+    code, out, _ = run("plan", "--json")
+    orphan = json.loads(out)["services"][1]
+    assert code == 0 and (orphan["service"], orphan["cloud_run"]) == ("", old)
+    assert orphan["changes"] == {INVOKER: {"add": [], "remove": [user(ALICE)]}}     # BOB's grant is not aadrun's
+    code, out, _ = run("plan")
+    assert f"(no service any more) ({old}): +0 -1" in out and cloudrun.sets(old) == 0   # plan wrote nothing
+
+
 def test_plan_over_the_principal_limit_is_a_finding(ops):
     run, store_url, _, _ = ops
     many = frozenset(f"00000000-0000-0000-0000-{i:012d}" for i in range(1501))

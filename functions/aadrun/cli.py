@@ -122,15 +122,12 @@ def cmd_plan(args, settings: Settings) -> int:
     members would all be removed. Exit 1 when a service's plan is refused (over the limit)."""
     from .app import App
     from .iam import IamWriter
-    from .plan import orphans, plan_orphan, plan_service
+    from .plan import iam_targets, plan_orphan, plan_service
 
     app = App(settings)
     policy, writer, store = app.policy, IamWriter(settings), app.store
-    targets = [(name, policy.services[name].cloud_run) for name in sorted(policy.services)
-               if policy.services[name].cloud_run]
-    targets += [(None, resource) for resource in orphans(policy, store.managed_targets())]
     services, refused = [], {}
-    for name, resource in targets:
+    for name, resource in iam_targets(policy, store.managed_targets()):
         try:
             live, managed = writer.live_bindings(resource), store.managed_members(resource)
             if name:

@@ -49,7 +49,7 @@ from .errors import AadrunError, PlanError, RequestError
 from .graph import GraphClient
 from .http import HttpRequest, HttpResponse
 from .iam import IamWriter
-from .plan import Binding, ServiceChanges, desired_on, diff, orphans
+from .plan import Binding, ServiceChanges, desired_on, diff, iam_targets
 from .policy import Policy
 from .subscriptions import Subscriptions
 
@@ -172,10 +172,7 @@ class Maintenance:
             return {"mode": "record", "services": {}, "orphaned": {},
                     "note": "AADRUN_IAM=record: no live policy to compare"}
         policy, reports, errors = self._app.policy, {}, []
-        targets = [(name, policy.services[name].cloud_run) for name in sorted(policy.services)
-                   if policy.services[name].cloud_run]
-        targets += [(None, resource) for resource in orphans(policy, self._app.store.managed_targets())]
-        for name, resource in targets:
+        for name, resource in iam_targets(policy, self._app.store.managed_targets()):
             try:
                 reports[name or resource] = self._drift(policy, name, resource)
             except AadrunError as e:

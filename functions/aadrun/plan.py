@@ -128,6 +128,14 @@ def orphans(policy: Policy, managed_targets: Iterable[str]) -> list[str]:
     return sorted(t for t in set(managed_targets) - named if CLOUD_RUN.match(t))
 
 
+def iam_targets(policy: Policy, managed_targets: Iterable[str]) -> list[tuple[str | None, str]]:
+    """(service name, resource) of every service with ``cloud_run``, in name order, then
+    (None, resource) of every orphaned resource: what plans and drift repairs go over."""
+    named = [(name, policy.services[name].cloud_run) for name in sorted(policy.services)
+             if policy.services[name].cloud_run]
+    return named + [(None, resource) for resource in orphans(policy, managed_targets)]
+
+
 def unconditioned(bindings: Iterable[Binding]) -> dict[str, set[str]]:
     """Role -> members of the bindings without a condition (the ones aadrun edits)."""
     out: dict[str, set[str]] = {}
@@ -222,11 +230,10 @@ def plan_policy(policy: Policy, members_of: MembersOf, managed_of: Callable[[str
     is ``IamWriter.live_bindings`` (None for record mode).
     """
     out = []
-    for name in sorted(policy.services):
-        service = policy.services[name]
-        if service.cloud_run:
-            live = live_of(service.cloud_run) if live_of else None
-            out.append(plan_service(policy, service, members_of, managed_of(service.cloud_run), live))
-    for resource in orphans(policy, managed_targets):
-        out.append(plan_orphan(resource, managed_of(resource), live_of(resource) if live_of else None))
+    for name, resource in iam_targets(policy, managed_targets):
+        live = live_of(resource) if live_of else None
+        if name:
+            out.append(plan_service(policy, policy.services[name], members_of, managed_of(resource), live))
+        else:
+            out.append(plan_orphan(resource, managed_of(resource), live))
     return out
