@@ -314,6 +314,18 @@ def test_members_kept_under_a_service_name_are_adopted_by_its_resource_without_a
     assert store.adopt_managed("billing", run) is False
 
 
+def test_changes_after_a_position_follow_commit_order(store):
+    assert store.last_seq() == 0 and store.changes_after(0) == []
+    first = store.apply(GroupUpdate(T, G, added=frozenset({"u1", "u2"}), source="s"))
+    position = store.last_seq()
+    assert position == first[-1].seq
+    later = store.apply(GroupUpdate(T, G, removed=frozenset({"u1"}), source="s"))
+    later += store.record_iam("projects/p/locations/l/services/s", {"roles/run.invoker": {"p/u2"}},
+                              source="s", why="w")
+    assert store.changes_after(position) == later and store.last_seq() == later[-1].seq
+    assert store.changes_after(store.last_seq()) == []
+
+
 def test_managed_targets_are_the_resources_with_a_managed_member(store):
     run = "projects/p/locations/europe-west1/services/"
     assert store.managed_targets() == set()

@@ -4,6 +4,7 @@ and several instances at once, against the local Graph and Cloud Run IAM servers
 from __future__ import annotations
 
 import random
+import sqlite3
 import threading
 import time
 import uuid
@@ -102,6 +103,38 @@ def test_a_read_in_flight_never_undoes_a_removal_committed_meanwhile(world, app)
     remover.join()
     assert app.store.group_members(TENANT, G_ENG) == {ALICE}
     assert user(BOB) not in world.members(REPORTS)
+    assert [e.kind for e in app.store.changes() if e.user == BOB] == ["member_added", "member_removed"]
+
+
+def test_a_removal_stamped_before_a_read_but_committed_during_it_is_not_undone(world, app, store_url):
+    """The removal takes its time, then waits for the store's write lock (another
+    writer holds it); the read starts, and the removal commits while Graph's answer,
+    taken before it, is on its way. What counts is commit order, not the stamps."""
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    other = world.app()
+    other.store.generation()                             # opened before the lock is taken
+    blocker = sqlite3.connect(store_url[len("sqlite:///"):], isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")                   # another writer holds the lock
+    remover = threading.Thread(target=other.sync.handle_messages, args=([change(G_ENG, removed=[BOB])],))
+    remover.start()
+    time.sleep(0.2)                                      # the removal is stamped, and waits
+    real, first = world.graph.handle, threading.Event()
+
+    def handle(method, path, query, headers, raw):
+        answer = real(method, path, query, headers, raw)  # the first one still with BOB
+        if path == "/v1.0/groups/delta" and not first.is_set():
+            first.set()
+            world.graph.remove_members(TENANT, G_ENG, [BOB])
+            blocker.execute("COMMIT")                    # the removal commits during the read
+            while BOB in app.store.group_members(TENANT, G_ENG):
+                time.sleep(0.01)
+        return answer
+
+    world.graph.handle = handle
+    app.sync.handle_messages([change(G_ENG)])           # a full re-read
+    remover.join()
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE}
     assert [e.kind for e in app.store.changes() if e.user == BOB] == ["member_added", "member_removed"]
 
 

@@ -289,10 +289,10 @@ class PolicySync:
         full = any(r.read == "full" for r in requests) or state is None or not state.delta_link
         marks, entries = self._marks(tenant, group, ids), []
         for _ in range(CONTESTED_READS):
-            started, generation = utcnow(), store.generation()
+            position = store.last_seq()
             result = self._graph(tenant).group_delta(group, None if full else state.delta_link,
                                                      restart_on_expiry=True)
-            stale = self._removed_since(tenant, group, started, generation)
+            stale = self._removed_since(tenant, group, position)
             update = _answer(tenant, group, result, stale, marks)
             entries += store.apply(update)
             marks = ()
@@ -313,12 +313,14 @@ class PolicySync:
         self._app.store.apply(GroupUpdate(tenant, group, message_ids=tuple(ids), source="policy-sync"))
         return ()
 
-    def _removed_since(self, tenant: str, group: str, since, generation: int) -> frozenset[str]:
-        """Users of the group whose removal someone committed while our read was in flight."""
+    def _removed_since(self, tenant: str, group: str, position: int) -> frozenset[str]:
+        """Users of the group whose removal someone committed while our read was in flight,
+        found by change-log position: a removal's time stamp may predate the read (taken
+        before it waited for the store's lock, or by another instance's clock)."""
         store = self._app.store
-        if store.generation() == generation:
+        if store.last_seq() == position:
             return frozenset()
-        return frozenset(e.user for e in store.changes(since=since)
+        return frozenset(e.user for e in store.changes_after(position)
                          if e.kind == "member_removed" and e.tenant == tenant and e.group == group)
 
     def _reauthorize(self, event: LifecycleEvent) -> int:

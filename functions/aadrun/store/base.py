@@ -148,6 +148,15 @@ class Store(abc.ABC):
         """Change-log entries at or after ``since``, oldest first."""
 
     @abc.abstractmethod
+    def last_seq(self) -> int:
+        """The ``seq`` of the newest change-log entry (0 while the log is empty)."""
+
+    @abc.abstractmethod
+    def changes_after(self, seq: int) -> list[ChangeEntry]:
+        """Change-log entries committed after entry ``seq``, in commit order: unlike
+        ``changes(since=...)``, this does not trust the clocks that stamped them."""
+
+    @abc.abstractmethod
     def acquire_lease(self, name: str, holder: str, ttl_seconds: float) -> bool:
         """Take or extend the lease ``name`` for ``holder``; False when another holder has it."""
 

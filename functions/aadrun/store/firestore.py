@@ -100,6 +100,11 @@ def _plain(value: dt.datetime) -> dt.datetime:
     return dt.datetime(v.year, v.month, v.day, v.hour, v.minute, v.second, v.microsecond, tzinfo=UTC)
 
 
+def _entry(d: dict) -> ChangeEntry:
+    """A ``changes`` document as a ChangeEntry."""
+    return ChangeEntry(at=_plain(d["at"]), seq=d["seq"], **{f: d.get(f) for f in CHANGE_FIELDS})
+
+
 def _aware(value: dt.datetime) -> dt.datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
@@ -264,6 +269,16 @@ class FirestoreStore(Store):
             return {}
         return {b["role"]: set(b["members"]) for b in snap.get("roles") if b["members"]}
 
+    def last_seq(self) -> int:
+        with _translated():
+            snap = self._counters.get()
+        return snap.get("seq") if snap.exists else 0
+
+    def changes_after(self, seq: int) -> list[ChangeEntry]:
+        query = self._client.collection("changes").where(filter=FieldFilter("seq", ">", seq)).order_by("seq")
+        with _translated():
+            return [_entry(snap.to_dict()) for snap in query.stream()]
+
     def changes(self, since: dt.datetime | None = None, limit: int | None = None) -> list[ChangeEntry]:
         query = self._client.collection("changes")
         if since is not None:
@@ -273,9 +288,7 @@ class FirestoreStore(Store):
         if limit is not None:
             query = query.limit(limit)
         with _translated():
-            docs = [snap.to_dict() for snap in query.stream()]
-        return [ChangeEntry(at=_plain(d["at"]), seq=d["seq"], **{f: d.get(f) for f in CHANGE_FIELDS})
-                for d in docs]
+            return [_entry(snap.to_dict()) for snap in query.stream()]
 
     # -- writes -----------------------------------------------------------------
 

@@ -92,6 +92,12 @@ def _dt(us: int) -> dt.datetime:
     return dt.datetime(1970, 1, 1, tzinfo=UTC) + dt.timedelta(microseconds=us)
 
 
+def _entry(r) -> ChangeEntry:
+    """A change-log row (CHANGE_COLUMNS order) as a ChangeEntry."""
+    return ChangeEntry(kind=r[1], at=_dt(r[2]), tenant=r[3], group=r[4], user=r[5], service=r[6], role=r[7],
+                       member=r[8], source=r[9], why=r[10], message_id=r[11], seq=r[0])
+
+
 def _chunks(items: list[str]) -> Iterator[list[str]]:
     for i in range(0, len(items), CHUNK):
         yield items[i:i + CHUNK]
@@ -266,6 +272,16 @@ class SqliteStore(Store):
                          (cloud_run, legacy))
             return conn.execute("DELETE FROM managed WHERE service = ?", (legacy,)).rowcount > 0
 
+    def last_seq(self) -> int:
+        with _translated():
+            return self._conn().execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
+
+    def changes_after(self, seq: int) -> list[ChangeEntry]:
+        with _translated():
+            rows = self._conn().execute(f"SELECT {CHANGE_COLUMNS} FROM changes WHERE seq > ? ORDER BY seq",
+                                        (seq,)).fetchall()
+        return [_entry(r) for r in rows]
+
     def changes(self, since: dt.datetime | None = None, limit: int | None = None) -> list[ChangeEntry]:
         sql = f"SELECT {CHANGE_COLUMNS} FROM changes"
         args: list[object] = []
@@ -278,9 +294,7 @@ class SqliteStore(Store):
             args.append(limit)
         with _translated():
             rows = self._conn().execute(sql, args).fetchall()
-        return [ChangeEntry(kind=r[1], at=_dt(r[2]), tenant=r[3], group=r[4], user=r[5], service=r[6],
-                            role=r[7], member=r[8], source=r[9], why=r[10], message_id=r[11], seq=r[0])
-                for r in rows]
+        return [_entry(r) for r in rows]
 
     # -- writes ------------------------------------------------------------
 
