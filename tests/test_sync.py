@@ -330,6 +330,8 @@ def test_cloud_event_data_is_decoded(world, app):
     {"message": {"messageId": "9"}},
     envelope(b"not json"),
     envelope(b'{"schema": 1, "kind": "membership"}'),
+    envelope(b'{"schema": 1, "kind": ["membership"]}'),     # unhashable: never a TypeError
+    envelope(b'{"schema": 1, "kind": {}}'),
     b"[1, 2",
     None,
 ])

@@ -258,7 +258,7 @@ def from_dict(obj: Any) -> Message:
     if obj.get("schema") != SCHEMA or isinstance(obj.get("schema"), bool):
         raise RequestError(f"message schema must be {SCHEMA}")
     kind = obj.get("kind")
-    if kind not in _BY_KIND:
+    if not isinstance(kind, str) or kind not in _BY_KIND:
         raise RequestError(f"message kind must be one of {', '.join(_BY_KIND)}")
     v = {name: _field(obj, name, check, what) for name, check, what in _COMMON + _BY_KIND[kind]}
     lower = {k: v[k].lower() for k in ("tenant", "subscription")}
