@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from aadrun.coalesce import StoreLease
 from aadrun.errors import ConfigError, Unavailable
 from aadrun.store import GroupUpdate, Store, SyncState, open_store, utcnow
 from aadrun.store.firestore import FirestoreStore, doc_id
@@ -353,6 +354,30 @@ def test_leases(backend):
     assert not a.acquire_lease("maintenance", "h1", 30)
     sleep_past(expiry)
     assert a.acquire_lease("maintenance", "h1", 30), "an expired lease can be taken"
+
+
+def test_a_lease_is_renewed_only_by_a_holder_nobody_replaced(backend):
+    a, b = backend(), backend()
+    assert a.acquire_lease("iam/x", "h1", TTL) and a.renew_lease("iam/x", "h1", TTL)
+    assert not b.renew_lease("iam/x", "h2", 30), "renewing is not taking"
+    expiry = time.monotonic() + TTL
+    sleep_past(expiry)
+    assert a.renew_lease("iam/x", "h1", TTL), "expired, but nobody took it: nothing happened meanwhile"
+    sleep_past(time.monotonic() + TTL)
+    assert b.acquire_lease("iam/x", "h2", 30)
+    b.release_lease("iam/x", "h2")
+    assert not a.renew_lease("iam/x", "h1", 30), "someone held it meanwhile, even if given back"
+
+
+def test_store_lease_confirm_raises_once_another_holder_had_the_lease(backend):
+    a, b = backend(), backend()
+    with StoreLease(a, "iam/y", "h1", ttl=TTL) as lease:
+        lease.confirm()
+        sleep_past(time.monotonic() + TTL)
+        assert b.acquire_lease("iam/y", "h2", 30)
+        b.release_lease("iam/y", "h2")
+        with pytest.raises(Unavailable, match="lost"):
+            lease.confirm()
 
 
 # -- concurrency -------------------------------------------------------------

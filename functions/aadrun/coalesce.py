@@ -76,9 +76,10 @@ class StoreLease:
     """``with StoreLease(store, name, holder) as lease:`` holds the store lease ``name``.
 
     Waits up to ``wait`` seconds for it (``Unavailable`` after that), polling with
-    backoff; ``renew()`` extends it once a third of ``ttl`` has passed (``Unavailable``
-    if another holder took it meanwhile); gives it back at the end. A holder that
-    dies keeps others out for ``ttl`` seconds at most.
+    backoff; ``renew()`` extends it once a third of ``ttl`` has passed and ``confirm()``
+    at once (both ``Unavailable`` if another holder took it meanwhile, even one that
+    has given it back since); gives it back at the end. A holder that dies keeps
+    others out for ``ttl`` seconds at most.
     """
 
     def __init__(self, store, name: str, holder: str, *, ttl: float = 30.0, wait: float = 30.0):
@@ -97,9 +98,12 @@ class StoreLease:
 
     def renew(self) -> None:
         if time.monotonic() - self._taken > self.ttl / 3:
-            if not self.store.acquire_lease(self.name, self.holder, self.ttl):
-                raise Unavailable(f"lease {self.name} was lost")
-            self._taken = time.monotonic()
+            self.confirm()
+
+    def confirm(self) -> None:
+        if not self.store.renew_lease(self.name, self.holder, self.ttl):
+            raise Unavailable(f"lease {self.name} was lost")
+        self._taken = time.monotonic()
 
     def __exit__(self, *exc) -> None:
         try:

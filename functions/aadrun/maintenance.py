@@ -213,13 +213,14 @@ class Maintenance:
         try:
             # The same lease policy_sync takes per IAM write of a resource.
             with StoreLease(store, f"iam/{resource}", f"{self._holder}:drift:{next(self._runs)}",
-                            ttl=IAM_LEASE_TTL_S, wait=IAM_LEASE_WAIT_S):
+                            ttl=IAM_LEASE_TTL_S, wait=IAM_LEASE_WAIT_S) as lease:
                 if name and store.adopt_managed(name, resource):   # kept by service name before
                     audit.entry("managed_adopted", f"managed members of {name} now kept under {resource}",
                                 service=name, cloud_run=resource)
                 result = self.iam_writer.apply_with(resource, plan_for, claim)
                 managed = {r: set(m) for r, m in result.changes.managed.items() if m}
                 if managed != {r: m for r, m in managed_before.items() if m}:
+                    lease.confirm()   # as policy_sync: never overwrite a newer holder's record
                     store.record_iam(resource, managed, source="maintenance", why=why)
         except PlanError as e:
             return {"cloud_run": resource, "refused": str(e), "restored": {}, "removed": {},

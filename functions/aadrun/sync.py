@@ -375,6 +375,7 @@ class PolicySync:
                 result = self._iam_writer().apply_with(target, plan_for, claim)
                 managed = {r: set(m) for r, m in result.changes.managed.items() if m}
                 if claimed or managed != {r: m for r, m in before.items() if m}:
+                    lease.confirm()   # a write that outlived the lease must not overwrite a newer record
                     claimed += store.record_iam(target, managed, **record)
         except PlanError as e:
             audit.entry("iam_refused", str(e), severity="ERROR", reason=e.reason, service=name)

@@ -161,6 +161,11 @@ class Store(abc.ABC):
         """Take or extend the lease ``name`` for ``holder``; False when another holder has it."""
 
     @abc.abstractmethod
+    def renew_lease(self, name: str, holder: str, ttl_seconds: float) -> bool:
+        """Extend the lease ``name`` only if ``holder`` still has it, even expired, as long
+        as nobody took it meanwhile: never re-take a lease someone else held and gave back."""
+
+    @abc.abstractmethod
     def release_lease(self, name: str, holder: str) -> None:
         """Give the lease back if ``holder`` has it."""
 

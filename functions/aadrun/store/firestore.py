@@ -370,6 +370,17 @@ class FirestoreStore(Store):
         txn.set(ref, {"name": name, "holder": holder, "expires_at": now + dt.timedelta(seconds=ttl)})
         return True
 
+    def renew_lease(self, name: str, holder: str, ttl_seconds: float) -> bool:
+        return self._run(self._renew, name, holder, ttl_seconds, utcnow())
+
+    def _renew(self, txn, name: str, holder: str, ttl: float, now: dt.datetime) -> bool:
+        ref = self._doc("leases", name)
+        snap = self._read(txn, [ref])[ref.path]
+        if not snap.exists or snap.get("holder") != holder:
+            return False
+        txn.update(ref, {"expires_at": now + dt.timedelta(seconds=ttl)})
+        return True
+
     def release_lease(self, name: str, holder: str) -> None:
         self._run(self._release, name, holder)
 

@@ -370,6 +370,12 @@ class SqliteStore(Store):
                          (name, holder, _us(now + dt.timedelta(seconds=ttl_seconds))))
             return True
 
+    def renew_lease(self, name: str, holder: str, ttl_seconds: float) -> bool:
+        expires = _us(utcnow() + dt.timedelta(seconds=ttl_seconds))
+        with _translated(), self._write() as conn:
+            return conn.execute("UPDATE leases SET expires_at = ? WHERE name = ? AND holder = ?",
+                                (expires, name, holder)).rowcount > 0
+
     def release_lease(self, name: str, holder: str) -> None:
         with _translated(), self._write() as conn:
             conn.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
