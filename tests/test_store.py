@@ -369,6 +369,21 @@ def test_a_lease_is_renewed_only_by_a_holder_nobody_replaced(backend):
     assert not a.renew_lease("iam/x", "h1", 30), "someone held it meanwhile, even if given back"
 
 
+def test_record_iam_under_a_lease_writes_nothing_once_the_lease_is_lost(backend):
+    a, b = backend(), backend()
+    run, invoker = "projects/p/locations/l/services/z", "roles/run.invoker"
+    assert a.acquire_lease(f"iam/{run}", "h1", TTL)
+    assert a.record_iam(run, {invoker: {"p/u1"}}, source="s", why="w", lease=(f"iam/{run}", "h1"))
+    sleep_past(time.monotonic() + TTL)
+    assert b.acquire_lease(f"iam/{run}", "h2", 30)
+    b.record_iam(run, {invoker: {"p/u2"}}, source="s", why="w", lease=(f"iam/{run}", "h2"))
+    b.release_lease(f"iam/{run}", "h2")
+    logged = len(a.changes())
+    with pytest.raises(Unavailable, match="lost"):
+        a.record_iam(run, {invoker: {"p/u1"}}, source="s", why="w", lease=(f"iam/{run}", "h1"))
+    assert a.managed_members(run) == {invoker: {"p/u2"}} and len(a.changes()) == logged
+
+
 def test_store_lease_confirm_raises_once_another_holder_had_the_lease(backend):
     a, b = backend(), backend()
     with StoreLease(a, "iam/y", "h1", ttl=TTL) as lease:

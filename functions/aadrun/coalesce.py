@@ -100,6 +100,11 @@ class StoreLease:
         if time.monotonic() - self._taken > self.ttl / 3:
             self.confirm()
 
+    @property
+    def key(self) -> tuple[str, str]:
+        """(name, holder): what ``Store.record_iam(lease=...)`` checks in its transaction."""
+        return self.name, self.holder
+
     def confirm(self) -> None:
         if not self.store.renew_lease(self.name, self.holder, self.ttl):
             raise Unavailable(f"lease {self.name} was lost")

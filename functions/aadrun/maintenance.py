@@ -207,7 +207,7 @@ class Maintenance:
             restored = {r: set(changes.adds.get(r, ())) & managed_before.get(r, set()) for r in roles}
             store.record_iam(resource,
                              {r: managed_before.get(r, set()) | set(changes.adds.get(r, ())) for r in roles},
-                             source="maintenance", why="IAM drift repaired", restored=restored)
+                             source="maintenance", why="IAM drift repaired", restored=restored, lease=lease.key)
 
         why = "IAM drift repaired" if name else "no service names this resource any more"
         try:
@@ -220,8 +220,8 @@ class Maintenance:
                 result = self.iam_writer.apply_with(resource, plan_for, claim)
                 managed = {r: set(m) for r, m in result.changes.managed.items() if m}
                 if managed != {r: m for r, m in managed_before.items() if m}:
-                    lease.confirm()   # as policy_sync: never overwrite a newer holder's record
-                    store.record_iam(resource, managed, source="maintenance", why=why)
+                    # As policy_sync: never overwrite a newer holder's record.
+                    store.record_iam(resource, managed, source="maintenance", why=why, lease=lease.key)
         except PlanError as e:
             return {"cloud_run": resource, "refused": str(e), "restored": {}, "removed": {},
                     "unmanaged": found.get("unmanaged", [])}

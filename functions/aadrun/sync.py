@@ -370,13 +370,13 @@ class PolicySync:
                 def claim(changes: ServiceChanges) -> None:
                     roles = set(before) | set(changes.adds)
                     intent = {r: before.get(r, set()) | set(changes.adds.get(r, ())) for r in roles}
-                    claimed.extend(store.record_iam(target, intent, **record))
+                    claimed.extend(store.record_iam(target, intent, lease=lease.key, **record))
 
                 result = self._iam_writer().apply_with(target, plan_for, claim)
                 managed = {r: set(m) for r, m in result.changes.managed.items() if m}
                 if claimed or managed != {r: m for r, m in before.items() if m}:
-                    lease.confirm()   # a write that outlived the lease must not overwrite a newer record
-                    claimed += store.record_iam(target, managed, **record)
+                    # A write that outlived its lease must not overwrite a newer holder's record.
+                    claimed += store.record_iam(target, managed, lease=lease.key, **record)
         except PlanError as e:
             audit.entry("iam_refused", str(e), severity="ERROR", reason=e.reason, service=name)
             return name, None, str(e)

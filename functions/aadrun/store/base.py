@@ -136,12 +136,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def record_iam(self, cloud_run: str, desired: Mapping[str, set[str]], *, source: str, why: str,
-                   message_id: str | None = None,
-                   restored: Mapping[str, set[str]] | None = None) -> list[ChangeEntry]:
+                   message_id: str | None = None, restored: Mapping[str, set[str]] | None = None,
+                   lease: tuple[str, str] | None = None) -> list[ChangeEntry]:
         """Store the managed members of a Cloud Run resource (role -> members) after
         IAM was written, logging ``iam_added`` / ``iam_removed`` for each difference
         (their ``service`` is the resource), and ``iam_restored`` for each managed
-        member a drift repair put back in IAM."""
+        member a drift repair put back in IAM. With ``lease=(name, holder)``, in the
+        same transaction as a check that ``holder`` still has that lease (``Unavailable``
+        otherwise): a writer that lost it never overwrites a newer holder's record."""
 
     @abc.abstractmethod
     def changes(self, since: dt.datetime | None = None, limit: int | None = None) -> list[ChangeEntry]:

@@ -337,15 +337,19 @@ class FirestoreStore(Store):
         return entries
 
     def record_iam(self, service: str, desired: Mapping[str, set[str]], *, source: str, why: str,
-                   message_id: str | None = None,
-                   restored: Mapping[str, set[str]] | None = None) -> list[ChangeEntry]:
-        return self._run(self._record_iam, service, desired, source, why, message_id, restored, utcnow())
+                   message_id: str | None = None, restored: Mapping[str, set[str]] | None = None,
+                   lease: tuple[str, str] | None = None) -> list[ChangeEntry]:
+        return self._run(self._record_iam, service, desired, source, why, message_id, restored, lease, utcnow())
 
     def _record_iam(self, txn, service: str, desired: Mapping[str, set[str]], source: str, why: str,
                     message_id: str | None, restored: Mapping[str, set[str]] | None,
-                    now: dt.datetime) -> list[ChangeEntry]:
+                    lease: tuple[str, str] | None, now: dt.datetime) -> list[ChangeEntry]:
         ref = self._doc("managed", service)
-        current = self._roles(self._read(txn, [ref])[ref.path])
+        held = self._doc("leases", lease[0]) if lease is not None else None
+        snaps = self._read(txn, [ref] + ([held] if held else []))
+        if held is not None and (not snaps[held.path].exists or snaps[held.path].get("holder") != lease[1]):
+            raise Unavailable(f"lease {lease[0]} was lost")
+        current = self._roles(snaps[ref.path])
         added, removed = diff_iam(current, desired)
         if not added and not removed and not any((restored or {}).values()):
             return []

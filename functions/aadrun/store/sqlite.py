@@ -344,9 +344,13 @@ class SqliteStore(Store):
         return to_add, to_remove
 
     def record_iam(self, service: str, desired: Mapping[str, set[str]], *, source: str, why: str,
-                   message_id: str | None = None,
-                   restored: Mapping[str, set[str]] | None = None) -> list[ChangeEntry]:
+                   message_id: str | None = None, restored: Mapping[str, set[str]] | None = None,
+                   lease: tuple[str, str] | None = None) -> list[ChangeEntry]:
         with _translated(), self._write() as conn:
+            if lease is not None:
+                row = conn.execute("SELECT holder FROM leases WHERE name = ?", (lease[0],)).fetchone()
+                if row is None or row[0] != lease[1]:
+                    raise Unavailable(f"lease {lease[0]} was lost")
             current: dict[str, set[str]] = {}
             for role, member in conn.execute("SELECT role, member FROM managed WHERE service = ?",
                                              (service,)):
