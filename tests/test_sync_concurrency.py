@@ -138,6 +138,28 @@ def test_a_removal_stamped_before_a_read_but_committed_during_it_is_not_undone(w
     assert [e.kind for e in app.store.changes() if e.user == BOB] == ["member_added", "member_removed"]
 
 
+def test_a_removal_committed_between_the_stale_check_and_the_apply_is_not_undone(world, app):
+    """The narrowest window: the read has checked for removals, and another instance's
+    removal commits just before the read's answer is applied."""
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    other = world.app()
+    real_apply, injected = app.store.apply, []
+
+    def apply(update, *args, **kwargs):
+        if update.source == "graph-delta" and not injected:   # the read's answer, still with BOB
+            injected.append(True)
+            world.graph.remove_members(TENANT, G_ENG, [BOB])
+            other.sync.handle_messages([change(G_ENG, removed=[BOB])])
+        return real_apply(update, *args, **kwargs)
+
+    app.store.apply = apply
+    app.sync.handle_messages([change(G_ENG)])           # a full re-read
+    assert injected and app.store.group_members(TENANT, G_ENG) == {ALICE}
+    assert app.store.sync_state(TENANT, G_ENG).delta_link              # read again: current
+    assert user(BOB) not in world.members(REPORTS)
+
+
 def test_a_stale_removal_during_an_incremental_read_is_settled_by_a_full_read(world, app):
     """Another instance commits a removal Graph never made (stale or reordered) and dies
     before reading; meanwhile this instance's incremental read, which cannot speak of

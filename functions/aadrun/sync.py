@@ -294,12 +294,19 @@ class PolicySync:
                                                      restart_on_expiry=True)
             stale = self._removed_since(tenant, group, position)
             update = _answer(tenant, group, result, stale, marks)
-            entries += store.apply(update)
+            applied = store.apply(update)
+            # A removal that committed between that check and this apply is older than
+            # the grant the apply just made: take the grant back (and read again).
+            late = self._regranted(tenant, group, position, applied)
+            if late:
+                applied += store.apply(GroupUpdate(tenant, group, removed=late, sync=SyncState(None, utcnow()),
+                                                   source="notification", why="removal committed during a read"))
+            entries += applied
             marks = ()
             # A removal committed while the read was in flight outranks it; a read
             # started after that removal is Graph's truth again, so read once more
             # now rather than leave the group to the next notification or reconcile.
-            if update.sync is None or update.sync.delta_link is not None:
+            if not late and (update.sync is None or update.sync.delta_link is not None):
                 break
             full = True
         audit_changes(entries)
@@ -322,6 +329,15 @@ class PolicySync:
             return frozenset()
         return frozenset(e.user for e in store.changes_after(position)
                          if e.kind == "member_removed" and e.tenant == tenant and e.group == group)
+
+    def _regranted(self, tenant: str, group: str, position: int, applied: list[ChangeEntry]) -> frozenset[str]:
+        """Users ``applied`` granted although their removal (after ``position``) committed first."""
+        granted = {e.user: e.seq for e in applied if e.kind == "member_added"}
+        if not granted:
+            return frozenset()
+        return frozenset(e.user for e in self._app.store.changes_after(position)
+                         if e.kind == "member_removed" and e.tenant == tenant and e.group == group
+                         and e.user in granted and e.seq < granted[e.user])
 
     def _reauthorize(self, event: LifecycleEvent) -> int:
         """Answer reauthorizationRequired. Failures raise (redelivery retries), except a
