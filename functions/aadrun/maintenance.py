@@ -194,6 +194,7 @@ class Maintenance:
         found: dict[str, object] = {}
 
         def plan_for(live: list[Binding] | None) -> ServiceChanges:
+            lease.renew()   # each attempt (a 409 plans again), as policy_sync's writes do
             managed_before.clear()
             managed_before.update(store.managed_members(resource))
             found["unmanaged"] = unmanaged(live or [], managed_before)
