@@ -29,8 +29,9 @@ def test_entries_from_many_threads_are_all_written_whole_including_those_queued_
 
         def write(thread):
             for n in range(500):
-                audit.entry("decision", f"allow billing: ok", severity="INFO" if n % 2 else "NOTICE",
-                            trace="projects/p/traces/abc" if n == 0 else None, thread=thread, n=n)
+                with audit.request_trace("projects/p/traces/abc" if n == 0 else None):
+                    audit.entry("decision", f"allow billing: ok", severity="INFO" if n % 2 else "NOTICE",
+                                thread=thread, n=n)
 
         threads = [threading.Thread(target=write, args=(t,)) for t in range(8)]
         for t in threads:

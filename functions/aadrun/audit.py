@@ -136,15 +136,15 @@ def request_trace(trace: str | None):
         _request_trace.reset(token)
 
 
-def entry(event: str, message: str, *, severity: str = "INFO", trace: str | None = None, **fields) -> None:
+def entry(event: str, message: str, *, severity: str = "INFO", **fields) -> None:
     """Write one log line: ``event`` names its kind (``decision``, ``membership_change``,
-    ``iam_change``, ``security``...); ``fields`` become top-level JSON fields. ``trace``
-    defaults to the trace of the request being served, if any."""
+    ``iam_change``, ``security``...); ``fields`` become top-level JSON fields. It carries
+    the trace of the request being served, if any (``request_trace``)."""
     level = _LEVELS.get(severity, logging.INFO)
     log = _logger or logger()
     if not log.isEnabledFor(level):
         return
-    trace = trace or _request_trace.get()
+    trace = _request_trace.get()
     payload = {"event": event}
     payload.update((k, v) for k, v in fields.items() if v is not None)
     extra = {"json_fields": payload, "trace": trace} if trace else {"json_fields": payload}
