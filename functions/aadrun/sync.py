@@ -320,24 +320,24 @@ class PolicySync:
         self._app.store.apply(GroupUpdate(tenant, group, message_ids=tuple(ids), source="policy-sync"))
         return ()
 
+    def _removals_after(self, tenant: str, group: str, position: int) -> list[ChangeEntry]:
+        """The group's removals committed after change-log ``position``. By position, not
+        time: a removal's stamp may predate a read it committed during (taken before it
+        waited for the store's lock, or by another instance's clock)."""
+        return [e for e in self._app.store.changes_after(position)
+                if e.kind == "member_removed" and e.tenant == tenant and e.group == group]
+
     def _removed_since(self, tenant: str, group: str, position: int) -> frozenset[str]:
-        """Users of the group whose removal someone committed while our read was in flight,
-        found by change-log position: a removal's time stamp may predate the read (taken
-        before it waited for the store's lock, or by another instance's clock)."""
-        store = self._app.store
-        if store.last_seq() == position:
-            return frozenset()
-        return frozenset(e.user for e in store.changes_after(position)
-                         if e.kind == "member_removed" and e.tenant == tenant and e.group == group)
+        """Users of the group whose removal someone committed while our read was in flight."""
+        return frozenset(e.user for e in self._removals_after(tenant, group, position))
 
     def _regranted(self, tenant: str, group: str, position: int, applied: list[ChangeEntry]) -> frozenset[str]:
         """Users ``applied`` granted although their removal (after ``position``) committed first."""
         granted = {e.user: e.seq for e in applied if e.kind == "member_added"}
         if not granted:
             return frozenset()
-        return frozenset(e.user for e in self._app.store.changes_after(position)
-                         if e.kind == "member_removed" and e.tenant == tenant and e.group == group
-                         and e.user in granted and e.seq < granted[e.user])
+        return frozenset(e.user for e in self._removals_after(tenant, group, position)
+                         if e.user in granted and e.seq < granted[e.user])
 
     def _reauthorize(self, event: LifecycleEvent) -> int:
         """Answer reauthorizationRequired. Failures raise (redelivery retries), except a
