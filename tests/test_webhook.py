@@ -313,6 +313,15 @@ def test_publish_failure_is_503_unavailable():
     assert response.json_body() == {"reason": "unavailable"}
 
 
+def test_a_failing_local_policy_sync_on_the_worker_pool_is_503_unavailable():
+    bus = LocalBus(Recorder(error=RuntimeError("store down")), timeout=1.0)
+    try:
+        response = post(make_webhook(bus_getter=lambda: bus), golden("members_added"))
+    finally:
+        bus.close()
+    assert (response.status, response.json_body()) == (503, {"reason": "unavailable"})
+
+
 def test_a_slow_local_policy_sync_gets_503_at_the_deadline_and_still_finishes():
     release, handled = threading.Event(), []
 
