@@ -191,6 +191,23 @@ class Lab:
         return "\n".join(s.output() for s in self.servers)
 
     def stop(self) -> None:
+        # The push subscription goes first: the emulator is shared by later scenarios,
+        # and without a retry policy it would push this lab's unacked messages to a
+        # dead endpoint every second for good, taking push slots from the others.
+        if getattr(self, "sync", None) is not None:
+            os.environ["PUBSUB_EMULATOR_HOST"] = self.pubsub
+            from google.api_core import exceptions
+            from google.cloud import pubsub_v1
+
+            subscriber = pubsub_v1.SubscriberClient()
+            try:
+                subscriber.delete_subscription(
+                    subscription=subscriber.subscription_path(PROJECT, f"policy-sync-{self.id}"),
+                    retry=None, timeout=5)
+            except exceptions.GoogleAPIError:
+                pass   # already gone, or the emulator is (a scenario stops it)
+            finally:
+                subscriber.close()
         self.parts.stop()
 
     # -- HTTP -----------------------------------------------------------------------

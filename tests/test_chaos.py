@@ -29,9 +29,18 @@ def isolated_env(monkeypatch):
 
 @pytest.mark.parametrize("name", list(chaos.SCENARIOS))
 def test_fault_scenario_loses_nothing_and_converges(name, pubsub_emulator, isolated_env):
-    row, _ = chaos.run_one(name, quick=True, pubsub=pubsub_emulator)
+    row, lab = chaos.run_one(name, quick=True, pubsub=pubsub_emulator)
     assert (row.lost, row.wrong) == (0, 0), chaos.table([row])
     assert row.converge_s is not None, chaos.table([row])
+    if lab.pubsub == pubsub_emulator:
+        # The shared emulator must not keep pushing this lab's messages to its dead endpoint.
+        from google.cloud import pubsub_v1
+
+        subscriber = pubsub_v1.SubscriberClient()
+        left = [s.name for s in subscriber.list_subscriptions(project=f"projects/{chaos.chaos_lab.PROJECT}")
+                if s.name.endswith(f"policy-sync-{lab.id}")]
+        subscriber.close()
+        assert left == []
 
 
 def test_load_quick(pubsub_emulator, isolated_env):
