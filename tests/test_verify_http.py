@@ -2,6 +2,7 @@
 CONTRACT.md §4 from one table, plus forward-auth mode, /healthz and revocation."""
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import urllib.error
@@ -208,15 +209,27 @@ def test_removed_member_is_denied_within_a_second(stack, idp):
     store.apply(GroupUpdate(TENANT_A, G_ENG, added=frozenset({ALICE}), source="test"))
 
 
-def test_decision_log_lines_never_contain_the_token(stack, idp):
+def test_decision_log_lines_never_contain_the_token_only_its_sha256_prefix(stack, idp):
     server, _ = stack
     tok = token(idp)
-    call(server, body={"service": "billing"}, headers=bearer(tok))
-    def decided(entries):
-        return [e for e in entries if e.get("event") == "decision"]
+    forged = tok[:-8] + ("A" * 8 if not tok.endswith("A" * 8) else "B" * 8)
+    sent = {call(server, body={"service": "billing"}, headers=bearer(tok))[2]: tok,
+            call(server, body={"service": "billing"}, headers=bearer(forged))[2]: forged,
+            call(server, body={"service": 7}, headers=bearer(tok))[2]: None}   # not read: no fingerprint
 
-    decisions = decided(server.log_entries(until=decided))
+    def decided(entries):
+        ids = {json.loads(body)["decision_id"] for body in sent}
+        found = [e for e in entries if e.get("event") == "decision" and e.get("decision_id") in ids]
+        return found if len(found) == len(ids) else []
+
+    decisions = {d["decision_id"]: d for d in decided(server.log_entries(until=decided))}
+    assert len(decisions) == 3, "a decision was not logged"
+    for body, sent_token in sent.items():
+        line = decisions[json.loads(body)["decision_id"]]
+        assert line["severity"] in ("INFO", "NOTICE")
+        expected = hashlib.sha256(sent_token.encode()).hexdigest()[:16] if sent_token else None
+        assert line.get("token_sha256") == expected
+    assert [d["reason"] for d in decisions.values()][1:] == ["bad_signature", "bad_request"]
     out = server.output()
-    assert decisions, "no decision was logged"
-    assert all(d["severity"] in ("INFO", "NOTICE") and "decision_id" in d for d in decisions)
-    assert tok not in out and tok.split(".")[2] not in out
+    for sent_token in (tok, forged):
+        assert sent_token not in out and sent_token.split(".")[2] not in out

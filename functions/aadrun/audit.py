@@ -122,7 +122,7 @@ def logger(stream=None) -> logging.Logger:
 
 def token_fingerprint(token: str) -> str:
     """First 16 hex digits of the token's SHA-256: correlates without revealing."""
-    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:16]
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 @contextlib.contextmanager

@@ -66,6 +66,7 @@ class Decision(NamedTuple):
     rule: int | None = None
     via: str | None = None
     detail: str = ""
+    digest: bytes | None = None   # the token's SHA-256: the audit line logs its prefix
 
     @property
     def status(self) -> int:
@@ -145,10 +146,12 @@ class Verifier:
             return Decision(False, "unknown_service", None, decision_id)
         if not token:
             return Decision(False, "missing_token", service.name, decision_id)
+        # One hash per decision: the verified-token cache's key and the audit fingerprint.
+        digest = token_digest(token)
         verified = None
         try:
             now = self._clock()
-            verified = self._verified(token, policy, now)
+            verified = self._verified(token, digest, policy, now)
             check_time(verified.claims, now, self._settings.leeway_seconds)
             check_audience(verified.claims, policy.audiences_for(service))
             if verified.tenant != service.tenant:
@@ -162,14 +165,13 @@ class Verifier:
                     dict.fromkeys(service.groups, False)
             outcome = decide(service, verified.roles, states)
         except TokenError as e:
-            return Decision(False, e.reason, service.name, decision_id, detail=str(e))
+            return Decision(False, e.reason, service.name, decision_id, detail=str(e), digest=digest)
         except Unavailable as e:
-            return Decision(False, "unavailable", service.name, decision_id, detail=str(e))
+            return Decision(False, "unavailable", service.name, decision_id, detail=str(e), digest=digest)
         return Decision(outcome.allow, outcome.reason, service.name, decision_id, verified.subject,
-                        verified.tenant, verified, outcome.rule, outcome.via)
+                        verified.tenant, verified, outcome.rule, outcome.via, digest=digest)
 
-    def _verified(self, token: str, policy: Policy, now: float) -> VerifiedToken:
-        digest = token_digest(token)
+    def _verified(self, token: str, digest: bytes, policy: Policy, now: float) -> VerifiedToken:
         hit = self.tokens.get(digest, now)
         if hit is not None:
             tenant = policy.tenants.get(hit.tenant)
@@ -192,12 +194,14 @@ def _versions(policy: Policy, tid: str) -> tuple[int, ...] | None:
 def log_decision(decision: Decision, token: str | None, mode: str = "api") -> None:
     """One audit entry per decision; the token appears only as a hash prefix and its id."""
     verified = decision.token
+    # The verifier already hashed the token; a request it never saw is hashed here.
+    digest = decision.digest[:8].hex() if decision.digest else audit.token_fingerprint(token) if token else None
     audit.entry(
         "decision", f"{'allow' if decision.allow else 'deny'} {decision.service or '-'}: {decision.reason}",
         severity="INFO" if decision.allow else "NOTICE",
         decision_id=decision.decision_id, allow=decision.allow, reason=decision.reason, status=decision.status,
         service=decision.service, subject=decision.subject, tenant=decision.tenant, mode=mode,
         rule=decision.rule, via=decision.via,
-        token_sha256=audit.token_fingerprint(token) if token else None,
+        token_sha256=digest,
         token_id=verified.token_id if verified else None, kid=verified.kid if verified else None,
     )
