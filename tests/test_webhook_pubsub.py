@@ -196,6 +196,8 @@ def test_bus_fails_fast_on_a_missing_topic_then_publishes_on_the_same_key(pubsub
         started = time.monotonic()
         with pytest.raises(Unavailable):
             bus.publish_changes([message])  # NotFound is not retried: the topic does not exist
+        with pytest.raises(Unavailable, match="ordering keys not confirmed"):  # several keys: as many requests
+            bus.publish_changes([from_json(json.dumps(m)) for m in golden_messages("several_subscriptions")])
         assert time.monotonic() - started < 1.0
         changes = pubsub.subscribe(pubsub.create_topic(settings.topic_changes))
         policy = pubsub.subscribe(pubsub.create_topic(settings.topic_policy))
@@ -208,6 +210,44 @@ def test_bus_fails_fast_on_a_missing_topic_then_publishes_on_the_same_key(pubsub
         assert dict(update.attributes) == {"kind": "policy_update"}
     finally:
         bus.close()
+
+
+class _PublishRecorder(grpc.UnaryUnaryClientInterceptor):
+    """Sees every Publish request a client sends on its channel."""
+
+    def __init__(self):
+        self.requests: list = []
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        if client_call_details.method.endswith("/Publish"):
+            self.requests.append(request)
+        return continuation(client_call_details, request)
+
+
+def test_a_post_spanning_several_groups_sends_one_publish_request_per_ordering_key(pubsub_emulator):
+    # Pub/Sub refuses a Publish request whose messages carry different ordering keys
+    # (the emulator does not check it, so the requests are checked on the wire).
+    from google.cloud import pubsub_v1
+
+    pubsub = PubSub(pubsub_emulator)
+    settings = Settings(bus="pubsub", project=PROJECT, topic_changes=f"changes-{uuid.uuid4().hex[:8]}")
+    subscription = pubsub.subscribe(pubsub.create_topic(settings.topic_changes))
+    recorder = _PublishRecorder()
+    channel = grpc.intercept_channel(grpc.insecure_channel(pubsub_emulator), recorder)
+    bus = PubSubBus(settings, client=pubsub_v1.PublisherClient(transport=PublisherGrpcTransport(channel=channel)))
+    expected = golden_messages("several_subscriptions") + golden_messages("members_added_and_removed")
+    try:
+        bus.publish_changes([from_json(json.dumps(m)) for m in expected])
+    finally:
+        bus.close()
+    keys = [{m.ordering_key for m in r.messages} for r in recorder.requests]
+    assert all(len(k) == 1 for k in keys), keys
+    assert sorted(k.pop() for k in keys) == sorted({m.ordering_key for m in map(from_json, map(json.dumps, expected))})
+    got = pubsub.pull(subscription, until=lambda m: len(m) >= len(expected))
+    assert sorted(m["id"] for m in decoded(got)) == sorted(m["id"] for m in expected)
+    # Within a key, the order of the POST.
+    group_2 = [m["id"] for m in decoded(got) if (m.get("group") or "").endswith("0002")]
+    assert group_2 == [m["id"] for m in expected if (m.get("group") or "").endswith("0002")]
 
 
 def test_emulator_down_is_503_then_the_same_post_is_published_once(policy_file):

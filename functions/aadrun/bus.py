@@ -110,14 +110,18 @@ class LocalBus(Bus):
 class PubSubBus(Bus):
     """Google Cloud Pub/Sub through one thread-safe ``PublisherClient`` per instance.
 
-    All messages of one call go out in ONE Publish request (each keeping its own
-    ordering key; at most 1,000 per request, the webhook's item limit): the call
-    is all-or-nothing, so a retry by Graph never meets a half-published POST, and
-    no ordering key is left paused by a partial failure. It is also an order of
-    magnitude faster than the batching client's one request per ordering key.
-    Retries stay within ``publish_timeout_seconds``, so an attempt cannot outlive
-    the webhook's answer and publish after a 503.
+    Pub/Sub takes one ordering key per Publish request, so a call sends one request
+    per ordering key, all at once on a small pool, each holding that key's messages
+    in order (at most 1,000: the webhook's item limit). The call returns once every
+    request is confirmed. A call that fails part-way leaves some keys published:
+    Graph's retry publishes them again with the same ``id``, which policy_sync drops
+    as a duplicate. The raw Publish call (not the batching client's per-key
+    sequencers) leaves no key paused after a failure, and its retries stay within
+    ``publish_timeout_seconds``, so no attempt outlives the webhook's answer.
     """
+
+    # Concurrent Publish requests per instance: enough for a POST spanning many groups.
+    _SENDERS = 16
 
     def __init__(self, settings: Settings, client: Any = None):
         from google.api_core import exceptions as api_exceptions
@@ -137,6 +141,7 @@ class PubSubBus(Bus):
                 api_exceptions.ServiceUnavailable, api_exceptions.InternalServerError, api_exceptions.Aborted,
                 api_exceptions.TooManyRequests, api_exceptions.Unknown, api_exceptions.DeadlineExceeded),
             initial=_FIRST_DELAY, maximum=_MAX_DELAY, multiplier=2.0)
+        self._senders = concurrent.futures.ThreadPoolExecutor(self._SENDERS, thread_name_prefix="aadrun-publish")
 
     def publish_changes(self, messages: Sequence[Message]) -> None:
         self._publish(self._changes, [self._message(data=m.to_json(), ordering_key=m.ordering_key,
@@ -147,17 +152,36 @@ class PubSubBus(Bus):
                                                    attributes={"kind": "policy_update"})])
 
     def close(self) -> None:
+        self._senders.shutdown(wait=True)
         self._client.stop()
 
     def _publish(self, topic: str, messages: list) -> None:
         if not messages:
             return
         deadline = time.monotonic() + self._timeout
+        by_key: dict[str, list] = {}
+        for message in messages:
+            by_key.setdefault(message.ordering_key, []).append(message)
+        if len(by_key) == 1:
+            self._send(topic, messages, deadline)
+            return
+        futures = [self._senders.submit(self._send, topic, batch, deadline) for batch in by_key.values()]
+        done, late = concurrent.futures.wait(futures, timeout=max(deadline - time.monotonic(), 0))
+        failed = [f.exception() for f in done if f.exception() is not None]
+        if late or failed:
+            for future in late:
+                future.cancel()
+            raise Unavailable(f"{len(late) + len(failed)} of {len(futures)} ordering keys not confirmed"
+                              + (f" ({failed[0]})" if failed else " in time"))
+
+    def _send(self, topic: str, messages: list, deadline: float) -> None:
+        """One Publish request: messages that share one ordering key."""
+        left = deadline - time.monotonic()
+        if left < _MIN_ATTEMPT:
+            raise Unavailable("no time left to publish")
         try:
-            response = self._client.api.publish(
-                topic=topic, messages=messages,
-                retry=self._retry.with_timeout(self._timeout),
-                timeout=max(deadline - time.monotonic(), _MIN_ATTEMPT))
+            response = self._client.api.publish(topic=topic, messages=messages,
+                                                retry=self._retry.with_timeout(left), timeout=left)
         except (self._api_error, OSError, ValueError) as e:  # RetryError is an API error too
             raise Unavailable(f"{len(messages)} messages not confirmed ({e.__class__.__name__})") from e
         if len(response.message_ids) != len(messages):
