@@ -194,6 +194,8 @@ def test_v1_token_where_v1_is_allowed(world, idp, tmp_path):
     "abc", "a.b", "a.b.c.d.e", "!!!.???.###", "e30.e30.e30.e30.e30",
     b64({"alg": "RS256"}) + ".bm90IGpzb24." + "c2ln",
     b64(b"[1,2]") + "." + b64({}) + ".c2ln",
+    b64(b"[" * 5000 + b"]" * 5000) + ".e30.c2ln",                      # nesting deeper than json allows
+    b64({"alg": "RS256"}) + "." + b64(b'{"a":' * 1500 + b"1" + b"}" * 1500) + ".c2ln",
 ])
 def test_malformed_tokens(world, token):
     assert world[0].decide("billing", token).reason == "malformed_token"
@@ -242,6 +244,25 @@ def test_claim_shapes(world, idp, change, reason):
     assert world[0].decide("billing", token).reason == reason
 
 
+def _signed_raw(idp, payload: bytes) -> str:
+    """A token whose claims are exactly ``payload`` (JSON text), signed with the current key."""
+    return jwt.api_jws.encode(payload, idp.current.private, algorithm="RS256", headers={"kid": idp.current.kid})
+
+
+@pytest.mark.parametrize("exp,nbf,reason", [
+    ("NaN", None, "expired"), ("Infinity", None, "expired"), ("1e999", None, "expired"),
+    ("1" + "0" * 400, None, "expired"), ("-Infinity", None, "expired"),
+    ("4102444800", "NaN", "not_yet_valid"), ("4102444800", "-1e999", "not_yet_valid"),
+])
+def test_exp_and_nbf_must_be_finite_numeric_dates(world, idp, exp, nbf, reason):
+    # Python's json reads NaN, Infinity and 1e999: none may pass a time check or stay cached.
+    body = json.dumps({k: v for k, v in claims(idp, good(idp)).items() if k not in ("exp", "nbf")})[:-1]
+    token = _signed_raw(idp, f'{body}, "exp": {exp}{f", {chr(34)}nbf{chr(34)}: {nbf}" if nbf else ""}}}'.encode())
+    for _ in range(2):   # and not served from the verified-token cache the second time
+        assert world[0].decide("billing", token).reason == reason
+    assert len(world[0].tokens) == 0 or nbf
+
+
 def test_leeway_applies_to_exp_and_nbf(world, idp):
     now = time.time()
     assert world[0].decide("billing", good(idp, now=now - 3600 - 30)).reason == "ok"          # 30 s past exp
@@ -262,6 +283,15 @@ def test_app_role_allows_without_membership(world, idp):
 
 def test_never_synced_group_is_membership_unknown(world, idp):
     assert world[0].decide("unsynced", good(idp, aud="api://aadrun-test")).reason == "membership_unknown"
+
+
+def test_a_token_without_oid_is_in_no_group_and_a_never_synced_group_stays_unknown(world, idp):
+    def without_oid(**kw) -> str:
+        return _signed_raw(idp, json.dumps({k: v for k, v in claims(idp, good(idp, **kw)).items()
+                                            if k != "oid"}).encode())
+
+    assert world[0].decide("billing", without_oid()).reason == "not_member"
+    assert world[0].decide("unsynced", without_oid(aud="api://aadrun-test")).reason == "membership_unknown"
 
 
 def test_service_without_matching_rule(world, idp):
@@ -319,6 +349,61 @@ def test_refetch_storm_is_rate_limited_and_single_flight(world, idp):
         t.join()
     assert set(results) == {"unknown_key"} and len(results) == 320
     assert idp.jwks_fetches() - before == 1   # one refetch (one key set: v2 only) in 30 s
+
+
+class _BrokenKey(SigningKey):
+    """A JWKS entry that claims RSA but carries no modulus or exponent."""
+
+    def jwk(self) -> dict:
+        return {"kty": "RSA", "kid": self.kid, "use": "sig"}
+
+
+def test_a_malformed_jwks_entry_is_skipped_and_the_others_still_verify(world, idp):
+    verifier = world[0]
+    idp.keys.append(_BrokenKey())
+    assert verifier.decide("billing", good(idp)).reason == "ok"            # first fetch
+    idp.rotate()                                                         # a new key next to the broken one
+    idp.keys.append(_BrokenKey())
+    assert verifier.decide("billing", good(idp)).reason == "ok"            # refetch for its kid
+
+
+def test_an_empty_jwks_keeps_the_last_good_keys(world, idp):
+    verifier = world[0]
+    token = good(idp)
+    assert verifier.decide("billing", token).reason == "ok"
+    signer, idp.keys = idp.current, []
+    assert verifier.decide("billing", good(idp, key=SigningKey())).reason == "unknown_key"   # refetch: empty
+    assert verifier.decide("billing", good(idp, key=signer)).reason == "ok"
+
+
+def test_a_new_kid_arriving_while_its_fetch_is_in_flight_waits_for_it(world, idp):
+    verifier = world[0]
+    assert verifier.decide("billing", good(idp)).reason == "ok"
+    new_key = idp.rotate()
+    idp.delay = 0.3
+    first, second = good(idp, key=new_key), good(idp, key=new_key)
+    reasons = {}
+    fetching = threading.Thread(target=lambda: reasons.update(first=verifier.decide("billing", first).reason))
+    fetching.start()
+    time.sleep(0.1)   # the first request's fetch is in flight
+    reasons["second"] = verifier.decide("billing", second).reason
+    fetching.join()
+    assert reasons == {"first": "ok", "second": "ok"}
+
+
+def test_a_cached_token_is_refused_once_the_periodic_refresh_drops_its_key(tmp_path, idp):
+    policy_path = write_policy(tmp_path)
+    settings = settings_for(idp.url, policy_path, f"sqlite:///{tmp_path}/s.db", jwks_refresh_seconds=0.2)
+    store = open_store(settings.store_url)
+    store.apply(GroupUpdate(TENANT_A, G_ENG, replace=frozenset({ALICE}), sync=SyncState(None, utcnow())))
+    policy = load_policy(policy_path)
+    verifier = Verifier(settings, lambda: policy, KeyCache(settings), lambda: store)
+    token = good(idp)
+    assert verifier.decide("billing", token).reason == "ok"   # now in the verified-token cache
+    idp.rotate(keep_old=False)
+    time.sleep(0.3)
+    # Only the cached token arrives: its decision runs the due refresh and sees its key gone.
+    assert verifier.decide("billing", token).reason == "unknown_key"
 
 
 def test_periodic_refresh_drops_keys_that_left(tmp_path, idp):

@@ -40,6 +40,7 @@ class DevIdentityProvider:
         self.keys: list[SigningKey] = [SigningKey()]
         self.requests: Counter[str] = Counter()
         self.down = False          # answer 503 to everything (an outage)
+        self.delay = 0.0           # seconds before each answer (a slow identity provider)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), _handler(self))
         self._server.daemon_threads = True
@@ -139,6 +140,8 @@ def _handler(idp: DevIdentityProvider):
         def do_GET(self) -> None:  # noqa: N802 - http.server naming
             path = self.path.split("?", 1)[0]
             idp.requests[path] += 1
+            if idp.delay:
+                time.sleep(idp.delay)
             if idp.down:
                 return self._send(503, {"error": "temporarily_unavailable"})
             document = idp.document(path)

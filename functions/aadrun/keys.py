@@ -28,6 +28,8 @@ from .errors import ConfigError, TokenError, Unavailable
 from .outbound import client_session
 
 _MAX_DOCUMENT = 512 * 1024
+# How long a token with an unknown kid waits for a key fetch already in flight.
+_FETCH_WAIT = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +44,7 @@ class _TenantKeys:
         self.current: KeySet | None = None
         self.lock = threading.Lock()          # single flight: one fetch at a time
         self.last_unknown_kid_fetch = -1e18
-        self.last_attempt = -1e18
+        self.last_failure = -1e18
 
 
 class KeyCache:
@@ -78,15 +80,19 @@ class KeyCache:
         if key is not None:
             return key
         entry = self._entry(tenant, versions)
-        now = self._clock()
-        if now - entry.last_unknown_kid_fetch >= self._settings.jwks_unknown_kid_interval:
-            with entry.lock:
-                # Re-check under the lock: a concurrent caller may have fetched already.
+        # Under the lock, so a caller that arrives while a fetch is in flight waits for
+        # its keys (single flight) instead of deciding on the old ones. Without a fetch
+        # in flight the lock is free: a flood of forged kids only re-checks the limit.
+        # The wait is bounded, so a fetch hanging on an outage holds one thread, not all.
+        if entry.lock.acquire(timeout=_FETCH_WAIT):
+            try:
                 if kid not in (entry.current.keys if entry.current else {}) and \
                         self._clock() - entry.last_unknown_kid_fetch >= self._settings.jwks_unknown_kid_interval:
                     entry.last_unknown_kid_fetch = self._clock()
                     self._fetch_into(tenant, versions, entry, reason="unknown_kid")
-            key = entry.current.keys.get(kid) if entry.current else None
+            finally:
+                entry.lock.release()
+        key = entry.current.keys.get(kid) if entry.current else None
         if key is None:
             raise TokenError("unknown_key", "the token's kid is not a signing key of its tenant")
         return key
@@ -104,9 +110,17 @@ class KeyCache:
         return out
 
     def still_valid(self, tenant: str, versions: tuple[int, ...], kid: str) -> bool:
-        """Whether ``kid`` is still among the cached keys (no fetch)."""
+        """Whether ``kid`` is still among the tenant's keys. Runs the periodic refresh
+        when it is due (one caller fetches, the others go on), so a removed key is
+        noticed even while only cached tokens arrive."""
         entry = self._tenants.get((tenant, versions))
-        return bool(entry and entry.current and kid in entry.current.keys)
+        current = entry.current if entry else None
+        if current is None:
+            return False
+        if self._clock() - current.fetched_at >= self._settings.jwks_refresh_seconds:
+            self._refresh(tenant, versions, entry, wait=False)
+            current = entry.current
+        return kid in current.keys
 
     # -- internals -------------------------------------------------------------
 
@@ -127,18 +141,18 @@ class KeyCache:
             current = entry.current
             due = current is None or self._clock() - current.fetched_at >= self._settings.jwks_refresh_seconds
             # After a failure, don't retry on every request: at most once per second.
-            if due and self._clock() - entry.last_attempt >= 1.0:
+            if due and self._clock() - entry.last_failure >= 1.0:
                 self._fetch_into(tenant, versions, entry, reason="refresh" if current else "first_use")
         finally:
             entry.lock.release()
 
     def _fetch_into(self, tenant: str, versions: tuple[int, ...], entry: _TenantKeys, reason: str) -> None:
-        entry.last_attempt = self._clock()
         try:
             entry.current = self._fetch(tenant, versions)
             audit.entry("keys_fetched", f"signing keys of tenant {tenant} fetched", tenant=tenant,
                         trigger=reason, kids=sorted(entry.current.keys))
-        except (requests.RequestException, ValueError, KeyError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 - whatever went wrong, keep the last good keys
+            entry.last_failure = self._clock()
             audit.entry("keys_fetch_failed", f"signing keys of tenant {tenant} could not be fetched",
                         severity="WARNING", tenant=tenant, trigger=reason, error=e.__class__.__name__,
                         kept_previous=entry.current is not None)
@@ -161,6 +175,10 @@ class KeyCache:
                 key = _public_key(jwk)
                 if key is not None:
                     keys[jwk["kid"]] = key
+        if not keys:
+            # Entra always publishes signing keys: an empty set is a broken answer,
+            # and taking it would deny every token until the next fetch.
+            raise ValueError("no usable signing key in the JWKS")
         return KeySet(issuers, keys, self._clock())
 
     def _get_json(self, url: str) -> dict:
@@ -186,5 +204,5 @@ def _public_key(jwk: dict) -> object | None:
         return None
     try:
         return jwt.PyJWK(jwk, algorithm="RS256").key
-    except (jwt.PyJWKError, ValueError, TypeError):
+    except (jwt.PyJWTError, ValueError, TypeError):   # PyJWTError covers PyJWKError and InvalidKeyError
         return None

@@ -83,7 +83,7 @@ class VerifiedToken:
 def _json_part(part: str) -> dict:
     try:
         value = json.loads(base64url_decode(part.encode("ascii")))
-    except (ValueError, UnicodeError, binascii.Error) as e:
+    except (ValueError, UnicodeError, binascii.Error, RecursionError) as e:   # RecursionError: deep nesting
         raise TokenError("malformed_token", "a part is not base64url-encoded JSON") from e
     if not isinstance(value, dict):
         raise TokenError("malformed_token", "a part is not a JSON object")
@@ -137,15 +137,24 @@ def verify_signed(token: str, tenant_versions: Callable[[str], tuple[int, ...] |
 
 
 _NUMBER_TYPES = (int, float)
+# A NumericDate beyond these bounds (year 5138) is no time: it also keeps NaN and
+# infinity (which Python's json reads) and huge integers out of every comparison.
+_EARLIEST, _LATEST = -1e11, 1e11
 
 
 def check_time(claims: dict, now: float, leeway: float) -> None:
-    exp = claims.get("exp")
-    if not _is_number(exp) or now > exp + leeway:
+    exp = token_expiry(claims)
+    if exp is None or now > exp + leeway:
         raise TokenError("expired", "exp missing or past")
     nbf = claims.get("nbf")
-    if nbf is not None and (not _is_number(nbf) or now + leeway < nbf):
+    if nbf is not None and (not _is_time(nbf) or now + leeway < nbf):
         raise TokenError("not_yet_valid", "nbf in the future")
+
+
+def token_expiry(claims: dict) -> float | None:
+    """The token's ``exp`` if it is a usable NumericDate, else None."""
+    exp = claims.get("exp")
+    return exp if _is_time(exp) else None
 
 
 def check_audience(claims: dict, accepted: tuple[str, ...]) -> None:
@@ -155,9 +164,10 @@ def check_audience(claims: dict, accepted: tuple[str, ...]) -> None:
         raise TokenError("wrong_audience", "aud is not an accepted audience of the service")
 
 
-def _is_number(value) -> bool:
+def _is_time(value) -> bool:
     # JSON numbers decode to exactly int or float; a bool (a JSON true) is not a time.
-    return type(value) in _NUMBER_TYPES
+    # The chained comparison is False for NaN.
+    return type(value) in _NUMBER_TYPES and _EARLIEST < value < _LATEST
 
 
 def token_digest(token: str) -> bytes:

@@ -31,7 +31,7 @@ from .keys import KeyCache
 from .policy import Policy
 from .store import Store
 from .tokens import (VerifiedToken, VerifiedTokenCache, check_audience, check_time, token_digest,
-                     verify_signed)
+                     token_expiry, verify_signed)
 
 STATUS = {
     "ok": 200,
@@ -160,9 +160,9 @@ class Verifier:
             # An app role needs no store read, so it decides even while the store is down.
             if service.groups and service.app_roles.isdisjoint(verified.roles):
                 user = verified.subject
-                # No oid: no group can contain the caller.
-                states = self.memberships.lookup(verified.tenant, user, service.groups) if user else \
-                    dict.fromkeys(service.groups, False)
+                states = self.memberships.lookup(verified.tenant, user or "", service.groups)
+                if not user:   # no oid: no group contains the caller, but a never-synced group stays unknown
+                    states = {g: None if state is None else False for g, state in states.items()}
             outcome = decide(service, verified.roles, states)
         except TokenError as e:
             return Decision(False, e.reason, service.name, decision_id, detail=str(e), digest=digest)
@@ -180,8 +180,8 @@ class Verifier:
                     self._keys.still_valid(hit.tenant, hit.versions, hit.kid):
                 return hit
         verified = verify_signed(token, lambda tid: _versions(policy, tid), self._keys)
-        exp = verified.claims.get("exp")
-        if isinstance(exp, (int, float)) and not isinstance(exp, bool):
+        exp = token_expiry(verified.claims)
+        if exp is not None:
             self.tokens.put(digest, verified, exp + self._settings.leeway_seconds)
         return verified
 
