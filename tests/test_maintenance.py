@@ -202,6 +202,36 @@ def test_past_the_quota_one_tenant_wide_subscription(world):
         f"/groups/{G_ENG}": "created", f"/groups/{G_STAFF}": "created", "/groups": "deleted"}
 
 
+def test_old_subscriptions_stay_until_their_replacement_exists(world):
+    app = world.app()
+    app.maintenance.run(["subscriptions"])
+    graph_server = world.graph
+
+    class QuotaOnTenantWide(GraphClient):
+        def create_subscription(self, resource, *args, **kwargs):
+            if resource == "/groups":   # Graph refuses it: the app's quota is used up
+                graph_server.fail_next(1, status=403, retry_after=None, code="ExtensionError")
+            return super().create_subscription(resource, *args, **kwargs)
+
+    small = Maintenance(app, graph_factory=lambda tenant: QuotaOnTenantWide(app.settings, tenant))
+    small.subscriptions.quota = 1
+    assert actions(small.run(["subscriptions"])) == {
+        "/groups": "error", f"/groups/{G_ENG}": "kept", f"/groups/{G_STAFF}": "kept"}
+    assert sorted(world.subs()) == sorted([f"/groups/{G_ENG}", f"/groups/{G_STAFF}"])
+
+
+def test_a_tenant_whose_services_name_no_group_keeps_no_subscription(world):
+    app = world.app()
+    app.maintenance.run(["subscriptions"])
+    assert len(world.subs()) == 2
+    # The policy still lists the tenant, but no service of it names a group any more.
+    groupless = dataclasses.replace(app.policy, services={})
+    assert groupless.referenced_groups() == {TENANT: set()}
+    assert sorted(a["action"] for a in app.maintenance.subscriptions.ensure(groupless.referenced_groups())) == \
+        ["deleted", "deleted"]
+    assert world.subs() == {}
+
+
 def test_reauthorize_and_renew_never_within_ten_minutes(world):
     app = world.app()
     app.maintenance.run(["subscriptions"])

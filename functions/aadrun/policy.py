@@ -78,8 +78,9 @@ class Policy:
         return self.tenants[service.tenant].audiences
 
     def referenced_groups(self) -> dict[str, set[str]]:
-        """Tenant id -> every group some rule of that tenant's services names."""
-        out: dict[str, set[str]] = {}
+        """Tenant id -> every group some rule of that tenant's services names; every
+        tenant of the policies is a key (with no groups, its subscriptions are deleted)."""
+        out: dict[str, set[str]] = {tenant: set() for tenant in self.tenants}
         for service in self.services.values():
             out.setdefault(service.tenant, set()).update(service.groups)
         return out

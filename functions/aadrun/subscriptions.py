@@ -154,17 +154,24 @@ class Subscriptions:
         return _Tenant(tenant, graph, ours, others)
 
     def _tenant(self, run: _Tenant, wanted: list[str]) -> None:
-        for resource in wanted:
-            self._guarded(run, resource, lambda r=resource: self._cover(run, r))
+        covered = all([self._guarded(run, r, lambda r=r: self._cover(run, r)) for r in wanted])
         for key, sub in sorted(run.ours.items()):
-            if key not in wanted:
+            if key in wanted:
+                continue
+            if covered:
                 self._guarded(run, key, lambda s=sub, k=key: self._delete(run, k, s))
+            else:
+                # What replaces it is not in place (e.g. the tenant-wide subscription hit
+                # the quota): it keeps its groups covered until a later run succeeds.
+                run.report("kept", key, sub, reason="its replacement could not be made")
 
-    def _guarded(self, run: _Tenant, resource: str, step: Callable[[], None]) -> None:
+    def _guarded(self, run: _Tenant, resource: str, step: Callable[[], None]) -> bool:
         try:
             step()
+            return True
         except AadrunError as e:
             run.report("error", resource, error=str(e))
+            return False
 
     def _cover(self, run: _Tenant, resource: str) -> None:
         sub = run.ours.get(resource)
