@@ -167,7 +167,11 @@ def _valid() -> dict:
     {"schema": 2},
     {"schema": True},
     {"kind": "other"},
-    {"id": "short"},
+    {"id": ""},
+    {"id": "a/b"},          # cannot name a store document
+    {"id": "__x__"},
+    {"id": "x" * 129},
+    {"id": 7},
     {"tenant": "not-a-guid"},
     {"group": None},
     {"added": "4d147cc8-10cb-4158-ac52-90ee8ff9d846"},
@@ -180,6 +184,15 @@ def _valid() -> dict:
 def test_from_dict_rejects_a_bad_message(change):
     with pytest.raises(RequestError):
         from_dict({**_valid(), **change})
+
+
+def test_a_message_with_exactly_the_contract_fields_is_read():
+    # CONTRACT.md §5 names no change_type and pins no id format: another producer's
+    # message is read as it is, its change type the one aadrun subscribes to.
+    message = {k: v for k, v in _valid().items() if k != "change_type"}
+    message["id"] = "producer-7:msg.42"
+    read = from_dict(message)
+    assert (read.id, read.change_type, read.added) == ("producer-7:msg.42", "updated", tuple(message["added"]))
 
 
 @pytest.mark.parametrize("data", [b"", b"{", b"[]", b"null", b"\xff\xfe", b"[" * 100_000])

@@ -4,13 +4,13 @@ Schema version 1 (CONTRACT.md §5). Every message is one JSON object (UTF-8):
 
     field         type                 membership            lifecycle
     schema        int                  1                     1
-    id            str (64 hex)         dedupe key            dedupe key
+    id            str (64 hex: ours)   dedupe key            dedupe key
     kind          str                  "membership"          "lifecycle"
     tenant        str (GUID, lower)    Entra tenant id       Entra tenant id
     group         str | null (GUID)    the group             the group when Graph names one
     added         [str] (GUID)         user object ids       (absent)
     removed       [str] (GUID)         user object ids       (absent)
-    change_type   str                  Graph's changeType    (absent)
+    change_type   str                  Graph's changeType    (absent)   (optional on input)
     subscription  str (GUID, lower)    Graph subscription    Graph subscription
     received_at   str (RFC 3339, UTC)  when the webhook got it
     event         str                  (absent)              reauthorizationRequired |
@@ -231,8 +231,12 @@ def _timestamp(value: Any) -> bool:
         return False
 
 
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 _COMMON = (
-    ("id", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None, "64 hex digits"),
+    # Ours are 64 hex digits; another producer's dedupe key is taken as it is, if it can
+    # name a store document (no "/", never "." or "__x__").
+    ("id", lambda v: isinstance(v, str) and _ID.fullmatch(v) is not None,
+     "1-128 letters, digits or _.:- starting with a letter or digit"),
     ("tenant", is_guid, "a GUID"),
     ("subscription", is_guid, "a GUID"),
     ("received_at", _timestamp, "an RFC 3339 time with offset"),
@@ -242,7 +246,8 @@ _BY_KIND = {
         ("group", is_guid, "a GUID"),
         ("added", _guids, "a list of GUIDs"),
         ("removed", _guids, "a list of GUIDs"),
-        ("change_type", lambda v: v in CHANGE_TYPES, f"one of {', '.join(CHANGE_TYPES)}"),
+        # Not among CONTRACT.md §5's fields: optional, "updated" (what aadrun subscribes to) when absent.
+        ("change_type", lambda v: v is None or v in CHANGE_TYPES, f"one of {', '.join(CHANGE_TYPES)}"),
     ),
     "lifecycle": (
         ("group", lambda v: v is None or is_guid(v), "a GUID or null"),
@@ -268,7 +273,7 @@ def from_dict(obj: Any) -> Message:
     return MembershipChange(v["id"], lower["tenant"], v["group"].lower(),
                             tuple(sorted({a.lower() for a in v["added"]})),
                             tuple(sorted({r.lower() for r in v["removed"]})),
-                            lower["subscription"], v["received_at"], v["change_type"])
+                            lower["subscription"], v["received_at"], v["change_type"] or "updated")
 
 
 def from_json(data: bytes | str) -> Message:
