@@ -110,10 +110,12 @@ def test_handshake_echoes_the_token_as_text(path, token):
 
 # --- statuses and limits ------------------------------------------------------------
 
-def test_without_client_state_notifications_are_not_configured():
+def test_without_client_state_notifications_are_not_configured(records):
     response = post(make_webhook(states=()), golden("members_added"))
     assert response.status == 503
-    assert response.json_body()["reason"] == "not_configured"
+    assert response.json_body() == {"reason": "not_configured"}   # no configuration detail to the caller
+    [logged] = fields(records, "webhook_error")
+    assert (logged["reason"], logged["detail"]) == ("not_configured", "AADRUN_CLIENT_STATE is not set")
 
 
 @pytest.mark.parametrize("body, too_large", [(b"{}", True), (b" " * (MAX_BODY + 1), False)])

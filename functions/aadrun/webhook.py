@@ -175,7 +175,8 @@ class Webhook:
         if token is not None:
             return self._handshake(token)
         if not self._states:
-            return reply("not_configured", "AADRUN_CLIENT_STATE is not set")
+            # Logged with the variable's name (below); the caller gets only the code.
+            raise ConfigError("AADRUN_CLIENT_STATE is not set")
         if req.body_too_large or len(req.body) > MAX_BODY:
             return reply("too_large")
         return self._notifications(parse_body(req.body))
