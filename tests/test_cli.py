@@ -82,10 +82,21 @@ def test_explain_token_deny_shows_the_failing_step(env):
     assert set(outcomes[:failed]) == {"pass"} and set(outcomes[failed + 1:]) == {"skipped"}
 
 
+@pytest.mark.parametrize("command", [["audit"], ["plan"], ["explain", "--service", "billing", "--user", ALICE]])
+def test_a_command_reading_a_store_that_does_not_exist_is_bad_usage_and_creates_nothing(tmp_path, command):
+    missing = tmp_path / "nowhere" / "state.db"
+    env = {"AADRUN_STORE": f"sqlite:///{missing}", "AADRUN_POLICY_PATH": str(write_policy(tmp_path))}
+    code, out, err = run(*command, env=env)
+    assert (code, out) == (2, "") and f"no store at {missing}" in err
+    assert not missing.parent.exists()
+
+
 def test_explain_user(env):
     _, variables = env
     code, out, _ = run("explain", "--service", "billing", "--user", ALICE, env=variables)
     assert code == 0 and "ALLOW" in out and G_ENG in out
+    code, out, _ = run("explain", "--service", "billing", "--user", ALICE.upper(), env=variables)
+    assert code == 0 and "ALLOW" in out   # object ids are GUIDs: any letter case
     code, out, _ = run("explain", "--service", "billing", "--user", BOB, "--json", env=variables)
     result = json.loads(out)
     assert code == 1 and result["reason"] == "not_member" and result["groups"][0]["member"] is False

@@ -46,6 +46,7 @@ def ops(graph_server, tmp_path):
 
 def test_plan_shows_adds_removes_and_the_principal_count(ops):
     run, store_url, _, cloudrun = ops
+    open_store(store_url)   # the functions' store, before any sync
     code, out, _ = run("plan", "--json")
     assert code == 0
     assert json.loads(out)["services"] == [{
@@ -141,6 +142,7 @@ def test_audit_exports_the_change_log(ops, tmp_path):
 
 @pytest.mark.parametrize("command", ["validate", "plan", "subscribe", "resync", "audit"])
 def test_every_command_takes_json(ops, command):
-    run, _, _, _ = ops
+    run, store_url, _, _ = ops
+    open_store(store_url)
     code, out, _ = run(command, "--json")
     assert code == 0 and isinstance(json.loads(out), dict)

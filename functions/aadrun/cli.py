@@ -7,8 +7,9 @@
     resync      delta sync, per group, progress   1: a group failed or a plan was refused
     audit       change log as CSV or JSON         (0 unless the store fails)
 
-Exit codes: 0 success, 1 a finding or a denial, 2 bad usage (argparse's own, or a
-``resync --group`` no policy names). Every command takes ``--json``; logs go to
+Exit codes: 0 success, 1 a finding or a denial, 2 bad usage (argparse's own, a
+``resync --group`` no policy names, or a command that reads the store pointed at a
+SQLite store that does not exist). Every command takes ``--json``; logs go to
 stderr, so stdout carries only the command's output.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import datetime as dt
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from . import audit
 from .config import Settings
@@ -281,7 +283,7 @@ ARGUMENTS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
     "validate": [(("--policy",), {"help": "file or folder (default: AADRUN_POLICY_PATH or policies/)"})],
     "explain": [(("--service",), {"required": True}),
                 (("--token",), {"help": "an access token to check"}),
-                (("--user",), {"help": "a user object id (decide from membership alone)"}),
+                (("--user",), {"type": str.lower, "help": "a user object id (decide from membership alone)"}),
                 (("--role",), {"action": "append", "help": "with --user: an app role the user holds"})],
     "plan": [],
     "subscribe": [],
@@ -307,11 +309,27 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+# Commands that only read the store: pointed at a store that does not exist, they would
+# create an empty one and report nothing as if all were well.
+_READ_STORE = frozenset({"explain", "plan", "audit"})
+
+
+def _missing_store(settings: Settings) -> str | None:
+    if not settings.store_url.startswith("sqlite:///"):
+        return None
+    path = Path(settings.store_url[len("sqlite:///"):])
+    return None if path.is_file() else f"no store at {path}: set AADRUN_STORE to the store the functions use"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     audit.logger(sys.stderr)  # stdout carries the command's own output
     try:
         settings = Settings.from_env()
+        missing = _missing_store(settings) if args.command in _READ_STORE else None
+        if missing:
+            print(f"error: {missing}", file=sys.stderr)
+            return EXIT_USAGE
         return COMMANDS[args.command][0](args, settings)
     except AadrunError as e:
         print(f"error: {e}", file=sys.stderr)
