@@ -180,6 +180,12 @@ def test_healthz_unhealthy_when_policies_do_not_load(tmp_path, idp):
         assert status == 503 and json.loads(body)["policy"]["status"] == "error"
         status, _, body = call(server, body={"service": "billing"}, headers=bearer(token(idp)))
         assert (status, json.loads(body)["reason"]) == (503, "unavailable")
+        # The operator reads why in the log: once, not once per request.
+        def errors(entries):
+            return [e for e in entries if e.get("event") == "policy_error"]
+
+        [logged] = errors(server.log_entries(until=errors))
+        assert logged["severity"] == "ERROR" and logged["file"] == str(bad) and str(bad) in logged["message"]
 
 
 def test_a_store_that_cannot_be_opened_is_503_and_unhealthy_never_a_500(tmp_path, idp):

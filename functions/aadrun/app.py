@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 
 from .config import Settings
 
@@ -37,9 +38,28 @@ class App:
 
     @_once("_policy")
     def policy(self):
+        from .errors import AadrunError
         from .policy import load_policy
 
-        return load_policy(self.settings.policy_path)
+        try:
+            return load_policy(self.settings.policy_path)
+        except AadrunError as e:
+            self._policy_failed(e)
+            raise
+
+    def _policy_failed(self, error) -> None:
+        # Every request retries the load while it fails (a fixed file is picked up at
+        # once); the operator reads why in the log, once a minute or when it changes.
+        from . import audit
+
+        now = time.monotonic()
+        last = getattr(self, "_policy_error", None)
+        if last is None or last[0] != str(error) or now - last[1] >= 60:
+            self._policy_error = (str(error), now)
+            audit.entry("policy_error", f"policies not loaded from {self.settings.policy_path}: {error}",
+                        severity="ERROR", reason=error.reason, policy_path=self.settings.policy_path,
+                        file=getattr(error, "file", None), line=getattr(error, "line", None),
+                        field=getattr(error, "field", None))
 
     @_once("_store")
     def store(self):
