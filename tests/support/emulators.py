@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import weakref
 
 COMMANDS = {
     "pubsub": ["gcloud", "beta", "emulators", "pubsub", "start"],
@@ -36,6 +37,8 @@ class Emulator:
         self.proc: subprocess.Popen | None = None
         self.data_dir = tempfile.mkdtemp(prefix=f"aadrun-{kind}-")
         self.log_path = os.path.join(self.data_dir, "emulator.log")
+        # Data and log live as long as this object (a restart reuses them).
+        weakref.finalize(self, shutil.rmtree, self.data_dir, True)
 
     def start(self, timeout: float = 90.0) -> "Emulator":
         if not shutil.which("gcloud"):
@@ -49,12 +52,17 @@ class Emulator:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} emulator exited: see {self.log_path}")
+                raise RuntimeError(f"{self.kind} emulator exited:\n{self._log_tail()}")
             if self.ready():
                 return self
             time.sleep(0.25)
         self.stop()
-        raise RuntimeError(f"{self.kind} emulator not ready after {timeout}s: see {self.log_path}")
+        raise RuntimeError(f"{self.kind} emulator not ready after {timeout}s:\n{self._log_tail()}")
+
+    def _log_tail(self, size: int = 4000) -> str:
+        with open(self.log_path, "rb") as log:
+            log.seek(max(0, os.path.getsize(self.log_path) - size))
+            return log.read().decode(errors="replace")
 
     def ready(self) -> bool:
         try:

@@ -3,6 +3,7 @@ subprocess on a free loopback port (each function in its own process: several
 ``create_app`` calls in one process collide on the module name ``main``)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +29,12 @@ ROOT = Path(__file__).resolve().parents[2]
 _DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM", "--"] if shutil.which("setpriv") else []
 
 
+def _remove(log) -> None:
+    log.close()
+    with contextlib.suppress(OSError):
+        os.unlink(log.name)
+
+
 class FunctionServer:
     def __init__(self, target: str, env: dict[str, str], port: int | None = None, signature: str | None = None,
                  source: Path | None = None):
@@ -36,6 +44,8 @@ class FunctionServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.signature = signature
         self.log = tempfile.NamedTemporaryFile(prefix=f"aadrun-{target}-", suffix=".log", delete=False)
+        # The log outlives stop() (tests read what was written at exit) but not this object.
+        weakref.finalize(self, _remove, self.log)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> "FunctionServer":
