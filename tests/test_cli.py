@@ -46,9 +46,16 @@ def test_validate_lists_every_error(tmp_path):
     assert [e["field"] for e in json.loads(out)["errors"]] == ["tenants[0].audiences", "services[0].tenant"]
 
 
-def test_bad_usage_exits_2():
+def test_bad_usage_exits_2(tmp_path):
     assert run("explain")[0] == 2
     assert run("no-such-command")[0] == 2
+    # A configuration variable that is invalid, or missing for the command.
+    code, _, err = run("validate", env={"AADRUN_STORE": "postgres://x"})
+    assert code == 2 and "AADRUN_STORE" in err and "Traceback" not in err
+    env = {"AADRUN_POLICY_PATH": str(write_policy(tmp_path)), "AADRUN_STORE": f"sqlite:///{tmp_path}/s.db",
+           "AADRUN_NOTIFICATION_URL": "", "AADRUN_CLIENT_STATE": "s"}
+    code, _, err = run("subscribe", env=env)
+    assert code == 2 and "AADRUN_NOTIFICATION_URL" in err + run("subscribe", "--json", env=env)[1]
 
 
 @pytest.fixture()

@@ -8,8 +8,8 @@
     audit       change log as CSV or JSON         (0 unless the store fails)
 
 Exit codes: 0 success, 1 a finding or a denial, 2 bad usage (argparse's own, a
-``resync --group`` no policy names, or a command that reads the store pointed at a
-SQLite store that does not exist). Every command takes ``--json``; logs go to
+configuration variable missing or invalid, a ``resync --group`` no policy names, or
+a command that reads the store pointed at a SQLite store that does not exist). Every command takes ``--json``; logs go to
 stderr, so stdout carries only the command's output.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import audit
 from .config import Settings
-from .errors import AadrunError, PlanError, PolicyError
+from .errors import AadrunError, ConfigError, PlanError, PolicyError
 from .policy import MAX_PRINCIPALS, load_policy, policy_files
 from .tokens import STEPS
 
@@ -172,6 +172,8 @@ def cmd_subscribe(args, settings: Settings) -> int:
                          for a in p["actions"]) or "no group is referenced by the policies"
 
     _emit(args, result, text)
+    if result.get("error") == "not_configured":   # a variable is missing: the invocation is wrong
+        return EXIT_USAGE
     return EXIT_OK if result["status"] == "ok" else EXIT_FINDING
 
 
@@ -331,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {missing}", file=sys.stderr)
             return EXIT_USAGE
         return COMMANDS[args.command][0](args, settings)
+    except ConfigError as e:   # the environment it runs in is wrong: bad usage, like a bad flag
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except AadrunError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FINDING
