@@ -156,6 +156,31 @@ def test_jku_and_x5u_are_never_fetched(world, idp, header):
         trap.server.shutdown()
 
 
+def test_discovery_and_keys_are_never_fetched_through_a_redirect(tmp_path, idp):
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(302)
+            self.send_header("Location", idp.url + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        policy_path = write_policy(tmp_path)
+        settings = settings_for(f"http://127.0.0.1:{server.server_address[1]}", policy_path,
+                                f"sqlite:///{tmp_path}/s.db")
+        policy = load_policy(policy_path)
+        verifier = Verifier(settings, lambda: policy, KeyCache(settings), lambda: open_store(settings.store_url))
+        assert verifier.decide("billing", good(idp)).reason == "unavailable"
+        assert sum(idp.requests.values()) == 0   # the redirect was not followed
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.parametrize("kid", ["../../../etc/passwd", "' OR '1'='1' --", "%00", "a" * 5000, ""])
 def test_hostile_kids_are_unknown_keys(world, idp, kid):
     token = good(idp, key=SigningKey(kid=kid or "x"), headers={"kid": kid})

@@ -15,6 +15,7 @@ Refresh rules (better than the usual JWKS clients, see FACTS.md):
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -186,11 +187,16 @@ class KeyCache:
             check_url("jwks_uri", url)
         except ConfigError as e:
             raise ValueError(str(e)) from e
-        response = self._session.get(url, timeout=self._settings.http_timeout_seconds)
-        response.raise_for_status()
-        if len(response.content) > _MAX_DOCUMENT:
+        # No redirects: check_url vetted this URL, not wherever a redirect would lead
+        # (Entra serves discovery and keys directly). Read at most the size limit.
+        with self._session.get(url, timeout=self._settings.http_timeout_seconds, allow_redirects=False,
+                               stream=True) as response:
+            if response.status_code != 200:
+                raise ValueError(f"HTTP {response.status_code} from {url}")
+            body = response.raw.read(_MAX_DOCUMENT + 1, decode_content=True)
+        if len(body) > _MAX_DOCUMENT:
             raise ValueError("document too large")
-        document = response.json()
+        document = json.loads(body)
         if not isinstance(document, dict):
             raise ValueError("not a JSON object")
         return document
