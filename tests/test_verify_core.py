@@ -22,7 +22,8 @@ from aadrun.devidp import DevIdentityProvider, SigningKey
 from aadrun.keys import KeyCache
 from aadrun.policy import load_policy
 from aadrun.store import GroupUpdate, SyncState, open_store, utcnow
-from aadrun.verify import Verifier
+from aadrun.errors import Unavailable
+from aadrun.verify import MembershipView, Verifier
 from tests.support.world import (ALICE, BOB, G_ENG, TENANT_A, TENANT_B, TENANT_OTHER, settings_for,
                                  write_policy)
 
@@ -283,9 +284,10 @@ def test_exp_and_nbf_must_be_finite_numeric_dates(world, idp, exp, nbf, reason):
     # Python's json reads NaN, Infinity and 1e999: none may pass a time check or stay cached.
     body = json.dumps({k: v for k, v in claims(idp, good(idp)).items() if k not in ("exp", "nbf")})[:-1]
     token = _signed_raw(idp, f'{body}, "exp": {exp}{f", {chr(34)}nbf{chr(34)}: {nbf}" if nbf else ""}}}'.encode())
-    for _ in range(2):   # and not served from the verified-token cache the second time
+    for _ in range(2):   # and the same the second time, from the verified-token cache or not
         assert world[0].decide("billing", token).reason == reason
-    assert len(world[0].tokens) == 0 or nbf
+    if nbf is None:
+        assert len(world[0].tokens) == 0   # an exp that is no time is never cached
 
 
 def test_leeway_applies_to_exp_and_nbf(world, idp):
@@ -464,8 +466,51 @@ def test_expired_entry_is_not_served_from_cache(world, idp):
     verifier = world[0]
     token = good(idp, lifetime=1, now=time.time() - 60 + 0.5)  # 0.5-1.5 s left within the leeway
     assert verifier.decide("billing", token).allow
+    assert len(verifier.tokens) == 1
     time.sleep(1.6)
     assert verifier.decide("billing", token).reason == "expired"
+    assert len(verifier.tokens) == 0   # the entry left the cache at exp + leeway, and was not put back
+
+
+def test_checks_run_in_the_contract_order_and_the_first_failure_decides(world, idp):
+    # Expired, for another audience and another tenant's service at once: exp is checked first.
+    token = good(idp, aud="api://elsewhere", now=time.time() - 7200)
+    assert world[0].decide("billing", token).reason == "expired"
+    assert world[0].decide("tenant-b-app", token).reason == "expired"
+    token = good(idp, aud="api://elsewhere")
+    assert world[0].decide("tenant-b-app", token).reason == "wrong_audience"
+
+
+def test_an_unknown_kid_refetches_again_once_the_window_has_passed(tmp_path, idp):
+    clock = [1000.0]
+    policy_path = write_policy(tmp_path)
+    settings = settings_for(idp.url, policy_path, f"sqlite:///{tmp_path}/s.db")
+    store = open_store(settings.store_url)
+    store.apply(GroupUpdate(TENANT_A, G_ENG, replace=frozenset({ALICE}), sync=SyncState(None, utcnow())))
+    policy = load_policy(policy_path)
+    verifier = Verifier(settings, lambda: policy, KeyCache(settings, clock=lambda: clock[0]), lambda: store)
+    assert verifier.decide("billing", good(idp)).allow
+    before = idp.jwks_fetches()
+    for _ in range(3):
+        assert verifier.decide("billing", good(idp, key=SigningKey())).reason == "unknown_key"
+    assert idp.jwks_fetches() - before == 1
+    clock[0] += settings.jwks_unknown_kid_interval - 1
+    assert verifier.decide("billing", good(idp, key=SigningKey())).reason == "unknown_key"
+    assert idp.jwks_fetches() - before == 1            # still within the window
+    clock[0] += 1
+    new_key = idp.rotate()
+    assert verifier.decide("billing", good(idp, key=new_key)).allow
+    assert idp.jwks_fetches() - before == 2            # the window passed: one more fetch
+
+
+def test_a_jwks_entry_for_encryption_is_never_a_signing_key(world, idp):
+    class EncryptionKey(SigningKey):
+        def jwk(self) -> dict:
+            return {**super().jwk(), "use": "enc"}
+
+    key = EncryptionKey()
+    idp.keys.append(key)
+    assert world[0].decide("billing", good(idp, key=key)).reason == "unknown_key"
 
 
 class BrokenStore:
@@ -486,3 +531,27 @@ def test_store_down_fails_closed(world, idp):
     assert (decision.allow, decision.reason, decision.status) == (False, "unavailable", 503)
     # An app-role rule needs no membership, so it still decides.
     assert verifier.decide("billing", good(idp, oid=BOB, roles=["Billing.Admin"])).allow
+
+
+def test_a_store_failure_denies_until_the_store_answers_again(world):
+    store, down = world[1], [True]
+
+    class Flaky:
+        def generation(self):
+            if down[0]:
+                raise OSError("backend unreachable")
+            return store.generation()
+
+        def membership(self, *args):
+            return store.membership(*args)
+
+    clock = [0.0]
+    view = MembershipView(Flaky, 0.2, clock=lambda: clock[0])
+    with pytest.raises(Unavailable):
+        view.lookup(TENANT_A, ALICE, (G_ENG,))
+    down[0] = False
+    clock[0] += 0.1
+    with pytest.raises(Unavailable):   # within the poll interval the failure still stands
+        view.lookup(TENANT_A, ALICE, (G_ENG,))
+    clock[0] += 0.2
+    assert view.lookup(TENANT_A, ALICE, (G_ENG,)) == {G_ENG: True}

@@ -171,6 +171,21 @@ def test_healthz(stack):
     assert payload["store"]["status"] == "ok" and payload["policy"]["services"] == 4
 
 
+def test_an_identity_provider_outage_alone_is_not_unhealthy(tmp_path, idp):
+    store_url = f"sqlite:///{tmp_path}/s.db"
+    open_store(store_url)
+    idp.down = True   # the module's identity provider: back up at the end
+    try:
+        with FunctionServer("verify", env_for(idp.url, write_policy(tmp_path), store_url)) as server:
+            status, _, body = call(server, body={"service": "billing"}, headers=bearer(token(idp)))
+            assert (status, json.loads(body)["reason"]) == (503, "unavailable")   # no keys: cannot decide
+            status, _, body = call(server, method="GET", path="/healthz")
+            payload = json.loads(body)
+            assert status == 200 and payload["keys"] == {TENANT_A: "never_fetched"}
+    finally:
+        idp.down = False
+
+
 def test_healthz_unhealthy_when_policies_do_not_load(tmp_path, idp):
     bad = tmp_path / "bad.yaml"
     bad.write_text("tenants: [")

@@ -181,7 +181,7 @@ class Verifier:
                 return hit
         verified = verify_signed(token, lambda tid: _versions(policy, tid), self._keys)
         exp = token_expiry(verified.claims)
-        if exp is not None:
+        if exp is not None and exp + self._settings.leeway_seconds > now:   # never cache what is expired
             self.tokens.put(digest, verified, exp + self._settings.leeway_seconds)
         return verified
 
