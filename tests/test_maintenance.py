@@ -140,14 +140,19 @@ def test_second_run_keeps_then_renews_near_expiry(world):
     app = world.app()
     app.maintenance.run(["subscriptions"])
     assert set(actions(app.maintenance.run(["subscriptions"])).values()) == {"kept"}
-    eng = world.subs()[f"/groups/{G_ENG}"]
-    world.graph.set_expiration(TENANT, CLIENT_ID, eng["id"], utcnow() + dt.timedelta(hours=1))
+    eng, staff = world.subs()[f"/groups/{G_ENG}"], world.subs()[f"/groups/{G_STAFF}"]
+    # Renewed with under 3 days left, so a daily run (or one that fails twice) never lets
+    # a subscription lapse; kept with more.
+    world.graph.set_expiration(TENANT, CLIENT_ID, eng["id"], utcnow() + dt.timedelta(days=2.5))
+    world.graph.set_expiration(TENANT, CLIENT_ID, staff["id"], utcnow() + dt.timedelta(days=3.5))
     before = len(world.graph.calls("PATCH"))
     assert actions(app.maintenance.run(["subscriptions"])) == {f"/groups/{G_ENG}": "renewed",
                                                                  f"/groups/{G_STAFF}": "kept"}
     assert len(world.graph.calls("PATCH")) == before + 1
     renewed = dt.datetime.fromisoformat(world.subs()[f"/groups/{G_ENG}"]["expirationDateTime"].replace("Z", "+00:00"))
-    assert abs((renewed - max_expiration()).total_seconds()) < 60
+    # To Graph's maximum for groups (41,760 minutes), less a margin of minutes.
+    longest = utcnow() + dt.timedelta(minutes=41_760)
+    assert dt.timedelta(0) < longest - renewed < dt.timedelta(minutes=15)
 
 
 def test_vanished_and_unreferenced_subscriptions(world):
@@ -205,16 +210,10 @@ def test_past_the_quota_one_tenant_wide_subscription(world):
 def test_old_subscriptions_stay_until_their_replacement_exists(world):
     app = world.app()
     app.maintenance.run(["subscriptions"])
-    graph_server = world.graph
-
-    class QuotaOnTenantWide(GraphClient):
-        def create_subscription(self, resource, *args, **kwargs):
-            if resource == "/groups":   # Graph refuses it: the app's quota is used up
-                graph_server.fail_next(1, status=403, retry_after=None, code="ExtensionError")
-            return super().create_subscription(resource, *args, **kwargs)
-
-    small = Maintenance(app, graph_factory=lambda tenant: QuotaOnTenantWide(app.settings, tenant))
-    small.subscriptions.quota = 1
+    # Graph refuses the tenant-wide subscription that would replace them (e.g. its quota is used up).
+    world.graph.fail_next(1, status=403, retry_after=None, code="ExtensionError", method="POST",
+                          path="/v1.0/subscriptions")
+    small = Maintenance(app, subscriptions=Subscriptions(app.settings, app.store, app.maintenance.graph, quota=1))
     assert actions(small.run(["subscriptions"])) == {
         "/groups": "error", f"/groups/{G_ENG}": "kept", f"/groups/{G_STAFF}": "kept"}
     assert sorted(world.subs()) == sorted([f"/groups/{G_ENG}", f"/groups/{G_STAFF}"])

@@ -220,10 +220,12 @@ class GraphServer:
     # -- faults ----------------------------------------------------------------
 
     def fail_next(self, n: int = 1, *, status: int = 429, retry_after: float | str | None = 1,
-                  code: str = "TooManyRequests") -> None:
-        """The next ``n`` authenticated Graph calls answer ``status`` (with Retry-After)."""
+                  code: str = "TooManyRequests", method: str | None = None, path: str = "") -> None:
+        """The next ``n`` authenticated Graph calls (those with ``method`` whose path
+        starts with ``path``, when given) answer ``status`` (with Retry-After)."""
         with self._lock:
-            self._faults.extend([(status, None if retry_after is None else str(retry_after), code)] * n)
+            fault = (status, None if retry_after is None else str(retry_after), code, method, path)
+            self._faults.extend([fault] * n)
 
     def expire_delta_links(self, status: int = 410, code: str = "resyncRequired") -> None:
         """Every delta and skip link issued so far stops working (410 Gone, or e.g.
@@ -484,8 +486,11 @@ class GraphServer:
         if principal is None:
             raise HttpError(401, "InvalidAuthenticationToken", "Access token is empty or invalid.",
                             {"WWW-Authenticate": 'Bearer realm="", error="invalid_token"'})
-        if self._faults:
-            status, retry_after, code = self._faults.pop(0)
+        route = "/v1.0/" + "/".join(parts)
+        fault = next((f for f in self._faults if f[3] in (None, method) and route.startswith(f[4])), None)
+        if fault is not None:
+            self._faults.remove(fault)
+            status, retry_after, code = fault[:3]
             raise HttpError(status, code, "Injected failure.", {"Retry-After": retry_after} if retry_after else {})
         tenant, app = principal
         if parts == ["groups", "delta"] and method == "GET":
