@@ -75,6 +75,9 @@ def test_plan_shows_the_revocations_on_a_resource_no_service_names_any_more(ops)
     assert orphan["changes"] == {INVOKER: {"add": [], "remove": [user(ALICE)]}}     # BOB's grant is not aadrun's
     code, out, _ = run("plan")
     assert f"(no service any more) ({old}): +0 -1" in out and cloudrun.sets(old) == 0   # plan wrote nothing
+    cloudrun.delete_service(old)   # deleted, its bindings with it: nothing left to revoke
+    code, out, _ = run("plan")
+    assert code == 0 and f"GONE {old}" in out and "(no service any more)" not in out
 
 
 def test_plan_over_the_principal_limit_is_a_finding(ops):

@@ -324,6 +324,30 @@ def test_a_service_removed_from_the_policy_loses_every_grant_aadrun_made(world, 
     assert again["orphaned"] == {} and world.members() == {"user:eve@example.com"}
 
 
+def test_a_removed_service_whose_cloud_run_service_was_deleted_is_forgotten_not_retried(world, tmp_path):
+    app = world.app()
+    app.maintenance.run(["reconcile"])
+    assert app.store.managed_members(BILLING) == {INVOKER: {user(ALICE)}}
+    billing = f"  - name: billing\n    tenant: {TENANT}\n    cloud_run: {BILLING}\n    access:\n      - groups: [{G_ENG}]\n"
+    later = with_policy(world, tmp_path, POLICY.replace(billing, ""))
+    world.cloudrun.delete_service(BILLING)   # and its bindings with it
+    task = later.maintenance.run(["drift"])["tasks"]["drift"]
+    assert task["status"] == "ok" and task["errors"] == []
+    assert task["orphaned"][BILLING]["gone"] and task["orphaned"][BILLING]["forgotten"] == {INVOKER: [user(ALICE)]}
+    assert later.store.managed_targets() == set()
+    again = later.maintenance.run(["drift"])["tasks"]["drift"]
+    assert again["status"] == "ok" and again["orphaned"] == {}
+
+
+def test_a_service_the_policy_names_whose_cloud_run_service_is_missing_is_an_error(world):
+    app = world.app()
+    app.maintenance.run(["reconcile"])
+    world.cloudrun.delete_service(BILLING)
+    task = app.maintenance.run(["drift"])["tasks"]["drift"]
+    assert task["status"] == "error" and [e["service"] for e in task["errors"]] == ["billing"]
+    assert app.store.managed_members(BILLING) == {INVOKER: {user(ALICE)}}   # kept: the policy still names it
+
+
 def test_a_moved_service_is_revoked_on_the_old_resource_and_never_claims_a_grant_on_the_new(world, tmp_path):
     app = world.app()
     app.maintenance.run(["reconcile"])

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import audit
 from .config import Settings
-from .errors import AadrunError, ConfigError, PlanError, PolicyError
+from .errors import AadrunError, ConfigError, PlanError, PolicyError, UpstreamError
 from .policy import MAX_PRINCIPALS, load_policy, policy_files
 from .tokens import STEPS
 
@@ -128,7 +128,7 @@ def cmd_plan(args, settings: Settings) -> int:
 
     app = App(settings)
     policy, writer, store = app.policy, IamWriter(settings), app.store
-    services, refused = [], {}
+    services, refused, gone = [], {}, []
     for name, resource in iam_targets(policy, store.managed_targets()):
         try:
             live, managed = writer.live_bindings(resource), store.managed_members(resource)
@@ -139,8 +139,13 @@ def cmd_plan(args, settings: Settings) -> int:
         except PlanError as e:
             refused[name or resource] = str(e)
             continue
+        except UpstreamError as e:
+            if name or e.status_code != 404:
+                raise
+            gone.append(resource)   # deleted with its bindings: drift forgets what aadrun kept there
+            continue
         services.append({**changes.to_json(), "limit": MAX_PRINCIPALS, "live": live is not None})
-    payload = {"mode": settings.iam_mode, "services": services, "refused": refused}
+    payload = {"mode": settings.iam_mode, "services": services, "refused": refused, "gone": gone}
     _emit(args, payload, _plan_text)
     return EXIT_FINDING if refused else EXIT_OK
 
@@ -155,6 +160,7 @@ def _plan_text(p: dict) -> str:
         for role, change in s["changes"].items():
             lines += [f"  + {role} {m}" for m in change["add"]] + [f"  - {role} {m}" for m in change["remove"]]
     lines += [f"REFUSED {name}: {why}" for name, why in p["refused"].items()]
+    lines += [f"GONE {resource}: the Cloud Run service no longer exists (nothing to revoke)" for resource in p["gone"]]
     return "\n".join(lines) or "no service has a cloud_run target"
 
 

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from . import audit
 from .coalesce import StoreLease
-from .errors import AadrunError, PlanError, RequestError
+from .errors import AadrunError, PlanError, RequestError, UpstreamError
 from .graph import GraphClient
 from .http import HttpRequest, HttpResponse
 from .iam import IamWriter
@@ -218,7 +218,12 @@ class Maintenance:
                 if name and store.adopt_managed(name, resource):   # kept by service name before
                     audit.entry("managed_adopted", f"managed members of {name} now kept under {resource}",
                                 service=name, cloud_run=resource)
-                result = self.iam_writer.apply_with(resource, plan_for, claim)
+                try:
+                    result = self.iam_writer.apply_with(resource, plan_for, claim)
+                except UpstreamError as e:
+                    if name or e.status_code != 404:
+                        raise
+                    return self._forget_deleted(resource, lease.key)
                 managed = {r: set(m) for r, m in result.changes.managed.items() if m}
                 if managed != {r: m for r, m in managed_before.items() if m}:
                     # As policy_sync: never overwrite a newer holder's record.
@@ -232,6 +237,18 @@ class Maintenance:
                         plan=changes.to_json())
         return {"cloud_run": resource, "restored": _sorted(changes.adds), "removed": _sorted(changes.removes),
                 "unmanaged": found.get("unmanaged", []), "principals": changes.principals}
+
+    def _forget_deleted(self, resource: str, lease: tuple[str, str]) -> dict:
+        """An orphaned resource whose Cloud Run service was deleted (404): its bindings went
+        with it, so what aadrun kept as managed there is dropped, not retried forever."""
+        store = self._app.store
+        forgotten = store.managed_members(resource)
+        store.record_iam(resource, {}, source="maintenance", why="its Cloud Run service no longer exists",
+                         lease=lease)
+        audit.entry("iam_target_gone", f"{resource} no longer exists: its managed members are forgotten",
+                    cloud_run=resource, forgotten=_sorted(forgotten))
+        return {"cloud_run": resource, "gone": True, "restored": {}, "removed": {}, "unmanaged": [],
+                "forgotten": _sorted(forgotten)}
 
     # -- clients ----------------------------------------------------------------------
 

@@ -53,11 +53,13 @@ class CloudRunIamServer:
     Hooks: ``set_policy`` / ``policy`` (stored state), ``calls`` (a Counter of
     ``(resource, method)``), ``requests`` (every request: method, path, query,
     body), ``inject_conflicts`` and ``inject_error`` (fail the next calls),
-    ``granted`` (the permissions ``testIamPermissions`` reports as held).
+    ``granted`` (the permissions ``testIamPermissions`` reports as held),
+    ``delete_service`` (its resource answers 404 from then on).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._deleted: set[str] = set()
         self._policies: dict[str, dict] = {}
         self._generation = 0
         self._faults: dict[tuple[str, str], list[ApiError]] = {}
@@ -108,6 +110,13 @@ class CloudRunIamServer:
             self._policies[resource] = stored
             return stored["etag"]
 
+    def delete_service(self, resource: str) -> None:
+        """The service is deleted: its IAM calls answer 404 NOT_FOUND, as Cloud Run's do
+        for a service that does not exist, and its policy is gone with it."""
+        with self._lock:
+            self._deleted.add(resource)
+            self._policies.pop(resource, None)
+
     def policy(self, resource: str) -> dict:
         """A copy of the stored policy (the empty policy when never written)."""
         with self._lock:
@@ -140,6 +149,8 @@ class CloudRunIamServer:
                                   "query": query, "body": copy.deepcopy(body)})
             if METHODS[verb] != method:
                 raise ApiError(405, "UNIMPLEMENTED", f"{method} is not allowed on :{verb}")
+            if resource in self._deleted:
+                raise ApiError(404, "NOT_FOUND", f"Resource '{resource.rsplit('/', 1)[-1]}' does not exist.")
             faults = self._faults.get((resource, verb))
             if faults:
                 fault = faults.pop(0)
