@@ -249,6 +249,18 @@ def test_reauthorize_and_renew_never_within_ten_minutes(world):
     assert subs.reauthorize(TENANT, "0" * 32) == "gone"
 
 
+def test_a_renewal_that_failed_does_not_defer_a_reauthorization(world):
+    app = world.app()
+    app.maintenance.run(["subscriptions"])
+    subs = app.maintenance.subscriptions
+    eng = world.subs()[f"/groups/{G_ENG}"]["id"]
+    world.graph.set_expiration(TENANT, CLIENT_ID, eng, utcnow() + dt.timedelta(hours=1))
+    world.graph.fail_next(1, status=500, retry_after=None, code="InternalServerError", method="PATCH")
+    assert "error" in actions(app.maintenance.run(["subscriptions"])).values()   # the renewal failed
+    assert subs.reauthorize(TENANT, eng) == "reauthorized"    # so Graph's reauthorizationRequired is answered
+    assert world.graph.reauthorizations(TENANT, CLIENT_ID, eng) == 1
+
+
 # -- reconcile and drift -------------------------------------------------------------------
 
 def test_reconcile_finds_a_change_whose_notification_never_came(world):

@@ -55,6 +55,12 @@ def claim_touch(store: Store, subscription_id: str, action: str) -> bool:
     return store.acquire_lease(f"graph-subscription/{subscription_id}", action, TOUCH_WINDOW_S)
 
 
+def release_touch(store: Store, subscription_id: str, action: str) -> None:
+    """Give the window back when ``action`` failed: it did not reauthorize anything,
+    so the other action must not be deferred by it."""
+    store.release_lease(f"graph-subscription/{subscription_id}", action)
+
+
 def resource_key(resource: str) -> str:
     """Graph echoes resources with or without the leading slash, in any case."""
     return "/" + resource.strip().strip("/").lower()
@@ -219,9 +225,13 @@ class Subscriptions:
             renewed = run.graph.renew_subscription(sub["id"], max_expiration(self.now()))
         except UpstreamError as e:
             if e.status_code != 404:
+                release_touch(self.store, sub["id"], "renew")
                 raise
             self._create(run, resource)   # vanished between list and renew
             return
+        except Exception:
+            release_touch(self.store, sub["id"], "renew")
+            raise
         run.report("renewed", resource, renewed)
 
     def _delete(self, run: _Tenant, resource: str, sub: dict) -> None:
@@ -238,6 +248,10 @@ class Subscriptions:
             self.graph_for(tenant).reauthorize_subscription(subscription_id)
         except UpstreamError as e:
             if e.status_code != 404:
+                release_touch(self.store, subscription_id, "reauthorize")
                 raise
             return "gone"
+        except Exception:
+            release_touch(self.store, subscription_id, "reauthorize")
+            raise
         return "reauthorized"
