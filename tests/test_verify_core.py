@@ -18,6 +18,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from aadrun.config import Settings
 from aadrun.devidp import DevIdentityProvider, SigningKey
 from aadrun.keys import KeyCache
 from aadrun.policy import load_policy
@@ -54,6 +55,17 @@ def world(tmp_path, idp):
     policy = load_policy(policy_path)
     keys = KeyCache(settings)
     return Verifier(settings, lambda: policy, keys, lambda: store), store, keys, settings
+
+
+def own_verifier(tmp_path, authority_url: str, *, clock=None, **overrides) -> Verifier:
+    """A Verifier with its own settings and key cache (``world``'s are shared), ALICE in G_ENG."""
+    policy_path = write_policy(tmp_path)
+    settings = settings_for(authority_url, policy_path, f"sqlite:///{tmp_path}/s.db", **overrides)
+    store = open_store(settings.store_url)
+    store.apply(GroupUpdate(TENANT_A, G_ENG, replace=frozenset({ALICE}), sync=SyncState(None, utcnow())))
+    policy = load_policy(policy_path)
+    keys = KeyCache(settings, clock=clock) if clock else KeyCache(settings)
+    return Verifier(settings, lambda: policy, keys, lambda: store)
 
 
 def claims(idp, token: str) -> dict:
@@ -171,11 +183,7 @@ def test_discovery_and_keys_are_never_fetched_through_a_redirect(tmp_path, idp):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        policy_path = write_policy(tmp_path)
-        settings = settings_for(f"http://127.0.0.1:{server.server_address[1]}", policy_path,
-                                f"sqlite:///{tmp_path}/s.db")
-        policy = load_policy(policy_path)
-        verifier = Verifier(settings, lambda: policy, KeyCache(settings), lambda: open_store(settings.store_url))
+        verifier = own_verifier(tmp_path, f"http://127.0.0.1:{server.server_address[1]}")
         assert verifier.decide("billing", good(idp)).reason == "unavailable"
         assert sum(idp.requests.values()) == 0   # the redirect was not followed
     finally:
@@ -419,12 +427,7 @@ def test_a_new_kid_arriving_while_its_fetch_is_in_flight_waits_for_it(world, idp
 
 
 def test_a_cached_token_is_refused_once_the_periodic_refresh_drops_its_key(tmp_path, idp):
-    policy_path = write_policy(tmp_path)
-    settings = settings_for(idp.url, policy_path, f"sqlite:///{tmp_path}/s.db", jwks_refresh_seconds=0.2)
-    store = open_store(settings.store_url)
-    store.apply(GroupUpdate(TENANT_A, G_ENG, replace=frozenset({ALICE}), sync=SyncState(None, utcnow())))
-    policy = load_policy(policy_path)
-    verifier = Verifier(settings, lambda: policy, KeyCache(settings), lambda: store)
+    verifier = own_verifier(tmp_path, idp.url, jwks_refresh_seconds=0.2)
     token = good(idp)
     assert verifier.decide("billing", token).reason == "ok"   # now in the verified-token cache
     idp.rotate(keep_old=False)
@@ -434,12 +437,7 @@ def test_a_cached_token_is_refused_once_the_periodic_refresh_drops_its_key(tmp_p
 
 
 def test_periodic_refresh_drops_keys_that_left(tmp_path, idp):
-    policy_path = write_policy(tmp_path)
-    settings = settings_for(idp.url, policy_path, f"sqlite:///{tmp_path}/s.db", jwks_refresh_seconds=0.2)
-    store = open_store(settings.store_url)
-    store.apply(GroupUpdate(TENANT_A, G_ENG, replace=frozenset({ALICE}), sync=SyncState(None, utcnow())))
-    policy = load_policy(policy_path)
-    verifier = Verifier(settings, lambda: policy, KeyCache(settings), lambda: store)
+    verifier = own_verifier(tmp_path, idp.url, jwks_refresh_seconds=0.2)
     old_key = idp.current
     assert verifier.decide("billing", good(idp)).allow
     idp.rotate(keep_old=False)
@@ -483,18 +481,14 @@ def test_checks_run_in_the_contract_order_and_the_first_failure_decides(world, i
 
 def test_an_unknown_kid_refetches_again_once_the_window_has_passed(tmp_path, idp):
     clock = [1000.0]
-    policy_path = write_policy(tmp_path)
-    settings = settings_for(idp.url, policy_path, f"sqlite:///{tmp_path}/s.db")
-    store = open_store(settings.store_url)
-    store.apply(GroupUpdate(TENANT_A, G_ENG, replace=frozenset({ALICE}), sync=SyncState(None, utcnow())))
-    policy = load_policy(policy_path)
-    verifier = Verifier(settings, lambda: policy, KeyCache(settings, clock=lambda: clock[0]), lambda: store)
+    verifier = own_verifier(tmp_path, idp.url, clock=lambda: clock[0])
+    window = Settings().jwks_unknown_kid_interval
     assert verifier.decide("billing", good(idp)).allow
     before = idp.jwks_fetches()
     for _ in range(3):
         assert verifier.decide("billing", good(idp, key=SigningKey())).reason == "unknown_key"
     assert idp.jwks_fetches() - before == 1
-    clock[0] += settings.jwks_unknown_kid_interval - 1
+    clock[0] += window - 1
     assert verifier.decide("billing", good(idp, key=SigningKey())).reason == "unknown_key"
     assert idp.jwks_fetches() - before == 1            # still within the window
     clock[0] += 1
