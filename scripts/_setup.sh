@@ -16,5 +16,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 export PYTHONPATH="$ROOT/functions:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-# Off GCP: don't let google-auth probe the metadata server for credentials.
-export NO_GCE_CHECK="${NO_GCE_CHECK:-true}"  # google-auth compares with "true"
+# For the scripts that run everything on loopback (dev, test, bench, chaos): google-auth
+# must not probe a metadata server. Not for the CLI, which runs where ADC comes from one
+# (Cloud Build, Cloud Shell, GCE).
+offline_google() {
+  export NO_GCE_CHECK="${NO_GCE_CHECK:-true}"  # google-auth compares with "true"
+}

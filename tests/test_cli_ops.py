@@ -15,6 +15,7 @@ from aadrun.store import GroupUpdate, SyncState, open_store, utcnow
 from tests.support.cloudrun_server import CloudRunIamServer
 from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, graph_pki, loopback_only
 from tests.support.graph_fixtures import CLIENT_ID, CLIENT_SECRET, TENANT
+from tests.support.metadata_server import ACCESS_TOKEN, MetadataServer
 from tests.test_maintenance import ALICE, BILLING, BOB, CAROL, G_ENG, G_OTHER, G_STAFF, INVOKER, NOTIFY, POLICY, \
     STATE, user
 
@@ -78,6 +79,23 @@ def test_plan_shows_the_revocations_on_a_resource_no_service_names_any_more(ops)
     cloudrun.delete_service(old)   # deleted, its bindings with it: nothing left to revoke
     code, out, _ = run("plan")
     assert code == 0 and f"GONE {old}" in out and "(no service any more)" not in out
+
+
+def test_the_cli_takes_google_credentials_from_the_metadata_server_as_on_cloud_build(ops, tmp_path):
+    # cloudbuild.yaml runs `scripts/aadrun plan` with no key file: the credentials are
+    # the build account's, from the metadata server. The CLI must not switch that off.
+    _, store_url, _, cloudrun = ops
+    open_store(store_url)
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_GCE_CHECK", "GOOGLE_APPLICATION_CREDENTIALS")}
+    env.update({"AADRUN_POLICY_PATH": str(tmp_path / "policy.yaml"), "AADRUN_STORE": store_url,
+                "AADRUN_IAM": "cloudrun", "AADRUN_CLOUDRUN_ENDPOINT": cloudrun.url,
+                "CLOUDSDK_CONFIG": str(tmp_path / "gcloud")})
+    with MetadataServer() as metadata:
+        proc = subprocess.run([CLI, "plan", "--json"], capture_output=True, text=True, timeout=60,
+                              env={**env, **metadata.env()})
+    assert proc.returncode == 0, proc.stderr
+    assert {r["authorization"] for r in cloudrun.requests} == {f"Bearer {ACCESS_TOKEN}"}
+    assert metadata.tokens_issued >= 1
 
 
 def test_plan_over_the_principal_limit_is_a_finding(ops):

@@ -9,8 +9,9 @@
 
 Exit codes: 0 success, 1 a finding or a denial, 2 bad usage (argparse's own, a
 configuration variable missing or invalid, a ``resync --group`` no policy names, or
-a command that reads the store pointed at a SQLite store that does not exist). Every command takes ``--json``; logs go to
-stderr, so stdout carries only the command's output.
+a command that reads the store pointed at a SQLite store that does not exist).
+Every command takes ``--json``; logs go to stderr, so stdout carries only the
+command's output.
 """
 from __future__ import annotations
 

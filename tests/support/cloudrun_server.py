@@ -142,11 +142,12 @@ class CloudRunIamServer:
         digest = hashlib.sha256(f"{resource}/{self._generation}".encode()).digest()[:8]
         return base64.b64encode(digest).decode()
 
-    def handle(self, method: str, resource: str, verb: str, query: dict, body: dict | None) -> dict:
+    def handle(self, method: str, resource: str, verb: str, query: dict, body: dict | None,
+               authorization: str | None = None) -> dict:
         with self._lock:
             self.calls[(resource, verb)] += 1
             self.requests.append({"method": method, "resource": resource, "verb": verb,
-                                  "query": query, "body": copy.deepcopy(body)})
+                                  "query": query, "body": copy.deepcopy(body), "authorization": authorization})
             if METHODS[verb] != method:
                 raise ApiError(405, "UNIMPLEMENTED", f"{method} is not allowed on :{verb}")
             if resource in self._deleted:
@@ -234,7 +235,8 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 raise ApiError(400, "INVALID_ARGUMENT", "the body is not JSON") from None
             result = self.api.handle(method, match.group(1), match.group(2),
-                                     parse_qs(parts.query, keep_blank_values=True), body)
+                                     parse_qs(parts.query, keep_blank_values=True), body,
+                                     self.headers.get("Authorization"))
             self._reply(200, result)
         except ApiError as e:
             self._reply(e.code, {"error": {"code": e.code, "message": e.message, "status": e.status}})
