@@ -426,13 +426,33 @@ def test_a_new_kid_arriving_while_its_fetch_is_in_flight_waits_for_it(world, idp
     assert reasons == {"first": "ok", "second": "ok"}
 
 
+def test_no_decision_waits_for_a_periodic_refresh_hanging_on_the_identity_provider(tmp_path, idp):
+    verifier = own_verifier(tmp_path, idp.url, jwks_refresh_seconds=0.2)
+    assert verifier.decide("billing", good(idp)).reason == "ok"
+    assert verifier.decide("billing", good(idp, key=SigningKey())).reason == "unknown_key"   # opens the 30 s window
+    idp.delay = 3.0   # the identity provider hangs
+    time.sleep(0.3)   # the refresh is due
+    started = time.monotonic()
+    assert verifier.decide("billing", good(idp)).reason == "ok"              # starts the refresh, cached keys
+    assert verifier.decide("billing", good(idp, key=SigningKey())).reason == "unknown_key"   # forged: no wait
+    assert time.monotonic() - started < 1.5   # both answered long before the identity provider
+
+
 def test_a_cached_token_is_refused_once_the_periodic_refresh_drops_its_key(tmp_path, idp):
     verifier = own_verifier(tmp_path, idp.url, jwks_refresh_seconds=0.2)
     token = good(idp)
     assert verifier.decide("billing", token).reason == "ok"   # now in the verified-token cache
     idp.rotate(keep_old=False)
+    idp.delay = 0.5   # a slow identity provider
     time.sleep(0.3)
-    # Only the cached token arrives: its decision runs the due refresh and sees its key gone.
+    # Only the cached token arrives. Its decision starts the due refresh and does not
+    # wait for it (the key is still there)...
+    assert verifier.decide("billing", token).reason == "ok"
+    # ...and once the refresh is in, the key that left the JWKS no longer verifies.
+    deadline = time.monotonic() + 5
+    while verifier.decide("billing", token).reason == "ok":
+        assert time.monotonic() < deadline, "the refresh never dropped the key"
+        time.sleep(0.05)
     assert verifier.decide("billing", token).reason == "unknown_key"
 
 

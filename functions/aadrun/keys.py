@@ -9,8 +9,8 @@ Refresh rules (better than the usual JWKS clients, see FACTS.md):
     many requests carry unknown kids: a flood of forged kids cannot make us
     hammer the identity provider;
   - a failed fetch keeps the last good keys (an outage does not empty the cache);
-  - every ``jwks_refresh_seconds`` (1 h) keys are refetched, so keys that left
-    the JWKS stop verifying.
+  - every ``jwks_refresh_seconds`` (1 h) keys are refetched, in the background
+    (no request waits for it), so keys that left the JWKS stop verifying.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ class _TenantKeys:
         self.current: KeySet | None = None
         self.lock = threading.Lock()          # single flight: one fetch at a time
         self.last_unknown_kid_fetch = -1e18
+        self.kid_fetch_in_flight = False      # a fetch for an unknown kid holds the lock
         self.last_failure = -1e18
 
 
@@ -81,17 +82,27 @@ class KeyCache:
         if key is not None:
             return key
         entry = self._entry(tenant, versions)
-        # Under the lock, so a caller that arrives while a fetch is in flight waits for
-        # its keys (single flight) instead of deciding on the old ones. Without a fetch
-        # in flight the lock is free: a flood of forged kids only re-checks the limit.
-        # The wait is bounded, so a fetch hanging on an outage holds one thread, not all.
-        if entry.lock.acquire(timeout=_FETCH_WAIT):
-            try:
-                if kid not in (entry.current.keys if entry.current else {}) and \
-                        self._clock() - entry.last_unknown_kid_fetch >= self._settings.jwks_unknown_kid_interval:
-                    entry.last_unknown_kid_fetch = self._clock()
-                    self._fetch_into(tenant, versions, entry, reason="unknown_kid")
-            finally:
+        interval = self._settings.jwks_unknown_kid_interval
+        if self._clock() - entry.last_unknown_kid_fetch >= interval:
+            # Single flight: wait (bounded, so a fetch hanging on an outage holds one
+            # thread, not all) for a fetch in flight, then fetch unless it brought the kid.
+            if entry.lock.acquire(timeout=_FETCH_WAIT):
+                try:
+                    if kid not in (entry.current.keys if entry.current else {}) and \
+                            self._clock() - entry.last_unknown_kid_fetch >= interval:
+                        entry.last_unknown_kid_fetch = self._clock()
+                        entry.kid_fetch_in_flight = True
+                        try:
+                            self._fetch_into(tenant, versions, entry, reason="unknown_kid")
+                        finally:
+                            entry.kid_fetch_in_flight = False
+                finally:
+                    entry.lock.release()
+        elif entry.kid_fetch_in_flight:
+            # Another request is fetching for an unknown kid (a key rollover): this kid is
+            # likely the same one, so wait for those keys rather than deny on the old ones.
+            # A flood of forged kids waits only while that one rate-limited fetch runs.
+            if entry.lock.acquire(timeout=_FETCH_WAIT):
                 entry.lock.release()
         key = entry.current.keys.get(kid) if entry.current else None
         if key is None:
@@ -111,9 +122,8 @@ class KeyCache:
         return out
 
     def still_valid(self, tenant: str, versions: tuple[int, ...], kid: str) -> bool:
-        """Whether ``kid`` is still among the tenant's keys. Runs the periodic refresh
-        when it is due (one caller fetches, the others go on), so a removed key is
-        noticed even while only cached tokens arrive."""
+        """Whether ``kid`` is still among the tenant's keys. Starts the periodic refresh
+        when it is due, so a removed key is noticed even while only cached tokens arrive."""
         entry = self._tenants.get((tenant, versions))
         current = entry.current if entry else None
         if current is None:
@@ -134,18 +144,28 @@ class KeyCache:
         return entry
 
     def _refresh(self, tenant: str, versions: tuple[int, ...], entry: _TenantKeys, wait: bool) -> None:
-        # With no keys yet every caller must wait; otherwise one refreshes and
-        # the rest go on with the current keys.
+        """With no keys yet every caller waits for the fetch. Otherwise the refresh runs
+        on a thread of its own and every caller goes on with the current keys: no
+        request waits for it, even while the identity provider hangs."""
         if not entry.lock.acquire(blocking=wait):
-            return
-        try:
-            current = entry.current
-            due = current is None or self._clock() - current.fetched_at >= self._settings.jwks_refresh_seconds
-            # After a failure, don't retry on every request: at most once per second.
-            if due and self._clock() - entry.last_failure >= 1.0:
-                self._fetch_into(tenant, versions, entry, reason="refresh" if current else "first_use")
-        finally:
+            return   # a fetch is in flight
+        current = entry.current
+        due = current is None or self._clock() - current.fetched_at >= self._settings.jwks_refresh_seconds
+        # After a failure, don't retry on every request: at most once per second.
+        if not due or self._clock() - entry.last_failure < 1.0:
             entry.lock.release()
+            return
+
+        def fetch() -> None:
+            try:
+                self._fetch_into(tenant, versions, entry, reason="refresh" if current else "first_use")
+            finally:
+                entry.lock.release()
+
+        if wait:
+            fetch()
+        else:
+            threading.Thread(target=fetch, name="aadrun-keys-refresh", daemon=True).start()
 
     def _fetch_into(self, tenant: str, versions: tuple[int, ...], entry: _TenantKeys, reason: str) -> None:
         try:
