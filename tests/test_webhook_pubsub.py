@@ -240,6 +240,8 @@ def test_a_post_spanning_several_groups_sends_one_publish_request_per_ordering_k
         bus.publish_changes([from_json(json.dumps(m)) for m in expected])
     finally:
         bus.close()
+    with pytest.raises(Unavailable, match="closed"):   # a closed bus refuses, as a failed publish does
+        bus.publish_changes([from_json(json.dumps(m)) for m in expected])
     keys = [{m.ordering_key for m in r.messages} for r in recorder.requests]
     assert all(len(k) == 1 for k in keys), keys
     assert sorted(k.pop() for k in keys) == sorted({m.ordering_key for m in map(from_json, map(json.dumps, expected))})

@@ -120,8 +120,10 @@ class PubSubBus(Bus):
     ``publish_timeout_seconds``, so no attempt outlives the webhook's answer.
     """
 
-    # Concurrent Publish requests per instance: enough for a POST spanning many groups.
-    _SENDERS = 16
+    # Concurrent Publish requests per instance (threads that mostly wait on the network):
+    # a POST naming a few hundred groups, or several such POSTs at once, stays well
+    # within Graph's 3 s.
+    _SENDERS = 64
 
     def __init__(self, settings: Settings, client: Any = None):
         from google.api_core import exceptions as api_exceptions
@@ -165,7 +167,10 @@ class PubSubBus(Bus):
         if len(by_key) == 1:
             self._send(topic, messages, deadline)
             return
-        futures = [self._senders.submit(self._send, topic, batch, deadline) for batch in by_key.values()]
+        try:
+            futures = [self._senders.submit(self._send, topic, batch, deadline) for batch in by_key.values()]
+        except RuntimeError as e:   # the pool was shut down: the bus is closed
+            raise Unavailable("the bus is closed") from e
         done, late = concurrent.futures.wait(futures, timeout=max(deadline - time.monotonic(), 0))
         failed = [f.exception() for f in done if f.exception() is not None]
         if late or failed:
