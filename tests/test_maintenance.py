@@ -219,6 +219,27 @@ def test_old_subscriptions_stay_until_their_replacement_exists(world):
     assert sorted(world.subs()) == sorted([f"/groups/{G_ENG}", f"/groups/{G_STAFF}"])
 
 
+def test_a_failed_create_does_not_keep_a_subscription_nothing_replaces(world):
+    app = world.app()
+    app.maintenance.run(["subscriptions"])
+    graph = GraphClient(world.settings, TENANT)
+    graph.create_subscription(f"/groups/{G_OTHER}", NOTIFY, NOTIFY + "/lifecycle", STATE, max_expiration())
+    graph.delete_subscription(world.subs()[f"/groups/{G_ENG}"]["id"])
+    world.graph.fail_next(1, status=403, retry_after=None, code="Forbidden", method="POST",
+                          path="/v1.0/subscriptions")
+    assert actions(app.maintenance.run(["subscriptions"])) == {
+        f"/groups/{G_ENG}": "error", f"/groups/{G_STAFF}": "kept", f"/groups/{G_OTHER}": "deleted"}
+
+
+def test_a_tenant_naming_no_group_without_graph_access_is_not_an_error(world, tmp_path):
+    other = "33333333-3333-3333-3333-333333333333"   # listed, no service, no app consented there
+    app = with_policy(world, tmp_path, POLICY.replace("\nprincipal:", f"\n  - id: {other}\n"
+                                                      f"    audiences: [\"api://x\"]\nprincipal:"))
+    assert other in app.policy.tenants
+    task = app.maintenance.run(["subscriptions"])["tasks"]["subscriptions"]
+    assert task["status"] == "ok" and task["counts"] == {"created": 2, "unreachable": 1}
+
+
 def test_a_tenant_whose_services_name_no_group_keeps_no_subscription(world):
     app = world.app()
     app.maintenance.run(["subscriptions"])

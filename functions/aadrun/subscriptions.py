@@ -135,12 +135,16 @@ class Subscriptions:
         self._config()
         actions: list[dict] = []
         for tenant in sorted(referenced):
+            groups = referenced[tenant]
             try:
                 run = self._load(tenant)
             except AadrunError as e:
-                actions.append({"tenant": tenant, "resource": None, "action": "error", "error": str(e)})
+                # A tenant naming no group may have no consent or credentials for Graph at
+                # all: only subscriptions left from an earlier policy could be there.
+                action = "error" if groups else "unreachable"
+                actions.append({"tenant": tenant, "resource": None, "action": action, "error": str(e)})
                 continue
-            self._tenant(run, wanted_resources(referenced[tenant], run.others, self.quota))
+            self._tenant(run, wanted_resources(groups, run.others, self.quota), groups)
             actions += run.actions
         return actions
 
@@ -159,15 +163,20 @@ class Subscriptions:
                 ours[key] = sub
         return _Tenant(tenant, graph, ours, others)
 
-    def _tenant(self, run: _Tenant, wanted: list[str]) -> None:
-        covered = all([self._guarded(run, r, lambda r=r: self._cover(run, r)) for r in wanted])
+    def _tenant(self, run: _Tenant, wanted: list[str], groups: set[str]) -> None:
+        covered = {r: self._guarded(run, r, lambda r=r: self._cover(run, r)) for r in wanted}
+        referenced = {f"/groups/{g.lower()}" for g in groups}
         for key, sub in sorted(run.ours.items()):
             if key in wanted:
                 continue
-            if covered:
+            # What takes over a subscription still needed: the tenant-wide one for a
+            # referenced group's, every group's for the tenant-wide one.
+            replacements = [r for r in wanted if r == TENANT_WIDE] if key in referenced else \
+                wanted if key == TENANT_WIDE else []
+            if all(covered[r] for r in replacements):
                 self._guarded(run, key, lambda s=sub, k=key: self._delete(run, k, s))
             else:
-                # What replaces it is not in place (e.g. the tenant-wide subscription hit
+                # Its replacement is not in place (e.g. the tenant-wide subscription hit
                 # the quota): it keeps its groups covered until a later run succeeds.
                 run.report("kept", key, sub, reason="its replacement could not be made")
 
