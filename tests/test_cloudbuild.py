@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,23 @@ def test_each_function_environment_is_valid_settings(deployed, name):
     if name in ("policy_sync", "maintenance"):
         assert settings.iam_mode == "cloudrun"
         assert settings.notification_url and settings.notification_url.endswith("/graph_webhook")
+
+
+@pytest.mark.parametrize("client_id, status", [("", 1), ("00000000-0000-0000-0000-0000000000aa", 0)])
+def test_the_build_stops_first_when_no_client_id_is_given(build, client_id, status):
+    first = build["steps"][0]
+    script = substitute(first["args"][-1], substitutions(build, _CLIENT_ID=client_id))
+    assert subprocess.run(["bash", "-ceu", script], capture_output=True).returncode == status
+
+
+@pytest.mark.parametrize("name", ["verify", "graph_webhook"])
+def test_request_path_functions_serve_concurrent_requests_on_a_whole_vcpu(deployed, name):
+    # Below 1 vCPU a function takes one request at a time: every overlapping call
+    # would start a cold instance, which can miss Graph's 3 s deadline.
+    flags = deployed[name]["flags"]
+    assert float(one(flags, "--cpu")) >= 1
+    concurrency = int(one(flags, "--concurrency"))
+    assert concurrency > 1 and env_vars(flags)["THREADS"] == str(concurrency)   # one gunicorn thread each
 
 
 def test_tests_validate_and_plan_run_before_any_deploy_and_policies_are_shipped(build):

@@ -26,8 +26,10 @@ Change-log ids are the zero-padded ``seq`` and ``at`` never goes backwards
 single-field index on ``at``.
 
 Expired processed ids are ignored on read and purged lazily; in production a
-Firestore TTL policy on ``processed.expires_at`` and ``leases.expires_at`` does the
-same server-side (https://cloud.google.com/firestore/docs/ttl).
+Firestore TTL policy on ``processed.expires_at`` (scripts/setup-gcp) does the same
+server-side (https://cloud.google.com/firestore/docs/ttl). Leases get none: they are
+few (one per Cloud Run resource and task), and an expired one must stay readable so
+its holder can still renew it while nobody else has taken it (``renew_lease``).
 
 One commit may carry at most 10 MiB (https://cloud.google.com/firestore/quotas):
 about 14,000 member changes in one ``apply``, enough for any single update but
