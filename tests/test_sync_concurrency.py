@@ -227,9 +227,9 @@ def test_concurrent_workers_writing_one_service_lose_no_update(world):
     world.cloudrun.inject_conflicts(SHARED_RUN, 6)
     real_handle = world.cloudrun.handle
 
-    def slow_handle(method, resource, verb, query, body):
+    def slow_handle(*args):
         time.sleep(0.005)   # a wider window between each worker's read and its write
-        return real_handle(method, resource, verb, query, body)
+        return real_handle(*args)
 
     world.cloudrun.handle = slow_handle
 
