@@ -144,6 +144,7 @@ class PubSubBus(Bus):
                 api_exceptions.TooManyRequests, api_exceptions.Unknown, api_exceptions.DeadlineExceeded),
             initial=_FIRST_DELAY, maximum=_MAX_DELAY, multiplier=2.0)
         self._senders = concurrent.futures.ThreadPoolExecutor(self._SENDERS, thread_name_prefix="aadrun-publish")
+        self._closed = False
 
     def publish_changes(self, messages: Sequence[Message]) -> None:
         self._publish(self._changes, [self._message(data=m.to_json(), ordering_key=m.ordering_key,
@@ -154,12 +155,16 @@ class PubSubBus(Bus):
                                                    attributes={"kind": "policy_update"})])
 
     def close(self) -> None:
-        self._senders.shutdown(wait=True)
-        self._client.stop()
+        if not self._closed:
+            self._closed = True
+            self._senders.shutdown(wait=True)
+            self._client.stop()
 
     def _publish(self, topic: str, messages: list) -> None:
         if not messages:
             return
+        if self._closed:
+            raise Unavailable("the bus is closed")
         deadline = time.monotonic() + self._timeout
         by_key: dict[str, list] = {}
         for message in messages:

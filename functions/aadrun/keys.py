@@ -90,14 +90,19 @@ class KeyCache:
                 try:
                     if kid not in (entry.current.keys if entry.current else {}) and \
                             self._clock() - entry.last_unknown_kid_fetch >= interval:
-                        entry.last_unknown_kid_fetch = self._clock()
+                        # The flag first: whoever sees the window open also sees the fetch.
                         entry.kid_fetch_in_flight = True
+                        entry.last_unknown_kid_fetch = self._clock()
                         try:
                             self._fetch_into(tenant, versions, entry, reason="unknown_kid")
                         finally:
                             entry.kid_fetch_in_flight = False
                 finally:
                     entry.lock.release()
+            else:
+                # A refresh hangs on the lock: it counts as this window's fetch, so the
+                # next unknown kids are refused at once instead of each waiting a second.
+                entry.last_unknown_kid_fetch = self._clock()
         elif entry.kid_fetch_in_flight:
             # Another request is fetching for an unknown kid (a key rollover): this kid is
             # likely the same one, so wait for those keys rather than deny on the old ones.
@@ -164,8 +169,11 @@ class KeyCache:
 
         if wait:
             fetch()
-        else:
+            return
+        try:
             threading.Thread(target=fetch, name="aadrun-keys-refresh", daemon=True).start()
+        except RuntimeError:   # no thread to be had: never leave the lock taken
+            entry.lock.release()
 
     def _fetch_into(self, tenant: str, versions: tuple[int, ...], entry: _TenantKeys, reason: str) -> None:
         try:

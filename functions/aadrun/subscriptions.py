@@ -164,8 +164,15 @@ class Subscriptions:
         return _Tenant(tenant, graph, ours, others)
 
     def _tenant(self, run: _Tenant, wanted: list[str], groups: set[str]) -> None:
-        covered = {r: self._guarded(run, r, lambda r=r: self._cover(run, r)) for r in wanted}
         referenced = {f"/groups/{g.lower()}" for g in groups}
+        if TENANT_WIDE in wanted and TENANT_WIDE not in run.ours and len(run.ours) + run.others >= self.quota:
+            # Graph would refuse the tenant-wide subscription while ours fill the quota:
+            # free one slot first (an unreferenced group's if any). Until the tenant-wide
+            # one exists, only that group waits for the scheduled delta reconcile.
+            slot = min(run.ours, key=lambda k: (k in referenced, k))
+            if self._guarded(run, slot, lambda: self._delete(run, slot, run.ours[slot])):
+                del run.ours[slot]
+        covered = {r: self._guarded(run, r, lambda r=r: self._cover(run, r)) for r in wanted}
         for key, sub in sorted(run.ours.items()):
             if key in wanted:
                 continue
