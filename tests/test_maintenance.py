@@ -223,6 +223,17 @@ def test_when_the_tenant_wide_subscription_fails_only_the_slot_freed_for_it_is_l
     assert list(world.subs()) == [f"/groups/{G_STAFF}"]   # still covered until a later run succeeds
 
 
+def test_a_tenant_wide_subscription_to_another_endpoint_does_not_replace_ours(world):
+    app = world.app()
+    app.maintenance.run(["subscriptions"])
+    graph = GraphClient(world.settings, TENANT)
+    graph.create_subscription("/groups", "https://old.example/hook", None, "x", max_expiration())
+    small = Maintenance(app, subscriptions=Subscriptions(app.settings, app.store, app.maintenance.graph, quota=1))
+    done = actions(small.run(["subscriptions"]))
+    assert done["/groups"] == "exists" and done[f"/groups/{G_STAFF}"] == "kept"   # its notifications go elsewhere
+    assert f"/groups/{G_STAFF}" in world.subs()
+
+
 def test_a_failed_create_does_not_keep_a_subscription_nothing_replaces(world):
     app = world.app()
     app.maintenance.run(["subscriptions"])

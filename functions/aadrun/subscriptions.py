@@ -187,15 +187,15 @@ class Subscriptions:
                 # the quota): it keeps its groups covered until a later run succeeds.
                 run.report("kept", key, sub, reason="its replacement could not be made")
 
-    def _guarded(self, run: _Tenant, resource: str, step: Callable[[], None]) -> bool:
+    def _guarded(self, run: _Tenant, resource: str, step: Callable[[], bool | None]) -> bool:
+        """Whether ``step`` did its part: it did not fail, nor answer False."""
         try:
-            step()
-            return True
+            return step() is not False
         except AadrunError as e:
             run.report("error", resource, error=str(e))
             return False
 
-    def _cover(self, run: _Tenant, resource: str) -> None:
+    def _cover(self, run: _Tenant, resource: str) -> bool:
         sub = run.ours.get(resource)
         expires = _expiry(sub) if sub else None
         if sub is not None and (expires is None or expires <= self.now()):
@@ -203,35 +203,37 @@ class Subscriptions:
             run.graph.delete_subscription(sub["id"])
             sub = None
         if sub is None:
-            self._create(run, resource)
+            return self._create(run, resource)
         elif expires - self.now() < self.renew_within:
             self._renew(run, resource, sub)
         else:
             run.report("kept", resource, sub)
 
-    def _create(self, run: _Tenant, resource: str) -> None:
+    def _create(self, run: _Tenant, resource: str) -> bool:
         url, state = self._config()
         try:
             sub = run.graph.create_subscription(resource, url, f"{url}/lifecycle", state,
                                                 max_expiration(self.now()))
         except SubscriptionExists:
-            self._exists(run, resource)
-            return
+            return self._exists(run, resource)
         run.report("created", resource, sub)
+        return True
 
-    def _exists(self, run: _Tenant, resource: str) -> None:
-        """409: this app already subscribes to ``resource`` (a concurrent create, or one
-        with another notification URL, which is reported and left alone)."""
+    def _exists(self, run: _Tenant, resource: str) -> bool:
+        """409: this app already subscribes to ``resource``: a concurrent create (ours:
+        True), or one with another notification URL, reported and left alone (False:
+        its notifications do not reach this webhook)."""
         listed = [s for s in run.graph.list_subscriptions() if resource_key(str(s.get("resource"))) == resource]
         mine = next((s for s in listed if s.get("notificationUrl") == self._config()[0]), None)
         if mine is None:
             other = listed[0].get("notificationUrl") if listed else None
             run.report("exists", resource, listed[0] if listed else None, notification_url=other)
-            return
+            return False
         run.report("exists", resource, mine)
         expires = _expiry(mine)
         if expires is not None and expires - self.now() < self.renew_within:
             self._renew(run, resource, mine)
+        return True
 
     def _renew(self, run: _Tenant, resource: str, sub: dict) -> None:
         if not claim_touch(self.store, sub["id"], "renew"):
