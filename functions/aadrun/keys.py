@@ -127,16 +127,10 @@ class KeyCache:
         return out
 
     def still_valid(self, tenant: str, versions: tuple[int, ...], kid: str) -> bool:
-        """Whether ``kid`` is still among the tenant's keys. Starts the periodic refresh
-        when it is due, so a removed key is noticed even while only cached tokens arrive."""
-        entry = self._tenants.get((tenant, versions))
-        current = entry.current if entry else None
-        if current is None:
-            return False
-        if self._clock() - current.fetched_at >= self._settings.jwks_refresh_seconds:
-            self._refresh(tenant, versions, entry, wait=False)
-            current = entry.current
-        return kid in current.keys
+        """Whether ``kid`` is still among the tenant's keys. Like every use of them, it
+        starts the periodic refresh when due: a removed key is noticed even while only
+        cached tokens arrive."""
+        return kid in self.keyset(tenant, versions).keys
 
     # -- internals -------------------------------------------------------------
 
