@@ -223,6 +223,12 @@ def test_when_the_tenant_wide_subscription_fails_only_the_slot_freed_for_it_is_l
     assert list(world.subs()) == [f"/groups/{G_STAFF}"]   # still covered until a later run succeeds
 
 
+def test_the_first_run_past_the_quota_creates_the_tenant_wide_subscription(world):
+    app = world.app()   # nothing of ours yet: no slot to free
+    small = Maintenance(app, subscriptions=Subscriptions(app.settings, app.store, app.maintenance.graph, quota=0))
+    assert actions(small.run(["subscriptions"])) == {"/groups": "created"}
+
+
 def test_a_tenant_wide_subscription_to_another_endpoint_does_not_replace_ours(world):
     app = world.app()
     app.maintenance.run(["subscriptions"])

@@ -165,7 +165,8 @@ class Subscriptions:
 
     def _tenant(self, run: _Tenant, wanted: list[str], groups: set[str]) -> None:
         referenced = {f"/groups/{g.lower()}" for g in groups}
-        if TENANT_WIDE in wanted and TENANT_WIDE not in run.ours and len(run.ours) + run.others >= self.quota:
+        if TENANT_WIDE in wanted and TENANT_WIDE not in run.ours and run.ours and \
+                len(run.ours) + run.others >= self.quota:
             # Graph would refuse the tenant-wide subscription while ours fill the quota:
             # free one slot first (an unreferenced group's if any). Until the tenant-wide
             # one exists, only that group waits for the scheduled delta reconcile.
