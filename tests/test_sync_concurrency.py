@@ -266,3 +266,68 @@ def test_iam_writes_of_a_service_wait_for_its_lease(world, app):
     worker.join()
     assert world.members(REPORTS) == {user(ALICE)}
     assert app.store.acquire_lease(f"iam/{REPORTS}", "another-worker", 30)   # given back
+
+
+# -- a read in flight carries an older answer than what was committed meanwhile -----------
+
+def slow_first_delta(server, seconds: float) -> None:
+    """Only the next delta answer (taken when asked) arrives ``seconds`` late."""
+    real, first = server.handle, threading.Event()
+
+    def handle(method, path, query, headers, raw):
+        answer = real(method, path, query, headers, raw)
+        if path == "/v1.0/groups/delta" and not first.is_set():
+            first.set()
+            time.sleep(seconds)
+        return answer
+
+    server.handle = handle
+
+
+def _read_in_flight(app, message) -> threading.Thread:
+    reader = threading.Thread(target=app.sync.handle_messages, args=([message],))
+    reader.start()
+    time.sleep(0.15)   # its answer is taken, and on its way
+    return reader
+
+
+def test_a_removal_arriving_while_a_read_is_in_flight_is_not_undone_by_it(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])          # synced, delta link stored
+    world.graph.add_members(TENANT, G_ENG, [BOB])
+    slow_first_delta(world.graph, 0.5)
+    reader = _read_in_flight(app, change(G_ENG, added=[BOB]))          # its answer lists BOB
+    world.graph.remove_members(TENANT, G_ENG, [BOB])
+    # BOB is not in the store yet: the removal changes nothing there, but still gets a read.
+    app.sync.handle_messages([change(G_ENG, removed=[BOB])])
+    reader.join()
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE}
+    assert world.members(REPORTS) == {user(ALICE)}
+
+
+def test_another_instances_newer_read_outranks_a_read_in_flight(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    other = world.app()
+    world.graph.add_members(TENANT, G_ENG, [BOB])
+    slow_first_delta(world.graph, 0.6)
+    reader = _read_in_flight(app, change(G_ENG))                       # a full read; its answer lists BOB
+    world.graph.remove_members(TENANT, G_ENG, [BOB])
+    other.sync.handle_messages([change(G_ENG, removed=[BOB])])        # no-op removal, then a newer read
+    reader.join()
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE}
+    assert world.members(REPORTS) == {user(ALICE)}
+
+
+def test_an_older_full_read_does_not_drop_a_member_another_instance_confirmed(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    other = world.app()
+    slow_first_delta(world.graph, 0.6)
+    reader = _read_in_flight(app, change(G_ENG))                       # its answer lacks CAROL
+    world.graph.add_members(TENANT, G_ENG, [CAROL])
+    other.sync.handle_messages([change(G_ENG, added=[CAROL])])
+    reader.join()
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE, CAROL}
+    assert world.members(REPORTS) == {user(ALICE), user(CAROL)}
+    assert not any(e.kind == "member_removed" for e in app.store.changes())

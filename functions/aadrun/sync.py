@@ -18,7 +18,9 @@ share reads and writes: ``coalesce.Combiner``):
                members. A full read follows any removal: it undoes a stale or
                reordered removal, whose re-add an incremental link that already
                consumed it would never repeat. A read never undoes a removal
-               committed while it was in flight (``_answer``).
+               committed while it was in flight (``_answer``), and an answer is
+               not applied over another read committed while it was in flight
+               (another instance's, maybe newer): the group is read again.
   3. IAM       one read-modify-write per Cloud Run service that names a changed
                group, planned inside the etag retry loop from fresh store reads,
                the service's writers taking turns on a store lease (``_write_service``).
@@ -28,8 +30,8 @@ Nothing is skipped as a duplicate: two distinct notifications can share an id
 (messages.py) and every step is idempotent. A message id is marked processed no
 later than the first change it causes; a redelivered message (one already marked)
 makes IAM re-checked and the event published again, as the attempt that applied
-it may have died in between. A message whose claims the store already shows
-(``_reflected``) needs no read at all.
+it may have died in between. An addition whose claims the store already shows
+(``_reflected``) needs no read at all; a removal always gets one.
 
 Failures (``Unavailable``, ``UpstreamError``, ``ConfigError``, anything
 unexpected) are raised once every step has gone as far as it can, so Pub/Sub
@@ -204,7 +206,12 @@ class PolicySync:
         (every added user a member, every removed one not): such a message can neither
         revoke nor grant, so it needs no read. Only a group with a delta link qualifies,
         as the link is dropped whenever the store may differ from Graph's last answer."""
-        claims = [(u, True) for u in message.added] + [(u, False) for u in message.removed]
+        # A removal always gets its read: a read in flight (here or on another
+        # instance) may carry an older answer that still lists the user, and only a
+        # read that starts after the removal settles it.
+        if message.removed:
+            return False
+        claims = [(u, True) for u in message.added]
         if not claims or len(claims) > MAX_CHECKED_CLAIMS:
             return False
         store, tenant, group = self._app.store, message.tenant, message.group
@@ -288,12 +295,20 @@ class PolicySync:
         state = store.sync_state(tenant, group)
         full = any(r.read == "full" for r in requests) or state is None or not state.delta_link
         marks, entries = self._marks(tenant, group, ids), []
-        for _ in range(CONTESTED_READS):
-            position = store.last_seq()
+        for attempt in range(1, CONTESTED_READS + 1):
+            position, before = store.last_seq(), store.sync_state(tenant, group)
             result = self._graph(tenant).group_delta(group, None if full else state.delta_link,
                                                      restart_on_expiry=True)
             stale = self._removed_since(tenant, group, position)
             update = _answer(tenant, group, result, stale, marks)
+            if store.sync_state(tenant, group) != before:
+                # Another read (another instance's) committed while ours was in flight:
+                # ours may be the older answer, so it must not replace that one's
+                # members. Read again; the last try keeps no delta link instead.
+                if attempt < CONTESTED_READS:
+                    full = True
+                    continue
+                update = dataclasses.replace(update, sync=SyncState(None, utcnow()))
             applied = store.apply(update)
             # A removal that committed between that check and this apply is older than
             # the grant the apply just made: take the grant back (and read again).
