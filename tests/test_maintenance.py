@@ -18,7 +18,7 @@ from aadrun.graph import GraphClient, max_expiration
 from aadrun.http import HttpRequest
 from aadrun.maintenance import Maintenance
 from aadrun.subscriptions import Subscriptions
-from aadrun.store import utcnow
+from aadrun.store import GroupUpdate, SyncState, utcnow
 from tests.support.cloudrun_server import CloudRunIamServer
 from tests.support.emulators import free_port
 from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, graph_pki, loopback_only
@@ -376,6 +376,23 @@ def test_a_service_removed_from_the_policy_loses_every_grant_aadrun_made(world, 
     assert later.store.managed_members(BILLING) == {} and later.store.managed_targets() == set()
     again = later.maintenance.run(["drift"])["tasks"]["drift"]
     assert again["orphaned"] == {} and world.members() == {"user:eve@example.com"}
+
+
+def test_drift_does_not_claim_a_grant_someone_else_makes_during_its_409_retry(world):
+    app = world.app()
+    app.store.apply(GroupUpdate(TENANT, G_ENG, added=frozenset({ALICE}), sync=SyncState(None, utcnow())))
+    real, granted = world.cloudrun.handle, []
+
+    def handle(method, resource, verb, *rest):
+        if resource == BILLING and verb == "setIamPolicy" and not granted:
+            granted.append(1)   # someone grants ALICE between drift's read and its write: a 409
+            world.cloudrun.set_policy(BILLING, {"bindings": [{"role": INVOKER, "members": [user(ALICE)]}]})
+        return real(method, resource, verb, *rest)
+
+    world.cloudrun.handle = handle
+    task = app.maintenance.run(["drift"])["tasks"]["drift"]
+    assert task["status"] == "ok" and granted
+    assert world.members() == {user(ALICE)} and app.store.managed_members(BILLING) == {}
 
 
 def test_a_removed_service_whose_cloud_run_service_was_deleted_is_forgotten_not_retried(world, tmp_path):

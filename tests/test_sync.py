@@ -303,6 +303,37 @@ def test_graph_failure_raises_after_removals_and_iam_are_done(world, app):
     assert app.store.sync_state(TENANT, G_ENG).delta_link
 
 
+def test_a_grant_someone_else_makes_during_a_409_retry_stays_theirs(world, app):
+    real, granted = world.cloudrun.handle, []
+
+    def handle(method, resource, verb, *rest):
+        if resource == REPORTS and verb == "setIamPolicy" and not granted:
+            granted.append(1)   # someone grants ALICE between aadrun's read and its write: a 409
+            world.cloudrun.set_policy(REPORTS, {"bindings": [{"role": INVOKER, "members": [user(ALICE)]}]})
+        return real(method, resource, verb, *rest)
+
+    world.cloudrun.handle = handle
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    assert app.store.managed_members(REPORTS) == {}   # found there on the retry: not aadrun's
+    world.graph.remove_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, removed=[ALICE])])
+    assert user(ALICE) in world.members(REPORTS)      # CONTRACT §7: someone else's binding is left
+
+
+def test_an_iam_grant_is_audited_even_when_its_first_write_fails(world, app, audit_lines):
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    message = change(G_ENG, added=[ALICE])
+    world.cloudrun.inject_error(REPORTS, "setIamPolicy", 500, "INTERNAL", "backend error")
+    with pytest.raises(Exception):
+        app.sync.handle_messages([message])
+    app.sync.handle_messages([message])   # the redelivery writes it
+    assert world.members(REPORTS) == {user(ALICE)}
+    logged = [e for e in app.store.changes() if e.kind == "iam_added" and e.service == REPORTS]
+    audited = [a for a in audit_lines if a.get("event") == "iam_change" and a.get("service") == REPORTS]
+    assert len(logged) == len(audited) == 1   # the audit log tells what the change log holds
+
+
 def test_a_redelivered_message_rewrites_the_iam_its_first_attempt_could_not(world, app):
     world.graph.add_members(TENANT, G_ENG, [ALICE])
     message = change(G_ENG, added=[ALICE])

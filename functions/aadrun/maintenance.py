@@ -191,12 +191,15 @@ class Maintenance:
         ``iam/{resource}`` lease policy_sync's writes take turns on)."""
         store = self._app.store
         managed_before: dict[str, set[str]] = {}
+        unwritten: dict[str, set[str]] = {}   # claimed by an attempt whose set did not happen
         found: dict[str, object] = {}
 
         def plan_for(live: list[Binding] | None) -> ServiceChanges:
             lease.renew()   # each attempt (a 409 plans again), as policy_sync's writes do
             managed_before.clear()
-            managed_before.update(store.managed_members(resource))
+            # As policy_sync: a member granted by someone else during a 409 is theirs.
+            managed_before.update({r: m - unwritten.get(r, set())
+                                   for r, m in store.managed_members(resource).items()})
             found["unmanaged"] = unmanaged(live or [], managed_before)
             desired = desired_on(policy, resource, store.group_members) if name else {}
             return diff(desired, managed_before, live, service=name or "", cloud_run=resource)
@@ -206,6 +209,8 @@ class Maintenance:
             roles = set(managed_before) | set(changes.adds)
             # A managed member put back after a change outside aadrun is logged as restored.
             restored = {r: set(changes.adds.get(r, ())) & managed_before.get(r, set()) for r in roles}
+            for role, members in changes.adds.items():   # newly claimed, not the restored
+                unwritten.setdefault(role, set()).update(set(members) - managed_before.get(role, set()))
             store.record_iam(resource,
                              {r: managed_before.get(r, set()) | set(changes.adds.get(r, ())) for r in roles},
                              source="maintenance", why="IAM drift repaired", restored=restored, lease=lease.key)
@@ -225,7 +230,8 @@ class Maintenance:
                         raise
                     return self._forget_deleted(resource, lease.key)
                 managed = {r: set(m) for r, m in result.changes.managed.items() if m}
-                if managed != {r: m for r, m in managed_before.items() if m}:
+                # (After a claim the store's record is the claim's, whatever the plan held.)
+                if any(unwritten.values()) or managed != {r: m for r, m in managed_before.items() if m}:
                     # As policy_sync: never overwrite a newer holder's record.
                     store.record_iam(resource, managed, source="maintenance", why=why, lease=lease.key)
         except PlanError as e:

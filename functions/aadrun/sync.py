@@ -389,18 +389,24 @@ class PolicySync:
         """
         store, name, target, claimed = self._app.store, service.name, service.cloud_run, []
         before: dict[str, set[str]] = {}
+        unwritten: dict[str, set[str]] = {}   # claimed by an attempt whose set did not happen
         record = dict(source="policy-sync", why=why, message_id=message_id)
         try:
             with StoreLease(store, f"iam/{target}", f"{self._holder}:{next(self._calls)}") as lease:
                 def plan_for(live) -> ServiceChanges:
                     lease.renew()
                     before.clear()
-                    before.update(store.managed_members(target))
+                    # After a 409 our claim is in the store, but our set never happened: a
+                    # member someone else granted meanwhile is theirs, not ours to revoke later.
+                    before.update({r: m - unwritten.get(r, set())
+                                   for r, m in store.managed_members(target).items()})
                     return plan_service(policy, service, store.group_members, before, live)
 
                 def claim(changes: ServiceChanges) -> None:
                     roles = set(before) | set(changes.adds)
                     intent = {r: before.get(r, set()) | set(changes.adds.get(r, ())) for r in roles}
+                    for role, members in changes.adds.items():   # newly claimed only
+                        unwritten.setdefault(role, set()).update(set(members) - before.get(role, set()))
                     claimed.extend(store.record_iam(target, intent, lease=lease.key, **record))
 
                 result = self._iam_writer().apply_with(target, plan_for, claim)
@@ -411,7 +417,8 @@ class PolicySync:
         except PlanError as e:
             audit.entry("iam_refused", str(e), severity="ERROR", reason=e.reason, service=name)
             return name, None, str(e)
-        audit_changes(claimed)
+        finally:
+            audit_changes(claimed)   # what reached the change log, even if the set then failed
         if self._iam_writer().mode == "record" and not result.changes.empty:
             audit.entry("iam_plan", f"IAM plan for {name} (AADRUN_IAM=record: not applied)",
                         plan=result.changes.to_json())
