@@ -218,6 +218,17 @@ def test_lifecycle_events(world, app):
     assert app.store.group_members(TENANT, G_OPS) == {BOB}
 
 
+def test_a_reauthorization_that_failed_does_not_defer_the_renewal(world, app):
+    created = graph_client(world.graph).create_subscription(
+        f"/groups/{G_ENG}", "https://hooks.example/graph", None, "state", max_expiration())
+    reauth = dataclasses.replace(lifecycle("reauthorizationRequired"), subscription=created["id"])
+    world.graph.fail_next(1, status=500, retry_after=None, code="InternalServerError", method="POST",
+                          path="/v1.0/subscriptions")
+    with pytest.raises(UpstreamError):
+        app.sync.handle_messages([reauth])   # redelivery will retry
+    assert claim_touch(app.store, created["id"], "renew")   # maintenance may renew it at once
+
+
 def test_reauthorization_is_deferred_within_ten_minutes_of_a_renewal(world, app):
     created = graph_client(world.graph).create_subscription(
         f"/groups/{G_ENG}", "https://hooks.example/graph", None, "state", max_expiration())

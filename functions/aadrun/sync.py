@@ -55,14 +55,14 @@ from typing import Any
 
 from . import audit
 from .coalesce import Combiner, StoreLease
-from .errors import PlanError, RequestError, UpstreamError
+from .errors import PlanError, RequestError
 from .graph import DeltaResult, GraphClient
 from .iam import IamWriter
 from .messages import LifecycleEvent, MembershipChange, Message, from_json
 from .plan import ServiceChanges, plan_service
 from .policy import Policy, Service
 from .store import ChangeEntry, GroupUpdate, SyncState, utcnow
-from .subscriptions import claim_touch
+from .subscriptions import Subscriptions
 from .sync_report import SyncSummary, audit_changes, iam_outcome, policy_event
 
 # Message ids carried into change-log entries; a larger batch marks its ids in a
@@ -355,25 +355,22 @@ class PolicySync:
                          if e.user in granted and e.seq < granted[e.user])
 
     def _reauthorize(self, event: LifecycleEvent) -> int:
-        """Answer reauthorizationRequired. Failures raise (redelivery retries), except a
-        subscription that no longer exists: maintenance creates it again."""
-        # Graph refuses a reauthorize and a renew (PATCH) of one subscription within
-        # 10 minutes; maintenance may have renewed it just now.
-        if not claim_touch(self._app.store, event.subscription, "reauthorize"):
+        """Answer reauthorizationRequired, as maintenance's subscriptions do (the
+        10-minute rule against a renewal, given back when the call fails). Failures
+        raise (redelivery retries), except a subscription that no longer exists:
+        maintenance creates it again."""
+        outcome = Subscriptions(self._app.settings, self._app.store, self._graph).reauthorize(
+            event.tenant, event.subscription)
+        fields = dict(tenant=event.tenant, subscription=event.subscription, message_id=event.id)
+        if outcome == "deferred":
             audit.entry("subscription_reauthorize_deferred", "renewed less than 10 minutes ago: left to maintenance",
-                        tenant=event.tenant, subscription=event.subscription, message_id=event.id)
-            return 0
-        try:
-            self._graph(event.tenant).reauthorize_subscription(event.subscription)
-        except UpstreamError as e:
-            if e.status_code != 404:
-                raise
+                        **fields)
+        elif outcome == "gone":
             audit.entry("subscription_gone", "reauthorization found no subscription: maintenance must create it",
-                        severity="WARNING", tenant=event.tenant, subscription=event.subscription)
-            return 0
-        audit.entry("subscription_reauthorized", "subscription reauthorized", tenant=event.tenant,
-                    subscription=event.subscription, message_id=event.id)
-        return 1
+                        severity="WARNING", **fields)
+        else:
+            audit.entry("subscription_reauthorized", "subscription reauthorized", **fields)
+        return int(outcome == "reauthorized")
 
     def _write_service(self, policy: Policy, service: Service, why: str, message_id: str | None):
         """Step 3 for one service: (name, AppliedResult, None), or (name, None, refusal).
