@@ -10,6 +10,7 @@ import json
 import textwrap
 import threading
 import urllib.request
+import uuid
 
 import pytest
 
@@ -376,6 +377,18 @@ def test_a_service_removed_from_the_policy_loses_every_grant_aadrun_made(world, 
     assert later.store.managed_members(BILLING) == {} and later.store.managed_targets() == set()
     again = later.maintenance.run(["drift"])["tasks"]["drift"]
     assert again["orphaned"] == {} and world.members() == {"user:eve@example.com"}
+
+
+def test_drift_refused_for_size_still_revokes_what_is_no_longer_wanted(world):
+    app = world.app()
+    crowd = frozenset(str(uuid.UUID(int=i + 1)) for i in range(1501))   # over the 1,500 limit
+    app.store.apply(GroupUpdate(TENANT, G_ENG, replace=crowd, sync=SyncState(None, utcnow())))
+    world.cloudrun.set_policy(BILLING, {"bindings": [{"role": INVOKER, "members": [user(ALICE)]}]})
+    app.store.record_iam(BILLING, {INVOKER: {user(ALICE)}}, source="test", why="granted earlier")
+    task = app.maintenance.run(["drift"])["tasks"]["drift"]
+    billing = task["services"]["billing"]
+    assert "1501 principals" in billing["refused"] and billing["removed"] == {INVOKER: [user(ALICE)]}
+    assert world.members() == set() and app.store.managed_members(BILLING) == {}
 
 
 def test_drift_does_not_claim_a_grant_someone_else_makes_during_its_409_retry(world):

@@ -173,6 +173,22 @@ def test_the_principal_guard_refuses_the_plan_and_keeps_the_store(world, app, au
     assert line["severity"] == "ERROR" and line["service"] == "big"
 
 
+def test_a_plan_refused_for_its_size_still_revokes_a_removed_member(world, app):
+    people = [str(uuid.UUID(int=i + 1)) for i in range(1500)]
+    world.graph.add_members(TENANT, G_BIG, people)
+    app.sync.handle_messages([change(G_BIG, added=people[:3])])
+    assert user(people[0]) in world.members(BIG)                 # 1,500: at the limit, written
+    extra = [str(uuid.UUID(int=10_000 + i)) for i in range(5)]
+    world.graph.add_members(TENANT, G_BIG, extra)
+    assert "big" in app.sync.handle_messages([change(G_BIG, added=extra)]).refused   # 1,505: refused
+    world.graph.remove_members(TENANT, G_BIG, [people[0]])
+    summary = app.sync.handle_messages([change(G_BIG, removed=[people[0]])])
+    assert "big" in summary.refused                              # still over: no grant...
+    assert user(people[0]) not in world.members(BIG)             # ...but the removed member loses access
+    assert not {user(e) for e in extra} & world.members(BIG)
+    assert user(people[0]) not in app.store.managed_members(BIG)[INVOKER]
+
+
 def test_record_mode_stores_the_plan_and_calls_nothing(world, audit_lines):
     app = RecordingApp(dataclasses.replace(world.settings, iam_mode="record"))
     world.apps.append(app)

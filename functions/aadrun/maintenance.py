@@ -193,6 +193,7 @@ class Maintenance:
         managed_before: dict[str, set[str]] = {}
         unwritten: dict[str, set[str]] = {}   # claimed by an attempt whose set did not happen
         found: dict[str, object] = {}
+        grants, refusal = [True], None
 
         def plan_for(live: list[Binding] | None) -> ServiceChanges:
             lease.renew()   # each attempt (a 409 plans again), as policy_sync's writes do
@@ -202,7 +203,7 @@ class Maintenance:
                                    for r, m in store.managed_members(resource).items()})
             found["unmanaged"] = unmanaged(live or [], managed_before)
             desired = desired_on(policy, resource, store.group_members) if name else {}
-            return diff(desired, managed_before, live, service=name or "", cloud_run=resource)
+            return diff(desired, managed_before, live, service=name or "", cloud_run=resource, grants=grants[0])
 
         def claim(changes: ServiceChanges) -> None:
             # Claimed before the set call, as policy_sync does: never orphaned in IAM.
@@ -216,33 +217,33 @@ class Maintenance:
                              source="maintenance", why="IAM drift repaired", restored=restored, lease=lease.key)
 
         why = "IAM drift repaired" if name else "no service names this resource any more"
-        try:
-            # The same lease policy_sync takes per IAM write of a resource.
-            with StoreLease(store, f"iam/{resource}", f"{self._holder}:drift:{next(self._runs)}",
-                            ttl=IAM_LEASE_TTL_S, wait=IAM_LEASE_WAIT_S) as lease:
-                if name and store.adopt_managed(name, resource):   # kept by service name before
-                    audit.entry("managed_adopted", f"managed members of {name} now kept under {resource}",
-                                service=name, cloud_run=resource)
-                try:
-                    result = self.iam_writer.apply_with(resource, plan_for, claim)
-                except UpstreamError as e:
-                    if name or e.status_code != 404:
-                        raise
-                    return self._forget_deleted(resource, lease.key)
-                managed = {r: set(m) for r, m in result.changes.managed.items() if m}
-                # (After a claim the store's record is the claim's, whatever the plan held.)
-                if any(unwritten.values()) or managed != {r: m for r, m in managed_before.items() if m}:
-                    # As policy_sync: never overwrite a newer holder's record.
-                    store.record_iam(resource, managed, source="maintenance", why=why, lease=lease.key)
-        except PlanError as e:
-            return {"cloud_run": resource, "refused": str(e), "restored": {}, "removed": {},
-                    "unmanaged": found.get("unmanaged", [])}
+        # The same lease policy_sync takes per IAM write of a resource.
+        with StoreLease(store, f"iam/{resource}", f"{self._holder}:drift:{next(self._runs)}",
+                        ttl=IAM_LEASE_TTL_S, wait=IAM_LEASE_WAIT_S) as lease:
+            if name and store.adopt_managed(name, resource):   # kept by service name before
+                audit.entry("managed_adopted", f"managed members of {name} now kept under {resource}",
+                            service=name, cloud_run=resource)
+            try:
+                result = self.iam_writer.apply_with(resource, plan_for, claim)
+            except PlanError as e:   # over the principal limit: its revocations are still made
+                refusal, grants[0] = str(e), False
+                result = self.iam_writer.apply_with(resource, plan_for, claim)
+            except UpstreamError as e:
+                if name or e.status_code != 404:
+                    raise
+                return self._forget_deleted(resource, lease.key)
+            managed = {r: set(m) for r, m in result.changes.managed.items() if m}
+            # (After a claim the store's record is the claim's, whatever the plan held.)
+            if any(unwritten.values()) or managed != {r: m for r, m in managed_before.items() if m}:
+                # As policy_sync: never overwrite a newer holder's record.
+                store.record_iam(resource, managed, source="maintenance", why=why, lease=lease.key)
         changes = result.changes
         if not changes.empty:
             audit.entry("iam_drift", f"IAM drift repaired on {name or resource}", service=name, cloud_run=resource,
                         plan=changes.to_json())
-        return {"cloud_run": resource, "restored": _sorted(changes.adds), "removed": _sorted(changes.removes),
-                "unmanaged": found.get("unmanaged", []), "principals": changes.principals}
+        report = {"cloud_run": resource, "restored": _sorted(changes.adds), "removed": _sorted(changes.removes),
+                  "unmanaged": found.get("unmanaged", []), "principals": changes.principals}
+        return {**report, "refused": refusal} if refusal else report
 
     def _forget_deleted(self, resource: str, lease: tuple[str, str]) -> dict:
         """An orphaned resource whose Cloud Run service was deleted (404): its bindings went

@@ -169,7 +169,7 @@ def check_limit(service: str, cloud_run: str, principals: int) -> None:
 
 
 def diff(desired: Members, managed_before: Members, live_bindings: Sequence[Binding] | None = None,
-         *, service: str = "", cloud_run: str = "") -> ServiceChanges:
+         *, service: str = "", cloud_run: str = "", grants: bool = True) -> ServiceChanges:
     """The change from the live policy (or, without one, from ``managed_before``) to ``desired``.
 
     Per role, on unconditioned bindings: add what is desired and absent;
@@ -178,6 +178,8 @@ def diff(desired: Members, managed_before: Members, live_bindings: Sequence[Bind
     claimed as managed, so aadrun never later removes another party's grant.
     With ``live_bindings=None`` (record mode) the managed set stands in for
     the live policy. Raises ``PlanError`` over ``MAX_PRINCIPALS``.
+    ``grants=False``: the revocations only (what a plan refused for its size still
+    does: a removed member must lose access); it adds nothing, so it is never over.
     """
     live = unconditioned(live_bindings) if live_bindings is not None else {
         role: set(m) for role, m in managed_before.items()}
@@ -189,29 +191,31 @@ def diff(desired: Members, managed_before: Members, live_bindings: Sequence[Bind
         want = set(desired.get(role, ()))
         mine = set(managed_before.get(role, ()))
         present = live.get(role, set())
-        add = want - present
+        add = want - present if grants else set()
         remove = (mine - want) & present
         if add:
             adds[role] = add
         if remove:
             removes[role] = remove
-        managed[role] = (want & mine) | add if live_bindings is not None else want
+        managed[role] = (want & mine) | add if live_bindings is not None or not grants else want
     if live_bindings is None:
-        principals = sum(len(m) for m in desired.values())
+        principals = sum(len(managed[r]) for r in managed) if not grants else sum(len(m) for m in desired.values())
     else:
         principals = count_after(live_bindings, adds, removes)
-    check_limit(service, cloud_run, principals)
+    if grants:
+        check_limit(service, cloud_run, principals)
     return ServiceChanges(service, cloud_run, _frozen(adds), _frozen(removes), _frozen(managed), principals)
 
 
 def plan_service(policy: Policy, service: Service, members_of: MembersOf, managed_before: Members,
-                 live_bindings: Sequence[Binding] | None = None) -> ServiceChanges:
+                 live_bindings: Sequence[Binding] | None = None, *, grants: bool = True) -> ServiceChanges:
     """``desired_on`` then ``diff`` for one service that has ``cloud_run``;
     ``managed_before`` is what aadrun manages on that resource."""
     if not service.cloud_run:
         raise ValueError(f"service {service.name!r} has no cloud_run target")
     desired = desired_on(policy, service.cloud_run, members_of)
-    return diff(desired, managed_before, live_bindings, service=service.name, cloud_run=service.cloud_run)
+    return diff(desired, managed_before, live_bindings, service=service.name, cloud_run=service.cloud_run,
+                grants=grants)
 
 
 def plan_orphan(cloud_run: str, managed_before: Members,

@@ -373,7 +373,8 @@ class PolicySync:
         return int(outcome == "reauthorized")
 
     def _write_service(self, policy: Policy, service: Service, why: str, message_id: str | None):
-        """Step 3 for one service: (name, AppliedResult, None), or (name, None, refusal).
+        """Step 3 for one service: (name, AppliedResult, refusal or None). A plan refused
+        for its size (over Google's principal limit) still makes its revocations.
 
         aadrun's writers of a Cloud Run resource take turns on the lease
         ``iam/{resource}`` (the maintenance drift repair too, and the other services
@@ -388,6 +389,7 @@ class PolicySync:
         before: dict[str, set[str]] = {}
         unwritten: dict[str, set[str]] = {}   # claimed by an attempt whose set did not happen
         record = dict(source="policy-sync", why=why, message_id=message_id)
+        grants, refusal = [True], None
         try:
             with StoreLease(store, f"iam/{target}", f"{self._holder}:{next(self._calls)}") as lease:
                 def plan_for(live) -> ServiceChanges:
@@ -397,7 +399,7 @@ class PolicySync:
                     # member someone else granted meanwhile is theirs, not ours to revoke later.
                     before.update({r: m - unwritten.get(r, set())
                                    for r, m in store.managed_members(target).items()})
-                    return plan_service(policy, service, store.group_members, before, live)
+                    return plan_service(policy, service, store.group_members, before, live, grants=grants[0])
 
                 def claim(changes: ServiceChanges) -> None:
                     roles = set(before) | set(changes.adds)
@@ -406,20 +408,24 @@ class PolicySync:
                         unwritten.setdefault(role, set()).update(set(members) - before.get(role, set()))
                     claimed.extend(store.record_iam(target, intent, lease=lease.key, **record))
 
-                result = self._iam_writer().apply_with(target, plan_for, claim)
+                try:
+                    result = self._iam_writer().apply_with(target, plan_for, claim)
+                except PlanError as e:
+                    refusal = str(e)
+                    audit.entry("iam_refused", f"{e}; its revocations are still made", severity="ERROR",
+                                reason=e.reason, service=name)
+                    grants[0] = False
+                    result = self._iam_writer().apply_with(target, plan_for, claim)
                 managed = {r: set(m) for r, m in result.changes.managed.items() if m}
                 if claimed or managed != {r: m for r, m in before.items() if m}:
                     # A write that outlived its lease must not overwrite a newer holder's record.
                     claimed += store.record_iam(target, managed, lease=lease.key, **record)
-        except PlanError as e:
-            audit.entry("iam_refused", str(e), severity="ERROR", reason=e.reason, service=name)
-            return name, None, str(e)
         finally:
             audit_changes(claimed)   # what reached the change log, even if the set then failed
         if self._iam_writer().mode == "record" and not result.changes.empty:
             audit.entry("iam_plan", f"IAM plan for {name} (AADRUN_IAM=record: not applied)",
                         plan=result.changes.to_json())
-        return name, result, None
+        return name, result, refusal
 
     # -- clients -----------------------------------------------------------------------
 

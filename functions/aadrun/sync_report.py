@@ -87,7 +87,7 @@ def iam_outcome(summary: SyncSummary, outcomes: Iterable[tuple[str, AppliedResul
     for name, result, refused in outcomes:
         if refused:
             summary.refused[name] = refused
-        elif result is not None:
+        if result is not None:   # a refused plan's revocations too
             summary.iam[name] = result
 
 
