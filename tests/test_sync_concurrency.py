@@ -9,6 +9,9 @@ import threading
 import time
 import uuid
 
+import pytest
+
+from aadrun.errors import UpstreamError
 from aadrun.messages import MembershipChange
 from aadrun.store import GroupUpdate
 from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, graph_pki, loopback_only
@@ -331,3 +334,28 @@ def test_an_older_full_read_does_not_drop_a_member_another_instance_confirmed(wo
     assert app.store.group_members(TENANT, G_ENG) == {ALICE, CAROL}
     assert world.members(REPORTS) == {user(ALICE), user(CAROL)}
     assert not any(e.kind == "member_removed" for e in app.store.changes())
+
+
+def test_changes_committed_before_a_later_read_of_the_loop_fails_are_audited(world, app, audit_lines):
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    world.graph.add_members(TENANT, G_ENG, [CAROL])
+    real, first = world.graph.handle, []
+
+    def handle(method, path, query, headers, raw):
+        answer = real(method, path, query, headers, raw)   # still lists BOB
+        if path == "/v1.0/groups/delta" and not first:
+            first.append(1)
+            world.graph.remove_members(TENANT, G_ENG, [BOB])
+            # another instance commits BOB's removal while this answer is on its way, so the
+            # read goes round again; that second read fails
+            app.store.apply(GroupUpdate(TENANT, G_ENG, removed=frozenset({BOB}), source="notification"))
+            world.graph.fail_next(1, status=500, retry_after=None, code="InternalServerError")
+        return answer
+
+    world.graph.handle = handle
+    with pytest.raises(UpstreamError):
+        app.sync.handle_messages([change(G_ENG, added=[CAROL])])
+    assert CAROL in app.store.group_members(TENANT, G_ENG)   # committed by the first apply
+    assert [a["user"] for a in audit_lines if a.get("event") == "membership_change"
+            and a.get("kind") == "member_added" and a.get("user") == CAROL] == [CAROL]

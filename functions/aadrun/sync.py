@@ -295,36 +295,38 @@ class PolicySync:
         state = store.sync_state(tenant, group)
         full = any(r.read == "full" for r in requests) or state is None or not state.delta_link
         marks, entries = self._marks(tenant, group, ids), []
-        for attempt in range(1, CONTESTED_READS + 1):
-            position, before = store.last_seq(), store.sync_state(tenant, group)
-            result = self._graph(tenant).group_delta(group, None if full else state.delta_link,
-                                                     restart_on_expiry=True)
-            stale = self._removed_since(tenant, group, position)
-            update = _answer(tenant, group, result, stale, marks)
-            if store.sync_state(tenant, group) != before:
-                # Another read (another instance's) committed while ours was in flight:
-                # ours may be the older answer, so it must not replace that one's
-                # members. Read again; the last try keeps no delta link instead.
-                if attempt < CONTESTED_READS:
-                    full = True
-                    continue
-                update = dataclasses.replace(update, sync=SyncState(None, utcnow()))
-            applied = store.apply(update)
-            # A removal that committed between that check and this apply is older than
-            # the grant the apply just made: take the grant back (and read again).
-            late = self._regranted(tenant, group, position, applied)
-            if late:
-                applied += store.apply(GroupUpdate(tenant, group, removed=late, sync=SyncState(None, utcnow()),
-                                                   source="notification", why="removal committed during a read"))
-            entries += applied
-            marks = ()
-            # A removal committed while the read was in flight outranks it; a read
-            # started after that removal is Graph's truth again, so read once more
-            # now rather than leave the group to the next notification or reconcile.
-            if not late and (update.sync is None or update.sync.delta_link is not None):
-                break
-            full = True
-        audit_changes(entries)
+        try:
+            for attempt in range(1, CONTESTED_READS + 1):
+                position, before = store.last_seq(), store.sync_state(tenant, group)
+                result = self._graph(tenant).group_delta(group, None if full else state.delta_link,
+                                                         restart_on_expiry=True)
+                stale = self._removed_since(tenant, group, position)
+                update = _answer(tenant, group, result, stale, marks)
+                if store.sync_state(tenant, group) != before:
+                    # Another read (another instance's) committed while ours was in flight:
+                    # ours may be the older answer, so it must not replace that one's
+                    # members. Read again; the last try keeps no delta link instead.
+                    if attempt < CONTESTED_READS:
+                        full = True
+                        continue
+                    update = dataclasses.replace(update, sync=SyncState(None, utcnow()))
+                applied = store.apply(update)
+                entries += applied
+                marks = ()
+                # A removal that committed between that check and this apply is older than
+                # the grant the apply just made: take the grant back (and read again).
+                late = self._regranted(tenant, group, position, applied)
+                if late:
+                    entries += store.apply(GroupUpdate(tenant, group, removed=late, sync=SyncState(None, utcnow()),
+                                                       source="notification", why="removal committed during a read"))
+                # A removal committed while the read was in flight outranks it; a read
+                # started after that removal is Graph's truth again, so read once more
+                # now rather than leave the group to the next notification or reconcile.
+                if not late and (update.sync is None or update.sync.delta_link is not None):
+                    break
+                full = True
+        finally:
+            audit_changes(entries)   # every commit made, even if a later read of the loop fails
         return ("full" if result.full else "incremental"), entries
 
     def _marks(self, tenant: str, group: str, ids: Sequence[str]) -> tuple[str, ...]:
