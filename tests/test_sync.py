@@ -189,6 +189,19 @@ def test_a_plan_refused_for_its_size_still_revokes_a_removed_member(world, app):
     assert user(people[0]) not in app.store.managed_members(BIG)[INVOKER]
 
 
+def test_a_live_policy_already_over_the_limit_is_refused_not_retried_forever(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    others = [f"user:someone{i}@example.com" for i in range(1501)]   # granted by others, not by aadrun
+    world.cloudrun.set_policy(REPORTS, {"bindings": [{"role": INVOKER, "members": [user(ALICE)]},
+                                                     {"role": "roles/run.developer", "members": others}]})
+    world.graph.remove_members(TENANT, G_ENG, [ALICE])
+    # Even the revocation would leave 1,501 principals: refused, and nothing raised (no
+    # redelivery loop); Google would not have let the policy grow that large anyway.
+    summary = app.sync.handle_messages([change(G_ENG, removed=[ALICE])])
+    assert "reports" in summary.refused
+
+
 def test_record_mode_stores_the_plan_and_calls_nothing(world, audit_lines):
     app = RecordingApp(dataclasses.replace(world.settings, iam_mode="record"))
     world.apps.append(app)

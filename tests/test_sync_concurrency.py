@@ -359,3 +359,26 @@ def test_changes_committed_before_a_later_read_of_the_loop_fails_are_audited(wor
     assert CAROL in app.store.group_members(TENANT, G_ENG)   # committed by the first apply
     assert [a["user"] for a in audit_lines if a.get("event") == "membership_change"
             and a.get("kind") == "member_added" and a.get("user") == CAROL] == [CAROL]
+
+
+def test_a_read_overlapping_another_that_changed_nothing_is_applied_as_is(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])          # synced, delta link stored
+    other = world.app()
+    world.graph.add_members(TENANT, G_ENG, [BOB])
+    real, hooked = world.graph.handle, []
+
+    def handle(method, path, query, headers, raw):
+        answer = real(method, path, query, headers, raw)
+        if path == "/v1.0/groups/delta" and not hooked:
+            hooked.append(1)   # another instance reads the group while this answer is on its way
+            other.sync.resync(TENANT, G_ENG)
+        return answer
+
+    world.graph.handle = handle
+    summary = app.sync.handle_messages([change(G_ENG, added=[BOB])])
+    # The other read already applied BOB: this answer changes nothing, so it is applied
+    # (link included) rather than read again in full.
+    assert summary.reads == {"full": 0, "incremental": 1}
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE, BOB}
+    assert app.store.sync_state(TENANT, G_ENG).delta_link

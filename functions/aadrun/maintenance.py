@@ -227,7 +227,11 @@ class Maintenance:
                 result = self.iam_writer.apply_with(resource, plan_for, claim)
             except PlanError as e:   # over the principal limit: its revocations are still made
                 refusal, grants[0] = str(e), False
-                result = self.iam_writer.apply_with(resource, plan_for, claim)
+                try:
+                    result = self.iam_writer.apply_with(resource, plan_for, claim)
+                except PlanError:   # the live policy itself is over (others' bindings)
+                    return {"cloud_run": resource, "refused": refusal, "restored": {}, "removed": {},
+                            "unmanaged": found.get("unmanaged", [])}
             except UpstreamError as e:
                 if name or e.status_code != 404:
                     raise

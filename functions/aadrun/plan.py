@@ -179,7 +179,8 @@ def diff(desired: Members, managed_before: Members, live_bindings: Sequence[Bind
     With ``live_bindings=None`` (record mode) the managed set stands in for
     the live policy. Raises ``PlanError`` over ``MAX_PRINCIPALS``.
     ``grants=False``: the revocations only (what a plan refused for its size still
-    does: a removed member must lose access); it adds nothing, so it is never over.
+    does: a removed member must lose access); it adds nothing, so it is not checked
+    here (the writer still checks the whole policy it would set).
     """
     live = unconditioned(live_bindings) if live_bindings is not None else {
         role: set(m) for role, m in managed_before.items()}

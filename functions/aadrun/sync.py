@@ -61,7 +61,7 @@ from .iam import IamWriter
 from .messages import LifecycleEvent, MembershipChange, Message, from_json
 from .plan import ServiceChanges, plan_service
 from .policy import Policy, Service
-from .store import ChangeEntry, GroupUpdate, SyncState, utcnow
+from .store import ChangeEntry, GroupUpdate, Store, SyncState, utcnow
 from .subscriptions import Subscriptions
 from .sync_report import SyncSummary, audit_changes, iam_outcome, policy_event
 
@@ -302,9 +302,9 @@ class PolicySync:
                                                          restart_on_expiry=True)
                 stale = self._removed_since(tenant, group, position)
                 update = _answer(tenant, group, result, stale, marks)
-                if store.sync_state(tenant, group) != before:
+                if store.sync_state(tenant, group) != before and _changes_members(store, update):
                     # Another read (another instance's) committed while ours was in flight:
-                    # ours may be the older answer, so it must not replace that one's
+                    # ours may be the older answer, so it must not change that one's
                     # members. Read again; the last try keeps no delta link instead.
                     if attempt < CONTESTED_READS:
                         full = True
@@ -417,7 +417,10 @@ class PolicySync:
                     audit.entry("iam_refused", f"{e}; its revocations are still made", severity="ERROR",
                                 reason=e.reason, service=name)
                     grants[0] = False
-                    result = self._iam_writer().apply_with(target, plan_for, claim)
+                    try:
+                        result = self._iam_writer().apply_with(target, plan_for, claim)
+                    except PlanError:   # the live policy itself is over (others' bindings)
+                        return name, None, refusal
                 managed = {r: set(m) for r, m in result.changes.managed.items() if m}
                 if claimed or managed != {r: m for r, m in before.items() if m}:
                     # A write that outlived its lease must not overwrite a newer holder's record.
@@ -474,6 +477,14 @@ def _answer(tenant: str, group: str, result: DeltaResult, stale: frozenset[str],
     if complete:
         return GroupUpdate(tenant, group, replace=members, removed=stale, **common)
     return GroupUpdate(tenant, group, added=result.added - stale, removed=result.removed, **common)
+
+
+def _changes_members(store: Store, update: GroupUpdate) -> bool:
+    """Whether applying ``update`` would add or remove a member of its group now."""
+    current = store.group_members(update.tenant, update.group) or set()
+    if update.replace is not None:
+        return set(update.replace) - set(update.removed) != current
+    return bool((update.added - current) or (update.removed & current))
 
 
 def _guarded(errors: list[Exception], step: Callable[[], Any]) -> None:
