@@ -394,17 +394,10 @@ def test_drift_refused_for_size_still_revokes_what_is_no_longer_wanted(world):
 def test_drift_does_not_claim_a_grant_someone_else_makes_during_its_409_retry(world):
     app = world.app()
     app.store.apply(GroupUpdate(TENANT, G_ENG, added=frozenset({ALICE}), sync=SyncState(None, utcnow())))
-    real, granted = world.cloudrun.handle, []
-
-    def handle(method, resource, verb, *rest):
-        if resource == BILLING and verb == "setIamPolicy" and not granted:
-            granted.append(1)   # someone grants ALICE between drift's read and its write: a 409
-            world.cloudrun.set_policy(BILLING, {"bindings": [{"role": INVOKER, "members": [user(ALICE)]}]})
-        return real(method, resource, verb, *rest)
-
-    world.cloudrun.handle = handle
+    # Someone grants ALICE between drift's read and its write: drift's set gets a 409.
+    world.cloudrun.write_before_next_set(BILLING, {"bindings": [{"role": INVOKER, "members": [user(ALICE)]}]})
     task = app.maintenance.run(["drift"])["tasks"]["drift"]
-    assert task["status"] == "ok" and granted
+    assert task["status"] == "ok" and world.cloudrun.sets(BILLING) == 1   # refused (409); nothing left after
     assert world.members() == {user(ALICE)} and app.store.managed_members(BILLING) == {}
 
 

@@ -344,15 +344,8 @@ def test_graph_failure_raises_after_removals_and_iam_are_done(world, app):
 
 
 def test_a_grant_someone_else_makes_during_a_409_retry_stays_theirs(world, app):
-    real, granted = world.cloudrun.handle, []
-
-    def handle(method, resource, verb, *rest):
-        if resource == REPORTS and verb == "setIamPolicy" and not granted:
-            granted.append(1)   # someone grants ALICE between aadrun's read and its write: a 409
-            world.cloudrun.set_policy(REPORTS, {"bindings": [{"role": INVOKER, "members": [user(ALICE)]}]})
-        return real(method, resource, verb, *rest)
-
-    world.cloudrun.handle = handle
+    # Someone grants ALICE between aadrun's read and its write: aadrun's set gets a 409.
+    world.cloudrun.write_before_next_set(REPORTS, {"bindings": [{"role": INVOKER, "members": [user(ALICE)]}]})
     world.graph.add_members(TENANT, G_ENG, [ALICE])
     app.sync.handle_messages([change(G_ENG, added=[ALICE])])
     assert app.store.managed_members(REPORTS) == {}   # found there on the retry: not aadrun's

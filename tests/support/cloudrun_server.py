@@ -60,6 +60,7 @@ class CloudRunIamServer:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._deleted: set[str] = set()
+        self._before_set: dict[str, dict] = {}
         self._policies: dict[str, dict] = {}
         self._generation = 0
         self._faults: dict[tuple[str, str], list[ApiError]] = {}
@@ -110,6 +111,12 @@ class CloudRunIamServer:
             self._policies[resource] = stored
             return stored["etag"]
 
+    def write_before_next_set(self, resource: str, policy: dict) -> None:
+        """Someone else stores ``policy`` just before the next setIamPolicy on ``resource``
+        is handled: that set carries a stale etag and gets 409, as on the real API."""
+        with self._lock:
+            self._before_set[resource] = policy
+
     def delete_service(self, resource: str) -> None:
         """The service is deleted: its IAM calls answer 404 NOT_FOUND, as Cloud Run's do
         for a service that does not exist, and its policy is gone with it."""
@@ -150,6 +157,10 @@ class CloudRunIamServer:
                                   "query": query, "body": copy.deepcopy(body), "authorization": authorization})
             if METHODS[verb] != method:
                 raise ApiError(405, "UNIMPLEMENTED", f"{method} is not allowed on :{verb}")
+            if verb == "setIamPolicy" and resource in self._before_set:
+                stored = copy.deepcopy(self._before_set.pop(resource))
+                stored["etag"] = self._new_etag(resource)
+                self._policies[resource] = stored
             if resource in self._deleted:
                 raise ApiError(404, "NOT_FOUND", f"Resource '{resource.rsplit('/', 1)[-1]}' does not exist.")
             faults = self._faults.get((resource, verb))
