@@ -71,6 +71,9 @@ ERRORS = [
      "tenants[0].audiences"),
     ("principal without placeholder", BASE + "principal: principal://x\n", 9, "principal"),
     ("top level list", "- a\n", 1, None),
+    ("empty value", BASE.replace("    audiences: [api://a]", "    audiences:"), 3, "tenants[0].audiences"),
+    ("unknown tag", BASE.replace("    audiences: [api://a]", "    audiences: [!secret a]"), 3,
+     "tenants[0].audiences[0]"),
 ]
 
 

@@ -152,6 +152,16 @@ def test_forward_auth_mode_denies_without_auth_headers(stack, idp):
     assert status == 401 and headers["WWW-Authenticate"] == 'Bearer realm="aadrun"'
 
 
+def test_in_forward_auth_mode_a_body_passed_on_never_chooses_the_service(stack, idp):
+    # A proxy may pass the client's body on: the service the proxy names is the one decided.
+    reports_reader = token(idp, oid=BOB, roles=["Reports.Read"], aud="api://aadrun-test")
+    allowed_elsewhere = call(stack[0], body={"service": "roles-only"}, headers=bearer(reports_reader))
+    assert allowed_elsewhere[0] == 200
+    status, _, body = call(stack[0], path="/verify?service=billing", body={"service": "roles-only"},
+                           headers=bearer(reports_reader))
+    assert status == 401 and json.loads(body)["service"] == "billing"   # billing's audience, not this token's
+
+
 def test_api_mode_sets_no_forward_auth_headers(stack, idp):
     status, headers, _ = call(stack[0], body={"service": "billing"}, headers=bearer(token(idp)))
     assert status == 200 and "X-Auth-Subject" not in headers

@@ -106,6 +106,7 @@ class _Located:
     def __init__(self, file: str):
         self.file = file
         self.values = 0
+        self._scalars = yaml.constructor.SafeConstructor()   # YAML's own typing of plain values
 
     def to_python(self, node: yaml.Node, path: str, lines: dict[str, int]):
         self.values += 1
@@ -129,7 +130,13 @@ class _Located:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.to_python(item, f"{path}[{i}]", lines) for i, item in enumerate(node.value)]
-        return yaml.safe_load(yaml.serialize(node)) if node.tag != "tag:yaml.org,2002:str" else node.value
+        if node.tag == "tag:yaml.org,2002:str":
+            return node.value
+        try:
+            return self._scalars.construct_object(node)   # null, bool, int, float...
+        except yaml.YAMLError as e:   # e.g. a tag YAML's safe loader does not know
+            raise PolicyError(f"invalid value: {getattr(e, 'problem', None) or e}", file=self.file,
+                              line=node.start_mark.line + 1, field=path or "(top)") from None
 
 
 class _Checker:

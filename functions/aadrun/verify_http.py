@@ -2,8 +2,9 @@
 
 API mode:          POST /verify, JSON {"service": NAME[, "token": T]}, token also
                    from ``Authorization: Bearer``.
-Forward-auth mode: any method on /verify?service=NAME with an empty body (what
-                   nginx auth_request and Envoy ext_authz send), token from the
+Forward-auth mode: any method on /verify?service=NAME (what nginx auth_request
+                   and Envoy ext_authz send, normally with an empty body; a
+                   client's body passed on is ignored), token from the
                    Authorization header; an allow also sets X-Auth-* headers.
 """
 from __future__ import annotations
@@ -36,7 +37,9 @@ def bearer_token(value: str | None) -> str | None:
 def _parse(req: HttpRequest) -> tuple[str, str | None, str]:
     """(service, token, mode) or BadRequest."""
     header_token = bearer_token(req.header("authorization"))
-    if "service" in req.query and not req.body:
+    if "service" in req.query:
+        # Forward-auth: the proxy names the service. A body is the client's (a proxy may
+        # pass it on) and never chooses what is checked.
         service = req.query["service"]
         if not service:
             raise BadRequest("the service query parameter is empty")
