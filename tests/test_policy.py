@@ -59,6 +59,9 @@ ERRORS = [
      "services[0].access[0].bind"),
     ("bad role", BASE.replace(f"groups: [{G_ENG}]", f"groups: [{G_ENG}]\n        role: admin"), 9,
      "services[0].access[0].role"),
+    ("bad project in a custom role", BASE.replace(f"groups: [{G_ENG}]", f"groups: [{G_ENG}]\n"
+                                                  "        role: projects/a b/roles/x"), 9,
+     "services[0].access[0].role"),
     ("bind on app roles", BASE.replace(f"groups: [{G_ENG}]", "app_roles: [A]\n        bind: group"), 9,
      "services[0].access[0].bind"),
     ("group bind without group_principal",
