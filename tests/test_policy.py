@@ -156,6 +156,14 @@ def test_self_referencing_or_exploding_aliases_are_policy_errors(tmp_path, text,
         load_policy(write(tmp_path, "p.yaml", text))
 
 
+def test_hidden_files_and_folders_of_a_policy_folder_are_not_read(tmp_path):
+    write(tmp_path, "p.yaml", POLICY)
+    (tmp_path / ".github" / "workflows").mkdir(parents=True)
+    (tmp_path / ".github" / "workflows" / "ci.yml").write_text("jobs: {}\n")
+    (tmp_path / ".p.yaml.swp.yaml").write_text("not: a policy\n")
+    assert "billing" in load_policy(tmp_path).services
+
+
 def test_empty_folder_is_an_error(tmp_path):
     with pytest.raises(PolicyError, match="no policy files"):
         load_policy(tmp_path)

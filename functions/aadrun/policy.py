@@ -324,7 +324,9 @@ def policy_files(path: str | os.PathLike) -> list[Path]:
     if root.is_file():
         return [root]
     if root.is_dir():
-        return sorted(p for p in root.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+        # Hidden files and folders (.github/, editor backups) are not policies.
+        return sorted(p for p in root.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()
+                      and not any(part.startswith(".") for part in p.relative_to(root).parts))
     raise PolicyError("no such file or folder", file=str(root))
 
 
