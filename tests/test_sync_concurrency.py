@@ -287,50 +287,59 @@ def slow_first_delta(server, seconds: float) -> None:
     server.handle = handle
 
 
-def _read_in_flight(app, message) -> threading.Thread:
+def _alice_synced(world, app) -> None:
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])   # synced, delta link stored
+
+
+def _while_a_read_is_in_flight(world, app, message, meanwhile) -> None:
+    """``app`` handles ``message``, whose Graph answer is taken at once but arrives
+    late; ``meanwhile`` runs before it does."""
+    slow_first_delta(world.graph, 0.6)
     reader = threading.Thread(target=app.sync.handle_messages, args=([message],))
     reader.start()
     time.sleep(0.15)   # its answer is taken, and on its way
-    return reader
+    meanwhile()
+    reader.join()
+
+
+def _remove_bob(world, instance):
+    """Graph removes BOB and ``instance`` handles the notification (BOB is not in the store yet)."""
+    def meanwhile():
+        world.graph.remove_members(TENANT, G_ENG, [BOB])
+        instance.sync.handle_messages([change(G_ENG, removed=[BOB])])
+    return meanwhile
 
 
 def test_a_removal_arriving_while_a_read_is_in_flight_is_not_undone_by_it(world, app):
-    world.graph.add_members(TENANT, G_ENG, [ALICE])
-    app.sync.handle_messages([change(G_ENG, added=[ALICE])])          # synced, delta link stored
+    _alice_synced(world, app)
     world.graph.add_members(TENANT, G_ENG, [BOB])
-    slow_first_delta(world.graph, 0.5)
-    reader = _read_in_flight(app, change(G_ENG, added=[BOB]))          # its answer lists BOB
-    world.graph.remove_members(TENANT, G_ENG, [BOB])
-    # BOB is not in the store yet: the removal changes nothing there, but still gets a read.
-    app.sync.handle_messages([change(G_ENG, removed=[BOB])])
-    reader.join()
+    # The read's answer lists BOB; the removal changes nothing in the store, but still gets a read.
+    _while_a_read_is_in_flight(world, app, change(G_ENG, added=[BOB]), _remove_bob(world, app))
     assert app.store.group_members(TENANT, G_ENG) == {ALICE}
     assert world.members(REPORTS) == {user(ALICE)}
 
 
 def test_another_instances_newer_read_outranks_a_read_in_flight(world, app):
-    world.graph.add_members(TENANT, G_ENG, [ALICE])
-    app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    _alice_synced(world, app)
     other = world.app()
     world.graph.add_members(TENANT, G_ENG, [BOB])
-    slow_first_delta(world.graph, 0.6)
-    reader = _read_in_flight(app, change(G_ENG))                       # a full read; its answer lists BOB
-    world.graph.remove_members(TENANT, G_ENG, [BOB])
-    other.sync.handle_messages([change(G_ENG, removed=[BOB])])        # no-op removal, then a newer read
-    reader.join()
+    # A full read whose answer lists BOB; another instance's no-op removal, then its newer read.
+    _while_a_read_is_in_flight(world, app, change(G_ENG), _remove_bob(world, other))
     assert app.store.group_members(TENANT, G_ENG) == {ALICE}
     assert world.members(REPORTS) == {user(ALICE)}
 
 
 def test_an_older_full_read_does_not_drop_a_member_another_instance_confirmed(world, app):
-    world.graph.add_members(TENANT, G_ENG, [ALICE])
-    app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    _alice_synced(world, app)
     other = world.app()
-    slow_first_delta(world.graph, 0.6)
-    reader = _read_in_flight(app, change(G_ENG))                       # its answer lacks CAROL
-    world.graph.add_members(TENANT, G_ENG, [CAROL])
-    other.sync.handle_messages([change(G_ENG, added=[CAROL])])
-    reader.join()
+
+    def carol_confirmed_by_another_instance():
+        world.graph.add_members(TENANT, G_ENG, [CAROL])
+        other.sync.handle_messages([change(G_ENG, added=[CAROL])])
+
+    # A full read whose answer lacks CAROL.
+    _while_a_read_is_in_flight(world, app, change(G_ENG), carol_confirmed_by_another_instance)
     assert app.store.group_members(TENANT, G_ENG) == {ALICE, CAROL}
     assert world.members(REPORTS) == {user(ALICE), user(CAROL)}
     assert not any(e.kind == "member_removed" for e in app.store.changes())
