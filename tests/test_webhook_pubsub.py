@@ -252,6 +252,27 @@ def test_a_post_spanning_several_groups_sends_one_publish_request_per_ordering_k
     assert group_2 == [m["id"] for m in expected if (m.get("group") or "").endswith("0002")]
 
 
+def test_a_key_with_more_messages_than_one_request_takes_is_sent_in_order_in_several(pubsub_emulator):
+    # Pub/Sub refuses a Publish request of more than 1,000 messages.
+    from google.cloud import pubsub_v1
+
+    pubsub = PubSub(pubsub_emulator)
+    settings = Settings(bus="pubsub", project=PROJECT, topic_changes=f"changes-{uuid.uuid4().hex[:8]}")
+    subscription = pubsub.subscribe(pubsub.create_topic(settings.topic_changes))
+    recorder = _PublishRecorder()
+    channel = grpc.intercept_channel(grpc.insecure_channel(pubsub_emulator), recorder)
+    bus = PubSubBus(settings, client=pubsub_v1.PublisherClient(transport=PublisherGrpcTransport(channel=channel)))
+    template = golden_messages("members_added")[0]
+    expected = [dict(template, id=f"{n:064x}") for n in range(2500)]
+    try:
+        bus.publish_changes([from_json(json.dumps(m)) for m in expected])
+    finally:
+        bus.close()
+    assert [len(r.messages) for r in recorder.requests] == [1000, 1000, 500]
+    got = pubsub.pull(subscription, until=lambda m: len(m) >= len(expected), wait=20)
+    assert [m["id"] for m in decoded(got)] == [m["id"] for m in expected]
+
+
 def test_emulator_down_is_503_then_the_same_post_is_published_once(policy_file):
     emulator = Emulator("pubsub").start()
     try:

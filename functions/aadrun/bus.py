@@ -25,6 +25,8 @@ from .messages import Message, canonical
 _FIRST_DELAY, _MAX_DELAY = 0.05, 0.4
 # Shortest per-attempt RPC deadline worth starting.
 _MIN_ATTEMPT = 0.1
+# Pub/Sub takes at most 1,000 messages in one Publish request (cloud.google.com/pubsub/quotas).
+MAX_PER_REQUEST = 1000
 
 
 class Bus(abc.ABC):
@@ -110,10 +112,10 @@ class LocalBus(Bus):
 class PubSubBus(Bus):
     """Google Cloud Pub/Sub through one thread-safe ``PublisherClient`` per instance.
 
-    Pub/Sub takes one ordering key per Publish request, so a call sends one request
-    per ordering key, all at once on a small pool, each holding that key's messages
-    in order (at most 1,000: the webhook's item limit). The call returns once every
-    request is confirmed. A call that fails part-way leaves some keys published:
+    Pub/Sub takes one ordering key per Publish request, so a call sends each ordering
+    key's messages, in order, all keys at once on a small pool: one request per key,
+    or several one after another when a key has more than Pub/Sub's 1,000 per
+    request. The call returns once every request is confirmed. A call that fails part-way leaves some keys published:
     Graph's retry publishes them again with the same ``id``, which policy_sync drops
     as a duplicate. The raw Publish call (not the batching client's per-key
     sequencers) leaves no key paused after a failure, and its retries stay within
@@ -170,10 +172,11 @@ class PubSubBus(Bus):
         for message in messages:
             by_key.setdefault(message.ordering_key, []).append(message)
         if len(by_key) == 1:
-            self._send(topic, messages, deadline)
+            self._send_in_order(topic, messages, deadline)
             return
         try:
-            futures = [self._senders.submit(self._send, topic, batch, deadline) for batch in by_key.values()]
+            futures = [self._senders.submit(self._send_in_order, topic, batch, deadline)
+                       for batch in by_key.values()]
         except RuntimeError as e:   # the pool was shut down: the bus is closed
             raise Unavailable("the bus is closed") from e
         done, late = concurrent.futures.wait(futures, timeout=max(deadline - time.monotonic(), 0))
@@ -183,6 +186,12 @@ class PubSubBus(Bus):
                 future.cancel()
             raise Unavailable(f"{len(late) + len(failed)} of {len(futures)} ordering keys not confirmed"
                               + (f" ({failed[0]})" if failed else " in time"))
+
+    def _send_in_order(self, topic: str, messages: list, deadline: float) -> None:
+        """One ordering key's messages: each request starts once the one before is
+        confirmed, so the key's order holds across requests."""
+        for start in range(0, len(messages), MAX_PER_REQUEST):
+            self._send(topic, messages[start:start + MAX_PER_REQUEST], deadline)
 
     def _send(self, topic: str, messages: list, deadline: float) -> None:
         """One Publish request: messages that share one ordering key."""
