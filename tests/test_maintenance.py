@@ -25,6 +25,7 @@ from tests.support.emulators import free_port
 from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, graph_pki, loopback_only
 from tests.support.graph_fixtures import CLIENT_ID, CLIENT_SECRET, TENANT, graph_settings
 from tests.support.serve import FunctionServer
+from tests.support.sync_world import audit_lines  # noqa: F401 - fixture
 
 G_ENG = "aaaaaaaa-0000-0000-0000-000000000001"
 G_STAFF = "aaaaaaaa-0000-0000-0000-000000000002"
@@ -322,7 +323,7 @@ def test_reconcile_finds_a_change_whose_notification_never_came(world):
     assert task["iam"]["billing"] == {INVOKER: {"add": [user(CAROL)], "remove": [user(ALICE)]}}
 
 
-def test_drift_restores_managed_members_and_reports_the_rest(world):
+def test_drift_restores_managed_members_and_reports_the_rest(world, audit_lines):
     app = world.app()
     world.graph.add_members(TENANT, G_ENG, [CAROL])
     app.maintenance.run(["reconcile"])
@@ -347,6 +348,9 @@ def test_drift_restores_managed_members_and_reports_the_rest(world):
     restored = [e for e in app.store.changes() if e.kind == "iam_restored"]
     assert [(e.service, e.role, e.member, e.source) for e in restored] == [
         (BILLING, INVOKER, user(ALICE), "maintenance")]                   # evidence for access reviews
+    audited = [(a["kind"], a["member"]) for a in audit_lines if a["event"] == "iam_change"
+               and a["source"] == "maintenance"]
+    assert audited == [("iam_restored", user(ALICE))]                     # one audit entry per change (§9)
     again = app.maintenance.run(["drift"])["tasks"]["drift"]["services"]["billing"]
     assert (again["restored"], again["removed"]) == ({}, {})
 

@@ -45,11 +45,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from . import audit
 from .coalesce import StoreLease
-from .errors import AadrunError, PlanError, RequestError, UpstreamError
+from .errors import AadrunError, RequestError, UpstreamError
 from .graph import GraphClient
 from .http import HttpRequest, HttpResponse
 from .iam import IamWriter
-from .plan import Binding, ServiceChanges, desired_on, diff, iam_targets
+from .managed_write import write_managed
+from .plan import Binding, desired_on, iam_targets
 from .policy import Policy
 from .subscriptions import Subscriptions
 
@@ -187,67 +188,31 @@ class Maintenance:
 
     def _drift(self, policy: Policy, name: str | None, resource: str) -> dict:
         """One resource, for service ``name`` or, with None, as an orphan: the report
-        of its live policy, and the repair of managed members (under the same
-        ``iam/{resource}`` lease policy_sync's writes take turns on)."""
+        of its live policy, and the repair of managed members (the write policy_sync
+        makes, ``managed_write``, under the same ``iam/{resource}`` lease)."""
         store = self._app.store
-        managed_before: dict[str, set[str]] = {}
-        unwritten: dict[str, set[str]] = {}   # claimed by an attempt whose set did not happen
-        found: dict[str, object] = {}
-        grants, refusal = [True], None
-
-        def plan_for(live: list[Binding] | None) -> ServiceChanges:
-            lease.renew()   # each attempt (a 409 plans again), as policy_sync's writes do
-            managed_before.clear()
-            # As policy_sync: a member granted by someone else during a 409 is theirs.
-            managed_before.update({r: m - unwritten.get(r, set())
-                                   for r, m in store.managed_members(resource).items()})
-            found["unmanaged"] = unmanaged(live or [], managed_before)
-            desired = desired_on(policy, resource, store.group_members) if name else {}
-            return diff(desired, managed_before, live, service=name or "", cloud_run=resource, grants=grants[0])
-
-        def claim(changes: ServiceChanges) -> None:
-            # Claimed before the set call, as policy_sync does: never orphaned in IAM.
-            roles = set(managed_before) | set(changes.adds)
-            # A managed member put back after a change outside aadrun is logged as restored.
-            restored = {r: set(changes.adds.get(r, ())) & managed_before.get(r, set()) for r in roles}
-            for role, members in changes.adds.items():   # newly claimed, not the restored
-                unwritten.setdefault(role, set()).update(set(members) - managed_before.get(role, set()))
-            store.record_iam(resource,
-                             {r: managed_before.get(r, set()) | set(changes.adds.get(r, ())) for r in roles},
-                             source="maintenance", why="IAM drift repaired", restored=restored, lease=lease.key)
-
         why = "IAM drift repaired" if name else "no service names this resource any more"
-        # The same lease policy_sync takes per IAM write of a resource.
         with StoreLease(store, f"iam/{resource}", f"{self._holder}:drift:{next(self._runs)}",
                         ttl=IAM_LEASE_TTL_S, wait=IAM_LEASE_WAIT_S) as lease:
             if name and store.adopt_managed(name, resource):   # kept by service name before
                 audit.entry("managed_adopted", f"managed members of {name} now kept under {resource}",
                             service=name, cloud_run=resource)
             try:
-                result = self.iam_writer.apply_with(resource, plan_for, claim)
-            except PlanError as e:   # over the principal limit: its revocations are still made
-                refusal, grants[0] = str(e), False
-                try:
-                    result = self.iam_writer.apply_with(resource, plan_for, claim)
-                except PlanError:   # the live policy itself is over (others' bindings)
-                    return {"cloud_run": resource, "refused": refusal, "restored": {}, "removed": {},
-                            "unmanaged": found.get("unmanaged", [])}
+                written = write_managed(store, self.iam_writer, lease, resource,
+                                        lambda: desired_on(policy, resource, store.group_members) if name else {},
+                                        service=name or "", source="maintenance", why=why, repair=True)
             except UpstreamError as e:
                 if name or e.status_code != 404:
                     raise
                 return self._forget_deleted(resource, lease.key)
-            managed = {r: set(m) for r, m in result.changes.managed.items() if m}
-            # (After a claim the store's record is the claim's, whatever the plan held.)
-            if any(unwritten.values()) or managed != {r: m for r, m in managed_before.items() if m}:
-                # As policy_sync: never overwrite a newer holder's record.
-                store.record_iam(resource, managed, source="maintenance", why=why, lease=lease.key)
-        changes = result.changes
-        if not changes.empty:
-            audit.entry("iam_drift", f"IAM drift repaired on {name or resource}", service=name, cloud_run=resource,
-                        plan=changes.to_json())
+        found = unmanaged(written.live or [], written.managed_before)
+        if written.refused_outright:
+            return {"cloud_run": resource, "refused": written.refusal, "restored": {}, "removed": {},
+                    "unmanaged": found}
+        changes = written.result.changes
         report = {"cloud_run": resource, "restored": _sorted(changes.adds), "removed": _sorted(changes.removes),
-                  "unmanaged": found.get("unmanaged", []), "principals": changes.principals}
-        return {**report, "refused": refusal} if refusal else report
+                  "unmanaged": found, "principals": changes.principals}
+        return {**report, "refused": written.refusal} if written.refusal else report
 
     def _forget_deleted(self, resource: str, lease: tuple[str, str]) -> dict:
         """An orphaned resource whose Cloud Run service was deleted (404): its bindings went

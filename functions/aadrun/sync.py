@@ -55,11 +55,12 @@ from typing import Any
 
 from . import audit
 from .coalesce import Combiner, StoreLease
-from .errors import PlanError, RequestError
+from .errors import RequestError
 from .graph import DeltaResult, GraphClient
 from .iam import IamWriter
 from .messages import LifecycleEvent, MembershipChange, Message, from_json
-from .plan import ServiceChanges, plan_service
+from .managed_write import write_managed
+from .plan import desired_on
 from .policy import Policy, Service
 from .store import ChangeEntry, GroupUpdate, Store, SyncState, utcnow
 from .subscriptions import Subscriptions
@@ -375,62 +376,19 @@ class PolicySync:
         return int(outcome == "reauthorized")
 
     def _write_service(self, policy: Policy, service: Service, why: str, message_id: str | None):
-        """Step 3 for one service: (name, AppliedResult, refusal or None). A plan refused
-        for its size (over Google's principal limit) still makes its revocations.
-
-        aadrun's writers of a Cloud Run resource take turns on the lease
-        ``iam/{resource}`` (the maintenance drift repair too, and the other services
-        on the same resource), so the managed set a plan reads is the one the
-        previous writer recorded: no managed member is lost to a race. The members a
-        write adds are recorded as managed *before* its set call, so a crash after the
-        call cannot orphan them in IAM, where no later plan would remove them; a plan
-        drops a claimed member it finds absent. A 409 re-reads IAM and the store and
-        plans again (``IamWriter.apply_with``).
-        """
-        store, name, target, claimed = self._app.store, service.name, service.cloud_run, []
-        before: dict[str, set[str]] = {}
-        unwritten: dict[str, set[str]] = {}   # claimed by an attempt whose set did not happen
-        record = dict(source="policy-sync", why=why, message_id=message_id)
-        grants, refusal = [True], None
-        try:
-            with StoreLease(store, f"iam/{target}", f"{self._holder}:{next(self._calls)}") as lease:
-                def plan_for(live) -> ServiceChanges:
-                    lease.renew()
-                    before.clear()
-                    # After a 409 our claim is in the store, but our set never happened: a
-                    # member someone else granted meanwhile is theirs, not ours to revoke later.
-                    before.update({r: m - unwritten.get(r, set())
-                                   for r, m in store.managed_members(target).items()})
-                    return plan_service(policy, service, store.group_members, before, live, grants=grants[0])
-
-                def claim(changes: ServiceChanges) -> None:
-                    roles = set(before) | set(changes.adds)
-                    intent = {r: before.get(r, set()) | set(changes.adds.get(r, ())) for r in roles}
-                    for role, members in changes.adds.items():   # newly claimed only
-                        unwritten.setdefault(role, set()).update(set(members) - before.get(role, set()))
-                    claimed.extend(store.record_iam(target, intent, lease=lease.key, **record))
-
-                try:
-                    result = self._iam_writer().apply_with(target, plan_for, claim)
-                except PlanError as e:
-                    refusal = str(e)
-                    audit.entry("iam_refused", f"{e}; its revocations are still made", severity="ERROR",
-                                reason=e.reason, service=name)
-                    grants[0] = False
-                    try:
-                        result = self._iam_writer().apply_with(target, plan_for, claim)
-                    except PlanError:   # the live policy itself is over (others' bindings)
-                        return name, None, refusal
-                managed = {r: set(m) for r, m in result.changes.managed.items() if m}
-                if claimed or managed != {r: m for r, m in before.items() if m}:
-                    # A write that outlived its lease must not overwrite a newer holder's record.
-                    claimed += store.record_iam(target, managed, lease=lease.key, **record)
-        finally:
-            audit_changes(claimed)   # what reached the change log, even if the set then failed
-        if self._iam_writer().mode == "record" and not result.changes.empty:
-            audit.entry("iam_plan", f"IAM plan for {name} (AADRUN_IAM=record: not applied)",
+        """Step 3 for one service: (name, AppliedResult or None, refusal or None), the
+        write itself shared with the drift repair (``managed_write``), under the lease
+        ``iam/{resource}`` every aadrun writer of that resource takes turns on."""
+        store, target = self._app.store, service.cloud_run
+        with StoreLease(store, f"iam/{target}", f"{self._holder}:{next(self._calls)}") as lease:
+            written = write_managed(store, self._iam_writer(), lease, target,
+                                    lambda: desired_on(policy, target, store.group_members), service=service.name,
+                                    source="policy-sync", why=why, message_id=message_id)
+        result = written.result
+        if result is not None and self._iam_writer().mode == "record" and not result.changes.empty:
+            audit.entry("iam_plan", f"IAM plan for {service.name} (AADRUN_IAM=record: not applied)",
                         plan=result.changes.to_json())
-        return name, result, refusal
+        return service.name, result, written.refusal
 
     # -- clients -----------------------------------------------------------------------
 

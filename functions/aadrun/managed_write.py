@@ -1,0 +1,99 @@
+"""One write of the members aadrun manages on a Cloud Run resource (CONTRACT.md §7):
+policy_sync's writes and maintenance's drift repair both go through ``write_managed``.
+
+The caller holds the store lease ``iam/{resource}``, so aadrun's writers of one
+resource take turns and the managed set a plan reads is the one the previous writer
+recorded. Within one write:
+
+  - the members it adds are recorded as managed *before* the set call (the claim),
+    so a crash after the call cannot orphan them in IAM, where no later plan would
+    remove them; a later plan drops a claimed member it finds absent;
+  - a 409 re-reads IAM and the store and plans again (``IamWriter.apply_with``); a
+    member claimed by an attempt whose set never happened, and granted by someone
+    else meanwhile, is theirs, not aadrun's to revoke later;
+  - a plan refused for its size (over Google's principal limit) still makes its
+    revocations: a removed member must lose access;
+  - every change-log entry it records is one audit entry (CONTRACT.md §9), even
+    when the set call then fails.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from . import audit
+from .coalesce import StoreLease
+from .errors import PlanError
+from .iam import AppliedResult, IamWriter
+from .plan import Binding, Members, ServiceChanges, diff
+from .store import ChangeEntry, Store
+from .sync_report import audit_changes
+
+
+@dataclasses.dataclass
+class WriteOutcome:
+    result: AppliedResult | None   # None: refused outright (below)
+    refusal: str | None            # why its grants were refused, if they were
+    entries: list[ChangeEntry]     # what reached the change log
+    managed_before: dict[str, set[str]]   # the managed set the last plan started from
+    live: list[Binding] | None     # the live bindings the last plan read (None: record mode)
+
+    @property
+    def refused_outright(self) -> bool:
+        """Even the revocations alone would leave the live policy over the limit
+        (other parties' bindings): nothing was written."""
+        return self.result is None
+
+
+def write_managed(store: Store, writer: IamWriter, lease: StoreLease, resource: str,
+                  desired: Callable[[], Members], *, service: str, source: str, why: str,
+                  message_id: str | None = None, repair: bool = False) -> WriteOutcome:
+    """Bring the managed members of ``resource`` to ``desired()`` (role -> members,
+    asked again on each attempt); ``service`` names it in plans and errors. A
+    ``repair`` (maintenance's drift task) also logs each managed member it puts
+    back in IAM as ``iam_restored``."""
+    before: dict[str, set[str]] = {}
+    unwritten: dict[str, set[str]] = {}   # claimed by an attempt whose set did not happen
+    entries: list[ChangeEntry] = []
+    seen: dict[str, list[Binding] | None] = {"live": None}
+    grants = True
+    record = dict(source=source, why=why, message_id=message_id, lease=lease.key)
+
+    def plan_for(live: list[Binding] | None) -> ServiceChanges:
+        lease.renew()   # each attempt: a 409 plans again
+        before.clear()
+        before.update({r: m - unwritten.get(r, set()) for r, m in store.managed_members(resource).items()})
+        seen["live"] = live
+        return diff(desired(), before, live, service=service, cloud_run=resource, grants=grants)
+
+    def claim(changes: ServiceChanges) -> None:
+        roles = set(before) | set(changes.adds)
+        restored = {r: set(changes.adds.get(r, ())) & before.get(r, set()) for r in roles} if repair else None
+        for role, members in changes.adds.items():   # newly claimed, not the restored
+            unwritten.setdefault(role, set()).update(set(members) - before.get(role, set()))
+        intent = {r: before.get(r, set()) | set(changes.adds.get(r, ())) for r in roles}
+        entries.extend(store.record_iam(resource, intent, restored=restored, **record))
+
+    def outcome(result: AppliedResult | None, refusal: str | None) -> WriteOutcome:
+        return WriteOutcome(result, refusal, entries, dict(before), seen["live"])
+
+    refusal = None
+    try:
+        try:
+            result = writer.apply_with(resource, plan_for, claim)
+        except PlanError as e:
+            refusal, grants = str(e), False
+            audit.entry("iam_refused", f"{e}; its revocations are still made", severity="ERROR",
+                        reason=e.reason, service=service, cloud_run=resource)
+            try:
+                result = writer.apply_with(resource, plan_for, claim)
+            except PlanError:
+                return outcome(None, refusal)
+        managed = {r: set(m) for r, m in result.changes.managed.items() if m}
+        # After a claim the store's record is the claim's, whatever the plan held.
+        if entries or managed != {r: m for r, m in before.items() if m}:
+            # A write that outlived its lease must not overwrite a newer holder's record.
+            entries.extend(store.record_iam(resource, managed, **record))
+        return outcome(result, refusal)
+    finally:
+        audit_changes(entries)
