@@ -5,6 +5,7 @@ import concurrent.futures
 import dataclasses
 import datetime as dt
 import email.utils
+import logging
 import os
 import ssl
 
@@ -318,3 +319,24 @@ def test_no_access_token_or_secret_in_any_error(graph_server):
         text = " ".join(str(x) for x in (e, repr(e), e.__cause__, e.__context__, e.args))
         assert not [t for t in tokens if t in text]
         assert CLIENT_SECRET not in text
+
+
+def test_a_token_answer_that_is_not_json_is_an_upstream_error_and_never_logged(graph_server, monkeypatch, capfd,
+                                                                                caplog):
+    # Some OAuth servers and proxies answer form-encoded: MSAL logs such an answer.
+    leaked = "eyJ0eXAiOiJKV1QifQ.not-json-access-token.sig"
+    served = graph_server.handle
+
+    def form_encoded_tokens(method, path, query, headers, raw):
+        if path.endswith("/oauth2/v2.0/token"):
+            return 200, f"access_token={leaked}&token_type=Bearer&expires_in=3599"
+        return served(method, path, query, headers, raw)
+
+    monkeypatch.setattr(graph_server, "handle", form_encoded_tokens)
+    with caplog.at_level(logging.DEBUG), pytest.raises(UpstreamError) as err:
+        graph_client(graph_server).list_subscriptions()
+    assert "token request failed" in str(err.value)
+    out, errors = capfd.readouterr()
+    text = " ".join([out, errors, caplog.text, repr(err.value), str(err.value.__cause__), str(err.value.__context__)])
+    assert leaked not in text
+

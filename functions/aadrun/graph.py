@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import email.utils
+import logging
 import threading
 import time
 import uuid
@@ -38,6 +39,12 @@ import requests
 from .config import Settings
 from .errors import ConfigError, RateLimited, UpstreamError
 from .outbound import client_session
+
+# MSAL logs a token endpoint's raw answer on some failures (one that is not JSON,
+# for instance), and that answer can hold an access token. Its failures reach us as
+# results or exceptions, which this module reports without secrets: its own log
+# lines are not written at all.
+logging.getLogger("msal").setLevel(logging.CRITICAL + 1)
 
 __all__ = ["GraphClient", "DeltaResult", "DeltaExpired", "SubscriptionExists", "max_expiration",
            "GRAPH_SCOPE", "FEDERATION_AUDIENCE", "METADATA_IDENTITY_URL", "MAX_GROUP_SUBSCRIPTION_MINUTES"]
@@ -209,6 +216,9 @@ class GraphClient:
             result = self._app().acquire_token_for_client(scopes=[GRAPH_SCOPE])
         except requests.RequestException as e:
             raise UpstreamError(f"token request failed for tenant {self.tenant}: {type(e).__name__}") from e
+        except ValueError as e:
+            # An answer that is not JSON; the exception holds the answer, token included.
+            raise UpstreamError(f"token request failed for tenant {self.tenant}: {type(e).__name__}") from None
         if "access_token" not in result:
             codes = result.get("error_codes") or []
             detail = f" (AADSTS{codes[0]})" if codes else ""
