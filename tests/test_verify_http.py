@@ -240,6 +240,20 @@ def test_removed_member_is_denied_within_a_second(stack, idp):
     store.apply(GroupUpdate(TENANT_A, G_ENG, added=frozenset({ALICE}), source="test"))
 
 
+def test_an_oversized_request_is_a_logged_decision_too(stack):
+    server, _ = stack
+
+    def too_large(entries):
+        return [e for e in entries if e.get("event") == "decision" and e.get("reason") == "too_large"]
+
+    time.sleep(0.1)   # lines of earlier requests are written
+    before = len(too_large(server.log_entries()))
+    status, _, body = call(server, raw=b"{" + b" " * 65537 + b"}", headers={"Content-Type": "application/json"})
+    assert (status, body) == (413, b"")
+    lines = too_large(server.log_entries(until=lambda entries: len(too_large(entries)) > before))[before:]
+    assert [(e["status"], e["allow"], e["severity"]) for e in lines] == [(413, False, "NOTICE")]
+
+
 def test_decision_log_lines_never_contain_the_token_only_its_sha256_prefix(stack, idp):
     server, _ = stack
     tok = token(idp)

@@ -37,6 +37,7 @@ STATUS = {
     "ok": 200,
     "bad_request": 400,
     "unknown_service": 404,
+    "too_large": 413,
     "not_member": 403,
     "membership_unknown": 403,
     "no_matching_rule": 403,

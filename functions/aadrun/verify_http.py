@@ -74,6 +74,7 @@ class VerifyEndpoint:
             healthy, parts = self._health()
             return HttpResponse.json(200 if healthy else 503, {"status": "ok" if healthy else "unhealthy", **parts})
         if req.body_too_large or len(req.body) > MAX_BODY:
+            log_decision(Decision(False, "too_large", None, new_decision_id()), None)
             return HttpResponse(413, b"", "text/plain")
         try:
             service, token, mode = _parse(req)
