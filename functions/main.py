@@ -64,8 +64,11 @@ def graph_webhook(request: flask.Request) -> flask.Response:
 
 @functions_framework.cloud_event
 def policy_sync(event) -> None:
-    # Raising makes Pub/Sub redeliver (deploy with retries on); redelivery is idempotent.
-    get_app().sync.handle_cloud_event(event.data)
+    # Eventarc's delivery is an HTTP request too: its lines join the delivery's trace.
+    delivery = HttpRequest("POST", "/", {}, flask.request.headers if flask.has_request_context() else {}, b"")
+    with audit.request_trace(delivery.trace(get_app().settings.project)):
+        # Raising makes Pub/Sub redeliver (deploy with retries on); redelivery is idempotent.
+        get_app().sync.handle_cloud_event(event.data)
 
 
 @functions_framework.http

@@ -2,6 +2,7 @@
 (CONTRACT.md §9), whichever function serves it: served by the real functions-framework."""
 from __future__ import annotations
 
+import base64
 import json
 import urllib.request
 
@@ -65,3 +66,19 @@ def test_webhook_lines_join_the_request_trace(servers):
         assert post(webhook.url + "/", forged, headers) == 202
     traces = [e["logging.googleapis.com/trace"] for e in lines_of(webhook, "security", len(TRACE_HEADERS))]
     assert traces == [expected for _, expected in TRACE_HEADERS]
+
+
+def test_policy_sync_lines_join_the_trace_of_the_delivery(tmp_path):
+    env = {"AADRUN_POLICY_PATH": str(write_policy(tmp_path)), "AADRUN_STORE": f"sqlite:///{tmp_path}/state.db",
+           "GOOGLE_CLOUD_PROJECT": PROJECT}
+    # Eventarc's binary-mode delivery of an unreadable message: logged as poison.
+    headers = {"ce-specversion": "1.0", "ce-source": "//pubsub.googleapis.com/projects/p/topics/t",
+               "ce-type": "google.cloud.pubsub.topic.v1.messagePublished"}
+    with FunctionServer("policy_sync", env, signature="cloudevent") as sync:
+        for n, (trace_headers, _) in enumerate(TRACE_HEADERS):
+            message = {"data": base64.b64encode(b"not json").decode(), "messageId": str(n)}
+            assert post(sync.url + "/", {"message": message, "subscription": "projects/p/subscriptions/s"},
+                        {**headers, "ce-id": str(n), **trace_headers}) == 200
+        lines = lines_of(sync, "poison_message", len(TRACE_HEADERS))
+    assert [e["logging.googleapis.com/trace"] for e in lines] == [expected for _, expected in TRACE_HEADERS]
+
