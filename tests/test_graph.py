@@ -141,10 +141,18 @@ def test_full_delta_follows_pages_of_a_big_group(graph_server):
     result = graph_client(graph_server).group_delta(GROUP)
     assert result.full and not result.removed and not result.group_deleted
     assert result.added == users(2500)
+    assert result.not_users == {("#microsoft.graph.group", "bbbbbbbb-0000-0000-0000-000000000009")}
     assert delta_calls(graph_server) == 26
     first = graph_server.calls("GET", "/v1.0/groups/delta")[0]
     assert first.query == {"$select": "members", "$filter": f"id eq '{GROUP}'"}
     assert "$deltatoken=" in result.delta_link
+
+
+def test_a_member_id_that_is_not_an_object_id_is_skipped(graph_server):
+    # It would become an IAM principal and a cell of `aadrun audit`'s CSV.
+    graph_server.set_members(TENANT, GROUP, users(1) | {'=HYPERLINK("http://evil.example/","x")', ""})
+    result = graph_client(graph_server).group_delta(GROUP)
+    assert result.added == users(1) and result.not_users == frozenset()
 
 
 @pytest.mark.parametrize("marker", [{"reason": "deleted"}, "deleted"])

@@ -354,6 +354,20 @@ def test_a_grant_someone_else_makes_during_a_409_retry_stays_theirs(world, app):
     assert user(ALICE) in world.members(REPORTS)      # CONTRACT §7: someone else's binding is left
 
 
+def test_members_that_are_not_users_are_not_granted_and_a_warning_says_so(world, app, audit_lines):
+    nested, robot = "bbbbbbbb-0000-0000-0000-000000000009", "cccccccc-0000-0000-0000-000000000009"
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    world.graph.add_members(TENANT, G_ENG, [nested], kind="#microsoft.graph.group")
+    world.graph.add_members(TENANT, G_ENG, [robot], kind="#microsoft.graph.servicePrincipal")
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE}
+    [warning] = [a for a in audit_lines if a["event"] == "members_not_granted"]
+    assert warning["severity"] == "WARNING" and warning["group"] == G_ENG and warning["count"] == 2
+    assert {(m["type"], m["id"]) for m in warning["members"]} == {
+        ("#microsoft.graph.group", nested), ("#microsoft.graph.servicePrincipal", robot)}
+    assert "nested" in warning["message"]
+
+
 def test_an_iam_grant_is_audited_even_when_its_first_write_fails(world, app, audit_lines):
     world.graph.add_members(TENANT, G_ENG, [ALICE])
     message = change(G_ENG, added=[ALICE])

@@ -38,6 +38,7 @@ import requests
 
 from .config import Settings
 from .errors import ConfigError, RateLimited, UpstreamError
+from .messages import is_guid
 from .outbound import client_session
 
 # MSAL logs a token endpoint's raw answer on some failures (one that is not JSON,
@@ -83,7 +84,9 @@ class DeltaResult:
 
     ``full``: the round started without a delta link, so ``added`` is the complete
     user membership (and ``removed`` is empty). ``group_deleted``: the group itself came
-    back with ``@removed``. ``delta_link``: where the next round starts.
+    back with ``@removed``. ``delta_link``: where the next round starts. ``not_users``:
+    (type, id) of members seen that are not users (nested groups, service principals,
+    devices), which aadrun does not grant.
     """
 
     full: bool
@@ -91,6 +94,7 @@ class DeltaResult:
     removed: frozenset[str]
     delta_link: str
     group_deleted: bool = False
+    not_users: frozenset[tuple[str, str]] = frozenset()
 
 
 def max_expiration(now: dt.datetime | None = None) -> dt.datetime:
@@ -311,6 +315,7 @@ class GraphClient:
             {"$select": "members", "$filter": f"id eq '{group_id}'"}, quote_via=quote)
         added: set[str] = set()
         removed: set[str] = set()
+        not_users: set[tuple[str, str]] = set()
         deleted = False
         while True:
             page = self._delta_page(url)
@@ -320,10 +325,14 @@ class GraphClient:
                 deleted = deleted or "@removed" in obj
                 # A large group's members span pages; the group object repeats on each.
                 for member in obj.get("members@delta") or []:
-                    if not isinstance(member, dict) or member.get("@odata.type", USER_TYPE) != USER_TYPE:
+                    uid = member.get("id") if isinstance(member, dict) else None
+                    # An object id, or nothing: it becomes an IAM principal and a cell of exports.
+                    if not is_guid(uid):
                         continue
-                    uid = member.get("id")
-                    if not uid:
+                    kind = member.get("@odata.type", USER_TYPE)
+                    if kind != USER_TYPE:
+                        if "@removed" not in member and isinstance(kind, str):
+                            not_users.add((kind[:100], uid.lower()))
                         continue
                     # "@removed" is {"reason": "deleted"} in delta query, "deleted" in webhooks.
                     into, other = (removed, added) if "@removed" in member else (added, removed)
@@ -336,7 +345,8 @@ class GraphClient:
                 raise UpstreamError("group delta: last page has no @odata.deltaLink")
             self._check_link(page["@odata.deltaLink"])
             return DeltaResult(full=delta_link is None, added=frozenset(added), removed=frozenset(removed),
-                               delta_link=page["@odata.deltaLink"], group_deleted=deleted)
+                               delta_link=page["@odata.deltaLink"], group_deleted=deleted,
+                               not_users=frozenset(not_users))
 
     def _delta_page(self, url: str) -> dict:
         resp = self._request("GET", url, "group delta")

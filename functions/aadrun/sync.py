@@ -301,6 +301,8 @@ class PolicySync:
                 position, before = store.last_seq(), store.sync_state(tenant, group)
                 result = self._graph(tenant).group_delta(group, None if full else state.delta_link,
                                                          restart_on_expiry=True)
+                if result.not_users:
+                    _log_not_users(tenant, group, result.not_users)
                 stale = self._removed_since(tenant, group, position)
                 update = _answer(tenant, group, result, stale, marks)
                 if store.sync_state(tenant, group) != before and _changes_members(store, update):
@@ -435,6 +437,16 @@ def _answer(tenant: str, group: str, result: DeltaResult, stale: frozenset[str],
     if complete:
         return GroupUpdate(tenant, group, replace=members, removed=stale, **common)
     return GroupUpdate(tenant, group, added=result.added - stale, removed=result.removed, **common)
+
+
+def _log_not_users(tenant: str, group: str, members: frozenset[tuple[str, str]]) -> None:
+    # The token's groups claim counts nested groups' members; aadrun grants the group's
+    # own users only: say so, or such a user's denial would have no explanation.
+    kinds = sorted({kind.rsplit(".", 1)[-1] for kind, _ in members})
+    audit.entry("members_not_granted", f"group {group} has members that are not users ({', '.join(kinds)}): "
+                "aadrun grants its direct user members only, not the members of nested groups",
+                severity="WARNING", tenant=tenant, group=group,
+                members=[{"type": kind, "id": oid} for kind, oid in sorted(members)[:50]], count=len(members))
 
 
 def _changes_members(store: Store, update: GroupUpdate) -> bool:
