@@ -262,11 +262,17 @@ def cmd_audit(args, settings: Settings) -> int:
         else:
             writer = csv.DictWriter(out, fieldnames=AUDIT_COLUMNS, extrasaction="ignore", lineterminator="\n")
             writer.writeheader()
-            writer.writerows(entries)
+            writer.writerows({k: _cell(v) for k, v in e.items()} for e in entries)
     finally:
         if out is not sys.stdout:
             out.close()
     return EXIT_OK
+
+
+def _cell(value):
+    # A spreadsheet runs a cell that starts like a formula (OWASP "CSV injection"):
+    # such a value is exported as text.
+    return "'" + value if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")) else value
 
 
 def since_arg(text: str) -> dt.datetime:
