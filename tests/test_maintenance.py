@@ -405,7 +405,8 @@ def test_drift_does_not_claim_a_grant_someone_else_makes_during_its_409_retry(wo
     assert world.members() == {user(ALICE)} and app.store.managed_members(BILLING) == {}
 
 
-def test_a_removed_service_whose_cloud_run_service_was_deleted_is_forgotten_not_retried(world, tmp_path):
+def test_a_removed_service_whose_cloud_run_service_was_deleted_is_forgotten_not_retried(world, tmp_path,
+                                                                                        audit_lines):
     app = world.app()
     app.maintenance.run(["reconcile"])
     assert app.store.managed_members(BILLING) == {INVOKER: {user(ALICE)}}
@@ -416,6 +417,10 @@ def test_a_removed_service_whose_cloud_run_service_was_deleted_is_forgotten_not_
     assert task["status"] == "ok" and task["errors"] == []
     assert task["orphaned"][BILLING]["gone"] and task["orphaned"][BILLING]["forgotten"] == {INVOKER: [user(ALICE)]}
     assert later.store.managed_targets() == set()
+    forgotten = [e for e in later.store.changes() if e.why == "its Cloud Run service no longer exists"]
+    audited = [a for a in audit_lines if a["event"] == "iam_change" and a.get("why") == forgotten[0].why]
+    assert [(a["kind"], a["member"]) for a in audited] == [(e.kind, e.member) for e in forgotten] == [
+        ("iam_removed", user(ALICE))]
     again = later.maintenance.run(["drift"])["tasks"]["drift"]
     assert again["status"] == "ok" and again["orphaned"] == {}
 

@@ -53,6 +53,7 @@ from .managed_write import write_managed
 from .plan import Binding, desired_on, iam_targets
 from .policy import Policy
 from .subscriptions import Subscriptions
+from .sync_report import audit_changes
 
 TASKS = ("subscriptions", "reconcile", "drift")
 MAX_BODY = 64 * 1024
@@ -219,8 +220,8 @@ class Maintenance:
         with it, so what aadrun kept as managed there is dropped, not retried forever."""
         store = self._app.store
         forgotten = store.managed_members(resource)
-        store.record_iam(resource, {}, source="maintenance", why="its Cloud Run service no longer exists",
-                         lease=lease)
+        audit_changes(store.record_iam(resource, {}, source="maintenance",
+                                       why="its Cloud Run service no longer exists", lease=lease))
         audit.entry("iam_target_gone", f"{resource} no longer exists: its managed members are forgotten",
                     cloud_run=resource, forgotten=_sorted(forgotten))
         return {"cloud_run": resource, "gone": True, "restored": {}, "removed": {}, "unmanaged": [],
