@@ -205,9 +205,59 @@ def test_expired_delta_link(graph_server, status, code):
     assert restarted.full and restarted.added == users(4) | users(1, start=50)
 
 
+def test_a_next_link_that_repeats_ends_the_listing_with_an_error(graph_server, monkeypatch):
+    graph_server.set_members(TENANT, GROUP, users(1))
+    served = graph_server.handle
+    again = f"{graph_server.graph_url}/groups/delta?$skiptoken=again"
+
+    def looping(method, path, query, headers, raw):
+        status, body = served(method, path, query if "$skiptoken" not in query else {
+            "$select": "members", "$filter": f"id eq '{GROUP}'"}, headers, raw)
+        if path in ("/v1.0/groups/delta", "/v1.0/subscriptions") and status == 200:
+            body.pop("@odata.deltaLink", None)
+            body["@odata.nextLink"] = again if path.endswith("delta") else f"{graph_server.graph_url}/subscriptions"
+        return status, body
+
+    monkeypatch.setattr(graph_server, "handle", looping)
+    client = graph_client(graph_server)
+    with pytest.raises(UpstreamError, match="a page link repeats"):
+        client.group_delta(GROUP)
+    assert delta_calls(graph_server) == 2
+    with pytest.raises(UpstreamError, match="a page link repeats"):
+        client.list_subscriptions()
+
+
+def test_a_delta_link_stored_under_another_graph_url_starts_a_full_read(graph_server):
+    graph_server.set_members(TENANT, GROUP, users(2))
+    link = graph_client(graph_server).group_delta(GROUP).delta_link
+    moved = link.replace(graph_server.graph_url, "https://graph.example.invalid/v1.0")
+    with pytest.raises(DeltaExpired):
+        graph_client(graph_server).group_delta(GROUP, moved)
+    result = graph_client(graph_server).group_delta(GROUP, moved, restart_on_expiry=True)
+    assert result.full and result.added == users(2)
+    assert not [c for c in graph_server.calls("GET", "/v1.0/groups/delta") if "deltatoken" in str(c.query)]
+
+
 def test_links_off_the_graph_host_are_refused(graph_server):
-    with pytest.raises(UpstreamError, match="outside"):
+    # A stored link elsewhere is never followed: it counts as expired (above).
+    with pytest.raises(DeltaExpired, match="not on"):
         graph_client(graph_server).group_delta(GROUP, "https://elsewhere.example/v1.0/groups/delta?$deltatoken=x")
+
+
+def test_a_next_link_off_the_graph_host_is_refused(graph_server, monkeypatch):
+    # The bearer token goes wherever a link points.
+    served = graph_server.handle
+
+    def elsewhere(method, path, query, headers, raw):
+        status, body = served(method, path, query, headers, raw)
+        if path == "/v1.0/groups/delta" and status == 200:
+            body.pop("@odata.deltaLink", None)
+            body["@odata.nextLink"] = "https://elsewhere.example/v1.0/groups/delta?$skiptoken=x"
+        return status, body
+
+    monkeypatch.setattr(graph_server, "handle", elsewhere)
+    with pytest.raises(UpstreamError, match="refusing a link outside"):
+        graph_client(graph_server).group_delta(GROUP)
 
 
 def test_group_id_must_be_an_object_id(graph_server):

@@ -78,6 +78,23 @@ class SubscriptionExists(UpstreamError):
     reason = "subscription_exists"
 
 
+class _Links:
+    """The page links one listing follows: a link seen before, or more pages than any
+    real listing has, would loop for ever."""
+
+    MAX_PAGES = 100_000
+
+    def __init__(self, what: str):
+        self._what, self._seen = what, set()
+
+    def follow(self, url: str) -> None:
+        if url in self._seen:
+            raise UpstreamError(f"{self._what}: a page link repeats")
+        if len(self._seen) >= self.MAX_PAGES:
+            raise UpstreamError(f"{self._what}: more than {self.MAX_PAGES} pages")
+        self._seen.add(url)
+
+
 @dataclasses.dataclass(frozen=True)
 class DeltaResult:
     """What one delta round told about one group.
@@ -285,7 +302,9 @@ class GraphClient:
 
     def _pages(self, url: str, what: str) -> Iterator[dict]:
         """Every page of a collection, following @odata.nextLink (https://learn.microsoft.com/graph/paging)."""
+        links = _Links(what)
         while url:
+            links.follow(url)
             page = self._json(self._request("GET", url, what), what)
             yield page
             url = page.get("@odata.nextLink")
@@ -310,6 +329,9 @@ class GraphClient:
     def _delta(self, group_id: str, delta_link: str | None) -> DeltaResult:
         if str(uuid.UUID(group_id)) != group_id.lower():   # also keeps quotes out of $filter
             raise ValueError(f"not a group object id: {group_id!r}")
+        if delta_link and urlsplit(delta_link)[:2] != self._origin:
+            # Stored under an earlier AADRUN_GRAPH_URL: never sent there, and as good as expired.
+            raise DeltaExpired(f"group delta: the stored delta link is not on {self._graph}")
         # https://learn.microsoft.com/graph/api/group-delta
         url = delta_link or f"{self._graph}/groups/delta?" + urlencode(
             {"$select": "members", "$filter": f"id eq '{group_id}'"}, quote_via=quote)
@@ -317,7 +339,9 @@ class GraphClient:
         removed: set[str] = set()
         not_users: set[tuple[str, str]] = set()
         deleted = False
+        links = _Links("group delta")
         while True:
+            links.follow(url)
             page = self._delta_page(url)
             for obj in page.get("value") or []:
                 if not isinstance(obj, dict) or str(obj.get("id", "")).lower() != group_id.lower():
