@@ -38,8 +38,9 @@ def ops(graph_server, tmp_path):
                     "AADRUN_CLOUDRUN_ENDPOINT": cloudrun.url, "NO_GCE_CHECK": "true",
                     "CLOUDSDK_CONFIG": str(tmp_path / "gcloud")})
 
-        def run(*args):
-            proc = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=60, env=env)
+        def run(*args, unset=()):
+            proc = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=60,
+                                  env={k: v for k, v in env.items() if k not in unset})
             return proc.returncode, proc.stdout, proc.stderr
 
         yield run, store_url, graph_server, cloudrun
@@ -168,6 +169,14 @@ def test_audit_csv_exports_a_value_that_looks_like_a_formula_as_text(ops):
     [row] = list(csv.DictReader(io.StringIO(run("audit")[1])))
     assert row["why"] == "'" + formula and row["user"] == ALICE
     assert json.loads(run("audit", "--json")[1])["entries"][0]["why"] == formula   # JSON keeps the value
+
+
+@pytest.mark.parametrize("command", ["subscribe", "resync"])
+def test_graph_commands_without_a_client_id_are_bad_usage(ops, command):
+    run, _, graph_server, _ = ops
+    code, _, err = run(command, unset=("AADRUN_CLIENT_ID",))
+    assert code == 2 and "AADRUN_CLIENT_ID" in err and "Traceback" not in err
+    assert graph_server.token_requests == 0
 
 
 @pytest.mark.parametrize("command", ["validate", "plan", "subscribe", "resync", "audit"])

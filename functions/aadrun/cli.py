@@ -190,6 +190,8 @@ def cmd_resync(args, settings: Settings) -> int:
     from .app import App
     from .maintenance import merge_resync
 
+    if not settings.client_id:   # every read would fail alike: the invocation is wrong
+        raise ConfigError("AADRUN_CLIENT_ID is required to read groups from Microsoft Graph")
     app = App(settings)
     groups = [(t, g) for t, names in sorted(app.policy.referenced_groups().items()) if args.tenant in (None, t)
               for g in sorted(names) if args.group in (None, g)]

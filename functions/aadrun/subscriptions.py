@@ -138,6 +138,8 @@ class Subscriptions:
             groups = referenced[tenant]
             try:
                 run = self._load(tenant)
+            except ConfigError:   # no credentials for Graph at all: the whole task is misconfigured
+                raise
             except AadrunError as e:
                 # A tenant naming no group may have no consent or credentials for Graph at
                 # all: only subscriptions left from an earlier policy could be there.
