@@ -41,6 +41,7 @@ class DevIdentityProvider:
         self.requests: Counter[str] = Counter()
         self.down = False          # answer 503 to everything (an outage)
         self.delay = 0.0           # seconds before each answer (a slow identity provider)
+        self.trickle = 0.0         # seconds between the bytes of each answer (one that never ends)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), _handler(self))
         self._server.daemon_threads = True
@@ -153,7 +154,16 @@ def _handler(idp: DevIdentityProvider):
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if not idp.trickle:
+                self.wfile.write(data)
+                return
+            for i in range(len(data)):
+                try:
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                except OSError:   # the client gave up
+                    return
+                time.sleep(idp.trickle)
 
         def log_message(self, *args) -> None:  # keep test and dev output clean
             pass

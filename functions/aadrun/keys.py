@@ -146,7 +146,9 @@ class KeyCache:
         """With no keys yet every caller waits for the fetch. Otherwise the refresh runs
         on a thread of its own and every caller goes on with the current keys: no
         request waits for it, even while the identity provider hangs."""
-        if not entry.lock.acquire(blocking=wait):
+        # With no keys yet, wait for a first fetch in flight, but not longer than one
+        # document may take: a stuck fetch must not hold every request thread.
+        if not entry.lock.acquire(timeout=self._settings.http_timeout_seconds if wait else 0):
             return   # a fetch is in flight
         current = entry.current
         due = current is None or self._clock() - current.fetched_at >= self._settings.jwks_refresh_seconds
@@ -211,17 +213,34 @@ class KeyCache:
             raise ValueError(str(e)) from e
         # No redirects: check_url vetted this URL, not wherever a redirect would lead
         # (Entra serves discovery and keys directly). Read at most the size limit.
-        with self._session.get(url, timeout=self._settings.http_timeout_seconds, allow_redirects=False,
-                               stream=True) as response:
+        timeout = self._settings.http_timeout_seconds
+        deadline = time.monotonic() + timeout
+        with self._session.get(url, timeout=timeout, allow_redirects=False, stream=True) as response:
             if response.status_code != 200:
                 raise ValueError(f"HTTP {response.status_code} from {url}")
-            body = response.raw.read(_MAX_DOCUMENT + 1, decode_content=True)
+            body = _read_by(response.raw, _MAX_DOCUMENT + 1, deadline)
         if len(body) > _MAX_DOCUMENT:
             raise ValueError("document too large")
         document = json.loads(body)
         if not isinstance(document, dict):
             raise ValueError("not a JSON object")
         return document
+
+
+def _read_by(raw, limit: int, deadline: float) -> bytes:
+    """At most ``limit`` bytes of a response, by ``deadline``. The request timeout bounds
+    each read only: a server trickling its answer would otherwise hold the fetch for ever."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        if time.monotonic() > deadline:
+            raise ValueError("document not received in time")
+        chunk = raw.read1(min(64 * 1024, limit - size), decode_content=True)   # what has arrived
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _public_key(jwk: dict) -> object | None:
