@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import threading
 import time
 import types
@@ -282,6 +283,28 @@ def test_claim_shapes(world, idp, change, reason):
 def _signed_raw(idp, payload: bytes) -> str:
     """A token whose claims are exactly ``payload`` (JSON text), signed with the current key."""
     return jwt.api_jws.encode(payload, idp.current.private, algorithm="RS256", headers={"kid": idp.current.kid})
+
+
+@pytest.mark.parametrize("oid", ['"\\ud800"', '"x\\r\\nSet-Cookie: a=b"', '"not-an-object-id"', "7"])
+def test_an_oid_that_is_no_object_id_counts_as_none(world, idp, oid):
+    # Signed by the tenant's key, yet no subject: never a 500, never a header injection.
+    body = json.dumps({k: v for k, v in claims(idp, good(idp)).items() if k != "oid"})[:-1]
+    decision = world[0].decide("billing", _signed_raw(idp, f'{body}, "oid": {oid}}}'.encode()))
+    assert (decision.reason, decision.subject) == ("not_member", None)
+
+
+def test_what_cannot_be_decided_is_denied_and_logged(world, idp, monkeypatch, caplog):
+    verifier = world[0]
+
+    def broken(*args):
+        raise KeyError("a defect")
+
+    monkeypatch.setattr(verifier.memberships, "lookup", broken)
+    with caplog.at_level(logging.ERROR, logger="aadrun"):
+        decision = verifier.decide("billing", good(idp))
+    assert (decision.allow, decision.reason, decision.status) == (False, "unavailable", 503)
+    assert [r.json_fields["error"] for r in caplog.records if r.json_fields.get("event") == "decision_error"] == [
+        "KeyError"]
 
 
 @pytest.mark.parametrize("exp,nbf,reason", [

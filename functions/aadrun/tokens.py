@@ -27,6 +27,7 @@ from jwt.algorithms import RSAAlgorithm
 from jwt.utils import base64url_decode
 
 from .errors import TokenError
+from .messages import is_guid
 
 if TYPE_CHECKING:
     from .keys import KeyCache
@@ -64,8 +65,10 @@ class VerifiedToken:
 
     @functools.cached_property
     def subject(self) -> str | None:
+        # Entra's oid is an object id; anything else (a lone surrogate, a line break)
+        # could not be stored, looked up or sent in X-Auth-Subject: the token has none.
         oid = self.claims.get("oid")
-        return oid if isinstance(oid, str) else None
+        return oid if is_guid(oid) else None
 
     @functools.cached_property
     def roles(self) -> tuple[str, ...]:

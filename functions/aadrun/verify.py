@@ -169,6 +169,10 @@ class Verifier:
             return Decision(False, e.reason, service.name, decision_id, detail=str(e), digest=digest)
         except Unavailable as e:
             return Decision(False, "unavailable", service.name, decision_id, detail=str(e), digest=digest)
+        except Exception as e:  # noqa: BLE001 - what cannot be decided is denied (fail closed)
+            audit.entry("decision_error", "verify could not decide: denied", severity="ERROR",
+                        service=service.name, error=e.__class__.__name__)
+            return Decision(False, "unavailable", service.name, decision_id, detail="internal error", digest=digest)
         return Decision(outcome.allow, outcome.reason, service.name, decision_id, verified.subject,
                         verified.tenant, verified, outcome.rule, outcome.via, digest=digest)
 
