@@ -23,6 +23,7 @@ from aadrun.bus import PubSubBus
 from aadrun.config import Settings
 from aadrun.errors import Unavailable
 from aadrun.messages import from_json
+from aadrun.webhook import MAX_ITEMS
 from tests.support.emulators import Emulator
 from tests.support.serve import FunctionServer
 
@@ -171,7 +172,7 @@ def test_rejected_and_dropped_posts_publish_nothing(stack, subscription):
         (b"{not json", 400),
         (b"\xff\xfe", 400),
         (b'{"value": "x"}', 400),
-        (json.dumps({"value": [{}] * 1001}).encode(), 400),
+        (json.dumps({"value": [{}] * (MAX_ITEMS + 1)}).encode(), 400),
         (b"{" + b" " * MAX_BODY + b"}", 413),
     ]
     for body, expected in refused:
