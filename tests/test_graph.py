@@ -155,6 +155,16 @@ def test_a_member_id_that_is_not_an_object_id_is_skipped(graph_server):
     assert result.added == users(1) and result.not_users == frozenset()
 
 
+def test_member_ids_are_lower_case_as_notifications_are(graph_server):
+    upper = "0A11CE00-0000-0000-0000-00000000ABCD"
+    graph_server.set_members(TENANT, GROUP, [upper])
+    client = graph_client(graph_server)
+    first = client.group_delta(GROUP)
+    assert first.added == {upper.lower()}
+    graph_server.remove_members(TENANT, GROUP, [upper])
+    assert client.group_delta(GROUP, first.delta_link).removed == {upper.lower()}
+
+
 @pytest.mark.parametrize("marker", [{"reason": "deleted"}, "deleted"])
 def test_incremental_delta_reports_additions_and_removals(graph_server, marker):
     graph_server.page_size = 3

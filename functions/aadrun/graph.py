@@ -359,6 +359,7 @@ class GraphClient:
                             not_users.add((kind[:100], uid.lower()))
                         continue
                     # "@removed" is {"reason": "deleted"} in delta query, "deleted" in webhooks.
+                    uid = uid.lower()   # as notifications' ids are: one spelling per user
                     into, other = (removed, added) if "@removed" in member else (added, removed)
                     into.add(uid)
                     other.discard(uid)
