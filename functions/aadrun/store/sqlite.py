@@ -163,10 +163,15 @@ class SqliteStore(Store):
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
+        if self._closed:
+            raise Unavailable("sqlite store: closed")
+        # Opening may wait out another process's lock for the busy timeout: not while
+        # holding the store-wide lock, or every new thread would queue behind that wait.
+        conn = self._connect()
         with self._lock:
             if self._closed:
+                conn.close()
                 raise Unavailable("sqlite store: closed")
-            conn = self._connect()
             # Threads come and go (tests, thread pools): close what the dead left.
             for thread in [t for t in self._conns if not t.is_alive()]:
                 self._conns.pop(thread).close()
