@@ -147,6 +147,9 @@ def test_audit_exports_the_change_log(ops, tmp_path):
                                            "member", "source", "why", "message_id"]
     assert {(r["kind"], r["user"] or r["member"]) for r in rows} == {
         ("member_added", ALICE), ("member_added", BOB), ("iam_added", user(ALICE))}
+    claims = list(csv.DictReader(io.StringIO(run("audit", "--claims")[1])))
+    assert [(r["kind"], r["member"]) for r in claims if r["kind"] not in {r["kind"] for r in rows}] == [
+        ("iam_claimed", user(ALICE))]      # recorded just before the set call that granted her
     assert all(r["at"].endswith("Z") and r["source"] and r["why"] for r in rows)
     code, out, _ = run("audit", "--format", "json", "--since", "2000-01-01")
     document = json.loads(out)

@@ -20,7 +20,7 @@ import pytest
 
 from aadrun.coalesce import StoreLease
 from aadrun.errors import ConfigError, Unavailable
-from aadrun.store import GroupUpdate, Store, SyncState, open_store, utcnow
+from aadrun.store import GroupUpdate, IamWrite, Store, SyncState, open_store, utcnow
 from aadrun.store.firestore import FirestoreStore, doc_id
 from aadrun.store.sqlite import SqliteStore
 from tests.support.emulators import free_port
@@ -272,14 +272,25 @@ def stored_processed_ids(store) -> set[str]:
 # -- managed IAM members -----------------------------------------------------
 
 
-def test_record_iam_logs_restored_members_that_stay_managed(store):
+def test_record_iam_logs_what_the_set_call_did_and_claims_as_such(store):
     invoker = "roles/run.invoker"
     store.record_iam("billing-api", {invoker: {"p/u1", "p/u2"}}, source="s", why="w")
-    entries = store.record_iam("billing-api", {invoker: {"p/u1", "p/u2"}}, source="maintenance",
-                               why="IAM drift repaired", restored={invoker: {"p/u1", "p/u9"}})
-    assert [(e.kind, e.member, e.source) for e in entries] == [("iam_restored", "p/u1", "maintenance")]
-    assert [e.kind for e in store.changes()][-1] == "iam_restored"
-    assert store.managed_members("billing-api") == {invoker: {"p/u1", "p/u2"}}
+    # A claim before the set call: no access changes yet.
+    claimed = store.record_iam("billing-api", {invoker: {"p/u1", "p/u2", "p/u3"}}, source="s", why="w", claim=True)
+    assert [(e.kind, e.member) for e in claimed] == [("iam_claimed", "p/u3")]
+    # The set call added u3 and put u1 back (drift repair), revoked u2; u4's claim went unwritten.
+    store.record_iam("billing-api", {invoker: {"p/u1", "p/u2", "p/u3", "p/u4"}}, source="s", why="w", claim=True)
+    written = IamWrite(added={invoker: frozenset({"p/u1", "p/u3"})}, removed={invoker: frozenset({"p/u2"})},
+                       restored={invoker: frozenset({"p/u1", "p/u9"})})
+    entries = store.record_iam("billing-api", {invoker: {"p/u1", "p/u3"}}, source="maintenance",
+                               why="IAM drift repaired", written=written)
+    assert sorted((e.kind, e.member, e.source) for e in entries) == [
+        ("iam_added", "p/u3", "maintenance"), ("iam_removed", "p/u2", "maintenance"),
+        ("iam_restored", "p/u1", "maintenance"), ("iam_unclaimed", "p/u4", "maintenance")]
+    assert store.managed_members("billing-api") == {invoker: {"p/u1", "p/u3"}}
+    # A set call that changed nothing, over a managed set that did not change either: no entry.
+    assert store.record_iam("billing-api", {invoker: {"p/u1", "p/u3"}}, source="s", why="w",
+                            written=IamWrite({}, {})) == []
 
 
 def test_record_iam_logs_each_difference(store):

@@ -381,6 +381,20 @@ def test_an_iam_grant_is_audited_even_when_its_first_write_fails(world, app, aud
     assert len(logged) == len(audited) == 1   # the audit log tells what the change log holds
 
 
+def test_a_grant_whose_set_call_failed_is_never_logged_as_granted_nor_revoked(world, app, audit_lines):
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    world.cloudrun.inject_error(REPORTS, "setIamPolicy", 403, "PERMISSION_DENIED", "no")
+    with pytest.raises(Exception):
+        app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    world.graph.remove_members(TENANT, G_ENG, [ALICE])     # she leaves before any retry
+    app.sync.handle_messages([change(G_ENG, removed=[ALICE])])
+    assert world.members(REPORTS) == set()
+    kinds = [e.kind for e in app.store.changes() if e.service == REPORTS]
+    assert kinds == ["iam_claimed", "iam_unclaimed"]        # an intent and its end: no access changed
+    assert not [a for a in audit_lines if a["event"] == "iam_change" and a.get("service") == REPORTS]
+    assert [a["kind"] for a in audit_lines if a["event"] == "iam_claim" and a.get("service") == REPORTS] == kinds
+
+
 def test_a_redelivered_message_rewrites_the_iam_its_first_attempt_could_not(world, app):
     world.graph.add_members(TENANT, G_ENG, [ALICE])
     message = change(G_ENG, added=[ALICE])

@@ -5,9 +5,11 @@ The caller holds the store lease ``iam/{resource}``, so aadrun's writers of one
 resource take turns and the managed set a plan reads is the one the previous writer
 recorded. Within one write:
 
-  - the members it adds are recorded as managed *before* the set call (the claim),
-    so a crash after the call cannot orphan them in IAM, where no later plan would
-    remove them; a later plan drops a claimed member it finds absent;
+  - the members it adds are recorded as managed *before* the set call (the claim,
+    logged ``iam_claimed``), so a crash after the call cannot orphan them in IAM,
+    where no later plan would remove them; a later plan drops a claimed member it
+    finds absent (``iam_unclaimed``). Only what the set call did is logged as
+    ``iam_added`` / ``iam_removed``;
   - a 409 re-reads IAM and the store and plans again (``IamWriter.apply_with``); a
     member claimed by an attempt whose set never happened, and granted by someone
     else meanwhile, is theirs, not aadrun's to revoke later;
@@ -26,7 +28,7 @@ from .coalesce import StoreLease
 from .errors import PlanError
 from .iam import AppliedResult, IamWriter
 from .plan import Binding, Members, ServiceChanges, diff
-from .store import ChangeEntry, Store
+from .store import ChangeEntry, IamWrite, Store
 from .sync_report import audit_changes
 
 
@@ -50,10 +52,11 @@ def write_managed(store: Store, writer: IamWriter, lease: StoreLease, resource: 
                   message_id: str | None = None, repair: bool = False) -> WriteOutcome:
     """Bring the managed members of ``resource`` to ``desired()`` (role -> members,
     asked again on each attempt); ``service`` names it in plans and errors. A
-    ``repair`` (maintenance's drift task) also logs each managed member it puts
-    back in IAM as ``iam_restored``."""
+    ``repair`` (maintenance's drift task) logs each managed member it puts back in
+    IAM as ``iam_restored`` rather than ``iam_added``."""
     before: dict[str, set[str]] = {}
-    unwritten: dict[str, set[str]] = {}   # claimed by an attempt whose set did not happen
+    pending: dict[str, set[str]] = {}     # claimed by the attempt in flight
+    unwritten: dict[str, set[str]] = {}   # claimed by attempts whose set did not happen
     entries: list[ChangeEntry] = []
     seen: dict[str, list[Binding] | None] = {"live": None}
     grants = True
@@ -61,6 +64,9 @@ def write_managed(store: Store, writer: IamWriter, lease: StoreLease, resource: 
 
     def plan_for(live: list[Binding] | None) -> ServiceChanges:
         lease.renew()   # each attempt: a 409 plans again
+        for role, members in pending.items():   # a new attempt: the last one's set did not happen
+            unwritten.setdefault(role, set()).update(members)
+        pending.clear()
         before.clear()
         before.update({r: m - unwritten.get(r, set()) for r, m in store.managed_members(resource).items()})
         seen["live"] = live
@@ -68,11 +74,10 @@ def write_managed(store: Store, writer: IamWriter, lease: StoreLease, resource: 
 
     def claim(changes: ServiceChanges) -> None:
         roles = set(before) | set(changes.adds)
-        restored = {r: set(changes.adds.get(r, ())) & before.get(r, set()) for r in roles} if repair else None
-        for role, members in changes.adds.items():   # newly claimed, not the restored
-            unwritten.setdefault(role, set()).update(set(members) - before.get(role, set()))
+        for role, members in changes.adds.items():   # newly claimed, not the already managed
+            pending[role] = set(members) - before.get(role, set())
         intent = {r: before.get(r, set()) | set(changes.adds.get(r, ())) for r in roles}
-        entries.extend(store.record_iam(resource, intent, restored=restored, **record))
+        entries.extend(store.record_iam(resource, intent, claim=True, **record))
 
     def outcome(result: AppliedResult | None, refusal: str | None) -> WriteOutcome:
         return WriteOutcome(result, refusal, entries, dict(before), seen["live"])
@@ -89,11 +94,18 @@ def write_managed(store: Store, writer: IamWriter, lease: StoreLease, resource: 
                 result = writer.apply_with(resource, plan_for, claim)
             except PlanError:
                 return outcome(None, refusal)
-        managed = {r: set(m) for r, m in result.changes.managed.items() if m}
+        changes = result.changes
+        # What the set call did (nothing, when none was needed); record mode has none:
+        # its plan is the change.
+        written = None if writer.mode == "record" else IamWrite(
+            changes.adds, changes.removes,
+            {r: frozenset(m) & before.get(r, set()) for r, m in changes.adds.items()} if repair else {})
+        managed = {r: set(m) for r, m in changes.managed.items() if m}
         # After a claim the store's record is the claim's, whatever the plan held.
-        if entries or managed != {r: m for r, m in before.items() if m}:
+        if entries or (written and (written.added or written.removed)) or \
+                managed != {r: m for r, m in before.items() if m}:
             # A write that outlived its lease must not overwrite a newer holder's record.
-            entries.extend(store.record_iam(resource, managed, **record))
+            entries.extend(store.record_iam(resource, managed, written=written, **record))
         return outcome(result, refusal)
     finally:
         audit_changes(entries)

@@ -13,7 +13,8 @@ from .policy import Policy
 from .store import ChangeEntry, utcnow
 
 _AUDIT_EVENT = {"member_added": "membership_change", "member_removed": "membership_change",
-                "iam_added": "iam_change", "iam_removed": "iam_change", "iam_restored": "iam_change"}
+                "iam_added": "iam_change", "iam_removed": "iam_change", "iam_restored": "iam_change",
+                "iam_claimed": "iam_claim", "iam_unclaimed": "iam_claim"}
 
 
 @dataclasses.dataclass

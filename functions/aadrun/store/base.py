@@ -42,9 +42,14 @@ class SyncState:
 class ChangeEntry:
     """One line of the change log (also the shape of `aadrun audit` rows).
 
-    kind: ``member_added`` | ``member_removed`` (membership store) or
-          ``iam_added`` | ``iam_removed`` | ``iam_restored`` (a Cloud Run IAM member;
-          restored: put back after a change made outside aadrun).
+    kind: ``member_added`` | ``member_removed`` (membership store);
+          ``iam_added`` | ``iam_removed`` | ``iam_restored`` (a Cloud Run IAM member
+          granted, revoked, or put back after a change made outside aadrun);
+          ``iam_claimed`` | ``iam_unclaimed`` (no IAM change: a member recorded as
+          managed just before the set call that grants it, and a member no longer
+          managed without being revoked: claimed by a set that never happened, or gone
+          from IAM already). A claim with no ``iam_added`` after it was not granted,
+          unless the process died between the two: the live policy then tells.
     """
 
     kind: str
@@ -64,6 +69,15 @@ class ChangeEntry:
         out = dataclasses.asdict(self)
         out["at"] = self.at.astimezone(UTC).isoformat().replace("+00:00", "Z")
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class IamWrite:
+    """What one Cloud Run set call did (role -> members), for ``record_iam`` to log."""
+
+    added: Mapping[str, frozenset[str]]
+    removed: Mapping[str, frozenset[str]]
+    restored: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=dict)   # of added: put back
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,14 +150,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def record_iam(self, cloud_run: str, desired: Mapping[str, set[str]], *, source: str, why: str,
-                   message_id: str | None = None, restored: Mapping[str, set[str]] | None = None,
+                   message_id: str | None = None, claim: bool = False, written: IamWrite | None = None,
                    lease: tuple[str, str] | None = None) -> list[ChangeEntry]:
-        """Store the managed members of a Cloud Run resource (role -> members) after
-        IAM was written, logging ``iam_added`` / ``iam_removed`` for each difference
-        (their ``service`` is the resource), and ``iam_restored`` for each managed
-        member a drift repair put back in IAM. With ``lease=(name, holder)``, in the
-        same transaction as a check that ``holder`` still has that lease (``Unavailable``
-        otherwise): a writer that lost it never overwrites a newer holder's record."""
+        """Store the managed members of a Cloud Run resource (role -> members) and log
+        the change (``rules.iam_entries``; the entries' ``service`` is the resource):
+        with ``written``, what that set call did; with ``claim``, a claim made before a
+        set call; with neither, the difference itself (record mode). With
+        ``lease=(name, holder)``, in the same transaction as a check that ``holder``
+        still has that lease (``Unavailable`` otherwise): a writer that lost it never
+        overwrites a newer holder's record."""
 
     @abc.abstractmethod
     def changes(self, since: dt.datetime | None = None, limit: int | None = None) -> list[ChangeEntry]:

@@ -62,7 +62,7 @@ from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 
 from ..errors import ConfigError, Unavailable
-from .base import UTC, ChangeEntry, GroupUpdate, Store, SyncState, utcnow
+from .base import UTC, ChangeEntry, GroupUpdate, IamWrite, Store, SyncState, utcnow
 from .rules import check_update, diff_iam, iam_entries, member_entries, monotonic_at
 
 EMULATOR_PROJECT = "aadrun-local"
@@ -339,12 +339,13 @@ class FirestoreStore(Store):
         return entries
 
     def record_iam(self, service: str, desired: Mapping[str, set[str]], *, source: str, why: str,
-                   message_id: str | None = None, restored: Mapping[str, set[str]] | None = None,
+                   message_id: str | None = None, claim: bool = False, written: IamWrite | None = None,
                    lease: tuple[str, str] | None = None) -> list[ChangeEntry]:
-        return self._run(self._record_iam, service, desired, source, why, message_id, restored, lease, utcnow())
+        return self._run(self._record_iam, service, desired, source, why, message_id, claim, written, lease,
+                         utcnow())
 
     def _record_iam(self, txn, service: str, desired: Mapping[str, set[str]], source: str, why: str,
-                    message_id: str | None, restored: Mapping[str, set[str]] | None,
+                    message_id: str | None, claim: bool, written: IamWrite | None,
                     lease: tuple[str, str] | None, now: dt.datetime) -> list[ChangeEntry]:
         ref = self._doc("managed", service)
         held = self._doc("leases", lease[0]) if lease is not None else None
@@ -353,11 +354,11 @@ class FirestoreStore(Store):
             raise Unavailable(f"lease {lease[0]} was lost")
         current = self._roles(snaps[ref.path])
         added, removed = diff_iam(current, desired)
-        if not added and not removed and not any((restored or {}).values()):
+        if not added and not removed and not (written and any([*written.added.values(), *written.removed.values()])):
             return []
         counters = self._counters_now()
         at = monotonic_at(now, counters["last_at"])
-        entries = iam_entries(service, added, removed, restored, desired, at, source, why, message_id)
+        entries = iam_entries(service, added, removed, at, source, why, message_id, claim=claim, written=written)
         if not entries:
             return []
         entries = self._log(txn, entries, counters, bump_generation=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Mapping
 
-from .base import ChangeEntry, GroupUpdate
+from .base import ChangeEntry, GroupUpdate, IamWrite
 
 
 def check_update(update: GroupUpdate) -> None:
@@ -38,12 +38,29 @@ def monotonic_at(now: dt.datetime, last: dt.datetime | None) -> dt.datetime:
     return now if last is None or now >= last else last
 
 
-def iam_entries(service: str, added, removed, restored: Mapping[str, set[str]] | None, desired: Mapping[str, set[str]],
-                at: dt.datetime, source: str, why: str, message_id: str | None) -> list[ChangeEntry]:
-    """The change-log entries of one ``record_iam``; a restored member counts only
-    while it stays managed."""
-    back = [(r, m) for r, ms in sorted((restored or {}).items()) for m in sorted(ms) if m in desired.get(r, ())]
+def iam_entries(service: str, added, removed, at: dt.datetime, source: str, why: str, message_id: str | None, *,
+                claim: bool = False, written: IamWrite | None = None) -> list[ChangeEntry]:
+    """The change-log entries of one ``record_iam`` that changes the managed set by
+    ``added`` and ``removed`` ((role, member) pairs).
+
+    Only what reached IAM is ``iam_added`` / ``iam_removed``: with ``written`` (the
+    set call's adds and removes) those, the adds it ``restored`` as ``iam_restored``;
+    any other change of the managed set is ``iam_claimed`` / ``iam_unclaimed``.
+    Without ``written`` the difference itself is the IAM change (record mode), unless
+    it is a ``claim`` made before the set call.
+    """
+    def pairs(members: Mapping[str, Iterable[str]]) -> set[tuple[str, str]]:
+        return {(r, m) for r, ms in members.items() for m in ms}
+
+    if written is None:
+        reached_added, reached_removed = (set(), set()) if claim else (set(added), set(removed))
+        back: set[tuple[str, str]] = set()
+    else:
+        reached_added, reached_removed = pairs(written.added), pairs(written.removed)
+        back = pairs(written.restored) & reached_added
+    kinds = ([("iam_restored" if p in back else "iam_added", p) for p in sorted(reached_added)]
+             + [("iam_removed", p) for p in sorted(reached_removed)]
+             + [("iam_claimed", p) for p in added if p not in reached_added]
+             + [("iam_unclaimed", p) for p in removed if p not in reached_removed])
     return [ChangeEntry(kind=kind, at=at, service=service, role=r, member=m, source=source, why=why,
-                        message_id=message_id)
-            for kind, pairs in (("iam_added", added), ("iam_removed", removed), ("iam_restored", back))
-            for r, m in pairs]
+                        message_id=message_id) for kind, (r, m) in kinds]

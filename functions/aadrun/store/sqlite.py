@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 
 from ..errors import Unavailable
-from .base import UTC, ChangeEntry, GroupUpdate, Store, SyncState, utcnow
+from .base import UTC, ChangeEntry, GroupUpdate, IamWrite, Store, SyncState, utcnow
 from .rules import check_update, diff_iam, iam_entries, member_entries, monotonic_at
 
 BUSY_TIMEOUT_S = 5.0
@@ -349,7 +349,7 @@ class SqliteStore(Store):
         return to_add, to_remove
 
     def record_iam(self, service: str, desired: Mapping[str, set[str]], *, source: str, why: str,
-                   message_id: str | None = None, restored: Mapping[str, set[str]] | None = None,
+                   message_id: str | None = None, claim: bool = False, written: IamWrite | None = None,
                    lease: tuple[str, str] | None = None) -> list[ChangeEntry]:
         with _translated(), self._write() as conn:
             if lease is not None:
@@ -365,8 +365,8 @@ class SqliteStore(Store):
             conn.executemany("DELETE FROM managed WHERE service = ? AND role = ? AND member = ?",
                              [(service, r, m) for r, m in removed])
             at = self._next_at(conn, utcnow())
-            return self._log(conn, iam_entries(service, added, removed, restored, desired, at, source, why,
-                                               message_id))
+            return self._log(conn, iam_entries(service, added, removed, at, source, why, message_id,
+                                               claim=claim, written=written))
 
     def acquire_lease(self, name: str, holder: str, ttl_seconds: float) -> bool:
         now = utcnow()
