@@ -77,7 +77,22 @@ ERRORS = [
     ("empty value", BASE.replace("    audiences: [api://a]", "    audiences:"), 3, "tenants[0].audiences"),
     ("unknown tag", BASE.replace("    audiences: [api://a]", "    audiences: [!secret a]"), 3,
      "tenants[0].audiences[0]"),
+    ("known tag, impossible value", BASE.replace("  - name: s", "  - name: !!int abc"), 5, "services[0].name"),
+    ("impossible timestamp", BASE.replace("  - name: s", "  - name: !!timestamp x"), 5, "services[0].name"),
+    ("impossible bool", BASE.replace("  - name: s", "  - name: !!bool maybe"), 5, "services[0].name"),
+    ("principal with another placeholder", BASE + "principal: principal://x/{pool}/{oid}\n", 9, "principal"),
+    ("principal that is no IAM member", BASE + "principal: '{oid}'\n", 9, "principal"),
+    ("group_principal with the user placeholder", BASE + "group_principal: principalSet://x/{oid}\n", 9,
+     "group_principal"),
+    ("no tenant at all", "# everything commented out\n", None, "tenants"),
 ]
+
+
+def test_a_value_yaml_reads_as_a_boolean_or_number_says_to_quote_it(tmp_path):
+    with pytest.raises(PolicyError) as caught:
+        load_policy(write(tmp_path, "p.yaml", BASE.replace("  - name: s", "  - name: yes")))
+    assert (caught.value.line, caught.value.field) == (5, "services[0].name")
+    assert "read True as a bool: quote it" in str(caught.value)
 
 
 @pytest.mark.parametrize("case,text,line,field", ERRORS, ids=[e[0] for e in ERRORS])
@@ -102,10 +117,10 @@ def test_folder_merges_files(tmp_path):
 @pytest.mark.parametrize("second,field", [
     (f"tenants:\n  - id: {T}\n    audiences: [y]\n", "tenants[0].id"),
     (f"services:\n  - name: s\n    tenant: {T}\n    access:\n      - app_roles: [R]\n", "services[0].name"),
-    ("principal: 'p/{oid}'\n", "principal"),
+    ("principal: 'principal://p/{oid}'\n", "principal"),
 ])
 def test_folder_refuses_duplicates_across_files(tmp_path, second, field):
-    write(tmp_path, "a.yaml", BASE + "principal: 'q/{oid}'\n")
+    write(tmp_path, "a.yaml", BASE + "principal: 'principal://q/{oid}'\n")
     path = write(tmp_path, "b.yaml", second)
     with pytest.raises(PolicyError) as caught:
         load_policy(tmp_path)

@@ -98,6 +98,8 @@ class Policy:
 
 # More values than any real policy holds: what aliases expanding into aliases make.
 MAX_VALUES = 100_000
+# How an IAM allow policy names a member (cloud.google.com/iam/docs/principal-identifiers).
+_MEMBER_PREFIXES = ("principal://", "principalSet://", "user:", "group:", "serviceAccount:")
 
 
 class _Located:
@@ -135,8 +137,12 @@ class _Located:
         try:
             return self._scalars.construct_object(node)   # null, bool, int, float...
         except yaml.YAMLError as e:   # e.g. a tag YAML's safe loader does not know
-            raise PolicyError(f"invalid value: {getattr(e, 'problem', None) or e}", file=self.file,
-                              line=node.start_mark.line + 1, field=path or "(top)") from None
+            problem = getattr(e, "problem", None) or e
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
+            # A known tag on a value it cannot hold (!!int abc, !!bool maybe, !!timestamp x).
+            problem = f"{node.value!r} is not a {node.tag.rsplit(':', 1)[-1]} ({e.__class__.__name__})"
+        raise PolicyError(f"invalid value: {problem}", file=self.file, line=node.start_mark.line + 1,
+                          field=path or "(top)")
 
 
 class _Checker:
@@ -161,6 +167,10 @@ class _Checker:
         return value
 
     def string(self, value, field: str, pattern: re.Pattern | None = None, what: str = "") -> str:
+        if isinstance(value, (bool, int, float)):
+            # YAML reads yes/no/on/off as booleans and digits as numbers.
+            raise self.error(field, f"must be a non-empty string; YAML read {value!r} as a "
+                                    f"{type(value).__name__}: quote it")
         if not isinstance(value, str) or not value:
             raise self.error(field, "must be a non-empty string")
         if pattern and not pattern.match(value):
@@ -297,8 +307,10 @@ def _top_level(c: _Checker, data: dict, singles: dict[str, tuple[str, str]]) -> 
     for key, placeholder in (("principal", "{oid}"), ("group_principal", "{group_id}")):
         if key in data:
             value = c.string(data[key], key)
-            if placeholder not in value:
-                raise c.error(key, f"must contain {placeholder}")
+            if re.findall(r"\{[^{}]*\}", value) != [placeholder]:
+                raise c.error(key, f"must contain {placeholder} once, and no other {{...}}")
+            if not value.startswith(_MEMBER_PREFIXES):
+                raise c.error(key, f"must be an IAM member ({', '.join(_MEMBER_PREFIXES)}...), got {value!r}")
             if key in singles:
                 raise c.error(key, f"already set in {singles[key][1]}")
             singles[key] = (value, c.file)
@@ -347,6 +359,11 @@ def load_policy(path: str | os.PathLike) -> Policy:
     except PolicyError as e:
         errors += e.errors
     _raise_all(errors)
+    if not policy.tenants:
+        # An empty or commented-out file: deployed, verify would deny everyone and the
+        # drift repair would revoke every grant aadrun made. Removing services does that on purpose.
+        raise PolicyError("no tenant is defined: the policies would deny every token and revoke every grant",
+                          file=str(files[0]), field="tenants")
     return policy
 
 
