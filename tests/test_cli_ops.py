@@ -99,12 +99,16 @@ def test_the_cli_takes_google_credentials_from_the_metadata_server_as_on_cloud_b
     assert metadata.tokens_issued >= 1
 
 
-def test_plan_over_the_principal_limit_is_a_finding(ops):
+def test_plan_over_the_principal_limit_is_a_finding_that_still_shows_its_revocations(ops):
     run, store_url, _, _ = ops
+    assert run("resync")[0] == 0                      # ALICE granted and managed
     many = frozenset(f"00000000-0000-0000-0000-{i:012d}" for i in range(1501))
     open_store(store_url).apply(GroupUpdate(TENANT, G_ENG, replace=many, sync=SyncState(None, utcnow())))
     code, out, _ = run("plan")
     assert code == 1 and "REFUSED billing" in out and "bind: group" in out
+    assert "(grants REFUSED: revocations only)" in out and f"  - {INVOKER} {user(ALICE)}" in out
+    [service] = json.loads(run("plan", "--json")[1])["services"]
+    assert service["changes"] == {INVOKER: {"add": [], "remove": [user(ALICE)]}}
 
 
 def test_subscribe(ops):

@@ -134,12 +134,15 @@ def cmd_plan(args, settings: Settings) -> int:
         try:
             live, managed = writer.live_bindings(resource), store.managed_members(resource)
             if name:
-                changes = plan_service(policy, policy.services[name], store.group_members, managed, live)
+                try:
+                    changes = plan_service(policy, policy.services[name], store.group_members, managed, live)
+                except PlanError as e:
+                    # Its grants are refused; its revocations are still made (as policy_sync does).
+                    refused[name] = str(e)
+                    changes = plan_service(policy, policy.services[name], store.group_members, managed, live,
+                                           grants=False)
             else:
                 changes = plan_orphan(resource, managed, live)
-        except PlanError as e:
-            refused[name or resource] = str(e)
-            continue
         except UpstreamError as e:
             if name or e.status_code != 404:
                 raise
@@ -157,7 +160,8 @@ def _plan_text(p: dict) -> str:
         adds = sum(len(c["add"]) for c in s["changes"].values())
         removes = sum(len(c["remove"]) for c in s["changes"].values())
         lines.append(f"{s['service'] or '(no service any more)'} ({s['cloud_run']}): +{adds} -{removes}, "
-                     f"{s['principals']}/{s['limit']} principals" + ("" if s["live"] else " (record mode)"))
+                     f"{s['principals']}/{s['limit']} principals" + ("" if s["live"] else " (record mode)")
+                     + (" (grants REFUSED: revocations only)" if s["service"] in p["refused"] else ""))
         for role, change in s["changes"].items():
             lines += [f"  + {role} {m}" for m in change["add"]] + [f"  - {role} {m}" for m in change["remove"]]
     lines += [f"REFUSED {name}: {why}" for name, why in p["refused"].items()]
