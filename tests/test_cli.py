@@ -89,6 +89,32 @@ def test_explain_token_deny_shows_the_failing_step(env):
     assert set(outcomes[:failed]) == {"pass"} and set(outcomes[failed + 1:]) == {"skipped"}
 
 
+def test_explain_token_names_the_step_that_could_not_decide_and_why(env, tmp_path):
+    idp, variables = env
+    token = idp.mint(TENANT_A, oid=ALICE, aud="api://billing")
+
+    def failed_step(extra):
+        code, out, _ = run("explain", "--service", "billing", "--token", token, "--json", env={**variables, **extra})
+        [step] = [s for s in json.loads(out)["steps"] if s["outcome"] == "fail"]
+        return code, step
+
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(b"not a database" * 100)
+    code, step = failed_step({"AADRUN_STORE": f"sqlite:///{broken}"})       # the token verifies; the store fails
+    assert code == 1 and (step["check"], step["reason"]) == ("a rule of the service matches", "unavailable")
+    assert "store" in step["detail"]
+    idp.down = True                                                          # no keys were ever fetched
+    code, step = failed_step({})
+    assert code == 1 and step["reason"] == "unavailable" and "signing keys" in step["detail"]
+    assert step["check"] != "a rule of the service matches"
+    idp.down = False
+    policy = tmp_path / "bad.yaml"
+    policy.write_text("tenants:\n  - id: 11111111-1111-1111-1111-111111111111\n    audiences: []\n")
+    code, out, err = run("explain", "--service", "billing", "--token", token, env={**variables,
+                                                                                  "AADRUN_POLICY_PATH": str(policy)})
+    assert code == 1 and out == "" and f"{policy}:3" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("command", [["audit"], ["plan"], ["explain", "--service", "billing", "--user", ALICE]])
 def test_a_command_reading_a_store_that_does_not_exist_is_bad_usage_and_creates_nothing(tmp_path, command):
     missing = tmp_path / "nowhere" / "state.db"

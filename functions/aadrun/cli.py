@@ -55,6 +55,7 @@ def cmd_validate(args, settings: Settings) -> int:
 def _explain_token(args, app) -> dict:
     from .verify import log_decision
 
+    app.policy   # a policy that does not load is reported as such (file, line, field), not as a step
     decision = app.verifier.decide(args.service, args.token)
     log_decision(decision, args.token, mode="explain")
     order = ["unknown_service", "missing_token"] + [reason for reason, _ in STEPS] + ["rule"]
@@ -62,10 +63,13 @@ def _explain_token(args, app) -> dict:
               **dict(STEPS), "rule": "a rule of the service matches"}
     failed_at = "rule" if decision.reason in ("not_member", "membership_unknown", "no_matching_rule") \
         else decision.reason
+    if decision.reason == "unavailable":   # the store, once the token verified; else its keys
+        failed_at = "rule" if decision.token else "unknown_key"
     steps, state = [], "pass"
     for step in order:
-        if step == failed_at or (decision.reason == "unavailable" and step == "unknown_key" and state == "pass"):
-            steps.append({"check": labels[step], "outcome": "fail", "reason": decision.reason})
+        if step == failed_at:
+            steps.append({"check": labels[step], "outcome": "fail", "reason": decision.reason,
+                          **({"detail": decision.detail} if decision.detail else {})})
             state = "skipped"
             continue
         outcome = state
@@ -107,7 +111,8 @@ def cmd_explain(args, settings: Settings) -> int:
         lines = [f"{'ALLOW' if p['allow'] else 'DENY'} {p.get('service')}: {p['reason']}"]
         for step in p.get("steps", []):
             lines.append(f"  {step['outcome']:<8} {step['check']}" + (f"  [{step['reason']}]" if "reason" in step
-                                                                        else ""))
+                                                                        else "")
+                         + (f": {step['detail']}" if "detail" in step else ""))
         for group in p.get("groups", []):
             lines.append(f"  group {group['group']}: member={group['member']} ({group['source']}, "
                          f"synced {group['synced_at']})")

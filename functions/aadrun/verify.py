@@ -167,8 +167,9 @@ class Verifier:
             outcome = decide(service, verified.roles, states)
         except TokenError as e:
             return Decision(False, e.reason, service.name, decision_id, detail=str(e), digest=digest)
-        except Unavailable as e:
-            return Decision(False, "unavailable", service.name, decision_id, detail=str(e), digest=digest)
+        except Unavailable as e:   # with the token when it was verified: the store did not answer
+            return Decision(False, "unavailable", service.name, decision_id, token=verified, detail=str(e),
+                            digest=digest)
         except Exception as e:  # noqa: BLE001 - what cannot be decided is denied (fail closed)
             audit.entry("decision_error", "verify could not decide: denied", severity="ERROR",
                         service=service.name, error=e.__class__.__name__)
