@@ -8,6 +8,7 @@ import email.utils
 import logging
 import os
 import ssl
+import time
 
 import pytest
 import requests
@@ -303,6 +304,23 @@ def test_throttled_forever_raises_rate_limited(graph_server):
         client.list_subscriptions()
     assert err.value.retry_after == 2 and err.value.status_code == 429
     assert sleeps == [2.0, 2.0, 2.0]
+
+
+def test_once_throttled_past_its_budget_the_client_fails_fast_until_retry_after_ends(graph_server):
+    sleeps: list[float] = []
+    client = graph_client(graph_server, sleeps=sleeps)
+    graph_server.fail_next(10, status=429, retry_after=1)
+    with pytest.raises(RateLimited):
+        client.list_subscriptions()
+    calls = len(graph_server.calls("GET", "/v1.0/subscriptions"))
+    for _ in range(5):   # a run over many groups: no request, no wait, each
+        with pytest.raises(RateLimited, match="throttled by Microsoft Graph") as err:
+            client.group_delta(GROUP)
+        assert 0 < err.value.retry_after <= 1
+    assert sleeps == [1.0, 1.0, 1.0] and delta_calls(graph_server) == 0
+    time.sleep(1.1)
+    graph_server.clear_faults()
+    assert client.list_subscriptions() == [] and len(graph_server.calls("GET", "/v1.0/subscriptions")) == calls + 1
 
 
 def test_a_wait_beyond_the_budget_is_not_shortened(graph_server):

@@ -193,6 +193,7 @@ class GraphClient:
         self._session = session or client_session(settings)
         self._metadata_url = metadata_url
         self._sleep, self._retries, self._max_wait = sleep, retries, max_wait
+        self._throttled_until = 0.0   # monotonic time Graph's last Retry-After we gave up on ends
         self._msal: msal.ConfidentialClientApplication | None = None
         self._lock = threading.Lock()
 
@@ -259,6 +260,13 @@ class GraphClient:
         """One Graph call: bearer token, timeout, Retry-After on 429/503, one token
         refresh on 401. Returns any other response for the caller to judge."""
         self._check_link(url)
+        pause = self._throttled_until - time.monotonic()
+        if pause > 0:
+            # Graph throttles the app in this tenant, not one call: until its Retry-After
+            # ends, every call fails at once instead of spending its own wait budget
+            # (a run over many groups would otherwise wait for each in turn).
+            raise RateLimited(f"{what}: throttled by Microsoft Graph for another {pause:.0f} s",
+                              retry_after=pause, status_code=429)
         waited, attempt, refreshed = 0.0, 0, False
         while True:
             token = self._token()
@@ -271,6 +279,7 @@ class GraphClient:
             if resp.status_code in RETRY_STATUSES:
                 wait = _retry_after(resp, attempt)
                 if attempt >= self._retries or waited + wait > self._max_wait:
+                    self._throttled_until = max(self._throttled_until, time.monotonic() + wait)
                     raise RateLimited(f"{what}: HTTP {resp.status_code} after {attempt} retries",
                                       retry_after=wait, status_code=resp.status_code)
                 self._sleep(wait)

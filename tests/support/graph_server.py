@@ -227,6 +227,11 @@ class GraphServer:
             fault = (status, None if retry_after is None else str(retry_after), code, method, path)
             self._faults.extend([fault] * n)
 
+    def clear_faults(self) -> None:
+        """Injected failures not yet served are dropped."""
+        with self._lock:
+            self._faults.clear()
+
     def expire_delta_links(self, status: int = 410, code: str = "resyncRequired") -> None:
         """Every delta and skip link issued so far stops working (410 Gone, or e.g.
         400 syncStateNotFound as identity resources answer after 7 days)."""
