@@ -323,6 +323,18 @@ def test_reconcile_finds_a_change_whose_notification_never_came(world):
     assert task["iam"]["billing"] == {INVOKER: {"add": [user(CAROL)], "remove": [user(ALICE)]}}
 
 
+def test_a_reconcile_where_one_group_fails_still_reports_what_the_others_did(world):
+    app = world.app()
+    world.graph.fail_next(1, status=500, retry_after=None, code="InternalServerError", path="/v1.0/groups/delta")
+    task = app.maintenance.run(["reconcile"])["tasks"]["reconcile"]
+    assert task["status"] == "error" and task["groups"] == 2
+    [error] = task["errors"]
+    assert error["tenant"] == TENANT and "500" in error["error"]
+    applied = sum(len(app.store.group_members(TENANT, g) or ()) for g in (G_ENG, G_STAFF))
+    assert task["added"] == applied == 1                   # the group that was read, in the report
+    assert len(task["changes"]) == 1
+
+
 def test_drift_restores_managed_members_and_reports_the_rest(world, audit_lines):
     app = world.app()
     world.graph.add_members(TENANT, G_ENG, [CAROL])

@@ -215,7 +215,8 @@ def cmd_resync(args, settings: Settings) -> int:
         bar = Progress(len(groups), sys.stderr, args.progress)
         for tenant, group in groups:
             try:
-                merge_resync(out, app.sync.resync(tenant=tenant, group=group, full=args.full).to_json())
+                merge_resync(out, app.sync.resync(tenant=tenant, group=group, full=args.full,
+                                                  raise_errors=False).to_json(), tenant=tenant, group=group)
             except AadrunError as e:
                 out["errors"].append({"tenant": tenant, "group": group, "error": type(e).__name__, "detail": str(e)})
             bar.step()
@@ -223,8 +224,8 @@ def cmd_resync(args, settings: Settings) -> int:
     _emit(args, out, lambda p: (f"{p['groups']} group(s): +{p['added']} -{p['removed']} member(s), "
                                 f"IAM changed on {len(p['iam'])} service(s)"
                                 + "".join(f"\nREFUSED {n}: {w}" for n, w in p["refused"].items())
-                                + "".join(f"\nERROR {e.get('group', '')} {e['error']}: {e.get('detail', '')}"
-                                          for e in p["errors"])))
+                                + "".join(f"\nERROR {e.get('group', '')} {e['error']}"
+                                          + (f": {e['detail']}" if e.get("detail") else "") for e in p["errors"])))
     return EXIT_FINDING if out["errors"] or out["refused"] else EXIT_OK
 
 

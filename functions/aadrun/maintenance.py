@@ -161,7 +161,7 @@ class Maintenance:
             if not groups:
                 continue
             try:
-                merge_resync(out, self._app.sync.resync(tenant=tenant).to_json())
+                merge_resync(out, self._app.sync.resync(tenant=tenant, raise_errors=False).to_json(), tenant=tenant)
             except AadrunError as e:
                 out["errors"].append({"tenant": tenant, "error": e.reason, "detail": str(e)})
         return out
@@ -290,8 +290,9 @@ def unmanaged(live: Sequence[Binding], managed: Mapping[str, set[str]]) -> list[
     return out
 
 
-def merge_resync(out: dict, summary: Mapping) -> None:
-    """Fold one ``SyncSummary.to_json()`` into a reconcile report."""
+def merge_resync(out: dict, summary: Mapping, **where: str) -> None:
+    """Fold one ``SyncSummary.to_json()`` into a reconcile report; ``where`` (tenant,
+    group) goes into each of its errors."""
     out["groups"] += len(summary.get("groups", ()))
     for kind, n in summary.get("reads", {}).items():
         out["reads"][kind] = out["reads"].get(kind, 0) + n
@@ -303,7 +304,7 @@ def merge_resync(out: dict, summary: Mapping) -> None:
         if applied.get("changes"):
             out["iam"][name] = applied["changes"]
     out["refused"].update(summary.get("refused", {}))
-    out["errors"] += [{"error": e} for e in summary.get("errors", ())]
+    out["errors"] += [{**where, "error": e} for e in summary.get("errors", ())]
 
 
 def _sorted(mapping: Mapping[str, frozenset[str]]) -> dict[str, list[str]]:

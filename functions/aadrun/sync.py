@@ -169,18 +169,21 @@ class PolicySync:
                 self._membership(message, message.id in seen, referenced, groups, summary)
         return self._run(policy, groups, reauthorize, summary)
 
-    def resync(self, tenant: str | None = None, group: str | None = None, *, full: bool = False) -> SyncSummary:
+    def resync(self, tenant: str | None = None, group: str | None = None, *, full: bool = False,
+               raise_errors: bool = True) -> SyncSummary:
         """Delta reads of every referenced group (or those of ``tenant`` / ``group``),
         then IAM of every service naming them: the notification path with Graph as the
         only input. Incremental from each stored link unless ``full``; RequestError
-        when no referenced group matches."""
+        when no referenced group matches. A step that failed raises once the others
+        are done, or, without ``raise_errors``, is listed in the summary's ``errors``
+        (a report then keeps what the other groups did)."""
         policy = self._app.policy
         groups = {(t, g): _Group(t, g, read="full" if full else "incremental", recheck=True)
                   for t, names in policy.referenced_groups().items() if tenant in (None, t)
                   for g in sorted(names) if group in (None, g)}
         if not groups:
             raise RequestError("no group referenced by the policies matches")
-        return self._run(policy, groups, [], SyncSummary("resync"))
+        return self._run(policy, groups, [], SyncSummary("resync"), raise_errors=raise_errors)
 
     # -- what a message asks for --------------------------------------------------------
 
@@ -240,7 +243,7 @@ class PolicySync:
     # -- the steps -------------------------------------------------------------------
 
     def _run(self, policy: Policy, groups: dict[tuple[str, str], _Group], reauthorize: list[LifecycleEvent],
-             summary: SyncSummary) -> SyncSummary:
+             summary: SyncSummary, raise_errors: bool = True) -> SyncSummary:
         errors: list[Exception] = []
         summary.groups = [f"{t}/{g}" for t, g in groups]
         for work in groups.values():
@@ -272,7 +275,7 @@ class PolicySync:
                     severity="WARNING" if errors else "INFO", source=summary.source, message_ids=ids[:50],
                     messages=summary.messages, duplicates=summary.duplicates, reflected=summary.reflected,
                     reads=dict(summary.reads), changes=len(summary.membership), errors=len(errors))
-        if errors:
+        if errors and raise_errors:
             raise errors[0]
         return summary
 
