@@ -124,6 +124,16 @@ def test_a_command_reading_a_store_that_does_not_exist_is_bad_usage_and_creates_
     assert not missing.parent.exists()
 
 
+def test_explain_with_an_unknown_service_or_a_user_that_is_no_object_id_is_bad_usage(env):
+    idp, variables = env
+    token = idp.mint(TENANT_A, oid=ALICE, aud="api://billing")
+    code, out, err = run("explain", "--service", "biling", "--token", token, env=variables)
+    assert (code, out) == (2, "") and "unknown service 'biling'" in err and "billing" in err
+    assert run("explain", "--service", "biling", "--user", ALICE, env=variables)[0] == 2
+    code, _, err = run("explain", "--service", "billing", "--user", "alice@example.com", env=variables)
+    assert code == 2 and "object id" in err
+
+
 def test_explain_user(env):
     _, variables = env
     code, out, _ = run("explain", "--service", "billing", "--user", ALICE, env=variables)

@@ -26,6 +26,7 @@ from pathlib import Path
 from . import audit
 from .config import Settings
 from .errors import AadrunError, ConfigError, PlanError, PolicyError, UpstreamError
+from .messages import is_guid
 from .policy import MAX_PRINCIPALS, load_policy, policy_files
 from .tokens import STEPS
 
@@ -83,9 +84,7 @@ def _explain_user(args, app) -> dict:
     from .decide import decide
 
     policy = app.policy
-    service = policy.services.get(args.service)
-    if service is None:
-        return {"allow": False, "reason": "unknown_service", "service": args.service, "subject": args.user}
+    service = policy.services[args.service]   # cmd_explain checked it
     states = app.store.membership(service.tenant, args.user, service.groups) if service.groups else {}
     groups = []
     for group in service.groups:
@@ -104,7 +103,14 @@ def cmd_explain(args, settings: Settings) -> int:
     if bool(args.token) == bool(args.user):
         print("explain needs exactly one of --token or --user", file=sys.stderr)
         return EXIT_USAGE
+    if args.user and not is_guid(args.user):
+        print(f"--user must be a user's object id (a GUID), got {args.user!r}", file=sys.stderr)
+        return EXIT_USAGE
     app = App(settings)
+    if args.service not in app.policy.services:   # a typo, not a denial
+        print(f"unknown service {args.service!r}; the policies name: {', '.join(sorted(app.policy.services))}",
+              file=sys.stderr)
+        return EXIT_USAGE
     payload = _explain_token(args, app) if args.token else _explain_user(args, app)
 
     def text(p: dict) -> str:
