@@ -53,7 +53,7 @@ def test_plan_shows_adds_removes_and_the_principal_count(ops):
     assert code == 0
     assert json.loads(out)["services"] == [{
         "service": "billing", "cloud_run": BILLING, "changes": {}, "managed": {INVOKER: []}, "principals": 0,
-        "limit": 1500, "live": True}]    # G_ENG was never synced: nobody is granted on a guess
+        "also": [], "limit": 1500, "live": True}]    # G_ENG was never synced: nobody is granted on a guess
     assert run("resync", "--json")[0] == 0
     open_store(store_url).apply(GroupUpdate(TENANT, G_ENG, added=frozenset({CAROL}), removed=frozenset({ALICE})))
     code, out, _ = run("plan", "--json")
@@ -64,6 +64,17 @@ def test_plan_shows_adds_removes_and_the_principal_count(ops):
     assert code == 0 and f"billing ({BILLING}): +1 -1, 1/1500 principals" in out
     assert f"  + {INVOKER} {user(CAROL)}" in out and f"  - {INVOKER} {user(ALICE)}" in out
     assert cloudrun.sets(BILLING) == 1     # plan wrote nothing (the one set is resync's)
+
+
+def test_plan_shows_a_resource_two_services_share_once(ops, tmp_path):
+    run, store_url, _, _ = ops
+    wiki = f"  - name: wiki\n    tenant: {TENANT}\n"
+    (tmp_path / "policy.yaml").write_text(POLICY.replace(wiki, f"{wiki}    cloud_run: {BILLING}\n"))
+    open_store(store_url)
+    code, out, _ = run("plan")
+    assert code == 0 and [line.split(" (")[0] for line in out.splitlines() if BILLING in line] == ["billing + wiki"]
+    [shared] = json.loads(run("plan", "--json")[1])["services"]
+    assert (shared["service"], shared["also"]) == ("billing", ["wiki"])
 
 
 def test_plan_shows_the_revocations_on_a_resource_no_service_names_any_more(ops):

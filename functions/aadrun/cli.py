@@ -141,7 +141,11 @@ def cmd_plan(args, settings: Settings) -> int:
     app = App(settings)
     policy, writer, store = app.policy, IamWriter(settings), app.store
     services, refused, gone = [], {}, []
+    by_resource: dict[str, dict] = {}
     for name, resource in iam_targets(policy, store.managed_targets()):
+        if resource in by_resource:   # services sharing a resource share its one plan
+            by_resource[resource]["also"].append(name)
+            continue
         try:
             live, managed = writer.live_bindings(resource), store.managed_members(resource)
             if name:
@@ -159,7 +163,8 @@ def cmd_plan(args, settings: Settings) -> int:
                 raise
             gone.append(resource)   # deleted with its bindings: drift forgets what aadrun kept there
             continue
-        services.append({**changes.to_json(), "limit": MAX_PRINCIPALS, "live": live is not None})
+        by_resource[resource] = {**changes.to_json(), "also": [], "limit": MAX_PRINCIPALS, "live": live is not None}
+        services.append(by_resource[resource])
     payload = {"mode": settings.iam_mode, "services": services, "refused": refused, "gone": gone}
     _emit(args, payload, _plan_text)
     return EXIT_FINDING if refused else EXIT_OK
@@ -170,7 +175,8 @@ def _plan_text(p: dict) -> str:
     for s in p["services"]:
         adds = sum(len(c["add"]) for c in s["changes"].values())
         removes = sum(len(c["remove"]) for c in s["changes"].values())
-        lines.append(f"{s['service'] or '(no service any more)'} ({s['cloud_run']}): +{adds} -{removes}, "
+        names = " + ".join([s["service"], *s["also"]]) if s["service"] else "(no service any more)"
+        lines.append(f"{names} ({s['cloud_run']}): +{adds} -{removes}, "
                      f"{s['principals']}/{s['limit']} principals" + ("" if s["live"] else " (record mode)")
                      + (" (grants REFUSED: revocations only)" if s["service"] in p["refused"] else ""))
         for role, change in s["changes"].items():
