@@ -88,6 +88,25 @@ ERRORS = [
 ]
 
 
+def test_yaml_merge_keys_are_applied_and_written_keys_win(tmp_path):
+    policy = load_policy(write(tmp_path, "p.yaml", f"""\
+        tenants:
+          - id: {T}
+            audiences: [api://a]
+        services:
+          - &base
+            name: s
+            tenant: {T}
+            audience: api://s
+            access:
+              - groups: [{G_ENG}]
+          - <<: *base
+            name: t
+        """))
+    assert sorted(policy.services) == ["s", "t"]
+    assert policy.services["t"].audience == "api://s" and policy.services["t"].groups == policy.services["s"].groups
+
+
 def test_a_value_yaml_reads_as_a_boolean_or_number_says_to_quote_it(tmp_path):
     with pytest.raises(PolicyError) as caught:
         load_policy(write(tmp_path, "p.yaml", BASE.replace("  - name: s", "  - name: yes")))

@@ -117,8 +117,15 @@ class _Located:
                               file=self.file)
         lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
-            out = {}
+            out, merged = {}, []
             for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":   # <<: *anchor, or a list of them
+                    sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                    if not all(isinstance(n, yaml.MappingNode) for n in sources):
+                        raise PolicyError("a merge key (<<) takes a mapping or a list of mappings", file=self.file,
+                                          line=key_node.start_mark.line + 1, field=path or "(top)")
+                    merged += [self.to_python(n, path, {}) for n in sources]
+                    continue
                 key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
                 if not isinstance(key, str):
                     raise PolicyError("keys must be strings", file=self.file,
@@ -129,6 +136,9 @@ class _Located:
                                       line=key_node.start_mark.line + 1, field=child)
                 lines[child] = key_node.start_mark.line + 1
                 out[key] = self.to_python(value_node, child, lines)
+            for source in merged:   # keys written out win over merged ones, the first merge over later ones
+                for key, value in source.items():
+                    out.setdefault(key, value)
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.to_python(item, f"{path}[{i}]", lines) for i, item in enumerate(node.value)]
