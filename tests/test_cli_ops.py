@@ -180,12 +180,14 @@ def test_audit_exports_the_change_log(ops, tmp_path):
         assert code == 2 and f"cannot write {unwritable}" in err and "Traceback" not in err
 
 
-def test_audit_csv_exports_a_value_that_looks_like_a_formula_as_text(ops):
+@pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r"])
+def test_audit_csv_exports_a_value_that_looks_like_a_formula_as_text(ops, start):
     run, store_url, _, _ = ops
-    formula = '=HYPERLINK("http://evil.example/","open")'
+    formula = start + 'HYPERLINK("http://evil.example/","open")'
     open_store(store_url).apply(GroupUpdate(TENANT, G_ENG, added=frozenset({ALICE}), source="test", why=formula))
     [row] = list(csv.DictReader(io.StringIO(run("audit")[1])))
-    assert row["why"] == "'" + formula and row["user"] == ALICE
+    # (A carriage return reaches this reader as a line feed: text mode.)
+    assert row["why"][0] == "'" and row["why"][2:] == formula[1:] and row["user"] == ALICE
     assert json.loads(run("audit", "--json")[1])["entries"][0]["why"] == formula   # JSON keeps the value
 
 

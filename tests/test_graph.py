@@ -238,6 +238,28 @@ def test_a_next_link_that_repeats_ends_the_listing_with_an_error(graph_server, m
         client.list_subscriptions()
 
 
+def test_a_listing_of_more_pages_than_any_real_one_ends_with_an_error(graph_server, monkeypatch):
+    import aadrun.graph
+
+    monkeypatch.setattr(aadrun.graph._Links, "MAX_PAGES", 3)
+    graph_server.page_size = 1
+    graph_server.set_members(TENANT, GROUP, users(5))   # five pages, each link new
+    with pytest.raises(UpstreamError, match="more than 3 pages"):
+        graph_client(graph_server).group_delta(GROUP)
+    assert delta_calls(graph_server) == 3
+
+
+def test_a_nested_group_that_left_is_not_reported_as_a_member_that_is_no_user(graph_server):
+    nested = "bbbbbbbb-0000-0000-0000-000000000009"
+    graph_server.set_members(TENANT, GROUP, users(1))
+    graph_server.add_members(TENANT, GROUP, [nested], kind="#microsoft.graph.group")
+    client = graph_client(graph_server)
+    first = client.group_delta(GROUP)
+    assert first.not_users == {("#microsoft.graph.group", nested)}
+    graph_server.remove_members(TENANT, GROUP, [nested])
+    assert client.group_delta(GROUP, first.delta_link).not_users == frozenset()
+
+
 def test_a_delta_link_stored_under_another_graph_url_starts_a_full_read(graph_server):
     graph_server.set_members(TENANT, GROUP, users(2))
     link = graph_client(graph_server).group_delta(GROUP).delta_link

@@ -366,6 +366,11 @@ def test_members_that_are_not_users_are_not_granted_and_a_warning_says_so(world,
     assert {(m["type"], m["id"]) for m in warning["members"]} == {
         ("#microsoft.graph.group", nested), ("#microsoft.graph.servicePrincipal", robot)}
     assert "nested" in warning["message"]
+    robots = [f"dddddddd-0000-0000-0000-{n:012d}" for n in range(60)]
+    world.graph.add_members(TENANT, G_ENG, robots, kind="#microsoft.graph.servicePrincipal")
+    app.sync.resync(tenant=TENANT, group=G_ENG, full=True)
+    last = [a for a in audit_lines if a["event"] == "members_not_granted"][-1]
+    assert (last["count"], len(last["members"])) == (62, 50)   # every one counted, the first 50 listed
 
 
 def test_an_iam_grant_is_audited_even_when_its_first_write_fails(world, app, audit_lines):

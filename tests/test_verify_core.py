@@ -485,6 +485,27 @@ def test_an_identity_provider_trickling_its_answer_holds_no_decision_for_long(tm
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("delay, timeout, waiters_get", [
+    (0.3, 5.0, "ok"),            # a first fetch in flight is waited for...
+    (0.8, 1.0, "unavailable"),   # ...for as long as one document may take (1 s), not for two (1.6 s)
+])
+def test_requests_wait_for_the_first_key_fetch_in_flight_but_not_for_ever(tmp_path, idp, delay, timeout,
+                                                                         waiters_get):
+    verifier = own_verifier(tmp_path, idp.url, http_timeout_seconds=timeout)
+    idp.delay = delay            # before each of the two documents (discovery, JWKS)
+    reasons: dict[str, str] = {}
+    first = threading.Thread(target=lambda: reasons.setdefault("first", verifier.decide("billing", good(idp)).reason))
+    first.start()
+    time.sleep(0.1)              # the first fetch is in flight
+    waiters = [threading.Thread(target=lambda n=n: reasons.setdefault(n, verifier.decide("billing", good(idp)).reason))
+               for n in ("a", "b", "c")]
+    for waiter in waiters:
+        waiter.start()
+    for thread in [*waiters, first]:
+        thread.join(timeout=10)
+    assert reasons == {"first": "ok", "a": waiters_get, "b": waiters_get, "c": waiters_get}
+
+
 def test_a_refresh_that_gets_no_thread_leaves_the_keys_refreshable(tmp_path, idp, monkeypatch):
     import aadrun.keys
 

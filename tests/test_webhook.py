@@ -182,6 +182,11 @@ def test_the_most_items_a_body_can_hold_are_all_accepted():
     items = [lifecycle(n) for n in range((MAX_BODY - len('{"value":[]}') + 1) // each)]
     assert len(json.dumps({"value": items}, separators=(",", ":"))) <= MAX_BODY
     assert len(items) > 1000
+    # And the limit is no looser than that: the smallest acceptable items, one more than
+    # the limit, no longer fit (junk beyond it is refused, not worked through).
+    smallest = {"subscriptionId": "0" * 8 + "-0000-0000-0000-000000000000", "clientState": "",
+                "lifecycleEvent": "missed", "tenantId": TENANT}
+    assert len(json.dumps({"value": [smallest] * (MAX_ITEMS + 1)}, separators=(",", ":"))) > MAX_BODY
     recorder = Recorder()
     assert post(make_webhook(recorder), json.dumps({"value": items}, separators=(",", ":")).encode()).status == 202
     assert sorted(m.subscription for m in recorder.messages) == sorted(i["subscriptionId"] for i in items)

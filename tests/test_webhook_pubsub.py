@@ -265,13 +265,18 @@ def test_a_key_with_more_messages_than_one_request_takes_is_sent_in_order_in_sev
     bus = PubSubBus(settings, client=pubsub_v1.PublisherClient(transport=PublisherGrpcTransport(channel=channel)))
     template = golden_messages("members_added")[0]
     expected = [dict(template, id=f"{n:064x}") for n in range(2500)]
+    other_key = dict(golden_messages("several_subscriptions")[-1], id="f" * 64)
+    assert from_json(json.dumps(other_key)).ordering_key != from_json(json.dumps(template)).ordering_key
     try:
         bus.publish_changes([from_json(json.dumps(m)) for m in expected])
+        bus.publish_changes([from_json(json.dumps(m)) for m in expected[:1500] + [other_key]])   # two keys
     finally:
         bus.close()
-    assert [len(r.messages) for r in recorder.requests] == [1000, 1000, 500]
-    got = pubsub.pull(subscription, until=lambda m: len(m) >= len(expected), wait=20)
-    assert [m["id"] for m in decoded(got)] == [m["id"] for m in expected]
+    sizes = [len(r.messages) for r in recorder.requests]
+    assert sizes[:3] == [1000, 1000, 500] and sorted(sizes[3:]) == [1, 500, 1000]
+    got = pubsub.pull(subscription, until=lambda m: len(m) >= len(expected) + 1501, wait=30)
+    ids = [m["id"] for m in decoded(got)]
+    assert [i for i in ids if i != other_key["id"]] == [m["id"] for m in expected + expected[:1500]]
 
 
 def test_emulator_down_is_503_then_the_same_post_is_published_once(policy_file):
