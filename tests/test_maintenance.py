@@ -367,6 +367,21 @@ def test_drift_restores_managed_members_and_reports_the_rest(world, audit_lines)
     assert (again["restored"], again["removed"]) == ({}, {})
 
 
+def test_drift_on_a_live_policy_others_filled_past_the_limit_reports_it_and_writes_nothing(world):
+    app = world.app()
+    app.maintenance.run(["reconcile"])
+    others = [f"user:someone{i}@example.com" for i in range(1501)]   # granted by others, not by aadrun
+    world.cloudrun.set_policy(BILLING, {"bindings": [{"role": INVOKER, "members": [user(ALICE)]},
+                                                     {"role": "roles/run.developer", "members": others}]})
+    app.store.apply(GroupUpdate(TENANT, G_ENG, removed=frozenset({ALICE}), source="test"))
+    sets = world.cloudrun.sets(BILLING)
+    task = app.maintenance.run(["drift"])["tasks"]["drift"]
+    report = task["services"]["billing"]
+    assert task["status"] == "ok" and "over Google's limit" in report["refused"]
+    assert (report["restored"], report["removed"]) == ({}, {}) and world.cloudrun.sets(BILLING) == sets
+    assert app.store.managed_members(BILLING) == {INVOKER: {user(ALICE)}}
+
+
 def members_on(world, resource: str) -> set[str]:
     return {m for b in world.cloudrun.policy(resource).get("bindings", [])
             if b["role"] == INVOKER and "condition" not in b for m in b["members"]}
