@@ -192,6 +192,32 @@ def test_discovery_and_keys_are_never_fetched_through_a_redirect(tmp_path, idp):
         server.shutdown()
 
 
+def test_a_discovery_document_that_never_ends_is_read_only_up_to_the_size_limit(tmp_path, idp):
+    class Endless(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()            # no length: the body ends when the server closes
+            try:
+                while True:
+                    self.wfile.write(b" " * 65536)
+            except OSError:               # the client stopped reading
+                pass
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        verifier = own_verifier(tmp_path, f"http://127.0.0.1:{server.server_address[1]}", http_timeout_seconds=30)
+        started = time.monotonic()
+        assert verifier.decide("billing", good(idp)).reason == "unavailable"
+        assert time.monotonic() - started < 10   # stopped at the limit, not at the 30 s deadline
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.parametrize("kid", ["../../../etc/passwd", "' OR '1'='1' --", "%00", "a" * 5000, ""])
 def test_hostile_kids_are_unknown_keys(world, idp, kid):
     token = good(idp, key=SigningKey(kid=kid or "x"), headers={"kid": kid})
