@@ -467,8 +467,8 @@ def _guarded(errors: list[Exception], step: Callable[[], Any]) -> None:
         step()
     except Exception as e:
         errors.append(e)
-        audit.entry("sync_error", "policy_sync step failed: redelivery will retry", severity="ERROR",
-                    error=type(e).__name__, detail=str(e))
+        audit.entry("sync_error", "policy_sync step failed: a redelivery or the next reconcile retries it",
+                    severity="ERROR", error=type(e).__name__, detail=str(e))
 
 
 def _results(futures: list[concurrent.futures.Future], errors: list[Exception]) -> list:
