@@ -147,9 +147,12 @@ def entry(event: str, message: str, *, severity: str = "INFO", **fields) -> None
     trace = _request_trace.get()
     payload = {"event": event}
     payload.update((k, v) for k, v in fields.items() if v is not None)
-    extra = {"json_fields": payload, "trace": trace} if trace else {"json_fields": payload}
-    # makeRecord + handle skips logging's stack walk for the caller: the call
-    # site of an audit line is always this function, so it would say nothing.
+    # No source location: the call site of an audit line is always this function, so
+    # it would say nothing (and the library then skips working it out). makeRecord +
+    # handle skips logging's stack walk for the caller, for the same reason.
+    extra = {"json_fields": payload, "source_location": None}
+    if trace:
+        extra["trace"] = trace
     log.handle(log.makeRecord(log.name, level, __name__, 0, message, None, None, extra=extra))
 
 

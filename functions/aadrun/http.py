@@ -8,6 +8,8 @@ import re
 from collections.abc import Mapping
 
 _TRACE_ID = re.compile(r"[0-9a-fA-F]{32}")
+# One encoder for every response: json.dumps builds a new one per call when given separators.
+_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +50,7 @@ class HttpResponse:
 
     @classmethod
     def json(cls, status: int, obj, headers: Mapping[str, str] | None = None) -> "HttpResponse":
-        return cls(status, json.dumps(obj, separators=(",", ":")).encode(), "application/json", dict(headers or {}))
+        return cls(status, _JSON.encode(obj).encode(), "application/json", dict(headers or {}))
 
     @classmethod
     def text(cls, status: int, text: str) -> "HttpResponse":
