@@ -8,13 +8,16 @@
    Python keep-alive load generator when wrk is absent): target at least 0.9x.
    For reference, a function that returns verify's exact response (status,
    headers, body) and does nothing else: the part of the gap that is the
-   contract's response rather than verify's work.
+   contract's response rather than verify's work; and one that also writes the
+   audit line CONTRACT.md §9 requires of every decision, through aadrun's own
+   logging path: the part that is the contract's log line.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import http.client
+import json
 import re
 import shutil
 import statistics
@@ -56,6 +59,22 @@ BODY, HEADERS = {body!r}, {headers!r}
 
 @functions_framework.http
 def same_response(request):
+    return flask.Response(BODY, status=200, headers=HEADERS, content_type="application/json")
+'''
+
+
+SAME_RESPONSE_LOGGED_FUNCTION = '''
+import sys
+sys.path.insert(0, {functions!r})
+import flask
+import functions_framework
+from aadrun import audit
+
+BODY, HEADERS, FIELDS = {body!r}, {headers!r}, {fields!r}
+
+@functions_framework.http
+def same_response_logged(request):
+    audit.entry("decision", "allow billing: ok", **FIELDS)
     return flask.Response(BODY, status=200, headers=HEADERS, content_type="application/json")
 '''
 
@@ -131,7 +150,8 @@ def http_ratio(idp, folder: Path, store_url: str, policy: Path, seconds: float) 
     each the median of 3 rounds taken in turn, and the median ratios to the empty one."""
     token = idp.mint(TENANT_A, oid=ALICE, aud="api://billing", lifetime=3600)
     headers = {"Authorization": f"Bearer {token}"}
-    sources = {"empty": folder / "empty" / "main.py", "same_response": folder / "same" / "main.py"}
+    sources = {"empty": folder / "empty" / "main.py", "same_response": folder / "same" / "main.py",
+               "same_response_logged": folder / "logged" / "main.py"}
     for source in sources.values():
         source.parent.mkdir()
     sources["empty"].write_text(EMPTY_FUNCTION)
@@ -142,18 +162,27 @@ def http_ratio(idp, folder: Path, store_url: str, policy: Path, seconds: float) 
         conn.request("GET", "/verify?service=billing", headers=headers)
         answer = conn.getresponse()
         kept = {k: v for k, v in answer.getheaders() if k.lower() == "cache-control" or k.lower().startswith("x-auth")}
-        sources["same_response"].write_text(SAME_RESPONSE_FUNCTION.format(body=answer.read(), headers=kept))
+        body = answer.read()
+        sources["same_response"].write_text(SAME_RESPONSE_FUNCTION.format(body=body, headers=kept))
+        # The fields of verify's own decision line (an allow in forward-auth mode).
+        fields = {**json.loads(body), "status": 200, "mode": "forward_auth", "rule": 0, "via": "group",
+                  "token_sha256": "0123456789abcdef", "token_id": "AbCdEfGhIjKlMnOpQrStUv", "kid": "dev-key-1"}
+        sources["same_response_logged"].write_text(SAME_RESPONSE_LOGGED_FUNCTION.format(
+            functions=str(ROOT / "functions"), body=body, headers=kept, fields=fields))
         conn.close()
         with FunctionServer("empty", {}, source=sources["empty"]) as empty, \
-                FunctionServer("same_response", {}, source=sources["same_response"]) as same:
-            urls.update(empty=f"{empty.url}/", same_response=f"{same.url}/")
+                FunctionServer("same_response", {}, source=sources["same_response"]) as same, \
+                FunctionServer("same_response_logged", {}, source=sources["same_response_logged"]) as logged:
+            urls.update(empty=f"{empty.url}/", same_response=f"{same.url}/",
+                        same_response_logged=f"{logged.url}/")
             for url in urls.values():
                 load(url, headers, 2)   # warm up
             # In turn, so a slower spell of a shared machine falls on all three.
             rounds = [{name: load(url, headers, seconds) for name, url in urls.items()} for _ in range(3)]
     out = {name: statistics.median(r[name] for r in rounds) for name in urls}
-    for name in ("verify", "same_response"):
+    for name in ("verify", "same_response", "same_response_logged"):
         out[f"{name}_ratio"] = statistics.median(r[name] / r["empty"] for r in rounds)
+    out["verify_vs_logged_ratio"] = statistics.median(r["verify"] / r["same_response_logged"] for r in rounds)
     return out
 
 
@@ -185,6 +214,10 @@ def main() -> int:
          ">= 0.90x", ratio >= 0.9),
         ("  for reference: same response", f"{http_rates['same_response']:.0f} req/s, no work done",
          f"{http_rates['same_response_ratio']:.2f}x", "-", None),
+        ("  ... plus its audit line (§9)", f"{http_rates['same_response_logged']:.0f} req/s, nothing else done",
+         f"{http_rates['same_response_logged_ratio']:.2f}x", "-", None),
+        ("  verify vs that one", f"{rps:.0f} vs {http_rates['same_response_logged']:.0f} req/s",
+         f"{http_rates['verify_vs_logged_ratio']:.2f}x", "-", None),
     ]
     print(f"{'benchmark':<34} {'measured':<48} {'ratio':>8}  {'target':<9} met")
     for name, measured, ratio_text, target, met in rows:

@@ -17,6 +17,7 @@ def test_bench_verify_prints_each_figure_with_its_baseline_and_target():
     assert done.returncode == 0, done.stdout + done.stderr
     rows = {m["name"].strip(): float(m["ratio"]) for m in ROW.finditer(done.stdout)}
     assert set(rows) == {"cold decision (distinct tokens)", "repeated token", "HTTP (forward-auth GET)",
-                         "for reference: same response"}, done.stdout
+                         "for reference: same response", "... plus its audit line (§9)",
+                         "verify vs that one"}, done.stdout
     assert all(value > 0 for value in rows.values()), done.stdout
     assert "vs PyJWT decode" in done.stdout and "vs empty function" in done.stdout
