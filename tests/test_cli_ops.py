@@ -122,6 +122,25 @@ def test_plan_over_the_principal_limit_is_a_finding_that_still_shows_its_revocat
     assert service["changes"] == {INVOKER: {"add": [], "remove": [user(ALICE)]}}
 
 
+def test_plan_where_others_filled_the_live_policy_past_the_limit_shows_nothing_would_be_written(ops):
+    run, store_url, _, cloudrun = ops
+    assert run("resync")[0] == 0                      # ALICE granted and managed
+    old = BILLING + "-old"                            # and a resource no service names any more
+    others = [f"user:someone{i}@example.com" for i in range(1501)]
+    for resource in (BILLING, old):
+        cloudrun.set_policy(resource, {"bindings": [{"role": INVOKER, "members": [user(ALICE)]},
+                                                    {"role": "roles/run.developer", "members": others}]})
+    open_store(store_url).record_iam(old, {INVOKER: {user(ALICE)}}, source="test", why="granted by aadrun")
+    open_store(store_url).apply(GroupUpdate(TENANT, G_ENG, removed=frozenset({ALICE}), source="test"))
+    code, out, err = run("plan", "--json")
+    plan = json.loads(out)
+    # Even the revocations would leave 1,501 principals: policy_sync and drift write nothing.
+    assert code == 1 and set(plan["refused"]) == {"billing", old} and plan["services"] == [], err
+    sets = cloudrun.sets(BILLING)
+    run("resync", "--full")
+    assert cloudrun.sets(BILLING) == sets             # as planned
+
+
 def test_subscribe(ops):
     run, store_url, graph, _ = ops
     code, out, _ = run("subscribe", "--json")

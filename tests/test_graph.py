@@ -16,8 +16,8 @@ import requests
 from aadrun.config import Settings
 from aadrun.devidp import DevIdentityProvider
 from aadrun.errors import RateLimited, UpstreamError
-from aadrun.graph import (FEDERATION_AUDIENCE, MAX_GROUP_SUBSCRIPTION_MINUTES, DeltaExpired, GraphClient,
-                          SubscriptionExists, max_expiration)
+from aadrun.graph import (FEDERATION_AUDIENCE, MAX_FAIL_FAST, MAX_GROUP_SUBSCRIPTION_MINUTES, DeltaExpired,
+                          GraphClient, SubscriptionExists, max_expiration)
 from aadrun.keys import KeyCache
 from tests.support.graph_fixtures import *  # noqa: F401,F403
 from tests.support.graph_fixtures import CLIENT_ID, CLIENT_SECRET, FEDERATED_CLIENT_ID, TENANT, graph_client
@@ -343,6 +343,17 @@ def test_once_throttled_past_its_budget_the_client_fails_fast_until_retry_after_
     time.sleep(1.1)
     graph_server.clear_faults()
     assert client.list_subscriptions() == [] and len(graph_server.calls("GET", "/v1.0/subscriptions")) == calls + 1
+
+
+@pytest.mark.parametrize("retry_after", ["inf", "1e12", "Fri, 31 Dec 9999 23:59:59 GMT"])
+def test_an_absurd_retry_after_silences_the_client_for_minutes_at_most(graph_server, retry_after):
+    client = graph_client(graph_server)
+    graph_server.fail_next(1, status=503, retry_after=retry_after)
+    with pytest.raises(RateLimited):
+        client.list_subscriptions()
+    with pytest.raises(RateLimited) as err:
+        client.group_delta(GROUP)       # failing fast, not sent
+    assert 0 < err.value.retry_after <= MAX_FAIL_FAST
 
 
 def test_a_wait_beyond_the_budget_is_not_shortened(graph_server):

@@ -148,16 +148,19 @@ def cmd_plan(args, settings: Settings) -> int:
             continue
         try:
             live, managed = writer.live_bindings(resource), store.managed_members(resource)
-            if name:
-                try:
-                    changes = plan_service(policy, policy.services[name], store.group_members, managed, live)
-                except PlanError as e:
-                    # Its grants are refused; its revocations are still made (as policy_sync does).
-                    refused[name] = str(e)
-                    changes = plan_service(policy, policy.services[name], store.group_members, managed, live,
-                                           grants=False)
-            else:
-                changes = plan_orphan(resource, managed, live)
+            try:
+                changes = plan_service(policy, policy.services[name], store.group_members, managed, live) \
+                    if name else plan_orphan(resource, managed, live)
+            except PlanError as e:
+                refused[name or resource] = str(e)
+                if not name:
+                    continue
+                # Its grants are refused; its revocations are still made (as policy_sync does),
+                # unless even they leave the live policy over the limit: then nothing is written.
+                changes = plan_service(policy, policy.services[name], store.group_members, managed, live,
+                                       grants=False)
+                if changes.principals > MAX_PRINCIPALS:
+                    continue
         except UpstreamError as e:
             if name or e.status_code != 404:
                 raise

@@ -27,6 +27,7 @@ import dataclasses
 import datetime as dt
 import email.utils
 import logging
+import math
 import threading
 import time
 import uuid
@@ -64,6 +65,8 @@ USER_TYPE = "#microsoft.graph.user"
 # an expired state token answers 410 Gone or a 4xx with one of these codes.
 EXPIRED_DELTA_CODES = frozenset({"syncstatenotfound", "resyncrequired"})
 RETRY_STATUSES = frozenset({429, 503})    # https://learn.microsoft.com/graph/throttling
+# The longest a client fails fast after giving up on a Retry-After (seconds).
+MAX_FAIL_FAST = 300.0
 
 
 class DeltaExpired(UpstreamError):
@@ -279,7 +282,9 @@ class GraphClient:
             if resp.status_code in RETRY_STATUSES:
                 wait = _retry_after(resp, attempt)
                 if attempt >= self._retries or waited + wait > self._max_wait:
-                    self._throttled_until = max(self._throttled_until, time.monotonic() + wait)
+                    # At most a few minutes: one absurd Retry-After must not silence the tenant.
+                    pause = min(wait, MAX_FAIL_FAST) if math.isfinite(wait) else MAX_FAIL_FAST
+                    self._throttled_until = max(self._throttled_until, time.monotonic() + pause)
                     raise RateLimited(f"{what}: HTTP {resp.status_code} after {attempt} retries",
                                       retry_after=wait, status_code=resp.status_code)
                 self._sleep(wait)
