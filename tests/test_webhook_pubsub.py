@@ -225,17 +225,23 @@ class _PublishRecorder(grpc.UnaryUnaryClientInterceptor):
         return continuation(client_call_details, request)
 
 
-def test_a_post_spanning_several_groups_sends_one_publish_request_per_ordering_key(pubsub_emulator):
-    # Pub/Sub refuses a Publish request whose messages carry different ordering keys
-    # (the emulator does not check it, so the requests are checked on the wire).
+def _bus_seen_on_the_wire(host: str):
+    """(test view, pull subscription, recorder of Publish requests, PubSubBus) on a fresh topic."""
     from google.cloud import pubsub_v1
 
-    pubsub = PubSub(pubsub_emulator)
+    pubsub = PubSub(host)
     settings = Settings(bus="pubsub", project=PROJECT, topic_changes=f"changes-{uuid.uuid4().hex[:8]}")
     subscription = pubsub.subscribe(pubsub.create_topic(settings.topic_changes))
     recorder = _PublishRecorder()
-    channel = grpc.intercept_channel(grpc.insecure_channel(pubsub_emulator), recorder)
+    channel = grpc.intercept_channel(grpc.insecure_channel(host), recorder)
     bus = PubSubBus(settings, client=pubsub_v1.PublisherClient(transport=PublisherGrpcTransport(channel=channel)))
+    return pubsub, subscription, recorder, bus
+
+
+def test_a_post_spanning_several_groups_sends_one_publish_request_per_ordering_key(pubsub_emulator):
+    # Pub/Sub refuses a Publish request whose messages carry different ordering keys
+    # (the emulator does not check it, so the requests are checked on the wire).
+    pubsub, subscription, recorder, bus = _bus_seen_on_the_wire(pubsub_emulator)
     expected = golden_messages("several_subscriptions") + golden_messages("members_added_and_removed")
     try:
         bus.publish_changes([from_json(json.dumps(m)) for m in expected])
@@ -255,14 +261,7 @@ def test_a_post_spanning_several_groups_sends_one_publish_request_per_ordering_k
 
 def test_a_key_with_more_messages_than_one_request_takes_is_sent_in_order_in_several(pubsub_emulator):
     # Pub/Sub refuses a Publish request of more than 1,000 messages.
-    from google.cloud import pubsub_v1
-
-    pubsub = PubSub(pubsub_emulator)
-    settings = Settings(bus="pubsub", project=PROJECT, topic_changes=f"changes-{uuid.uuid4().hex[:8]}")
-    subscription = pubsub.subscribe(pubsub.create_topic(settings.topic_changes))
-    recorder = _PublishRecorder()
-    channel = grpc.intercept_channel(grpc.insecure_channel(pubsub_emulator), recorder)
-    bus = PubSubBus(settings, client=pubsub_v1.PublisherClient(transport=PublisherGrpcTransport(channel=channel)))
+    pubsub, subscription, recorder, bus = _bus_seen_on_the_wire(pubsub_emulator)
     template = golden_messages("members_added")[0]
     expected = [dict(template, id=f"{n:064x}") for n in range(2500)]
     other_key = dict(golden_messages("several_subscriptions")[-1], id="f" * 64)
