@@ -181,6 +181,15 @@ def test_healthz(stack):
     assert payload["store"]["status"] == "ok" and payload["policy"]["services"] == 4
 
 
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/verify/healthz?service=billing"), ("GET", "/verify%2Fhealthz?service=billing"),
+    ("HEAD", "/orders/42/healthz/?service=billing"), ("GET", "/healthz?service=billing")])
+def test_a_path_ending_in_healthz_is_decided_like_any_other_never_a_health_200(stack, method, path):
+    # Forward-auth proxies that pass the client's path on: 200 would mean "allow".
+    status, headers, _ = call(stack[0], method=method, path=path)
+    assert status == 401 and headers["WWW-Authenticate"] == 'Bearer realm="aadrun"'
+
+
 def test_an_identity_provider_outage_alone_is_not_unhealthy(tmp_path, idp):
     store_url = f"sqlite:///{tmp_path}/s.db"
     open_store(store_url)

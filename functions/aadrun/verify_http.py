@@ -70,7 +70,9 @@ class VerifyEndpoint:
         self._verifier, self._health = verifier, health
 
     def handle(self, req: HttpRequest) -> HttpResponse:
-        if req.path.rstrip("/").endswith("/healthz") and req.method in ("GET", "HEAD"):
+        # Exactly /healthz and nothing to decide: a proxy that passes the client's path on
+        # (Envoy's path_prefix) must never turn /anything/healthz?service=S into a 200.
+        if req.path.rstrip("/") == "/healthz" and "service" not in req.query and req.method in ("GET", "HEAD"):
             healthy, parts = self._health()
             return HttpResponse.json(200 if healthy else 503, {"status": "ok" if healthy else "unhealthy", **parts})
         if req.body_too_large or len(req.body) > MAX_BODY:
