@@ -164,11 +164,20 @@ def test_malformed_body_is_400_with_a_reason(body, detail):
     assert recorder.batches == []
 
 
-def test_exactly_max_items_is_202_and_each_dropped_item_is_logged(records):
+def test_exactly_max_items_is_202_and_the_drops_are_one_security_line(records):
     recorder = Recorder()
     assert post(make_webhook(recorder), _items(MAX_ITEMS)).status == 202
     assert recorder.messages == []
-    assert [r.json_fields["reason"] for r in records] == ["not_an_object"] * MAX_ITEMS
+    [event] = fields(records, "security")       # not one per junk item: anyone may POST them
+    assert (event["dropped"], event["reasons"]) == (MAX_ITEMS, {"not_an_object": MAX_ITEMS})
+
+
+def test_drops_of_several_reasons_are_counted_in_one_line(records):
+    junk = [item(clientState="wrong"), item(tenantId=OTHER_TENANT), item(clientState="wrong"), 7]
+    assert post(make_webhook(), {"value": junk + [item()]}).status == 202
+    [event] = fields(records, "security")
+    assert event["reason"] == "bad_client_state" and event["dropped"] == 4
+    assert event["reasons"] == {"bad_client_state": 2, "unknown_tenant": 1, "not_an_object": 1}
 
 
 def test_the_most_items_a_body_can_hold_are_all_accepted():

@@ -13,9 +13,9 @@
     every accepted item published                    202     accepted
     a publish failed or was not confirmed in time    503     unavailable
 
-Each item is checked on its own; one that fails is dropped, logged as a security
-event with its reason (never its clientState or the raw body) and never
-published, while the others go on:
+Each item is checked on its own; one that fails is dropped and never published,
+while the others go on. The drops of a request are one security event, with the
+count of each reason (never a clientState or the raw body):
 
     not an object                                    not_an_object
     clientState matches no configured state          bad_client_state
@@ -30,6 +30,7 @@ aadrun does not know, are ignored (logged): Graph must not retry them either.
 """
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import hmac
 import json
@@ -202,8 +203,9 @@ class Webhook:
         received_at = rfc3339(self._clock())
         verdicts = [self._verdict(item, tenants, received_at) for item in items]
         messages = list({m.id: m for m in verdicts if not isinstance(m, _Skip)}.values())
-        for skip in (v for v in verdicts if isinstance(v, _Skip)):
-            _log_skip(skip)
+        _log_drops([v for v in verdicts if isinstance(v, _Skip) and v.security])
+        for skip in (v for v in verdicts if isinstance(v, _Skip) and not v.security):
+            _log_ignored(skip)
         if messages:
             self._bus().publish_changes(messages)
         for message in messages:
@@ -259,13 +261,21 @@ def _change(item: Mapping[str, Any], tenant: str, received_at: str) -> Message |
     return membership_from_graph(item, tenant, received_at)
 
 
-def _log_skip(skip: _Skip) -> None:
-    if skip.security:
-        audit.security("notification dropped", reason=skip.reason, tenant=skip.tenant,
-                       subscription=skip.subscription)
-    else:
-        audit.entry("notification_ignored", "notification ignored", reason=skip.reason, tenant=skip.tenant,
-                    subscription=skip.subscription, resource=skip.resource)
+def _log_drops(drops: list[_Skip]) -> None:
+    """One security line per request, however many items it dropped: anyone can POST
+    thousands of junk items, and a line each would flood the log (and its bill). The
+    first drop's reason, tenant and subscription stand for the rest; ``reasons`` counts all."""
+    if not drops:
+        return
+    first, reasons = drops[0], collections.Counter(d.reason for d in drops)
+    audit.security(f"{len(drops)} notification(s) dropped", reason=first.reason, tenant=first.tenant,
+                   subscription=first.subscription, dropped=len(drops),
+                   reasons=dict(reasons) if len(reasons) > 1 or len(drops) > 1 else None)
+
+
+def _log_ignored(skip: _Skip) -> None:
+    audit.entry("notification_ignored", "notification ignored", reason=skip.reason, tenant=skip.tenant,
+                subscription=skip.subscription, resource=skip.resource)
 
 
 def _log_accepted(message: Message) -> None:
