@@ -17,6 +17,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
+from jwt.utils import base64url_decode
 import pytest
 from cryptography.hazmat.primitives import serialization
 
@@ -113,6 +114,19 @@ def test_es256_psychic_signature_r_s_zero_is_disallowed(world, idp):
 def test_stripped_signature_is_rejected(world, idp):
     head, body, _ = good(idp).split(".")
     assert world[0].decide("billing", f"{head}.{body}.").reason == "bad_signature"
+
+
+def test_a_signature_spelled_another_way_is_malformed_not_a_second_identity(world, idp):
+    # A 256-byte signature leaves 4 unused bits in its last base64url character: 16
+    # spellings of one signature, each a new fingerprint in the audit log.
+    token = good(idp)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(token[-1])
+    respelled = token[:-1] + alphabet[last | 1]
+    signatures = [base64url_decode(t.split(".")[2].encode()) for t in (token, respelled)]
+    assert respelled != token and signatures[0] == signatures[1]          # the same signature bytes
+    assert world[0].decide("billing", token).reason == "ok"
+    assert world[0].decide("billing", respelled).reason == "malformed_token"
 
 
 def test_foreign_signature_with_a_real_kid_is_rejected(world, idp):

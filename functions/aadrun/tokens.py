@@ -12,6 +12,7 @@ header is rejected, since we implement no extensions (RFC 7515 §4.1.11).
 """
 from __future__ import annotations
 
+import base64
 import binascii
 import dataclasses
 import functools
@@ -105,6 +106,10 @@ def parse(token: str) -> tuple[dict, dict, bytes, bytes]:
         signature = base64url_decode(parts[2].encode("ascii"))
     except (ValueError, UnicodeError, binascii.Error) as e:
         raise TokenError("malformed_token", "the signature is not base64url") from e
+    # Only the canonical spelling: unused bits in the last character would give one
+    # signature many spellings, each its own fingerprint in the audit log.
+    if base64.urlsafe_b64encode(signature).rstrip(b"=") != parts[2].encode("ascii"):
+        raise TokenError("malformed_token", "the signature is not canonical base64url")
     return header, claims, f"{parts[0]}.{parts[1]}".encode("ascii"), signature
 
 
