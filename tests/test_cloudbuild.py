@@ -236,6 +236,14 @@ def test_request_path_functions_serve_concurrent_requests_on_a_whole_vcpu(deploy
     assert concurrency > 1 and env_vars(flags)["THREADS"] == str(concurrency)   # one gunicorn thread each
 
 
+@pytest.mark.parametrize("name", ["verify", "graph_webhook"])
+def test_request_path_functions_cut_off_slow_requests(deployed, name):
+    # Their work takes milliseconds; the default (60 s) would let a client that trickles
+    # its body hold one of an instance's threads for a minute.
+    timeout = one(deployed[name]["flags"], "--timeout")
+    assert timeout.endswith("s") and int(timeout[:-1]) <= 15
+
+
 def test_tests_validate_and_plan_run_before_any_deploy_and_policies_are_shipped(build):
     ids = [step.get("id") for step in build["steps"]]
     commands = [" ".join(str(a) for a in step.get("args") or []) for step in build["steps"]]
