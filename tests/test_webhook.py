@@ -108,6 +108,13 @@ def test_handshake_echoes_the_token_as_text(path, token):
     assert recorder.batches == []
 
 
+@pytest.mark.parametrize("token", ["x" * 4097, "a\r\nSet-Cookie: s=1", "<script>\x00</script>"])
+def test_a_validation_token_graph_would_never_send_is_not_echoed(token):
+    response = post(make_webhook(), b"", "/", {"validationToken": token})
+    assert response.status == 400 and response.json_body()["detail"] == "bad_validation_token"
+    assert token.encode() not in response.body
+
+
 # --- statuses and limits ------------------------------------------------------------
 
 def test_without_client_state_notifications_are_not_configured(records):

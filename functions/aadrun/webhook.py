@@ -3,6 +3,7 @@
 
     request                                          status  reason
     ?validationToken=T on / or /lifecycle            200     (text/plain body: T, URL-decoded)
+    ... T over 4,096 characters or not printable     400     bad_request (detail: bad_validation_token)
     path other than / and /lifecycle                 404     not_found
     method other than POST                           405     method_not_allowed
     no AADRUN_CLIENT_STATE                           503     not_configured
@@ -57,6 +58,7 @@ _SMALLEST_ITEM = len(json.dumps({"subscriptionId": _GUID, "clientState": "", "li
                                  "tenantId": _GUID}, separators=(",", ":"))) + 1
 MAX_ITEMS = MAX_BODY // _SMALLEST_ITEM
 MAX_RESOURCE = 2048
+MAX_VALIDATION_TOKEN = 4096   # Graph documents none; its tokens are a short line
 PATHS = ("/", "/lifecycle")
 
 _STATUS = {
@@ -80,6 +82,7 @@ _BAD_BODY = {
     "not_json": "the body is not JSON",
     "no_value": "the body is not an object with a 'value' list",
     "too_many_items": f"more than {MAX_ITEMS} items in 'value'",
+    "bad_validation_token": f"validationToken must be printable and at most {MAX_VALIDATION_TOKEN} characters",
 }
 
 
@@ -194,6 +197,10 @@ class Webhook:
         # Graph's validation: 200, text/plain, the URL-decoded token (the entry point
         # already decoded the query); the empty body is not read
         # (learn.microsoft.com/graph/change-notifications-delivery-webhooks).
+        # Graph's tokens are one short printable line: anything else is not echoed, so
+        # the public endpoint cannot be made to serve arbitrary content.
+        if len(token) > MAX_VALIDATION_TOKEN or not token.isprintable():
+            raise RequestError("bad_validation_token")
         response = HttpResponse.text(200, token)
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
