@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from . import audit
 from .config import Settings
@@ -242,17 +243,11 @@ class Subscriptions:
         if not claim_touch(self.store, sub["id"], "renew"):
             run.report("deferred", resource, sub, why="reauthorized less than 10 minutes ago")
             return
-        try:
-            renewed = run.graph.renew_subscription(sub["id"], max_expiration(self.now()))
-        except UpstreamError as e:
-            if e.status_code != 404:
-                release_touch(self.store, sub["id"], "renew")
-                raise
+        renewed = self._touch(sub["id"], "renew", lambda: run.graph.renew_subscription(
+            sub["id"], max_expiration(self.now())))
+        if renewed is _GONE:
             self._create(run, resource)   # vanished between list and renew
             return
-        except Exception:
-            release_touch(self.store, sub["id"], "renew")
-            raise
         run.report("renewed", resource, renewed)
 
     def _delete(self, run: _Tenant, resource: str, sub: dict) -> None:
@@ -265,14 +260,21 @@ class Subscriptions:
         ``ensure`` creates it again)."""
         if not claim_touch(self.store, subscription_id, "reauthorize"):
             return "deferred"
+        done = self._touch(subscription_id, "reauthorize",
+                           lambda: self.graph_for(tenant).reauthorize_subscription(subscription_id))
+        return "gone" if done is _GONE else "reauthorized"
+
+    def _touch(self, subscription_id: str, action: str, call: Callable[[], Any]) -> Any:
+        """``call`` (the renewal or reauthorization that claimed the window): its answer,
+        or ``_GONE`` when Graph no longer has the subscription. Any other failure gives
+        the window back: it touched nothing, so the other action must not be deferred."""
         try:
-            self.graph_for(tenant).reauthorize_subscription(subscription_id)
-        except UpstreamError as e:
-            if e.status_code != 404:
-                release_touch(self.store, subscription_id, "reauthorize")
-                raise
-            return "gone"
-        except Exception:
-            release_touch(self.store, subscription_id, "reauthorize")
+            return call()
+        except Exception as e:
+            if isinstance(e, UpstreamError) and e.status_code == 404:
+                return _GONE
+            release_touch(self.store, subscription_id, action)
             raise
-        return "reauthorized"
+
+
+_GONE = object()   # Graph answered 404: the subscription no longer exists
