@@ -115,9 +115,9 @@ class PubSubBus(Bus):
     Pub/Sub takes one ordering key per Publish request, so a call sends each ordering
     key's messages, in order, all keys at once on a small pool: one request per key,
     or several one after another when a key has more than Pub/Sub's 1,000 per
-    request. The call returns once every request is confirmed. A call that fails part-way leaves some keys published:
-    Graph's retry publishes them again with the same ``id``, which policy_sync drops
-    as a duplicate. The raw Publish call (not the batching client's per-key
+    request. The call returns once every request is confirmed. A call that fails
+    part-way leaves some keys published: Graph's retry publishes them again with the
+    same ``id``, which policy_sync drops as a duplicate. The raw Publish call (not the batching client's per-key
     sequencers) leaves no key paused after a failure, and its retries stay within
     ``publish_timeout_seconds``, so no attempt outlives the webhook's answer.
     """

@@ -354,7 +354,7 @@ class FirestoreStore(Store):
             raise Unavailable(f"lease {lease[0]} was lost")
         current = self._roles(snaps[ref.path])
         added, removed = diff_iam(current, desired)
-        if not added and not removed and not (written and any([*written.added.values(), *written.removed.values()])):
+        if not added and not removed and not (written and (written.added or written.removed)):
             return []
         counters = self._counters_now()
         at = monotonic_at(now, counters["last_at"])
