@@ -277,7 +277,7 @@ def _log_drops(drops: list[_Skip]) -> None:
     first, reasons = drops[0], collections.Counter(d.reason for d in drops)
     audit.security(f"{len(drops)} notification(s) dropped", reason=first.reason, tenant=first.tenant,
                    subscription=first.subscription, dropped=len(drops),
-                   reasons=dict(reasons) if len(reasons) > 1 or len(drops) > 1 else None)
+                   reasons=dict(reasons) if len(drops) > 1 else None)
 
 
 def _log_ignored(skip: _Skip) -> None:
