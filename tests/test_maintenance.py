@@ -168,15 +168,19 @@ def test_vanished_and_unreferenced_subscriptions(world):
     assert sorted(world.subs()) == sorted([f"/groups/{G_ENG}", f"/groups/{G_STAFF}"])
 
 
-def test_409_on_create_is_already_exists(world):
+def test_409_on_create_is_already_exists(world, audit_lines):
     graph = GraphClient(world.settings, TENANT)
-    # The same app already subscribes to G_ENG, for another endpoint: reported, left alone.
+    # The same app already subscribes to G_ENG, for another endpoint (a deployment at an
+    # earlier URL): left alone, but a warning, since that group now waits for the resync.
     other = graph.create_subscription(f"/groups/{G_ENG}", "https://old.example/hook", None, "x", max_expiration())
     summary = world.app().maintenance.run(["subscriptions"])
     assert [a["action"] for a in summary["tasks"]["subscriptions"]["actions"]] == ["exists", "created"]
     exists = summary["tasks"]["subscriptions"]["actions"][0]
     assert (exists["subscription"], exists["notification_url"]) == (other["id"], "https://old.example/hook")
     assert len(world.graph.calls("POST", "/v1.0/subscriptions")) == 3 and summary["ok"]
+    severities = {line["resource"]: line["severity"] for line in audit_lines if line["event"] == "subscription"}
+    assert severities == {f"/groups/{G_ENG}": "WARNING", f"/groups/{G_STAFF}": "INFO"}
+    assert "resync" in exists["why"]
 
 
 def test_409_after_a_concurrent_create_adopts_the_subscription(world):

@@ -99,11 +99,12 @@ class _Tenant:
     others: int
     actions: list[dict] = dataclasses.field(default_factory=list)
 
-    def report(self, action: str, resource: str, sub: dict | None = None, **extra) -> None:
+    def report(self, action: str, resource: str, sub: dict | None = None, *, severity: str | None = None,
+               **extra) -> None:
         expires = (sub or {}).get("expirationDateTime")
         self.actions.append({"tenant": self.tenant, "resource": resource, "action": action,
                              "subscription": (sub or {}).get("id"), "expires": expires, **extra})
-        severity = "ERROR" if action == "error" else "INFO"
+        severity = severity or ("ERROR" if action == "error" else "INFO")
         audit.entry("subscription", f"subscription {action}: {resource}", severity=severity,
                     tenant=self.tenant, resource=resource, action=action, subscription=(sub or {}).get("id"),
                     **extra)
@@ -230,8 +231,13 @@ class Subscriptions:
         listed = [s for s in run.graph.list_subscriptions() if resource_key(str(s.get("resource"))) == resource]
         mine = next((s for s in listed if s.get("notificationUrl") == self._config()[0]), None)
         if mine is None:
+            # Typically left by a deployment at an earlier URL: until it is deleted or
+            # expires (at most 29 days), this resource's changes arrive only by the
+            # scheduled delta resync. An operator must see that, not a routine line.
             other = listed[0].get("notificationUrl") if listed else None
-            run.report("exists", resource, listed[0] if listed else None, notification_url=other)
+            run.report("exists", resource, listed[0] if listed else None, severity="WARNING",
+                       notification_url=other, why="this app's subscription to it notifies another URL: "
+                       "changes reach this webhook only by the scheduled resync until it is deleted or expires")
             return False
         run.report("exists", resource, mine)
         expires = _expiry(mine)
