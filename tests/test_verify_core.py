@@ -28,7 +28,7 @@ from aadrun.policy import load_policy
 from aadrun.store import GroupUpdate, SyncState, open_store, utcnow
 from aadrun.errors import Unavailable
 from aadrun.verify import MembershipView, Verifier
-from tests.support.world import (ALICE, BOB, G_ENG, TENANT_A, TENANT_B, TENANT_OTHER, settings_for,
+from tests.support.world import (ALICE, BOB, G_ENG, POLICY, TENANT_A, TENANT_B, TENANT_OTHER, settings_for,
                                  write_policy)
 
 
@@ -266,6 +266,51 @@ def test_v1_token_where_v1_is_allowed(world, idp, tmp_path):
     assert (decision.allow, decision.reason, decision.subject) == (True, "ok", CAROL)
 
 
+def test_v1_and_v2_tokens_of_one_tenant_share_keys_the_v2_key_set_scopes_to_v2(world, idp):
+    store = world[1]
+    from tests.support.world import CAROL, G_B
+    store.apply(GroupUpdate(TENANT_B, G_B, replace=frozenset({CAROL}), sync=SyncState(None, utcnow())))
+    assert idp.document(f"/{TENANT_B}/discovery/v2.0/keys")["keys"][0]["issuer"].endswith("/{tenantid}/v2.0")
+    for version in (1, 2):   # the v1 key set lists the same key with no issuer
+        token = idp.mint(TENANT_B, oid=CAROL, aud="api://tenant-b", version=version)
+        assert world[0].decide("tenant-b-app", token).reason == "ok"
+
+
+PERSONAL_ACCOUNTS = "https://login.microsoftonline.com/9188040d-6c67-4c5b-b112-36a304b66dad/v2.0"
+
+
+@pytest.mark.parametrize("issuer, reason", [
+    (PERSONAL_ACCOUNTS, "wrong_issuer"),   # a key of another issuer in a shared key set
+    (f"https://login.microsoftonline.com/{TENANT_B}/v2.0", "wrong_issuer"),
+    ("https://login.microsoftonline.com/{TenantId}/v2.0", "ok"),
+    (f"https://login.microsoftonline.com/{TENANT_A}/v2.0", "ok"),
+])
+def test_a_key_signs_only_for_the_issuer_its_key_set_names(world, idp, issuer, reason):
+    key = SigningKey(issuer=issuer)
+    idp.keys.append(key)
+    assert world[0].decide("billing", good(idp, key=key)).reason == reason
+
+
+@pytest.mark.parametrize("version, claims", [
+    (2, {"nonce": "n-0S6_WzA2Mj"}),                       # an ID token, client id and all
+    (2, {"azp": None, "azpacr": None, "scp": None}),       # no client app: no access token
+    (1, {"appid": None}),
+    (1, {"nonce": "n-0S6_WzA2Mj"}),
+])
+def test_an_id_token_is_not_an_access_token(world, idp, tmp_path, version, claims):
+    # The shape of Entra's ID token: aud is the app's client id, as is the v2 access
+    # token's; app roles assigned to the user are in it too.
+    client_id = "c11e47a0-0000-0000-0000-00000000b111"
+    policy = load_policy(write_policy(tmp_path, POLICY.replace("audience: api://billing", f"audience: {client_id}")
+                                      .replace("token_versions: [2]", "token_versions: [1, 2]")))
+    verifier = Verifier(world[3], lambda: policy, world[2], lambda: world[1])
+    token = idp.mint(TENANT_A, oid=BOB, aud=client_id, version=version, roles=["Billing.Admin"], **claims)
+    decision = verifier.decide("billing", token)
+    assert (decision.allow, decision.reason) == (False, "wrong_audience") and "ID token" in decision.detail
+    access = idp.mint(TENANT_A, oid=BOB, aud=client_id, version=version, roles=["Billing.Admin"])
+    assert verifier.decide("billing", access).reason == "ok"
+
+
 @pytest.mark.parametrize("token", [
     "abc", "a.b", "a.b.c.d.e", "!!!.???.###", "e30.e30.e30.e30.e30",
     b64({"alg": "RS256"}) + ".bm90IGpzb24." + "c2ln",
@@ -453,7 +498,7 @@ def test_refetch_storm_is_rate_limited_and_single_flight(world, idp):
 class _BrokenKey(SigningKey):
     """A JWKS entry that claims RSA but carries no modulus or exponent."""
 
-    def jwk(self) -> dict:
+    def jwk(self, issuer: str | None = None) -> dict:
         return {"kty": "RSA", "kid": self.kid, "use": "sig"}
 
 
@@ -649,8 +694,8 @@ def test_an_unknown_kid_refetches_again_once_the_window_has_passed(tmp_path, idp
 
 def test_a_jwks_entry_for_encryption_is_never_a_signing_key(world, idp):
     class EncryptionKey(SigningKey):
-        def jwk(self) -> dict:
-            return {**super().jwk(), "use": "enc"}
+        def jwk(self, issuer: str | None = None) -> dict:
+            return {**super().jwk(issuer), "use": "enc"}
 
     key = EncryptionKey()
     idp.keys.append(key)

@@ -23,14 +23,20 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 
+# Entra's v2 key sets scope each key to an issuer (the v1 sets name none).
+V2_KEY_ISSUER = "https://login.microsoftonline.com/{tenantid}/v2.0"
+
+
 class SigningKey:
-    def __init__(self, kid: str | None = None):
+    def __init__(self, kid: str | None = None, issuer: str | None = None):
         self.kid = kid or uuid.uuid4().hex[:16]
+        self.issuer = issuer   # the v2 key set's ``issuer`` of this key, if not the default
         self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
-    def jwk(self) -> dict:
+    def jwk(self, issuer: str | None = None) -> dict:
         data = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.private.public_key()))
-        return {**data, "kid": self.kid, "use": "sig", "kty": "RSA", "alg": "RS256"}
+        return {**data, "kid": self.kid, "use": "sig", "kty": "RSA", "alg": "RS256",
+                **({"issuer": issuer} if issuer else {})}
 
 
 class DevIdentityProvider:
@@ -83,12 +89,12 @@ class DevIdentityProvider:
             return None
         tenant, rest = parts[0], "/".join(parts[1:])
         with self._lock:
-            jwks = {"keys": [k.jwk() for k in self.keys]}
+            keys = list(self.keys)
         table = {
             "v2.0/.well-known/openid-configuration": lambda: self._discovery(tenant, 2),
             ".well-known/openid-configuration": lambda: self._discovery(tenant, 1),
-            "discovery/v2.0/keys": lambda: jwks,
-            "discovery/keys": lambda: jwks,
+            "discovery/v2.0/keys": lambda: {"keys": [k.jwk(k.issuer or V2_KEY_ISSUER) for k in keys]},
+            "discovery/keys": lambda: {"keys": [k.jwk() for k in keys]},
         }
         build = table.get(rest)
         return build() if build else None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from .outbound import client_session
 _MAX_DOCUMENT = 512 * 1024
 # How long a token with an unknown kid waits for a key fetch already in flight.
 _FETCH_WAIT = 1.0
+_TENANT_PLACEHOLDER = re.compile(re.escape("{tenantid}"), re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,10 @@ class KeySet:
     issuers: dict[int, str]   # token version -> issuer
     keys: dict[str, object]   # kid -> public key object (cryptography)
     fetched_at: float
+    # kid -> the only issuers it may sign for, from the JWK's ``issuer`` member (absent:
+    # any issuer of the tenant). Entra scopes keys this way: a key set shared across
+    # tenants can hold keys of another issuer, e.g. personal Microsoft accounts'.
+    key_issuers: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
 
 
 class _TenantKeys:
@@ -186,6 +192,7 @@ class KeyCache:
         base = self._settings.authority_url
         issuers: dict[int, str] = {}
         keys: dict[str, object] = {}
+        scoped: dict[str, set[str] | None] = {}   # kid -> issuers; None once listed unscoped
         for version in versions:
             path = f"{tenant}/v2.0/.well-known/openid-configuration" if version == 2 else \
                 f"{tenant}/.well-known/openid-configuration"
@@ -195,16 +202,23 @@ class KeyCache:
             if not isinstance(issuer, str) or not isinstance(jwks_uri, str):
                 raise ValueError("discovery document without issuer or jwks_uri")
             # Multi-tenant documents carry a placeholder; ours are tenant-specific.
-            issuers[version] = issuer.replace("{tenantid}", tenant)
+            issuers[version] = _with_tenant(issuer, tenant)
             for jwk in self._get_json(jwks_uri).get("keys", []):
                 key = _public_key(jwk)
-                if key is not None:
-                    keys[jwk["kid"]] = key
+                if key is None:
+                    continue
+                kid, issuer = jwk["kid"], jwk.get("issuer")
+                keys[kid] = key
+                if not isinstance(issuer, str):
+                    scoped[kid] = None   # e.g. the v1 key set, which names no issuer
+                elif kid not in scoped or scoped[kid] is not None:
+                    scoped.setdefault(kid, set()).add(_with_tenant(issuer, tenant))
         if not keys:
             # Entra always publishes signing keys: an empty set is a broken answer,
             # and taking it would deny every token until the next fetch.
             raise ValueError("no usable signing key in the JWKS")
-        return KeySet(issuers, keys, self._clock())
+        key_issuers = {kid: frozenset(names) for kid, names in scoped.items() if names is not None}
+        return KeySet(issuers, keys, self._clock(), key_issuers)
 
     def _get_json(self, url: str) -> dict:
         try:
@@ -225,6 +239,11 @@ class KeyCache:
         if not isinstance(document, dict):
             raise ValueError("not a JSON object")
         return document
+
+
+def _with_tenant(issuer: str, tenant: str) -> str:
+    """Multi-tenant documents and keys name the issuer with a ``{tenantid}`` placeholder."""
+    return _TENANT_PLACEHOLDER.sub(lambda _: tenant, issuer)
 
 
 def _read_by(raw, limit: int, deadline: float) -> bytes:

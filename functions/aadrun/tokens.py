@@ -49,7 +49,7 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("wrong_issuer", "iss is the tenant's issuer for an allowed token version"),
     ("expired", "exp present and not past"),
     ("not_yet_valid", "nbf not in the future"),
-    ("wrong_audience", "aud is one accepted audience of the service"),
+    ("wrong_audience", "an access token (no ID token) whose aud is one accepted audience of the service"),
     ("wrong_tenant", "the token's tenant is the service's tenant"),
 )
 
@@ -63,6 +63,10 @@ class VerifiedToken:
     tenant: str
     version: int
     versions: tuple[int, ...]   # the tenant's allowed versions (cache key of its keys)
+    # An ID token of an app whose client id is also an accepted audience would pass the
+    # audience check: only an access token names its client app (``azp`` in v2,
+    # ``appid`` in v1), and only an ID token carries a ``nonce`` claim.
+    access_token: bool = True
 
     @functools.cached_property
     def subject(self) -> str | None:
@@ -136,12 +140,18 @@ def verify_signed(token: str, tenant_versions: Callable[[str], tuple[int, ...] |
     key = keys.key_for(tid, versions, kid)
     if not _RS256.verify(signing_input, key, signature):
         raise TokenError("bad_signature", "signature does not verify")
-    issuers = keys.keyset(tid, versions).issuers
+    keyset = keys.keyset(tid, versions)
+    issuers = keyset.issuers
     iss = claims.get("iss")
     version = next((v for v, issuer in issuers.items() if issuer == iss), None)
     if version is None:
         raise TokenError("wrong_issuer", "iss is not the tenant's issuer for an allowed token version")
-    return VerifiedToken(claims, kid, tid, version, versions)
+    scope = keyset.key_issuers.get(kid)
+    if scope is not None and iss not in scope:
+        raise TokenError("wrong_issuer", "the signing key is not one of the token's issuer")
+    client = claims.get("azp" if version == 2 else "appid")
+    access_token = isinstance(client, str) and bool(client) and "nonce" not in claims
+    return VerifiedToken(claims, kid, tid, version, versions, access_token)
 
 
 _NUMBER_TYPES = (int, float)
@@ -165,11 +175,13 @@ def token_expiry(claims: dict) -> float | None:
     return exp if _is_time(exp) else None
 
 
-def check_audience(claims: dict, accepted: tuple[str, ...]) -> None:
-    aud = claims.get("aud")
+def check_audience(token: VerifiedToken, accepted: tuple[str, ...]) -> None:
+    aud = token.claims.get("aud")
     # One string only: a list would let a token minted for several APIs through.
     if not isinstance(aud, str) or aud not in accepted:
         raise TokenError("wrong_audience", "aud is not an accepted audience of the service")
+    if not token.access_token:
+        raise TokenError("wrong_audience", "an ID token (or no access token): it is not for calling an API")
 
 
 def _is_time(value) -> bool:

@@ -154,7 +154,7 @@ class Verifier:
             now = self._clock()
             verified = self._verified(token, digest, policy, now)
             check_time(verified.claims, now, self._settings.leeway_seconds)
-            check_audience(verified.claims, policy.audiences_for(service))
+            check_audience(verified, policy.audiences_for(service))
             if verified.tenant != service.tenant:
                 raise TokenError("wrong_tenant", "the token's tenant is not the service's tenant")
             states = _NO_MEMBERSHIP
