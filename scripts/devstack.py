@@ -42,6 +42,7 @@ ALICE = "a11ce000-0000-0000-0000-000000000001"
 BOB = "b0b00000-0000-0000-0000-000000000002"
 CAROL = "ca401000-0000-0000-0000-000000000003"
 CLIENT_ID = "00000000-0000-0000-0000-00000000a0a0"
+BILLING_API = "b111a9e0-0000-0000-0000-0000000000a1"   # billing-api's audience in policies/example.yaml
 PROJECT = "aadrun-dev"
 SUBSCRIPTION = "5e5e5e5e-0000-0000-0000-000000000001"
 
@@ -131,7 +132,7 @@ class Stack:
         return _post(self.webhook.url + "/", body)[0]
 
     def verify_status(self, user: str) -> tuple[int, str]:
-        token = self.idp.mint(TENANT, oid=user, aud="api://billing-api")
+        token = self.idp.mint(TENANT, oid=user, aud=BILLING_API)
         status, payload = _post(self.verify.url + "/verify", {"service": "billing-api"},
                                 {"Authorization": f"Bearer {token}"})
         return status, payload.get("reason", "")
@@ -206,7 +207,7 @@ def scenario(stack: Stack) -> bool:
 
 
 def instructions(stack: Stack) -> str:
-    token = stack.idp.mint(TENANT, oid=BOB, aud="api://billing-api", lifetime=3600)
+    token = stack.idp.mint(TENANT, oid=BOB, aud=BILLING_API, lifetime=3600)
     audit_env = " ".join(f"{k}={v}" for k, v in stack.env.items()
                          if k.endswith("_EMULATOR_HOST") or k in ("AADRUN_STORE", "GOOGLE_CLOUD_PROJECT"))
     return f"""

@@ -46,6 +46,38 @@ def test_validate_lists_every_error(tmp_path):
     assert [e["field"] for e in json.loads(out)["errors"]] == ["tenants[0].audiences", "services[0].tenant"]
 
 
+V2_ONLY = """\
+tenants:
+  - id: 11111111-1111-1111-1111-111111111111
+    audiences: ["api://demo"]
+    token_versions: VERSIONS
+services:
+  - {name: uses-tenant, tenant: 11111111-1111-1111-1111-111111111111, access: [{app_roles: [R]}]}
+  - {name: also-tenant, tenant: 11111111-1111-1111-1111-111111111111, access: [{app_roles: [R]}]}
+  - {name: app-id-uri, tenant: 11111111-1111-1111-1111-111111111111, audience: "api://x", access: [{app_roles: [R]}]}
+  - {name: client-id, tenant: 11111111-1111-1111-1111-111111111111, audience: "c1000000-0000-0000-0000-00000000000a",
+     access: [{app_roles: [R]}]}
+"""
+
+
+def test_validate_warns_when_v2_tokens_could_never_match_an_audience(tmp_path):
+    # A v2 token's aud is always the API's client id: with only App ID URIs, every
+    # token of a v2-only service is refused. The policy loads; validate says so, exit 1.
+    policy = tmp_path / "p.yaml"
+    policy.write_text(V2_ONLY.replace("VERSIONS", "[2]"))
+    code, out, _ = run("validate", "--policy", str(policy))
+    assert code == 1 and out.startswith("warning: ") and out.splitlines()[-1].startswith("ok: ")
+    code, out, _ = run("validate", "--policy", str(policy), "--json")
+    report = json.loads(out)
+    assert code == 1 and report["valid"]
+    assert [(w["line"], w["field"]) for w in report["warnings"]] == [(3, "tenants[0].audiences"),
+                                                                     (8, "services[2].audience")]
+    assert "also-tenant, uses-tenant" in report["warnings"][0]["message"]
+    policy.write_text(V2_ONLY.replace("VERSIONS", "[1, 2]"))   # v1 tokens may carry the App ID URI
+    code, out, _ = run("validate", "--policy", str(policy), "--json")
+    assert code == 0 and json.loads(out)["warnings"] == []
+
+
 def test_bad_usage_exits_2(tmp_path):
     assert run("explain")[0] == 2
     assert run("no-such-command")[0] == 2

@@ -46,11 +46,14 @@ def cmd_validate(args, settings: Settings) -> int:
         text = "\n".join(f"error: {x}" for x in e.errors)
         _emit(args, {"valid": False, "error": found[0], "errors": found}, lambda p: text)
         return EXIT_FINDING
+    warnings = [{"file": x.file, "line": x.line, "field": x.field, "message": x.message} for x in policy.warnings]
     payload = {"valid": True, "files": [str(f) for f in policy_files(path)], "tenants": sorted(policy.tenants),
-               "services": sorted(policy.services)}
-    _emit(args, payload, lambda p: f"ok: {len(p['files'])} file(s), {len(p['tenants'])} tenant(s), "
-                                   f"{len(p['services'])} service(s): {', '.join(p['services'])}")
-    return EXIT_OK
+               "services": sorted(policy.services), "warnings": warnings}
+    _emit(args, payload, lambda p: "".join(f"warning: {x}\n" for x in policy.warnings) +
+          f"ok: {len(p['files'])} file(s), {len(p['tenants'])} tenant(s), "
+          f"{len(p['services'])} service(s): {', '.join(p['services'])}")
+    # A warning is a finding: it loads, but would not work as meant (exit 1 stops a build).
+    return EXIT_FINDING if warnings else EXIT_OK
 
 
 def _explain_token(args, app) -> dict:

@@ -5,7 +5,7 @@ their JWKS, with real RSA keys; mints tokens with Entra's v1 or v2 claims; and
 rotates keys. It signs with private keys it holds in memory: never deploy it.
 
     idp = DevIdentityProvider().start()
-    token = idp.mint(TENANT, oid=USER, aud="api://billing-api", roles=["Billing.Admin"])
+    token = idp.mint(TENANT, oid=USER, aud=API_CLIENT_ID, roles=["Billing.Admin"])
     # AADRUN_AUTHORITY_URL=idp.url
 """
 from __future__ import annotations

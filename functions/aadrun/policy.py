@@ -71,6 +71,8 @@ class Policy:
     principal: str | None = None
     group_principal: str | None = None
     sources: tuple[str, ...] = ()
+    # Problems that do not stop the policy from being applied, located like errors.
+    warnings: tuple[PolicyError, ...] = ()
 
     def audiences_for(self, service: Service) -> tuple[str, ...]:
         if service.audience:
@@ -270,7 +272,7 @@ def parse_documents(docs: list[tuple[dict, dict[str, int], str]], *, complete: b
     (to tenants, to the principals) are not checked: they may be in that file."""
     tenants: dict[str, Tenant] = {}
     services: dict[str, Service] = {}
-    where: dict[str, tuple[_Checker, str]] = {}
+    where: dict[str, tuple[_Checker, str]] = {}   # tenant id or service name -> (file, field)
     singles: dict[str, tuple[str, str]] = {}
     errors: list[PolicyError] = []
     for data, lines, name in docs:
@@ -287,6 +289,7 @@ def parse_documents(docs: list[tuple[dict, dict[str, int], str]], *, complete: b
                 if tenant.id in tenants:
                     raise c.error(f"tenants[{i}].id", f"tenant {tenant.id} defined twice")
                 tenants[tenant.id] = tenant
+                where[tenant.id] = (c, f"tenants[{i}]")
             except PolicyError as e:
                 errors.append(e)
         for i, raw in enumerate(data.get("services", [])):
@@ -309,7 +312,29 @@ def parse_documents(docs: list[tuple[dict, dict[str, int], str]], *, complete: b
         except PolicyError as e:
             errors.append(e)
     _raise_all(errors)
-    return Policy(tenants, services, principal, group_principal, tuple(d[2] for d in docs))
+    return Policy(tenants, services, principal, group_principal, tuple(d[2] for d in docs),
+                  _audience_warnings(services, tenants, where))
+
+
+def _audience_warnings(services: dict[str, Service], tenants: dict[str, Tenant],
+                       where: dict[str, tuple[_Checker, str]]) -> tuple[PolicyError, ...]:
+    """A v2 access token's ``aud`` is always the API's client id (a v1 token's is the
+    client id or the App ID URI the client asked for): a service taking only v2 tokens
+    with no client id among its audiences would refuse every token as wrong_audience."""
+    blind: dict[str, list[str]] = {}   # the field that gives the audiences -> its services
+    for service in services.values():
+        tenant = tenants.get(service.tenant)
+        audiences = (service.audience,) if service.audience else tenant.audiences if tenant else ()
+        if tenant is not None and tenant.token_versions == (2,) and not any(GUID.match(a) for a in audiences):
+            blind.setdefault(service.name if service.audience else tenant.id, []).append(service.name)
+    warnings = []
+    for owner, names in blind.items():
+        c, field = where[owner]
+        field += ".audiences" if owner in tenants else ".audience"
+        warnings.append(c.error(field, f"no audience is a client id (GUID), but {', '.join(sorted(names))} "
+                                       "take(s) only v2 tokens, whose aud is always the API's client id: "
+                                       "every token would be refused (wrong_audience)"))
+    return tuple(warnings)
 
 
 def _top_level(c: _Checker, data: dict, singles: dict[str, tuple[str, str]]) -> None:
