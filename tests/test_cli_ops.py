@@ -38,9 +38,9 @@ def ops(graph_server, tmp_path):
                     "AADRUN_CLOUDRUN_ENDPOINT": cloudrun.url, "NO_GCE_CHECK": "true",
                     "CLOUDSDK_CONFIG": str(tmp_path / "gcloud")})
 
-        def run(*args, unset=()):
+        def run(*args, unset=(), **overrides):
             proc = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=60,
-                                  env={k: v for k, v in env.items() if k not in unset})
+                                  env={**{k: v for k, v in env.items() if k not in unset}, **overrides})
             return proc.returncode, proc.stdout, proc.stderr
 
         yield run, store_url, graph_server, cloudrun
@@ -216,6 +216,16 @@ def test_graph_commands_without_a_client_id_are_bad_usage(ops, command):
     code, _, err = run(command, unset=("AADRUN_CLIENT_ID",))
     assert code == 2 and "AADRUN_CLIENT_ID" in err and "Traceback" not in err
     assert graph_server.token_requests == 0
+
+
+def test_resync_refuses_record_mode_against_the_functions_store(ops):
+    # Record mode would log IAM changes never made and forget revoked members as managed:
+    # against the deployed functions' store, drift would then never revoke them.
+    run, _, graph_server, cloudrun = ops
+    code, _, err = run("resync", AADRUN_IAM="record", AADRUN_STORE="firestore://")
+    assert code == 2 and "AADRUN_IAM=cloudrun" in err and "Traceback" not in err
+    assert graph_server.token_requests == 0 and cloudrun.sets(BILLING) == 0
+    assert run("resync", AADRUN_IAM="record")[0] == 0   # a local SQLite store is record mode's own
 
 
 @pytest.mark.parametrize("command", ["validate", "plan", "subscribe", "resync", "audit"])

@@ -42,7 +42,7 @@ PRINCIPAL = "principal://iam.googleapis.com/locations/global/workforcePools/entr
 POLICY = textwrap.dedent(f"""\
     tenants:
       - id: {TENANT}
-        audiences: ["api://aadrun-test"]
+        audiences: ["a0d1e2c3-0000-0000-0000-000000000001"]   # an API client id, as v2 tokens carry
     principal: "{PRINCIPAL.format('{oid}')}"
     services:
       - name: billing

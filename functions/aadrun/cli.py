@@ -219,6 +219,11 @@ def cmd_resync(args, settings: Settings) -> int:
 
     if not settings.client_id:   # every read would fail alike: the invocation is wrong
         raise ConfigError("AADRUN_CLIENT_ID is required to read groups from Microsoft Graph")
+    if settings.iam_mode == "record" and settings.store_url.startswith("firestore://"):
+        # The deployed functions' store: record mode would log IAM changes never made and
+        # drop revoked members from what aadrun manages, so drift would never revoke them.
+        raise ConfigError("resync against the functions' store needs AADRUN_IAM=cloudrun, as policy_sync "
+                          "has (or run maintenance's reconcile task)")
     app = App(settings)
     groups = [(t, g) for t, names in sorted(app.policy.referenced_groups().items()) if args.tenant in (None, t)
               for g in sorted(names) if args.group in (None, g)]
