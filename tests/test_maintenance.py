@@ -168,6 +168,50 @@ def test_vanished_and_unreferenced_subscriptions(world):
     assert sorted(world.subs()) == sorted([f"/groups/{G_ENG}", f"/groups/{G_STAFF}"])
 
 
+def test_a_client_state_rotation_replaces_every_subscription_then_the_old_state_can_go(world):
+    world.app().maintenance.run(["subscriptions"])
+    before = {r: s["id"] for r, s in world.subs().items()}
+    assert {s["clientState"] for s in world.subs().values()} == {STATE}
+    # Step 1: NEW first, OLD still accepted. Graph never returns a clientState: aadrun knows
+    # which state each subscription carries from its own record, and replaces the old ones.
+    rotating = world.app(client_states=("new-state", STATE))
+    summary = rotating.maintenance.run(["subscriptions"])
+    assert actions(summary) == {f"/groups/{G_ENG}": "replaced", f"/groups/{G_STAFF}": "replaced"}
+    assert {a["replaced"] for a in summary["tasks"]["subscriptions"]["actions"]} == set(before.values())
+    assert {s["clientState"] for s in world.subs().values()} == {"new-state"}
+    assert not set(before.values()) & {s["id"] for s in world.subs().values()}
+    assert set(actions(rotating.maintenance.run(["subscriptions"])).values()) == {"kept"}
+    # Step 2: OLD dropped: nothing left to replace.
+    assert set(actions(world.app(client_states=("new-state",)).maintenance.run(["subscriptions"])).values()) \
+        == {"kept"}
+
+
+def test_a_state_changed_in_one_step_still_replaces_the_subscriptions_of_the_old_one(world):
+    world.app().maintenance.run(["subscriptions"])
+    summary = world.app(client_states=("new-state",)).maintenance.run(["subscriptions"])
+    assert set(actions(summary).values()) == {"replaced"}
+    assert {s["clientState"] for s in world.subs().values()} == {"new-state"}
+
+
+def test_subscriptions_made_before_states_were_recorded(world):
+    graph = GraphClient(world.settings, TENANT)
+    for group in (G_ENG, G_STAFF):   # no record of their state
+        graph.create_subscription(f"/groups/{group}", NOTIFY, NOTIFY + "/lifecycle", STATE, max_expiration())
+    # One state configured: the one they can carry, kept (and recorded) without churn;
+    # a rotation started later replaces them.
+    assert set(actions(world.app().maintenance.run(["subscriptions"])).values()) == {"kept"}
+    assert set(actions(world.app(client_states=("new-state", STATE)).maintenance.run(["subscriptions"]))
+               .values()) == {"replaced"}
+
+
+def test_during_a_rotation_a_subscription_of_unknown_state_is_replaced(world):
+    graph = GraphClient(world.settings, TENANT)
+    graph.create_subscription(f"/groups/{G_ENG}", NOTIFY, NOTIFY + "/lifecycle", STATE, max_expiration())
+    assert actions(world.app(client_states=("new-state", STATE)).maintenance.run(["subscriptions"])) == {
+        f"/groups/{G_ENG}": "replaced", f"/groups/{G_STAFF}": "created"}
+    assert {s["clientState"] for s in world.subs().values()} == {"new-state"}
+
+
 def test_409_on_create_is_already_exists(world, audit_lines):
     graph = GraphClient(world.settings, TENANT)
     # The same app already subscribes to G_ENG, for another endpoint (a deployment at an

@@ -353,7 +353,9 @@ def test_managed_targets_are_the_resources_with_a_managed_member(store):
 
 def test_leases(backend):
     a, b = backend(), backend()
+    assert b.lease_holder("maintenance") is None
     assert a.acquire_lease("maintenance", "h1", 30)
+    assert b.lease_holder("maintenance") == "h1"
     assert not b.acquire_lease("maintenance", "h2", 30)
     assert a.acquire_lease("maintenance", "h1", 30), "the holder extends its lease"
     assert b.acquire_lease("other", "h2", 30), "leases are independent"
@@ -364,6 +366,7 @@ def test_leases(backend):
     assert b.acquire_lease("maintenance", "h2", TTL)
     assert not a.acquire_lease("maintenance", "h1", 30)
     sleep_past(expiry)
+    assert a.lease_holder("maintenance") is None, "an expired lease is nobody's"
     assert a.acquire_lease("maintenance", "h1", 30), "an expired lease can be taken"
 
 

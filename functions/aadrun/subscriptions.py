@@ -24,13 +24,23 @@ The time of the last of either is kept as a store lease named
 deferred, which is safe because renewals start days before expiry and a renewal
 also reauthorizes.
 
+Graph never returns a subscription's ``clientState``, so the state each was
+created with is kept as a store lease named ``graph-subscription-state/{id}``,
+held by the state's fingerprint. A subscription whose state is not the first of
+``AADRUN_CLIENT_STATE`` is replaced (deleted, then created: Graph allows one per
+resource; the scheduled reconcile covers the moment between). That is how a
+rotation completes: with ``NEW,OLD`` configured, every subscription not known to
+carry NEW is replaced; OLD can go once that is done. One made before states were
+kept is taken as carrying the single configured state.
+
 Action names in reports: ``created``, ``exists`` (409 on create), ``renewed``,
-``kept``, ``deferred``, ``deleted``, ``error``.
+``kept``, ``replaced``, ``deferred``, ``deleted``, ``error``.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -45,6 +55,8 @@ QUOTA = 100
 TENANT_WIDE = "/groups"
 RENEW_WITHIN = dt.timedelta(days=3)
 TOUCH_WINDOW_S = 600.0
+# Longer than a subscription lives between renewals (29 days), which extend it.
+STATE_RECORD_TTL_S = 60 * 86400.0
 
 
 def claim_touch(store: Store, subscription_id: str, action: str) -> bool:
@@ -60,6 +72,15 @@ def release_touch(store: Store, subscription_id: str, action: str) -> None:
     """Give the window back when ``action`` failed: it did not reauthorize anything,
     so the other action must not be deferred by it."""
     store.release_lease(f"graph-subscription/{subscription_id}", action)
+
+
+def state_fingerprint(client_state: str) -> str:
+    """What the store keeps of a client state: enough to tell states apart, not to recover one."""
+    return hashlib.sha256(client_state.encode("utf-8")).hexdigest()[:32]
+
+
+def _state_record(subscription_id: str) -> str:
+    return f"graph-subscription-state/{subscription_id}"
 
 
 def resource_key(resource: str) -> str:
@@ -205,23 +226,40 @@ class Subscriptions:
         expires = _expiry(sub) if sub else None
         if sub is not None and (expires is None or expires <= self.now()):
             # Graph deletes expired subscriptions; one still listed cannot be renewed.
-            run.graph.delete_subscription(sub["id"])
+            self._forget(run, sub)
             sub = None
         if sub is None:
             return self._create(run, resource)
+        elif not self._current_state(sub):
+            self._forget(run, sub)
+            return self._create(run, resource, "replaced", replaced=sub["id"],
+                                why="created with a client state that is no longer the first configured")
         elif expires - self.now() < self.renew_within:
             self._renew(run, resource, sub)
         else:
             run.report("kept", resource, sub)
 
-    def _create(self, run: _Tenant, resource: str) -> bool:
+    def _current_state(self, sub: dict) -> bool:
+        """Whether ``sub`` carries the first configured client state, as far as we know."""
+        states = self.settings.client_states
+        primary, record = state_fingerprint(states[0]), _state_record(sub["id"])
+        recorded = self.store.lease_holder(record)
+        if recorded == primary:
+            return True
+        if recorded is None and len(states) == 1:
+            # Made before states were kept, and no rotation under way: the one state it can carry.
+            return self.store.acquire_lease(record, primary, STATE_RECORD_TTL_S)
+        return False
+
+    def _create(self, run: _Tenant, resource: str, action: str = "created", **extra) -> bool:
         url, state = self._config()
         try:
             sub = run.graph.create_subscription(resource, url, f"{url}/lifecycle", state,
                                                 max_expiration(self.now()))
         except SubscriptionExists:
             return self._exists(run, resource)
-        run.report("created", resource, sub)
+        self.store.acquire_lease(_state_record(sub["id"]), state_fingerprint(state), STATE_RECORD_TTL_S)
+        run.report(action, resource, sub, **extra)
         return True
 
     def _exists(self, run: _Tenant, resource: str) -> bool:
@@ -254,11 +292,22 @@ class Subscriptions:
         if renewed is _GONE:
             self._create(run, resource)   # vanished between list and renew
             return
+        # Only one carrying the first state is renewed: its record lives as long as it does.
+        self.store.acquire_lease(_state_record(sub["id"]), state_fingerprint(self.settings.client_states[0]),
+                                 STATE_RECORD_TTL_S)
         run.report("renewed", resource, renewed)
 
     def _delete(self, run: _Tenant, resource: str, sub: dict) -> None:
-        run.graph.delete_subscription(sub["id"])
+        self._forget(run, sub)
         run.report("deleted", resource, sub)
+
+    def _forget(self, run: _Tenant, sub: dict) -> None:
+        """Delete ``sub`` from Graph (gone already is fine), then its record."""
+        run.graph.delete_subscription(sub["id"])
+        record = _state_record(sub["id"])
+        holder = self.store.lease_holder(record)
+        if holder is not None:
+            self.store.release_lease(record, holder)
 
     def reauthorize(self, tenant: str, subscription_id: str) -> str:
         """Answer ``reauthorizationRequired``: "reauthorized", "deferred" (renewed less

@@ -186,6 +186,10 @@ class Store(abc.ABC):
     def release_lease(self, name: str, holder: str) -> None:
         """Give the lease back if ``holder`` has it."""
 
+    @abc.abstractmethod
+    def lease_holder(self, name: str) -> str | None:
+        """Who holds the lease ``name`` now (None: nobody, or it expired)."""
+
     def close(self) -> None:  # pragma: no cover - optional
         pass
 

@@ -397,6 +397,11 @@ class FirestoreStore(Store):
         if snap.exists and snap.get("holder") == holder:
             txn.delete(ref)
 
+    def lease_holder(self, name: str) -> str | None:
+        with _translated():
+            snap = self._doc("leases", name).get()
+        return snap.get("holder") if snap.exists and snap.get("expires_at") > utcnow() else None
+
     def close(self) -> None:
         if self._owns_client:
             self._client.close()

@@ -389,6 +389,12 @@ class SqliteStore(Store):
         with _translated(), self._write() as conn:
             conn.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
 
+    def lease_holder(self, name: str) -> str | None:
+        with _translated():
+            row = self._conn().execute("SELECT holder FROM leases WHERE name = ? AND expires_at > ?",
+                                       (name, _us(utcnow()))).fetchone()
+        return row[0] if row else None
+
     # -- helpers (inside a write transaction) -------------------------------
 
     @staticmethod
