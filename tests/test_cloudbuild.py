@@ -296,3 +296,31 @@ def test_functions_requirements_pin_the_runtime_packages_exactly_as_requirements
     runtime = pins(ROOT / "requirements.txt", section="runtime")
     assert {"functions-framework", "google-cloud-firestore", "pyjwt"} <= runtime.keys()
     assert pins(ROOT / "functions" / "requirements.txt") == runtime
+
+
+def _substitutions(text: str) -> dict[str, str]:
+    """gcloud's KEY=VALUE list, with its ``^D^`` form for another delimiter."""
+    delimiter = ","
+    if text.startswith("^"):
+        delimiter, text = text[1:].split("^", 1)
+    return dict(item.split("=", 1) for item in text.split(delimiter))
+
+
+@pytest.mark.parametrize("secret_exists", [False, True])
+def test_setup_gcp_ends_with_a_deploy_command_whose_substitutions_the_build_accepts(tmp_path, build,
+                                                                                    secret_exists):
+    fake = tmp_path / "gcloud"   # answers every call; "describe" finds things when asked to
+    fake.write_text("#!/usr/bin/env bash\ncat >/dev/null <&0 2>/dev/null || true\n"
+                    'case "$*" in *"projects describe"*) echo 123456789012;; '
+                    f'*describe*) exit {0 if secret_exists else 1};; esac\nexit 0\n')
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "setup-gcp"), "p1", "europe-west1"], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL,
+                          env={"PATH": f"{tmp_path}:/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    given = _substitutions(re.search(r"--substitutions='([^']*)'", proc.stderr).group(1))
+    assert set(given) <= set(build["substitutions"]) and {"_REGION", "_CLIENT_ID"} <= set(given)
+    if secret_exists:
+        assert given["_EXTRA_SECRETS"] == ",AADRUN_CLIENT_SECRET=aadrun-client-secret:latest"
+    else:
+        assert "_EXTRA_SECRETS" not in given
