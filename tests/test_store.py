@@ -238,6 +238,74 @@ def test_generation_is_shared_between_instances(backend):
     assert b.membership(T, "u1", [G]) == {G: True}
 
 
+# -- updates larger than one commit ----------------------------------------------
+
+BIG = frozenset(f"0b000000-0000-0000-0000-{n:012d}" for n in range(25))
+
+
+def test_an_update_larger_than_one_commit_is_applied_whole(backend):
+    store = backend()
+    store.max_changes_per_commit = 10   # Firestore commits it in parts (SQLite ignores it)
+    added = store.apply(GroupUpdate(T, G, replace=BIG, sync=synced(), message_ids=("full-read",), source="t"))
+    assert store.group_members(T, G) == set(BIG) and store.processed(["full-read"]) == {"full-read"}
+    assert sorted(e.user for e in added) == sorted(BIG) and {e.message_id for e in added} == {"full-read"}
+    assert [e.seq for e in store.changes()] == list(range(1, 26))
+    # The group deleted: every member goes, removals before anything else.
+    gone = store.apply(GroupUpdate(T, G, replace=frozenset(), sync=synced(), message_ids=("deleted",), source="t"))
+    assert store.group_members(T, G) == set() and {e.kind for e in gone} == {"member_removed"} and len(gone) == 25
+    # A large incremental page: removals first, then additions, the sync state last.
+    half = frozenset(sorted(BIG)[:12])
+    store.apply(GroupUpdate(T, G, added=BIG, sync=synced(), source="t"))
+    page = store.apply(GroupUpdate(T, G, added=users("new-1"), removed=half, sync=synced("link-2"),
+                                   message_ids=("page",), source="t"))
+    assert store.group_members(T, G) == (set(BIG) - half) | {"new-1"} and store.sync_state(T, G).delta_link == "link-2"
+    assert sorted(e.kind for e in page) == ["member_added"] + ["member_removed"] * 12
+
+
+class _FailingAfter(FirestoreStore):
+    """Commits ``parts`` transactions, then fails like an outage (a crash between parts)."""
+
+    parts = 0
+
+    def _apply(self, txn, update, now, ttl, whole=True):
+        if self.parts == 0:
+            raise Unavailable("outage")
+        self.parts -= 1
+        return super()._apply(txn, update, now, ttl, whole)
+
+
+def test_a_first_read_cut_between_its_parts_stays_unknown_and_its_redelivery_finishes_it(firestore_emulator):
+    project = f"aadrun-test-{uuid.uuid4().hex[:12]}"
+    store = _FailingAfter(project=project)
+    store.max_changes_per_commit, store.parts = 10, 2
+    update = GroupUpdate(T, G, replace=BIG, sync=synced(), message_ids=("full-read",), source="t")
+    with pytest.raises(Unavailable):
+        store.apply(update)
+    assert store.membership(T, sorted(BIG)[0], [G]) == {G: None}     # not synced: verify says unknown
+    assert store.processed(["full-read"]) == set()                  # so Pub/Sub redelivers it
+    store.parts = 10**6
+    store.apply(update)
+    assert store.group_members(T, G) == set(BIG) and store.processed(["full-read"]) == {"full-read"}
+    assert sorted(e.user for e in store.changes()) == sorted(BIG)   # each member logged once
+    # Cut after its first part, a page that adds and removes has removed, not added.
+    newcomers = frozenset(f"0d000000-0000-0000-0000-{n:012d}" for n in range(15))
+    store.parts = 1
+    with pytest.raises(Unavailable):
+        store.apply(GroupUpdate(T, G, added=newcomers, removed=BIG, sync=synced(), source="t"))
+    assert len(store.group_members(T, G)) == 15 and not store.group_members(T, G) & newcomers
+    store.close()
+
+
+def test_a_first_read_of_a_large_group_fits_firestore_commits(firestore_emulator):
+    # 6,000 members are about 4.6 MB of writes: more than one emulator commit takes (4 MiB;
+    # production takes 10 MiB, about 13,000 members).
+    store = FirestoreStore(project=f"aadrun-test-{uuid.uuid4().hex[:12]}")
+    members = frozenset(f"0c000000-0000-0000-0000-{n:012d}" for n in range(6000))
+    store.apply(GroupUpdate(T, G, replace=members, sync=synced(), source="t"))
+    assert len(store.group_members(T, G)) == 6000
+    store.close()
+
+
 # -- processed message ids ---------------------------------------------------
 
 

@@ -31,9 +31,15 @@ server-side (https://cloud.google.com/firestore/docs/ttl). Leases get none: they
 few (one per Cloud Run resource and task), and an expired one must stay readable so
 its holder can still renew it while nobody else has taken it (``renew_lease``).
 
-One commit may carry at most 10 MiB (https://cloud.google.com/firestore/quotas):
-about 14,000 member changes in one ``apply``, enough for any single update but
-the first full read of a very large group.
+One commit may carry at most 10 MiB (https://cloud.google.com/firestore/quotas;
+the emulator takes 4 MiB), and a member change writes about 1 KB (its membership
+document and its change-log entry). An ``apply`` of more than
+``MAX_CHANGES_PER_COMMIT`` changes (a large group's first read or deletion, a
+large delta page) is committed in parts: removals first, then additions, then the
+update itself (its sync state, its message ids as processed, what is left). A
+crash between parts leaves the message unprocessed, so its redelivery applies the
+rest; a first read in parts stays invisible to ``membership`` (the group has no
+sync state yet) until its last part.
 
 Every RPC, including the transaction's own begin/commit/rollback which the client
 library sends without a deadline argument, gets a short retry budget
@@ -74,6 +80,7 @@ QUERY_TIMEOUT_S = 60.0
 # library) and, separately, on a lost race for meta/counters (retried by _run).
 MAX_ATTEMPTS = 10
 PURGE_BATCH = 200
+MAX_CHANGES_PER_COMMIT = 2000
 TRANSIENT = (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.InternalServerError)
 # What a commit raises when meta/counters moved since we read it (see module doc).
 LOST_RACE = (gexc.FailedPrecondition, gexc.AlreadyExists)
@@ -151,6 +158,7 @@ class FirestoreStore(Store):
     threads: the client is thread-safe and each call runs its own transaction."""
 
     purge_interval = 60.0  # seconds between lazy purges of expired processed ids
+    max_changes_per_commit = MAX_CHANGES_PER_COMMIT
 
     def __init__(self, database: str | None = None, project: str | None = None, client=None, *,
                  timeout: float = TIMEOUT_S):
@@ -195,7 +203,9 @@ class FirestoreStore(Store):
                 transaction = self._client.transaction(max_attempts=MAX_ATTEMPTS)
                 try:
                     return firestore.transactional(fn)(transaction, *args)
-                except LOST_RACE:
+                except (*LOST_RACE, gexc.Aborted):
+                    # Aborted: contention the library does not retry, met on a read
+                    # inside the transaction rather than at its commit.
                     if attempt == MAX_ATTEMPTS:
                         raise
                 # Full jitter, so racing writers spread out rather than collide again.
@@ -297,12 +307,40 @@ class FirestoreStore(Store):
     def apply(self, update: GroupUpdate, processed_ttl: float = 7 * 86400) -> list[ChangeEntry]:
         check_update(update)
         now = utcnow()
-        entries = self._run(self._apply, update, now, processed_ttl)
+        entries = []
+        parts = self._parts(update)
+        for i, part in enumerate(parts):
+            entries += self._run(self._apply, part, now, processed_ttl, i == len(parts) - 1)
         self._purge_expired(now)
         return entries
 
-    def _apply(self, txn, update: GroupUpdate, now: dt.datetime, ttl: float) -> list[ChangeEntry]:
-        """Transaction body (re-run on contention): all reads, then all writes."""
+    def _parts(self, update: GroupUpdate) -> list[GroupUpdate]:
+        """``update`` alone, or the parts that commit a large one (module doc), ending
+        with the update itself (its sync state and message ids)."""
+        if update.replace is None:
+            removed, added = update.removed, update.added - update.removed
+        else:
+            with _translated():
+                current = {snap.get("user") for snap in
+                           self._members_query(update.tenant, update.group).stream()}
+            target = update.replace - update.removed
+            removed, added = current - target, target - current
+        if len(removed) + len(added) <= self.max_changes_per_commit:
+            return [update]
+        size = self.max_changes_per_commit
+        parts = [dataclasses.replace(update, replace=None, sync=None, **{kind: frozenset(chunk[i:i + size]),
+                                                                        other: frozenset()})
+                 for kind, other, chunk in (("removed", "added", sorted(removed)), ("added", "removed", sorted(added)))
+                 for i in range(0, len(chunk), size)]
+        # The update itself last: what the parts did is no change any more.
+        rest = update if update.replace is not None else dataclasses.replace(update, added=frozenset(),
+                                                                             removed=frozenset())
+        return parts + [rest]
+
+    def _apply(self, txn, update: GroupUpdate, now: dt.datetime, ttl: float, whole: bool = True
+               ) -> list[ChangeEntry]:
+        """Transaction body (re-run on contention): all reads, then all writes. A part of
+        an update (not ``whole``) records no message id as processed: the last part does."""
         t, g = update.tenant, update.group
         group_ref = self._doc("groups", t, g)
         member = {u: self._doc("memberships", t, g, u)
@@ -334,7 +372,7 @@ class FirestoreStore(Store):
             txn.set(group_ref, {"tenant": t, "group": g, "delta_link": update.sync.delta_link,
                                 "synced_at": _aware(update.sync.synced_at)})
         expires = now + dt.timedelta(seconds=ttl)
-        for mid in dict.fromkeys(update.message_ids):
+        for mid in dict.fromkeys(update.message_ids) if whole else ():
             txn.set(self._doc("processed", mid), {"id": mid, "expires_at": expires})
         return entries
 
