@@ -15,14 +15,14 @@ import uuid
 import pytest
 
 from aadrun.app import App
-from aadrun.errors import UpstreamError
+from aadrun.errors import Unavailable, UpstreamError
 from aadrun.graph import max_expiration
 from aadrun.sync import decode_event
 from aadrun.subscriptions import claim_touch
 from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, graph_pki, loopback_only
 from tests.support.graph_fixtures import graph_client
 from tests.support.sync_world import *  # noqa: F401,F403 - world, app, store_url, audit_lines, no_adc
-from tests.support.sync_world import (ALICE, BIG, BILLING, BOB, GROUP_PRINCIPAL, G_BIG, G_ENG, G_OPS,
+from tests.support.sync_world import (ALICE, BIG, BILLING, BOB, CAROL, GROUP_PRINCIPAL, G_BIG, G_ENG, G_OPS,
                                      G_OTHER, G_STAFF, INVOKER, MALLORY, REPORTS, SHARED, TENANT,
                                      RecordingApp, change, lifecycle, slow_delta, synced, user)
 
@@ -60,6 +60,34 @@ def test_add_then_removal_end_to_end_on_each_store(world, app, store_url):
         time.sleep(0.01)
     assert world.members(REPORTS) == {user(ALICE)}
     assert app.store.managed_members(REPORTS) == {INVOKER: {user(ALICE)}}
+
+
+@pytest.mark.parametrize("store_url", ["firestore"], indirect=True)
+def test_a_large_update_cut_between_its_parts_converges_on_redelivery(world, app, store_url, audit_lines):
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB, CAROL, MALLORY])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB, CAROL, MALLORY])])
+    world.graph.remove_members(TENANT, G_ENG, [BOB, CAROL, MALLORY])
+    store = app.store
+    store.max_changes_per_commit = 2     # the full read's 3 removals: [BOB, CAROL], [MALLORY], the rest
+    commit, parts = store._apply, []
+
+    def outage_at_the_last_part(txn, update, now, ttl, first=True):
+        parts.append(update)
+        if len(parts) == 3:
+            raise Unavailable("deadline exceeded")
+        return commit(txn, update, now, ttl, first)
+
+    store._apply = outage_at_the_last_part   # fault injection: the store's commit fails once
+    reread = change(G_ENG)   # "this group changed": a full read
+    with pytest.raises(Unavailable):
+        app.sync.handle_messages([reread])
+    # The parts that committed reached the audit log; the message counts as processed.
+    assert {line["user"] for line in audit_lines if line.get("kind") == "member_removed"} >= {BOB, CAROL}
+    assert store.processed([reread.id]) == {reread.id}
+    store._apply = commit
+    summary = app.sync.handle_messages([reread])   # Pub/Sub's redelivery
+    assert summary.duplicates == 1 and store.group_members(TENANT, G_ENG) == {ALICE}
+    assert world.members(REPORTS) == {user(ALICE)}, "IAM re-checked: nobody removed keeps run.invoker"
 
 
 def test_next_add_reads_incrementally_from_the_stored_link(world, app):

@@ -284,11 +284,14 @@ class PolicySync:
         store = self._app.store
         state = store.sync_state(work.tenant, work.group)
         sync = SyncState(None, state.synced_at) if state is not None and state.delta_link else None
-        entries = store.apply(GroupUpdate(
-            work.tenant, work.group, removed=frozenset(work.removed), sync=sync,
-            message_ids=self._marks(work.tenant, work.group, work.ids), source="notification",
-            why="removal notified by Microsoft Graph"))
-        audit_changes(entries)
+        entries: list[ChangeEntry] = []
+        try:
+            _apply(store, GroupUpdate(
+                work.tenant, work.group, removed=frozenset(work.removed), sync=sync,
+                message_ids=self._marks(work.tenant, work.group, work.ids), source="notification",
+                why="removal notified by Microsoft Graph"), entries)
+        finally:
+            audit_changes(entries)
         return entries
 
     def _read(self, requests: list[_Group]) -> tuple[str, list[ChangeEntry]]:
@@ -316,8 +319,7 @@ class PolicySync:
                         full = True
                         continue
                     update = dataclasses.replace(update, sync=SyncState(None, utcnow()))
-                applied = store.apply(update)
-                entries += applied
+                applied = _apply(store, update, entries)
                 marks = ()
                 # A removal that committed between that check and this apply is older than
                 # the grant the apply just made: take the grant back (and read again).
@@ -458,6 +460,19 @@ def _changes_members(store: Store, update: GroupUpdate) -> bool:
     if update.replace is not None:
         return set(update.replace) - set(update.removed) != current
     return bool((update.added - current) or (update.removed & current))
+
+
+def _apply(store: Store, update: GroupUpdate, entries: list[ChangeEntry]) -> list[ChangeEntry]:
+    """``store.apply``, adding what it committed to ``entries``: on failure too, as a
+    large update commits in parts (``committed`` on the error) and each change must
+    still reach the audit log."""
+    try:
+        applied = store.apply(update)
+    except Exception as e:
+        entries += getattr(e, "committed", ())
+        raise
+    entries += applied
+    return applied
 
 
 def _guarded(errors: list[Exception], step: Callable[[], Any]) -> None:

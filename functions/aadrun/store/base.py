@@ -127,8 +127,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def apply(self, update: GroupUpdate, processed_ttl: float = 7 * 86400) -> list[ChangeEntry]:
-        """Apply one group update atomically; returns the change-log entries written
-        (only real differences: re-adding a member writes nothing)."""
+        """Apply one group update; returns the change-log entries written (only real
+        differences: re-adding a member writes nothing). Atomic, except that a backend
+        may commit an update too large for one commit in parts (removals first, the
+        sync state last); an error after some parts carries their entries as
+        ``committed``."""
 
     @abc.abstractmethod
     def processed(self, message_ids: Iterable[str]) -> set[str]:

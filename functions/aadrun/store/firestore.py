@@ -36,10 +36,11 @@ the emulator takes 4 MiB), and a member change writes about 1 KB (its membership
 document and its change-log entry). An ``apply`` of more than
 ``MAX_CHANGES_PER_COMMIT`` changes (a large group's first read or deletion, a
 large delta page) is committed in parts: removals first, then additions, then the
-update itself (its sync state, its message ids as processed, what is left). A
-crash between parts leaves the message unprocessed, so its redelivery applies the
-rest; a first read in parts stays invisible to ``membership`` (the group has no
-sync state yet) until its last part.
+update itself (its sync state, what is left). The first part marks the message
+ids processed, so a redelivery after a failure between parts re-checks IAM as
+well as applying the rest; the error carries the entries already committed
+(``committed``) for the audit log. A first read in parts stays invisible to
+``membership`` (the group has no sync state yet) until its last part.
 
 Every RPC, including the transaction's own begin/commit/rollback which the client
 library sends without a deadline argument, gets a short retry budget
@@ -307,10 +308,16 @@ class FirestoreStore(Store):
     def apply(self, update: GroupUpdate, processed_ttl: float = 7 * 86400) -> list[ChangeEntry]:
         check_update(update)
         now = utcnow()
-        entries = []
-        parts = self._parts(update)
-        for i, part in enumerate(parts):
-            entries += self._run(self._apply, part, now, processed_ttl, i == len(parts) - 1)
+        entries: list[ChangeEntry] = []
+        try:
+            # The message ids go with the first part: a redelivery after a later part
+            # failed is then seen as one, so policy_sync re-checks IAM for what the
+            # committed parts changed (early is safe: a processed id never skips work).
+            for i, part in enumerate(self._parts(update)):
+                entries += self._run(self._apply, part, now, processed_ttl, i == 0)
+        except Exception as e:
+            e.committed = entries   # what the parts before the failure changed, for the audit log
+            raise
         self._purge_expired(now)
         return entries
 
@@ -337,10 +344,10 @@ class FirestoreStore(Store):
                                                                              removed=frozenset())
         return parts + [rest]
 
-    def _apply(self, txn, update: GroupUpdate, now: dt.datetime, ttl: float, whole: bool = True
+    def _apply(self, txn, update: GroupUpdate, now: dt.datetime, ttl: float, first: bool = True
                ) -> list[ChangeEntry]:
-        """Transaction body (re-run on contention): all reads, then all writes. A part of
-        an update (not ``whole``) records no message id as processed: the last part does."""
+        """Transaction body (re-run on contention): all reads, then all writes. Only the
+        first part of an update (``first``) marks its message ids processed."""
         t, g = update.tenant, update.group
         group_ref = self._doc("groups", t, g)
         member = {u: self._doc("memberships", t, g, u)
@@ -372,7 +379,7 @@ class FirestoreStore(Store):
             txn.set(group_ref, {"tenant": t, "group": g, "delta_link": update.sync.delta_link,
                                 "synced_at": _aware(update.sync.synced_at)})
         expires = now + dt.timedelta(seconds=ttl)
-        for mid in dict.fromkeys(update.message_ids) if whole else ():
+        for mid in dict.fromkeys(update.message_ids) if first else ():
             txn.set(self._doc("processed", mid), {"id": mid, "expires_at": expires})
         return entries
 
