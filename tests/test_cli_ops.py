@@ -222,7 +222,7 @@ def test_resync_refuses_record_mode_against_the_functions_store(ops):
     # Record mode would log IAM changes never made and forget revoked members as managed:
     # against the deployed functions' store, drift would then never revoke them.
     run, _, graph_server, cloudrun = ops
-    code, _, err = run("resync", AADRUN_IAM="record", AADRUN_STORE="firestore://")
+    code, _, err = run("resync", AADRUN_IAM="record", AADRUN_STORE="firestore://", unset=("FIRESTORE_EMULATOR_HOST",))
     assert code == 2 and "AADRUN_IAM=cloudrun" in err and "Traceback" not in err
     assert graph_server.token_requests == 0 and cloudrun.sets(BILLING) == 0
     assert run("resync", AADRUN_IAM="record")[0] == 0   # a local SQLite store is record mode's own

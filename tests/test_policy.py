@@ -35,6 +35,14 @@ def test_defaults_and_overrides(tmp_path):
     assert policy.member_principal("u").endswith("/subject/u")
 
 
+def test_a_client_id_audience_is_compared_in_lower_case_as_entra_writes_it(tmp_path):
+    text = POLICY.replace("audience: api://billing", "audience: DE300000-0000-0000-0000-0000000000A1") \
+        .replace('audiences: ["api://aadrun-test"]', 'audiences: ["API://Upper", "AB000000-0000-0000-0000-0000000000CD"]')
+    policy = load_policy(write(tmp_path, "p.yaml", text))
+    assert policy.audiences_for(policy.services["billing"]) == ("de300000-0000-0000-0000-0000000000a1",)
+    assert policy.audiences_for(policy.services["roles-only"]) == ("API://Upper", "ab000000-0000-0000-0000-0000000000cd")
+
+
 BASE = f"""\
 tenants:
   - id: {T}

@@ -19,6 +19,7 @@ import argparse
 import csv
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -219,9 +220,11 @@ def cmd_resync(args, settings: Settings) -> int:
 
     if not settings.client_id:   # every read would fail alike: the invocation is wrong
         raise ConfigError("AADRUN_CLIENT_ID is required to read groups from Microsoft Graph")
-    if settings.iam_mode == "record" and settings.store_url.startswith("firestore://"):
-        # The deployed functions' store: record mode would log IAM changes never made and
-        # drop revoked members from what aadrun manages, so drift would never revoke them.
+    if settings.iam_mode == "record" and settings.store_url.startswith("firestore://") and \
+            not os.environ.get("FIRESTORE_EMULATOR_HOST"):
+        # The deployed functions' store (the emulator's is a local stack's): record mode would
+        # log IAM changes never made and drop revoked members from what aadrun manages, so
+        # drift would never revoke them.
         raise ConfigError("resync against the functions' store needs AADRUN_IAM=cloudrun, as policy_sync "
                           "has (or run maintenance's reconcile task)")
     app = App(settings)

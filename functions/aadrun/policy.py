@@ -223,10 +223,15 @@ def _parse_file(path: Path) -> tuple[dict, dict[str, int], str]:
     return data, lines, name
 
 
+def _audience(value: str) -> str:
+    """Entra writes a client id in ``aud`` in lower case, and verify compares exactly."""
+    return value.lower() if GUID.match(value) else value
+
+
 def _tenant(c: _Checker, raw, field: str) -> Tenant:
     raw = c.mapping(raw, field, ("id", "audiences", "token_versions"))
     tid = c.string(raw.get("id"), f"{field}.id", GUID, "a tenant id (GUID)").lower()
-    audiences = c.strings(raw.get("audiences"), f"{field}.audiences")
+    audiences = tuple(_audience(a) for a in c.strings(raw.get("audiences"), f"{field}.audiences"))
     versions = raw.get("token_versions", [2])
     if (not isinstance(versions, list) or not versions
             or any(v not in (1, 2) or isinstance(v, bool) for v in versions)):
@@ -257,7 +262,7 @@ def _service(c: _Checker, raw, field: str) -> Service:
     tenant = c.string(raw.get("tenant"), f"{field}.tenant", GUID, "a tenant id (GUID)").lower()
     cloud_run = c.string(raw["cloud_run"], f"{field}.cloud_run", CLOUD_RUN,
                          "projects/P/locations/L/services/S") if "cloud_run" in raw else None
-    audience = c.string(raw["audience"], f"{field}.audience") if "audience" in raw else None
+    audience = _audience(c.string(raw["audience"], f"{field}.audience")) if "audience" in raw else None
     access = raw.get("access")
     if not isinstance(access, list) or not access:
         raise c.error(f"{field}.access", "must be a non-empty list of rules")

@@ -31,7 +31,7 @@ held by the state's fingerprint. A subscription whose state is not the first of
 resource; the scheduled reconcile covers the moment between). That is how a
 rotation completes: with ``NEW,OLD`` configured, every subscription not known to
 carry NEW is replaced; OLD can go once that is done. One made before states were
-kept is taken as carrying the single configured state.
+kept is replaced once too: its state is unknown.
 
 Action names in reports: ``created``, ``exists`` (409 on create), ``renewed``,
 ``kept``, ``replaced``, ``deferred``, ``deleted``, ``error``.
@@ -240,16 +240,11 @@ class Subscriptions:
             run.report("kept", resource, sub)
 
     def _current_state(self, sub: dict) -> bool:
-        """Whether ``sub`` carries the first configured client state, as far as we know."""
-        states = self.settings.client_states
-        primary, record = state_fingerprint(states[0]), _state_record(sub["id"])
-        recorded = self.store.lease_holder(record)
-        if recorded == primary:
-            return True
-        if recorded is None and len(states) == 1:
-            # Made before states were kept, and no rotation under way: the one state it can carry.
-            return self.store.acquire_lease(record, primary, STATE_RECORD_TTL_S)
-        return False
+        """Whether ``sub`` is known to carry the first configured client state. One with
+        no record (made before states were kept) may carry any earlier state: replaced
+        once, which the scheduled reconcile covers."""
+        primary = state_fingerprint(self.settings.client_states[0])
+        return self.store.lease_holder(_state_record(sub["id"])) == primary
 
     def _create(self, run: _Tenant, resource: str, action: str = "created", **extra) -> bool:
         url, state = self._config()
