@@ -205,3 +205,10 @@ def test_from_json_rejects_a_lifecycle_event_it_does_not_know():
     event = convert(graph_items("lifecycle_reauthorization_required")[0]).to_dict()
     with pytest.raises(RequestError):
         from_dict({**event, "event": "somethingElse"})
+
+
+def test_a_removal_spelled_in_upper_case_is_the_stored_lower_case_id():
+    message = from_dict({"schema": SCHEMA, "id": "x1", "kind": "membership", "tenant": TENANT, "group": GROUP,
+                         "added": [], "removed": [USER.upper()], "subscription": TENANT,
+                         "received_at": "2024-05-01T12:00:00Z"})
+    assert message.removed == (USER,)

@@ -240,3 +240,17 @@ def test_diff_only_removes_managed_and_converges(desired, managed, live, conditi
     again = diff(desired, changes.managed,
                  [Binding(r, tuple(sorted(m))) for r, m in applied.items()] + bindings[len(live):])
     assert again.empty
+
+
+def test_the_principal_count_keeps_conditional_occurrences_of_a_removed_member():
+    condition = {"title": "t", "expression": "true"}
+    live = [Binding(INVOKER, ("user:a", "user:b")), Binding(INVOKER, ("user:a",), condition)]
+    changes = diff({INVOKER: {"user:b"}}, {INVOKER: {"user:a", "user:b"}}, live)
+    assert changes.removes == {INVOKER: frozenset({"user:a"})}
+    assert changes.principals == 2      # b, and a's conditional binding, which aadrun never edits
+
+
+def test_a_plan_refused_its_grants_records_none_of_them_as_managed():
+    changes = diff({INVOKER: {"user:a", "user:new"}}, {INVOKER: {"user:a", "user:gone"}}, None, grants=False)
+    assert changes.removes == {INVOKER: frozenset({"user:gone"})}
+    assert changes.managed == {INVOKER: frozenset({"user:a"})}

@@ -15,8 +15,11 @@ import uuid
 import pytest
 
 from aadrun.app import App
+from aadrun.coalesce import StoreLease
 from aadrun.errors import Unavailable, UpstreamError
 from aadrun.graph import max_expiration
+from aadrun.managed_write import write_managed
+from aadrun.store import GroupUpdate, SyncState, utcnow
 from aadrun.sync import decode_event
 from aadrun.subscriptions import claim_touch
 from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, graph_pki, loopback_only
@@ -88,6 +91,109 @@ def test_a_large_update_cut_between_its_parts_converges_on_redelivery(world, app
     summary = app.sync.handle_messages([reread])   # Pub/Sub's redelivery
     assert summary.duplicates == 1 and store.group_members(TENANT, G_ENG) == {ALICE}
     assert world.members(REPORTS) == {user(ALICE)}, "IAM re-checked: nobody removed keeps run.invoker"
+
+
+def test_a_removal_next_to_an_addition_the_store_already_shows_is_applied(world, app):
+    # One notification: ALICE added (a member already, the delta link current), BOB removed.
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    assert app.store.sync_state(TENANT, G_ENG).delta_link
+    world.graph.remove_members(TENANT, G_ENG, [BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE], removed=[BOB])])
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE}
+    assert world.members(REPORTS) == {user(ALICE)}
+
+
+def test_a_removal_whose_read_and_iam_write_failed_is_revoked_on_redelivery(world, app):
+    # The removal commits, then Graph and the IAM write fail (or the process dies there): the
+    # redelivery finds nothing new in the store, and must still revoke in IAM.
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    assert world.members(REPORTS) == {user(ALICE), user(BOB)}
+    world.graph.remove_members(TENANT, G_ENG, [BOB])
+    world.graph.fail_next(1, status=500, retry_after=None, code="InternalServerError")
+    for target in (BILLING, REPORTS):
+        world.cloudrun.inject_error(target, "setIamPolicy", 500, "INTERNAL", "backend error")
+    message = change(G_ENG, removed=[BOB])
+    with pytest.raises((UpstreamError, Unavailable)):
+        app.sync.handle_messages([message])
+    assert user(BOB) in world.members(REPORTS)
+    app.sync.handle_messages([message])                # Pub/Sub redelivers
+    assert world.members(REPORTS) == {user(ALICE)}
+
+
+def test_a_full_read_in_flight_never_re_adds_a_user_removed_meanwhile_even_briefly(world, app):
+    # The group has no delta link (an earlier read was contested), so the removal leaves its
+    # sync state as it was: only the read's own check of removals keeps BOB out.
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.store.apply(GroupUpdate(TENANT, G_ENG, replace=frozenset({ALICE, BOB}), sync=SyncState(None, utcnow()),
+                                source="test"))
+    other = world.app()
+    slow_delta(world.graph, 0.4)
+    reader = threading.Thread(target=app.sync.handle_messages, args=([change(G_ENG)],))
+    reader.start()
+    time.sleep(0.1)
+    world.graph.remove_members(TENANT, G_ENG, [BOB])
+    other.sync.handle_messages([change(G_ENG, removed=[BOB])])
+    reader.join()
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE}
+    assert [e.kind for e in app.store.changes() if e.user == BOB] == ["member_added", "member_removed"]
+
+
+def test_an_incremental_read_in_flight_never_re_adds_a_user_removed_meanwhile(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])     # link current, BOB a member
+    before = len([e for e in app.store.changes() if e.user == BOB])
+    world.graph.remove_members(TENANT, G_ENG, [BOB])
+    world.graph.add_members(TENANT, G_ENG, [BOB])                # Graph's increment lists BOB again
+    world.graph.add_members(TENANT, G_ENG, [CAROL])
+    slow_delta(world.graph, 0.4)
+    reader = threading.Thread(target=app.sync.handle_messages, args=([change(G_ENG, added=[CAROL])],))
+    reader.start()
+    time.sleep(0.1)
+    # A removal committed while the incremental read is in flight, with no change of link.
+    app.store.apply(GroupUpdate(TENANT, G_ENG, removed=frozenset({BOB}), source="notification", why="test"))
+    reader.join()
+    # The increment's BOB is not taken; only a full read started after the removal re-adds him.
+    assert [e.kind for e in app.store.changes() if e.user == BOB][before:] == ["member_removed", "member_added"]
+
+
+def test_an_addition_the_store_shows_still_reads_a_group_without_a_delta_link(world, app):
+    # Without a link the store may lack members Graph has: the read is not skipped.
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.store.apply(GroupUpdate(TENANT, G_ENG, replace=frozenset({ALICE}), sync=SyncState(None, utcnow()),
+                                source="test"))
+    summary = app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    assert summary.reflected == 0 and app.store.group_members(TENANT, G_ENG) == {ALICE, BOB}
+
+
+def test_a_group_deleted_in_graph_loses_its_members_on_an_incremental_read(world, app):
+    # Its deletion's notification never came: the reconcile's incremental read finds it.
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    assert app.store.sync_state(TENANT, G_ENG).delta_link
+    world.graph.delete_group(TENANT, G_ENG)
+    summary = app.sync.resync(tenant=TENANT, group=G_ENG)
+    assert summary.reads["incremental"] == 1
+    assert not app.store.group_members(TENANT, G_ENG) and world.members(REPORTS) == set()
+
+
+def test_a_writer_that_lost_its_lease_while_planning_writes_nothing(world, app):
+    class LateRenewal(StoreLease):
+        def renew(self) -> None:   # a renewal that would have noticed comes too late
+            pass
+
+    store, writer, thief = app.store, app.sync._iam_writer(), world.app().store
+    name = f"iam/{REPORTS}"
+
+    def desired():
+        time.sleep(0.5)                                   # the lease (0.3 s) expires...
+        assert thief.acquire_lease(name, "thief", 30)     # ...and another writer takes it
+        return {INVOKER: {user(ALICE)}}
+
+    with pytest.raises(Unavailable), LateRenewal(store, name, "slow", ttl=0.3) as lease:
+        write_managed(store, writer, lease, REPORTS, desired, service="reports", source="t", why="t")
+    assert world.members(REPORTS) == set() and store.managed_members(REPORTS) == {}
 
 
 def test_next_add_reads_incrementally_from_the_stored_link(world, app):
@@ -242,10 +348,13 @@ def test_record_mode_stores_the_plan_and_calls_nothing(world, audit_lines):
 
 
 def test_group_changed_message_re_reads_the_group(world, app):
-    synced(app, G_ENG, [ALICE, MALLORY])
-    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    world.graph.add_members(TENANT, G_ENG, [ALICE, MALLORY])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, MALLORY])])
+    assert app.store.sync_state(TENANT, G_ENG).delta_link   # so the read that follows could be incremental
+    world.graph.remove_members(TENANT, G_ENG, [MALLORY])
+    world.graph.add_members(TENANT, G_ENG, [BOB])
     summary = app.sync.handle_messages([change(G_ENG)])
-    assert summary.reads["full"] == 1 and app.store.group_members(TENANT, G_ENG) == {ALICE, BOB}
+    assert summary.reads == {"full": 1, "incremental": 0} and app.store.group_members(TENANT, G_ENG) == {ALICE, BOB}
 
 
 def test_expired_delta_link_falls_back_to_a_full_read(world, app):
@@ -298,9 +407,12 @@ def test_reauthorization_is_deferred_within_ten_minutes_of_a_renewal(world, app)
 
 @pytest.mark.parametrize("event", ["missed", "subscriptionRemoved"])
 def test_a_lifecycle_event_naming_a_group_reads_that_group_only(world, app, event):
+    world.graph.add_members(TENANT, G_OPS, [ALICE])
+    app.sync.handle_messages([change(G_OPS, added=[ALICE])])   # a delta link: a full read is a choice
     world.graph.add_members(TENANT, G_OPS, [BOB])
     summary = app.sync.handle_messages([lifecycle(event, G_OPS)])
-    assert summary.reads["full"] == 1 and app.store.group_members(TENANT, G_OPS) == {BOB}
+    assert summary.reads == {"full": 1, "incremental": 0}
+    assert app.store.group_members(TENANT, G_OPS) == {ALICE, BOB}
 
 
 def test_lines_written_by_the_sync_workers_keep_the_callers_trace(world, app):

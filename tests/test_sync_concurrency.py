@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from aadrun.coalesce import Combiner
 from aadrun.errors import UpstreamError
 from aadrun.messages import MembershipChange
 from aadrun.store import GroupUpdate
@@ -391,3 +392,28 @@ def test_a_read_overlapping_another_that_changed_nothing_is_applied_as_is(world,
     assert summary.reads == {"full": 0, "incremental": 1}
     assert app.store.group_members(TENANT, G_ENG) == {ALICE, BOB}
     assert app.store.sync_state(TENANT, G_ENG).delta_link
+
+
+def test_every_caller_of_a_combined_run_gets_its_result():
+    combiner, started, release = Combiner(), threading.Event(), threading.Event()
+    results = {}
+
+    def work(requests):
+        started.set()
+        release.wait(2)
+        return sorted(requests)
+
+    def call(name):
+        results[name] = combiner.run("k", name, work)
+
+    first = threading.Thread(target=call, args=("a",))
+    first.start()
+    started.wait(2)
+    followers = [threading.Thread(target=call, args=(n,)) for n in ("b", "c")]
+    for t in followers:
+        t.start()
+    time.sleep(0.1)   # both join the run waiting behind the first
+    release.set()
+    for t in [first, *followers]:
+        t.join(5)
+    assert results == {"a": ["a"], "b": ["b", "c"], "c": ["b", "c"]}
