@@ -322,8 +322,8 @@ class FirestoreStore(Store):
         return entries
 
     def _parts(self, update: GroupUpdate) -> list[GroupUpdate]:
-        """``update`` alone, or the parts that commit a large one (module doc), ending
-        with the update itself (its sync state and message ids)."""
+        """``update`` alone, or the parts that commit a large one (module doc): removals,
+        additions, then the update itself (its sync state, and what changed meanwhile)."""
         if update.replace is None:
             removed, added = update.removed, update.added - update.removed
         else:
