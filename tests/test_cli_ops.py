@@ -143,6 +143,11 @@ def test_plan_where_others_filled_the_live_policy_past_the_limit_shows_nothing_w
 
 def test_subscribe(ops):
     run, store_url, graph, _ = ops
+    # A store that does not exist is not the functions': every subscription's client state
+    # would be unknown there, and replaced.
+    code, _, err = run("subscribe")
+    assert code == 2 and "AADRUN_STORE" in err and not graph.subscriptions(TENANT, CLIENT_ID)
+    open_store(store_url)   # the functions' store
     code, out, _ = run("subscribe", "--json")
     result = json.loads(out)
     assert code == 0 and result["counts"] == {"created": 2}
@@ -212,7 +217,8 @@ def test_audit_csv_exports_a_value_that_looks_like_a_formula_as_text(ops, start)
 
 @pytest.mark.parametrize("command", ["subscribe", "resync"])
 def test_graph_commands_without_a_client_id_are_bad_usage(ops, command):
-    run, _, graph_server, _ = ops
+    run, store_url, graph_server, _ = ops
+    open_store(store_url)
     code, _, err = run(command, unset=("AADRUN_CLIENT_ID",))
     assert code == 2 and "AADRUN_CLIENT_ID" in err and "Traceback" not in err
     assert graph_server.token_requests == 0

@@ -178,6 +178,7 @@ def test_a_client_state_rotation_replaces_every_subscription_then_the_old_state_
     summary = rotating.maintenance.run(["subscriptions"])
     assert actions(summary) == {f"/groups/{G_ENG}": "replaced", f"/groups/{G_STAFF}": "replaced"}
     assert {a["replaced"] for a in summary["tasks"]["subscriptions"]["actions"]} == set(before.values())
+    assert all("not the first configured" in a["why"] for a in summary["tasks"]["subscriptions"]["actions"])
     assert {s["clientState"] for s in world.subs().values()} == {"new-state"}
     assert not set(before.values()) & {s["id"] for s in world.subs().values()}
     assert set(actions(rotating.maintenance.run(["subscriptions"])).values()) == {"kept"}
@@ -198,7 +199,9 @@ def test_subscriptions_made_before_states_were_recorded_are_replaced_once(world)
     for group in (G_ENG, G_STAFF):   # no record of their state: it may be an earlier one
         graph.create_subscription(f"/groups/{group}", NOTIFY, NOTIFY + "/lifecycle", "an-earlier-state",
                                   max_expiration())
-    assert set(actions(world.app().maintenance.run(["subscriptions"])).values()) == {"replaced"}
+    summary = world.app().maintenance.run(["subscriptions"])
+    assert set(actions(summary).values()) == {"replaced"}
+    assert all("unknown" in a["why"] for a in summary["tasks"]["subscriptions"]["actions"])
     assert {s["clientState"] for s in world.subs().values()} == {STATE}
     assert set(actions(world.app().maintenance.run(["subscriptions"])).values()) == {"kept"}
 

@@ -48,13 +48,13 @@ def cmd_validate(args, settings: Settings) -> int:
         _emit(args, {"valid": False, "error": found[0], "errors": found}, lambda p: text)
         return EXIT_FINDING
     warnings = [{"file": x.file, "line": x.line, "field": x.field, "message": x.message} for x in policy.warnings]
+    # A warning is printed; with --strict it is a finding (exit 1), e.g. to stop a build.
     payload = {"valid": True, "files": [str(f) for f in policy_files(path)], "tenants": sorted(policy.tenants),
                "services": sorted(policy.services), "warnings": warnings}
     _emit(args, payload, lambda p: "".join(f"warning: {x}\n" for x in policy.warnings) +
           f"ok: {len(p['files'])} file(s), {len(p['tenants'])} tenant(s), "
           f"{len(p['services'])} service(s): {', '.join(p['services'])}")
-    # A warning is a finding: it loads, but would not work as meant (exit 1 stops a build).
-    return EXIT_FINDING if warnings else EXIT_OK
+    return EXIT_FINDING if warnings and args.strict else EXIT_OK
 
 
 def _explain_token(args, app) -> dict:
@@ -340,7 +340,8 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
 
 # command -> its arguments (besides --json), as add_argument's (flags, options).
 ARGUMENTS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
-    "validate": [(("--policy",), {"help": "file or folder (default: AADRUN_POLICY_PATH or policies/)"})],
+    "validate": [(("--policy",), {"help": "file or folder (default: AADRUN_POLICY_PATH or policies/)"}),
+                 (("--strict",), {"action": "store_true", "help": "a warning is a finding too (exit 1)"})],
     "explain": [(("--service",), {"required": True}),
                 (("--token",), {"help": "an access token to check"}),
                 (("--user",), {"type": str.lower, "help": "a user object id (decide from membership alone)"}),
@@ -373,7 +374,9 @@ def parser() -> argparse.ArgumentParser:
 
 # Commands that only read the store: pointed at a store that does not exist, they would
 # create an empty one and report nothing as if all were well.
-_READ_STORE = frozenset({"explain", "plan", "audit"})
+# Commands that must use the functions' store: a fresh local one would answer from
+# nothing (and ``subscribe`` would replace every subscription whose state it has no record of).
+_READ_STORE = frozenset({"explain", "plan", "audit", "subscribe"})
 
 
 def _missing_store(settings: Settings) -> str | None:

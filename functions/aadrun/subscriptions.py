@@ -230,21 +230,22 @@ class Subscriptions:
             sub = None
         if sub is None:
             return self._create(run, resource)
-        elif not self._current_state(sub):
+        elif (recorded := self._recorded_state(sub)) != state_fingerprint(self.settings.client_states[0]):
             self._forget(run, sub)
             return self._create(run, resource, "replaced", replaced=sub["id"],
-                                why="created with a client state that is no longer the first configured")
+                                why="its client state is not the first configured" if recorded else
+                                "its client state is unknown (made by an earlier version, or recorded in "
+                                "another store)")
         elif expires - self.now() < self.renew_within:
             self._renew(run, resource, sub)
         else:
             run.report("kept", resource, sub)
 
-    def _current_state(self, sub: dict) -> bool:
-        """Whether ``sub`` is known to carry the first configured client state. One with
-        no record (made before states were kept) may carry any earlier state: replaced
-        once, which the scheduled reconcile covers."""
-        primary = state_fingerprint(self.settings.client_states[0])
-        return self.store.lease_holder(_state_record(sub["id"])) == primary
+    def _recorded_state(self, sub: dict) -> str | None:
+        """The fingerprint of the client state ``sub`` was created with, if recorded. One
+        with no record (made before states were kept) may carry any earlier state: it is
+        replaced once, which the scheduled reconcile covers."""
+        return self.store.lease_holder(_state_record(sub["id"]))
 
     def _create(self, run: _Tenant, resource: str, action: str = "created", **extra) -> bool:
         url, state = self._config()
