@@ -372,10 +372,9 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-# Commands that only read the store: pointed at a store that does not exist, they would
-# create an empty one and report nothing as if all were well.
-# Commands that must use the functions' store: a fresh local one would answer from
-# nothing (and ``subscribe`` would replace every subscription whose state it has no record of).
+# Commands that must use the functions' store: pointed at one that does not exist, they
+# would create an empty one and report nothing as if all were well (and ``subscribe``
+# would replace every subscription, finding no record of its client state).
 _READ_STORE = frozenset({"explain", "plan", "audit", "subscribe"})
 
 
