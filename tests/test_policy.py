@@ -35,6 +35,16 @@ def test_defaults_and_overrides(tmp_path):
     assert policy.member_principal("u").endswith("/subject/u")
 
 
+def test_a_service_may_accept_several_audiences(tmp_path):
+    # A v1 client may ask for the App ID URI, while a v2 token always carries the client id.
+    text = POLICY.replace("audience: api://billing",
+                          'audience: ["api://billing", "de300000-0000-0000-0000-0000000000a1"]')
+    policy = load_policy(write(tmp_path, "p.yaml", text))
+    assert policy.audiences_for(policy.services["billing"]) == ("api://billing", "de300000-0000-0000-0000-0000000000a1")
+    with pytest.raises(PolicyError, match="non-empty list"):
+        load_policy(write(tmp_path, "p.yaml", POLICY.replace("audience: api://billing", "audience: []")))
+
+
 def test_a_client_id_audience_is_compared_in_lower_case_as_entra_writes_it(tmp_path):
     text = POLICY.replace("audience: api://billing", "audience: DE300000-0000-0000-0000-0000000000A1") \
         .replace('audiences: ["api://aadrun-test"]', 'audiences: ["API://Upper", "AB000000-0000-0000-0000-0000000000CD"]')
@@ -112,7 +122,7 @@ def test_yaml_merge_keys_are_applied_and_written_keys_win(tmp_path):
             name: t
         """))
     assert sorted(policy.services) == ["s", "t"]
-    assert policy.services["t"].audience == "api://s" and policy.services["t"].groups == policy.services["s"].groups
+    assert policy.services["t"].audiences == ("api://s",) and policy.services["t"].groups == policy.services["s"].groups
 
 
 def test_a_value_yaml_reads_as_a_boolean_or_number_says_to_quote_it(tmp_path):

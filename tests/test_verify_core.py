@@ -266,6 +266,9 @@ def test_v1_token_where_v1_is_allowed(world, idp, tmp_path):
     assert (decision.allow, decision.reason, decision.subject) == (True, "ok", CAROL)
 
 
+PERSONAL_ACCOUNTS = "https://login.microsoftonline.com/9188040d-6c67-4c5b-b112-36a304b66dad/v2.0"
+
+
 def test_v1_and_v2_tokens_of_one_tenant_share_keys_the_v2_key_set_scopes_to_v2(world, idp):
     store = world[1]
     from tests.support.world import CAROL, G_B
@@ -274,9 +277,12 @@ def test_v1_and_v2_tokens_of_one_tenant_share_keys_the_v2_key_set_scopes_to_v2(w
     for version in (1, 2):   # the v1 key set lists the same key with no issuer
         token = idp.mint(TENANT_B, oid=CAROL, aud="api://tenant-b", version=version)
         assert world[0].decide("tenant-b-app", token).reason == "ok"
-
-
-PERSONAL_ACCOUNTS = "https://login.microsoftonline.com/9188040d-6c67-4c5b-b112-36a304b66dad/v2.0"
+    # A key scoped to another issuer in the v2 set signs no v2 token of this tenant, though the
+    # v1 set lists it too: a listing without issuer scopes a key to its own set's issuer.
+    foreign = SigningKey(issuer=PERSONAL_ACCOUNTS)
+    idp.keys.append(foreign)
+    token = idp.mint(TENANT_B, oid=CAROL, aud="api://tenant-b", key=foreign)
+    assert world[0].decide("tenant-b-app", token).reason == "wrong_issuer"
 
 
 @pytest.mark.parametrize("issuer, reason", [

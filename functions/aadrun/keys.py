@@ -40,9 +40,10 @@ class KeySet:
     issuers: dict[int, str]   # token version -> issuer
     keys: dict[str, object]   # kid -> public key object (cryptography)
     fetched_at: float
-    # kid -> the only issuers it may sign for, from the JWK's ``issuer`` member (absent:
-    # any issuer of the tenant). Entra scopes keys this way: a key set shared across
-    # tenants can hold keys of another issuer, e.g. personal Microsoft accounts'.
+    # kid -> the only issuers it may sign for: its JWK's ``issuer`` member, or else the
+    # issuer of the key set's version (Entra's v1 sets name none), over every set that
+    # lists it. A key set shared across tenants can hold keys of another issuer, e.g.
+    # personal Microsoft accounts': those sign nothing for this tenant.
     key_issuers: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
 
 
@@ -192,7 +193,7 @@ class KeyCache:
         base = self._settings.authority_url
         issuers: dict[int, str] = {}
         keys: dict[str, object] = {}
-        scoped: dict[str, set[str] | None] = {}   # kid -> issuers; None once listed unscoped
+        scoped: dict[str, set[str]] = {}   # kid -> the issuers it may sign for
         for version in versions:
             path = f"{tenant}/v2.0/.well-known/openid-configuration" if version == 2 else \
                 f"{tenant}/.well-known/openid-configuration"
@@ -209,16 +210,13 @@ class KeyCache:
                     continue
                 kid, issuer = jwk["kid"], jwk.get("issuer")
                 keys[kid] = key
-                if not isinstance(issuer, str):
-                    scoped[kid] = None   # e.g. the v1 key set, which names no issuer
-                elif kid not in scoped or scoped[kid] is not None:
-                    scoped.setdefault(kid, set()).add(_with_tenant(issuer, tenant))
+                scoped.setdefault(kid, set()).add(
+                    _with_tenant(issuer, tenant) if isinstance(issuer, str) else issuers[version])
         if not keys:
             # Entra always publishes signing keys: an empty set is a broken answer,
             # and taking it would deny every token until the next fetch.
             raise ValueError("no usable signing key in the JWKS")
-        key_issuers = {kid: frozenset(names) for kid, names in scoped.items() if names is not None}
-        return KeySet(issuers, keys, self._clock(), key_issuers)
+        return KeySet(issuers, keys, self._clock(), {kid: frozenset(names) for kid, names in scoped.items()})
 
     def _get_json(self, url: str) -> dict:
         try:

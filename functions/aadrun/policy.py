@@ -49,7 +49,7 @@ class Service:
     tenant: str
     rules: tuple[Rule, ...]
     cloud_run: str | None = None
-    audience: str | None = None
+    audiences: tuple[str, ...] = ()   # ``audience``: overrides the tenant's when given
 
     @functools.cached_property
     def groups(self) -> tuple[str, ...]:
@@ -75,9 +75,7 @@ class Policy:
     warnings: tuple[PolicyError, ...] = ()
 
     def audiences_for(self, service: Service) -> tuple[str, ...]:
-        if service.audience:
-            return (service.audience,)
-        return self.tenants[service.tenant].audiences
+        return service.audiences or self.tenants[service.tenant].audiences
 
     def referenced_groups(self) -> dict[str, set[str]]:
         """Tenant id -> every group some rule of that tenant's services names; every
@@ -262,12 +260,15 @@ def _service(c: _Checker, raw, field: str) -> Service:
     tenant = c.string(raw.get("tenant"), f"{field}.tenant", GUID, "a tenant id (GUID)").lower()
     cloud_run = c.string(raw["cloud_run"], f"{field}.cloud_run", CLOUD_RUN,
                          "projects/P/locations/L/services/S") if "cloud_run" in raw else None
-    audience = _audience(c.string(raw["audience"], f"{field}.audience")) if "audience" in raw else None
+    # One string or a list: a v1 client may ask for the App ID URI, a v2 token carries the client id.
+    audience = raw.get("audience")
+    audiences = () if audience is None else tuple(_audience(a) for a in (
+        c.strings(audience, f"{field}.audience") if isinstance(audience, list) else (c.string(audience, f"{field}.audience"),)))
     access = raw.get("access")
     if not isinstance(access, list) or not access:
         raise c.error(f"{field}.access", "must be a non-empty list of rules")
     rules = tuple(_rule(c, r, f"{field}.access[{i}]") for i, r in enumerate(access))
-    return Service(name, tenant, rules, cloud_run, audience)
+    return Service(name, tenant, rules, cloud_run, audiences)
 
 
 def parse_documents(docs: list[tuple[dict, dict[str, int], str]], *, complete: bool = True) -> Policy:
@@ -329,9 +330,9 @@ def _audience_warnings(services: dict[str, Service], tenants: dict[str, Tenant],
     blind: dict[str, list[str]] = {}   # the field that gives the audiences -> its services
     for service in services.values():
         tenant = tenants.get(service.tenant)
-        audiences = (service.audience,) if service.audience else tenant.audiences if tenant else ()
+        audiences = service.audiences or (tenant.audiences if tenant else ())
         if tenant is not None and tenant.token_versions == (2,) and not any(GUID.match(a) for a in audiences):
-            blind.setdefault(service.name if service.audience else tenant.id, []).append(service.name)
+            blind.setdefault(service.name if service.audiences else tenant.id, []).append(service.name)
     warnings = []
     for owner, names in blind.items():
         c, field = where[owner]

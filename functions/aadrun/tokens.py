@@ -146,8 +146,7 @@ def verify_signed(token: str, tenant_versions: Callable[[str], tuple[int, ...] |
     version = next((v for v, issuer in issuers.items() if issuer == iss), None)
     if version is None:
         raise TokenError("wrong_issuer", "iss is not the tenant's issuer for an allowed token version")
-    scope = keyset.key_issuers.get(kid)
-    if scope is not None and iss not in scope:
+    if iss not in keyset.key_issuers.get(kid, ()):
         raise TokenError("wrong_issuer", "the signing key is not one of the token's issuer")
     client = claims.get("azp" if version == 2 else "appid")
     access_token = isinstance(client, str) and bool(client) and "nonce" not in claims
