@@ -261,9 +261,11 @@ def _service(c: _Checker, raw, field: str) -> Service:
     cloud_run = c.string(raw["cloud_run"], f"{field}.cloud_run", CLOUD_RUN,
                          "projects/P/locations/L/services/S") if "cloud_run" in raw else None
     # One string or a list: a v1 client may ask for the App ID URI, a v2 token carries the client id.
-    audience = raw.get("audience")
-    audiences = () if audience is None else tuple(_audience(a) for a in (
-        c.strings(audience, f"{field}.audience") if isinstance(audience, list) else (c.string(audience, f"{field}.audience"),)))
+    audiences: tuple[str, ...] = ()
+    if "audience" in raw:
+        given = raw["audience"]
+        audiences = tuple(_audience(a) for a in (c.strings(given, f"{field}.audience") if isinstance(given, list)
+                                                 else (c.string(given, f"{field}.audience"),)))
     access = raw.get("access")
     if not isinstance(access, list) or not access:
         raise c.error(f"{field}.access", "must be a non-empty list of rules")
