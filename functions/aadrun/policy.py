@@ -15,8 +15,7 @@ from pathlib import Path
 import yaml
 
 from .errors import PolicyError, PolicyErrors
-
-GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
+from .messages import GUID, is_guid
 CLOUD_RUN = re.compile(r"^projects/[a-z0-9-]{1,63}/locations/[a-z0-9-]{1,63}/services/[a-z0-9-]{1,63}\Z")
 ROLE = re.compile(r"^(roles|projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/roles|organizations/[0-9]+/roles)/[A-Za-z0-9_.]+\Z")
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
@@ -183,7 +182,7 @@ class _Checker:
                                     f"{type(value).__name__}: quote it")
         if not isinstance(value, str) or not value:
             raise self.error(field, "must be a non-empty string")
-        if pattern and not pattern.match(value):
+        if pattern and not pattern.fullmatch(value):
             raise self.error(field, f"must be {what or pattern.pattern}, got {value!r}")
         return value
 
@@ -223,7 +222,7 @@ def _parse_file(path: Path) -> tuple[dict, dict[str, int], str]:
 
 def _audience(value: str) -> str:
     """Entra writes a client id in ``aud`` in lower case, and verify compares exactly."""
-    return value.lower() if GUID.match(value) else value
+    return value.lower() if is_guid(value) else value
 
 
 def _tenant(c: _Checker, raw, field: str) -> Tenant:
@@ -333,7 +332,7 @@ def _audience_warnings(services: dict[str, Service], tenants: dict[str, Tenant],
     for service in services.values():
         tenant = tenants.get(service.tenant)
         audiences = service.audiences or (tenant.audiences if tenant else ())
-        if tenant is not None and tenant.token_versions == (2,) and not any(GUID.match(a) for a in audiences):
+        if tenant is not None and tenant.token_versions == (2,) and not any(is_guid(a) for a in audiences):
             blind.setdefault(service.name if service.audiences else tenant.id, []).append(service.name)
     warnings = []
     for owner, names in blind.items():
