@@ -187,6 +187,20 @@ def test_a_client_state_rotation_replaces_every_subscription_then_the_old_state_
         == {"kept"}
 
 
+def test_a_replacement_whose_create_failed_is_created_by_the_next_run(world):
+    world.app().maintenance.run(["subscriptions"])
+    rotating = world.app(client_states=("new-state", STATE))
+    # Graph refuses the first re-create (after its delete): reported, and the group waits
+    # for the scheduled reconcile until the next run creates it.
+    world.graph.fail_next(1, status=403, retry_after=None, code="ExtensionError", method="POST",
+                          path="/v1.0/subscriptions")
+    summary = rotating.maintenance.run(["subscriptions"])
+    assert sorted(actions(summary).values()) == ["error", "replaced"] and not summary["ok"]
+    assert len(world.subs()) == 1
+    assert set(actions(rotating.maintenance.run(["subscriptions"])).values()) <= {"created", "kept"}
+    assert {s["clientState"] for s in world.subs().values()} == {"new-state"} and len(world.subs()) == 2
+
+
 def test_a_state_changed_in_one_step_still_replaces_the_subscriptions_of_the_old_one(world):
     world.app().maintenance.run(["subscriptions"])
     summary = world.app(client_states=("new-state",)).maintenance.run(["subscriptions"])
