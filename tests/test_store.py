@@ -17,6 +17,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from google.api_core import exceptions as gexc
 
 from aadrun.coalesce import StoreLease
 from aadrun.errors import ConfigError, Unavailable
@@ -272,6 +273,35 @@ class _FailingAfter(FirestoreStore):
             raise Unavailable("outage")
         self.parts -= 1
         return super()._apply(txn, update, now, ttl, first)
+
+
+class _ContendedReads(FirestoreStore):
+    """Its transactions' reads meet ``aborts`` Aborted errors first (lock contention
+    the client library retries only at commit)."""
+
+    aborts = 0
+
+    def _apply(self, txn, update, now, ttl, first=True):
+        if self.aborts:
+            self.aborts -= 1
+            raise gexc.Aborted("Transaction lock timeout.")
+        return super()._apply(txn, update, now, ttl, first)
+
+
+def test_an_update_whose_reads_meet_contention_is_retried_and_applied_once(firestore_emulator):
+    store = _ContendedReads(project=f"aadrun-test-{uuid.uuid4().hex[:12]}")
+    store.apply(GroupUpdate(T, G, replace=users("ann"), sync=synced(), source="t"))
+    store.aborts = 3
+    entries = store.apply(GroupUpdate(T, G, added=users("bob"), message_ids=("m1",), source="t"))
+    assert [(e.kind, e.user) for e in entries] == [("member_added", "bob")] and store.aborts == 0
+    assert store.group_members(T, G) == {"ann", "bob"} and store.processed(["m1"]) == {"m1"}
+    assert [e.user for e in store.changes()] == ["ann", "bob"]                 # logged once
+    # Contention that outlasts every attempt fails closed, and writes nothing.
+    store.aborts = 10**6
+    with pytest.raises(Unavailable):
+        store.apply(GroupUpdate(T, G, removed=users("ann"), message_ids=("m2",), source="t"))
+    assert store.group_members(T, G) == {"ann", "bob"} and store.processed(["m2"]) == set()
+    store.close()
 
 
 def test_a_first_read_cut_between_its_parts_stays_unknown_until_its_redelivery_finishes_it(firestore_emulator):
