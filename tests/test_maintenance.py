@@ -18,6 +18,7 @@ from aadrun.app import App
 from aadrun.graph import GraphClient, max_expiration
 from aadrun.http import HttpRequest
 from aadrun.maintenance import Maintenance
+from aadrun.messages import MembershipChange
 from aadrun.subscriptions import Subscriptions
 from aadrun.store import GroupUpdate, SyncState, utcnow
 from tests.support.cloudrun_server import CloudRunIamServer
@@ -484,6 +485,50 @@ def test_drift_refused_for_size_still_revokes_what_is_no_longer_wanted(world):
     billing = task["services"]["billing"]
     assert "1501 principals" in billing["refused"] and billing["removed"] == {INVOKER: [user(ALICE)]}
     assert world.members() == set() and app.store.managed_members(BILLING) == {}
+
+
+def with_a_refused_group_rule(world, tmp_path) -> App:
+    """A redeploy adds a ``bind: group`` rule whose group_principal names a workforce
+    pool that does not exist (a typo): IAM refuses every set that grants it (400)."""
+    world.cloudrun.pools = {"entra"}
+    typo = "principalSet://iam.googleapis.com/locations/global/workforcePools/entra-typo/group/{group_id}"
+    rule = f"      - groups: [{G_ENG}]\n"
+    assert rule in POLICY and "\nservices:" in POLICY
+    return with_policy(world, tmp_path, POLICY.replace(rule, f"{rule}      - groups: [{G_STAFF}]\n        bind: group\n")
+                       .replace("\nservices:", f'\ngroup_principal: "{typo}"\nservices:'))
+
+
+def test_a_grant_iam_refuses_does_not_keep_a_removed_member_in_iam(world, tmp_path, audit_lines):
+    world.app().maintenance.run(["reconcile", "drift"])
+    assert world.members() == {user(ALICE)}
+    later = with_a_refused_group_rule(world, tmp_path)
+    world.graph.set_members(TENANT, G_ENG, [])                      # Alice leaves
+    removal = MembershipChange("m-alice-left", TENANT, G_ENG, (), (ALICE,), "sub-1", "2024-05-01T12:00:00.000Z")
+    summary = later.sync.handle_messages([removal])                  # not raised: redelivery cannot fix it
+    assert "Identity Pool does not exist" in summary.refused["billing"]
+    assert world.members() == set()                                  # revoked all the same
+    assert later.store.managed_members(BILLING) == {}                # the refused grant's claim is dropped
+    [refused] = [a for a in audit_lines if a["event"] == "iam_refused"]
+    assert refused["severity"] == "ERROR" and refused["service"] == "billing"
+    # Drift reports the refusal on each run, and nothing else goes wrong.
+    task = later.maintenance.run(["drift"])["tasks"]["drift"]
+    assert task["status"] == "ok" and "Identity Pool does not exist" in task["services"]["billing"]["refused"]
+    assert world.members() == set() and later.store.managed_members(BILLING) == {}
+
+
+def test_drift_whose_grant_iam_refuses_still_revokes(world, tmp_path):
+    world.app().maintenance.run(["reconcile", "drift"])
+    later = with_a_refused_group_rule(world, tmp_path)
+    later.store.apply(GroupUpdate(TENANT, G_ENG, removed=frozenset({ALICE}), source="test"))   # notification lost
+    task = later.maintenance.run(["drift"])["tasks"]["drift"]
+    billing = task["services"]["billing"]
+    assert task["status"] == "ok" and "Identity Pool does not exist" in billing["refused"]
+    assert billing["removed"] == {INVOKER: [user(ALICE)]} and world.members() == set()
+    # Once the operator fixes the pool, the next run grants the group.
+    world.cloudrun.pools.add("entra-typo")
+    again = later.maintenance.run(["drift"])["tasks"]["drift"]["services"]["billing"]
+    assert "refused" not in again and world.members() == {
+        f"principalSet://iam.googleapis.com/locations/global/workforcePools/entra-typo/group/{G_STAFF}"}
 
 
 def test_drift_does_not_claim_a_grant_someone_else_makes_during_its_409_retry(world):

@@ -13,8 +13,10 @@ recorded. Within one write:
   - a 409 re-reads IAM and the store and plans again (``IamWriter.apply_with``); a
     member claimed by an attempt whose set never happened, and granted by someone
     else meanwhile, is theirs, not aadrun's to revoke later;
-  - a plan refused for its size (over Google's principal limit) still makes its
-    revocations: a removed member must lose access;
+  - a plan refused for its size (over Google's principal limit), or whose set call
+    IAM refuses (400: a member it cannot resolve, such as a principal of a pool
+    that does not exist, or one an organization policy forbids), still makes its
+    revocations without its grants: a removed member must lose access;
   - every change-log entry it records is one audit entry (CONTRACT.md §9), even
     when the set call then fails.
 """
@@ -25,7 +27,7 @@ from collections.abc import Callable
 
 from . import audit
 from .coalesce import StoreLease
-from .errors import PlanError
+from .errors import PlanError, UpstreamError
 from .iam import AppliedResult, IamWriter
 from .plan import Binding, Members, ServiceChanges, diff
 from .store import ChangeEntry, IamWrite, Store
@@ -58,7 +60,7 @@ def write_managed(store: Store, writer: IamWriter, lease: StoreLease, resource: 
     pending: dict[str, set[str]] = {}     # claimed by the attempt in flight
     unwritten: dict[str, set[str]] = {}   # claimed by attempts whose set did not happen
     entries: list[ChangeEntry] = []
-    seen: dict[str, list[Binding] | None] = {"live": None}
+    seen: dict = {"live": None, "grants": False}   # the last plan's live bindings; did its set grant?
     grants = True
     record = dict(source=source, why=why, message_id=message_id, lease=lease.key)
 
@@ -69,10 +71,11 @@ def write_managed(store: Store, writer: IamWriter, lease: StoreLease, resource: 
         pending.clear()
         before.clear()
         before.update({r: m - unwritten.get(r, set()) for r, m in store.managed_members(resource).items()})
-        seen["live"] = live
+        seen["live"], seen["grants"] = live, False
         return diff(desired(), before, live, service=service, cloud_run=resource, grants=grants)
 
     def claim(changes: ServiceChanges) -> None:
+        seen["grants"] = any(changes.adds.values())
         roles = set(before) | set(changes.adds)
         for role, members in changes.adds.items():   # newly claimed, not the already managed
             pending[role] = set(members) - before.get(role, set())
@@ -86,7 +89,9 @@ def write_managed(store: Store, writer: IamWriter, lease: StoreLease, resource: 
     try:
         try:
             result = writer.apply_with(resource, plan_for, claim)
-        except PlanError as e:
+        except (PlanError, UpstreamError) as e:
+            if isinstance(e, UpstreamError) and not (e.status_code == 400 and seen["grants"]):
+                raise
             refusal, grants = str(e), False
             audit.entry("iam_refused", f"{e}; its revocations are still made", severity="ERROR",
                         reason=e.reason, service=service, cloud_run=resource)

@@ -17,6 +17,9 @@ Behaviour follows the IAM docs (cloud.google.com/iam/docs/policies):
     version gets them with ``_withcond_`` role names and no condition
     (cloud.google.com/iam/docs/policies#versions);
   - at most 1,500 member occurrences per policy; empty bindings are dropped;
+  - a member IAM cannot resolve fails the whole set with 400 INVALID_ARGUMENT: one
+    of no known kind, or a principal of a workforce pool that does not exist
+    (``pools``, when set, names the pools that do);
   - a resource never written has the empty policy ``{"version": 1, "etag": "ACAB"}``.
 
 Errors have the google.rpc.Status JSON shape ``{"error": {"code", "message", "status"}}``.
@@ -38,6 +41,9 @@ PATH = re.compile(r"^/v2/(projects/[^/]+/locations/[^/]+/services/[^/:]+):"
 METHODS = {"getIamPolicy": "GET", "setIamPolicy": "POST", "testIamPermissions": "POST"}
 EMPTY_ETAG = "ACAB"
 MAX_MEMBERS = 1500
+MEMBER = re.compile(r"^(?:allUsers|allAuthenticatedUsers|(?:user|group|serviceAccount|domain|deleted:[a-zA-Z]+):\S+"
+                    r"|(?:principal|principalSet)://iam\.googleapis\.com/\S+)$")
+POOL = re.compile(r"^principal(?:Set)?://iam\.googleapis\.com/(locations/global/workforcePools/[^/]+)/")
 CONFLICT = "There were concurrent policy changes. Please retry the whole read-modify-write with exponential backoff."
 
 
@@ -54,7 +60,8 @@ class CloudRunIamServer:
     ``(resource, method)``), ``requests`` (every request: method, path, query,
     body), ``inject_conflicts`` and ``inject_error`` (fail the next calls),
     ``granted`` (the permissions ``testIamPermissions`` reports as held),
-    ``delete_service`` (its resource answers 404 from then on).
+    ``delete_service`` (its resource answers 404 from then on), ``pools`` (the
+    workforce pools that exist; None: any).
     """
 
     def __init__(self) -> None:
@@ -67,6 +74,7 @@ class CloudRunIamServer:
         self.calls: Counter[tuple[str, str]] = Counter()
         self.requests: list[dict] = []
         self.granted: set[str] = {"run.services.getIamPolicy", "run.services.setIamPolicy"}
+        self.pools: set[str] | None = None
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -204,6 +212,12 @@ class CloudRunIamServer:
             raise ApiError(400, "INVALID_ARGUMENT", "Conditional bindings require policy version 3.")
         if any("_withcond_" in b.get("role", "") for b in bindings):
             raise ApiError(400, "INVALID_ARGUMENT", "Role names with _withcond_ cannot be set.")
+        for member in (m for b in bindings for m in b["members"]):
+            if not MEMBER.match(member):
+                raise ApiError(400, "INVALID_ARGUMENT", f"Invalid member: {member}.")
+            pool = POOL.match(member)
+            if pool and self.pools is not None and pool.group(1).rsplit("/", 1)[1] not in self.pools:
+                raise ApiError(400, "INVALID_ARGUMENT", f"Identity Pool does not exist ({pool.group(1)}).")
         count = sum(len(b["members"]) for b in bindings)
         if count > MAX_MEMBERS:
             raise ApiError(400, "INVALID_ARGUMENT", f"The number of members in the policy ({count:,}) "
