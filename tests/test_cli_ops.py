@@ -93,6 +93,21 @@ def test_plan_shows_the_revocations_on_a_resource_no_service_names_any_more(ops)
     assert code == 0 and f"GONE {old}" in out and "(no service any more)" not in out
 
 
+def test_plan_reports_a_service_whose_cloud_run_service_does_not_exist_and_plans_the_others(ops, tmp_path):
+    run, store_url, _, cloudrun = ops
+    new = BILLING.replace("/billing", "/not-deployed-yet")
+    wiki = f"  - name: wiki\n    tenant: {TENANT}\n"
+    (tmp_path / "policy.yaml").write_text(POLICY.replace(wiki, f"{wiki}    cloud_run: {new}\n"))
+    cloudrun.delete_service(new)
+    open_store(store_url)
+    code, out, err = run("plan", "--json")
+    plan = json.loads(out)
+    assert code == 1 and plan["missing"] == {"wiki": new} and not err      # a finding, not a failure
+    assert [s["service"] for s in plan["services"]] == ["billing"]         # the other plans go on
+    code, out, _ = run("plan")
+    assert code == 1 and f"MISSING wiki ({new}): no such Cloud Run service" in out and "billing (" in out
+
+
 def test_the_cli_takes_google_credentials_from_the_metadata_server_as_on_cloud_build(ops, tmp_path):
     # cloudbuild.yaml runs `scripts/aadrun plan` with no key file: the credentials are
     # the build account's, from the metadata server. The CLI must not switch that off.

@@ -570,6 +570,18 @@ def test_a_service_the_policy_names_whose_cloud_run_service_is_missing_is_an_err
     assert app.store.managed_members(BILLING) == {INVOKER: {user(ALICE)}}   # kept: the policy still names it
 
 
+def test_policy_sync_reports_a_missing_cloud_run_service_without_asking_for_a_redelivery(world, audit_lines):
+    app = world.app()
+    app.maintenance.run(["reconcile", "drift"])
+    world.cloudrun.delete_service(BILLING)
+    world.graph.set_members(TENANT, G_ENG, [])
+    removal = MembershipChange("m-alice-left", TENANT, G_ENG, (), (ALICE,), "sub-1", "2024-05-01T12:00:00.000Z")
+    summary = app.sync.handle_messages([removal])                    # not raised: redelivery cannot fix it
+    assert "does not exist" in summary.refused["billing"] and app.store.group_members(TENANT, G_ENG) == set()
+    [line] = [a for a in audit_lines if a["event"] == "iam_target_missing"]
+    assert line["severity"] == "ERROR" and (line["service"], line["cloud_run"]) == ("billing", BILLING)
+
+
 def test_a_moved_service_is_revoked_on_the_old_resource_and_never_claims_a_grant_on_the_new(world, tmp_path):
     app = world.app()
     app.maintenance.run(["reconcile"])

@@ -137,14 +137,15 @@ def cmd_explain(args, settings: Settings) -> int:
 def cmd_plan(args, settings: Settings) -> int:
     """Per service: the IAM members aadrun would add and remove, and the principal count
     against Google's limit; then each resource no service names any more, whose managed
-    members would all be removed. Exit 1 when a service's plan is refused (over the limit)."""
+    members would all be removed. Exit 1 when a service's plan is refused (over the limit)
+    or its Cloud Run service does not exist."""
     from .app import App
     from .iam import IamWriter
     from .plan import iam_targets, plan_orphan, plan_service
 
     app = App(settings)
     policy, writer, store = app.policy, IamWriter(settings), app.store
-    services, refused, gone = [], {}, []
+    services, refused, gone, missing = [], {}, [], {}
     by_resource: dict[str, dict] = {}
     for name, resource in iam_targets(policy, store.managed_targets()):
         if resource in by_resource:   # services sharing a resource share its one plan
@@ -166,15 +167,19 @@ def cmd_plan(args, settings: Settings) -> int:
                 if changes.principals > MAX_PRINCIPALS:
                     continue
         except UpstreamError as e:
-            if name or e.status_code != 404:
+            if e.status_code != 404:
                 raise
-            gone.append(resource)   # deleted with its bindings: drift forgets what aadrun kept there
+            if name:
+                missing[name] = resource   # not deployed yet, or a typo: a finding, the other plans go on
+            else:
+                gone.append(resource)      # deleted with its bindings: drift forgets what aadrun kept there
             continue
         by_resource[resource] = {**changes.to_json(), "also": [], "limit": MAX_PRINCIPALS, "live": live is not None}
         services.append(by_resource[resource])
-    payload = {"mode": settings.iam_mode, "services": services, "refused": refused, "gone": gone}
+    payload = {"mode": settings.iam_mode, "services": services, "refused": refused, "gone": gone,
+               "missing": missing}
     _emit(args, payload, _plan_text)
-    return EXIT_FINDING if refused else EXIT_OK
+    return EXIT_FINDING if refused or missing else EXIT_OK
 
 
 def _plan_text(p: dict) -> str:
@@ -189,6 +194,8 @@ def _plan_text(p: dict) -> str:
         for role, change in s["changes"].items():
             lines += [f"  + {role} {m}" for m in change["add"]] + [f"  - {role} {m}" for m in change["remove"]]
     lines += [f"REFUSED {name}: {why}" for name, why in p["refused"].items()]
+    lines += [f"MISSING {name} ({resource}): no such Cloud Run service (not deployed yet, or a typo in cloud_run)"
+              for name, resource in p["missing"].items()]
     lines += [f"GONE {resource}: the Cloud Run service no longer exists (nothing to revoke)" for resource in p["gone"]]
     return "\n".join(lines) or "no service has a cloud_run target"
 

@@ -35,8 +35,9 @@ it may have died in between. An addition whose claims the store already shows
 
 Failures (``Unavailable``, ``UpstreamError``, ``ConfigError``, anything
 unexpected) are raised once every step has gone as far as it can, so Pub/Sub
-redelivers. A plan over the principal limit (``PlanError``) and an unreadable
-message are logged as errors and not raised: redelivering cannot fix them.
+redelivers. What redelivering cannot fix is logged as an error and not raised:
+an unreadable message, a plan over the principal limit (``PlanError``), a grant
+IAM refuses (``managed_write``) and a Cloud Run service that does not exist.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ from typing import Any
 
 from . import audit
 from .coalesce import Combiner, StoreLease
-from .errors import RequestError
+from .errors import RequestError, UpstreamError
 from .graph import DeltaResult, GraphClient
 from .iam import IamWriter
 from .messages import LifecycleEvent, MembershipChange, Message, from_json
@@ -388,9 +389,19 @@ class PolicySync:
         ``iam/{resource}`` every aadrun writer of that resource takes turns on."""
         store, target = self._app.store, service.cloud_run
         with StoreLease(store, f"iam/{target}", f"{self._holder}:{next(self._calls)}") as lease:
-            written = write_managed(store, self._iam_writer(), lease, target,
-                                    lambda: desired_on(policy, target, store.group_members), service=service.name,
-                                    source="policy-sync", why=why, message_id=message_id)
+            try:
+                written = write_managed(store, self._iam_writer(), lease, target,
+                                        lambda: desired_on(policy, target, store.group_members),
+                                        service=service.name, source="policy-sync", why=why, message_id=message_id)
+            except UpstreamError as e:
+                if e.status_code != 404:
+                    raise
+                # Not deployed yet, or a typo in the policy: redelivery cannot fix it; the
+                # drift task grants once the service exists, and reports it until then.
+                missing = f"{target} does not exist (not deployed yet, or a typo in the policy)"
+                audit.entry("iam_target_missing", f"{service.name}: {missing}", severity="ERROR",
+                            service=service.name, cloud_run=target)
+                return service.name, None, missing
         result = written.result
         if result is not None and self._iam_writer().mode == "record" and not result.changes.empty:
             audit.entry("iam_plan", f"IAM plan for {service.name} (AADRUN_IAM=record: not applied)",
