@@ -79,6 +79,26 @@ def test_validate_warns_when_v2_tokens_could_never_match_an_audience(tmp_path):
     assert code == 0 and json.loads(out)["warnings"] == []
 
 
+def test_validate_warns_of_a_cloud_run_service_named_by_its_project_number(tmp_path):
+    # Cloud Run answers to the project id and number alike; aadrun keeps its members per
+    # name, so switching between them would revoke them as a removed service's.
+    policy = tmp_path / "p.yaml"
+    policy.write_text("tenants:\n  - {id: 11111111-1111-1111-1111-111111111111, audiences: [c1000000-0000-0000-0000-00000000000a]}\n"
+                      "principal: 'principal://iam.googleapis.com/locations/global/workforcePools/p/subject/{oid}'\n"
+                      "services:\n"
+                      "  - name: by-number\n    tenant: 11111111-1111-1111-1111-111111111111\n"
+                      "    cloud_run: projects/123456789012/locations/l/services/s\n"
+                      "    access: [{groups: [aaaaaaaa-0000-0000-0000-000000000001]}]\n"
+                      "  - name: by-id\n    tenant: 11111111-1111-1111-1111-111111111111\n"
+                      "    cloud_run: projects/my-project-1/locations/l/services/s\n"
+                      "    access: [{groups: [aaaaaaaa-0000-0000-0000-000000000001]}]\n")
+    code, out, _ = run("validate", "--policy", str(policy), "--json")
+    [warning] = json.loads(out)["warnings"]
+    assert code == 0 and (warning["line"], warning["field"]) == (7, "services[0].cloud_run")
+    assert "projects/123456789012 is a project number" in warning["message"]
+    assert run("validate", "--policy", str(policy), "--strict")[0] == 1
+
+
 def test_bad_usage_exits_2(tmp_path):
     assert run("explain")[0] == 2
     assert run("no-such-command")[0] == 2

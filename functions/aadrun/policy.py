@@ -320,7 +320,19 @@ def parse_documents(docs: list[tuple[dict, dict[str, int], str]], *, complete: b
             errors.append(e)
     _raise_all(errors)
     return Policy(tenants, services, principal, group_principal, tuple(d[2] for d in docs),
-                  _audience_warnings(services, tenants, where))
+                  _audience_warnings(services, tenants, where) + _project_number_warnings(services, where))
+
+
+def _project_number_warnings(services: dict[str, Service],
+                             where: dict[str, tuple[_Checker, str]]) -> tuple[PolicyError, ...]:
+    """Cloud Run names one service under its project's id and its number alike, while
+    aadrun keys the members it manages by the ``cloud_run`` string: a policy that
+    switches between the two, or names one service both ways, would revoke them as
+    an orphan's. A project id never is all digits (it starts with a letter)."""
+    return tuple(where[s.name][0].error(f"{where[s.name][1]}.cloud_run",
+                                        f"projects/{s.cloud_run.split('/')[1]} is a project number: name the project "
+                                        "by its id, always the same way (aadrun keeps what it manages per name)")
+                 for s in services.values() if s.cloud_run and s.cloud_run.split("/")[1].isdigit())
 
 
 def _audience_warnings(services: dict[str, Service], tenants: dict[str, Tenant],
