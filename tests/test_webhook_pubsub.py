@@ -311,3 +311,61 @@ def test_emulator_down_is_503_then_the_same_post_is_published_once(policy_file):
                 == [golden_messages("members_removed_string")[0]["id"]]
     finally:
         emulator.stop()
+
+
+class _FlakyPublisher:
+    """A Pub/Sub Publisher service on 127.0.0.1 (the real protos over gRPC) that answers
+    UNAVAILABLE at once for its first ``failing`` seconds, then never answers in time:
+    an outage as it starts and as it goes on. Records each Publish's own deadline."""
+
+    def __init__(self, failing: float):
+        from concurrent import futures
+        from google.pubsub_v1.types import PublishRequest, PublishResponse
+
+        self.deadlines: list[float] = []   # when each attempt's RPC deadline falls (monotonic)
+        self._first: float | None = None
+
+        def publish(request, context):
+            now = time.monotonic()
+            self.deadlines.append(now + context.time_remaining())
+            self._first = self._first or now
+            if now - self._first < failing:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the service is unavailable")
+            time.sleep(context.time_remaining() + 0.5)   # past the caller's deadline
+            return PublishResponse(message_ids=[str(i) for i in range(len(request.messages))])
+
+        handler = grpc.method_handlers_generic_handler("google.pubsub.v1.Publisher", {
+            "Publish": grpc.unary_unary_rpc_method_handler(publish, request_deserializer=PublishRequest.deserialize,
+                                                           response_serializer=PublishResponse.serialize)})
+        self.server = grpc.server(futures.ThreadPoolExecutor(8))
+        self.server.add_generic_rpc_handlers((handler,))
+        self.host = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def outage_starts(self) -> None:
+        self._first = None
+        self.deadlines.clear()
+
+
+def test_no_publish_attempt_outlives_the_publish_deadline_when_pub_sub_fails_then_stalls():
+    # After a second of fast failures, google-api-core would give a float timeout's next
+    # attempt the whole timeout again: the webhook would answer after Graph's 3 s.
+    publisher = _FlakyPublisher(failing=0.6)
+    from google.cloud import pubsub_v1
+
+    settings = Settings(bus="pubsub", project=PROJECT, publish_timeout_seconds=1.5)
+    client = pubsub_v1.PublisherClient(transport=PublisherGrpcTransport(channel=grpc.insecure_channel(publisher.host)))
+    bus = PubSubBus(settings, client=client)
+    one_group = [from_json(json.dumps(m)) for m in golden_messages("members_added_and_removed")]
+    several = [from_json(json.dumps(m)) for m in golden_messages("several_subscriptions")]
+    try:
+        for messages in (one_group, several):   # one ordering key on the caller's thread; several on the pool
+            publisher.outage_starts()
+            started = time.monotonic()
+            with pytest.raises(Unavailable):
+                bus.publish_changes(messages)
+            assert len(publisher.deadlines) > 2                         # it failed fast, retried, then stalled
+            assert max(publisher.deadlines) <= started + 1.5 + 0.05     # every attempt ends by the deadline
+    finally:
+        bus.close()
+        publisher.server.stop(0)

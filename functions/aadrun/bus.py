@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import contextvars
+import functools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -118,8 +119,8 @@ class PubSubBus(Bus):
     request. The call returns once every request is confirmed. A call that fails
     part-way leaves some keys published: Graph's retry publishes them again with the
     same ``id``, which policy_sync drops as a duplicate. The raw Publish call (not the batching client's per-key
-    sequencers) leaves no key paused after a failure, and its retries stay within
-    ``publish_timeout_seconds``, so no attempt outlives the webhook's answer.
+    sequencers) leaves no key paused after a failure, and its retries, each attempt
+    included, end by ``publish_timeout_seconds``, so none outlives the webhook's answer.
     """
 
     # Concurrent Publish requests per instance (threads that mostly wait on the network):
@@ -200,11 +201,28 @@ class PubSubBus(Bus):
             raise Unavailable("no time left to publish")
         try:
             response = self._client.api.publish(topic=topic, messages=messages,
-                                                retry=self._retry.with_timeout(left), timeout=left)
+                                                retry=self._retry.with_timeout(left), timeout=_Until(deadline))
         except (self._api_error, OSError, ValueError) as e:  # RetryError is an API error too
             raise Unavailable(f"{len(messages)} messages not confirmed ({e.__class__.__name__})") from e
         if len(response.message_ids) != len(messages):
             raise Unavailable(f"{len(messages) - len(response.message_ids)} messages not confirmed")
+
+
+class _Until:
+    """The RPC timeout of each attempt of a call: the time left until ``deadline``.
+    A float timeout will not do: google-api-core gives an attempt the whole timeout
+    again once less than a second is left (``TimeToDeadlineTimeout``), so a retry
+    after a second of fast failures would outlive the webhook's answer."""
+
+    def __init__(self, deadline: float):
+        self._deadline = deadline
+
+    def __call__(self, rpc: Callable) -> Callable:
+        @functools.wraps(rpc)
+        def attempt(*args, **kwargs):
+            kwargs["timeout"] = max(self._deadline - time.monotonic(), 0.01)
+            return rpc(*args, **kwargs)
+        return attempt
 
 
 def open_bus(settings: Settings, local_handler: Callable[[list[Message]], Any] | None = None) -> Bus:
