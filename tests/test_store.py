@@ -25,6 +25,7 @@ from aadrun.store import GroupUpdate, IamWrite, Store, SyncState, open_store, ut
 from aadrun.store.firestore import FirestoreStore, doc_id
 from aadrun.store.sqlite import SqliteStore
 from tests.support.emulators import free_port
+from tests.support.flaky_grpc import FlakyMethod
 
 T = "11111111-1111-1111-1111-111111111111"
 G = "aaaaaaaa-0000-0000-0000-000000000001"
@@ -597,6 +598,26 @@ def test_firestore_unreachable_fails_fast(firestore_emulator, monkeypatch):
             call()
         assert time.monotonic() - started < 5
     store.close()
+
+
+def test_a_firestore_call_ends_within_its_budget_when_the_service_fails_then_hangs(monkeypatch):
+    # After a second of fast failures, google-api-core would give a float timeout's next
+    # attempt the whole timeout again: verify's fail-closed answer would come late.
+    from google.cloud.firestore_v1.types import BatchGetDocumentsRequest
+
+    firestore_api = FlakyMethod("google.firestore.v1.Firestore", "BatchGetDocuments", BatchGetDocumentsRequest,
+                                streaming=True, failing=0.6)
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", firestore_api.host)
+    store = FirestoreStore(project="aadrun-flaky", timeout=1.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            store.membership(T, "u1", [G])
+        assert len(firestore_api.deadlines) > 2                         # it failed fast, retried, then hung
+        assert max(firestore_api.deadlines) <= started + 1.5 + 0.05     # every attempt ends by the budget
+    finally:
+        store.close()
+        firestore_api.stop()
 
 
 # -- open_store --------------------------------------------------------------

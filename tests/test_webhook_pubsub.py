@@ -25,6 +25,7 @@ from aadrun.errors import Unavailable
 from aadrun.messages import from_json
 from aadrun.webhook import MAX_ITEMS
 from tests.support.emulators import Emulator
+from tests.support.flaky_grpc import FlakyMethod
 from tests.support.serve import FunctionServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,45 +314,13 @@ def test_emulator_down_is_503_then_the_same_post_is_published_once(policy_file):
         emulator.stop()
 
 
-class _FlakyPublisher:
-    """A Pub/Sub Publisher service on 127.0.0.1 (the real protos over gRPC) that answers
-    UNAVAILABLE at once for its first ``failing`` seconds, then never answers in time:
-    an outage as it starts and as it goes on. Records each Publish's own deadline."""
-
-    def __init__(self, failing: float):
-        from concurrent import futures
-        from google.pubsub_v1.types import PublishRequest, PublishResponse
-
-        self.deadlines: list[float] = []   # when each attempt's RPC deadline falls (monotonic)
-        self._first: float | None = None
-
-        def publish(request, context):
-            now = time.monotonic()
-            self.deadlines.append(now + context.time_remaining())
-            self._first = self._first or now
-            if now - self._first < failing:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the service is unavailable")
-            time.sleep(context.time_remaining() + 0.5)   # past the caller's deadline
-            return PublishResponse(message_ids=[str(i) for i in range(len(request.messages))])
-
-        handler = grpc.method_handlers_generic_handler("google.pubsub.v1.Publisher", {
-            "Publish": grpc.unary_unary_rpc_method_handler(publish, request_deserializer=PublishRequest.deserialize,
-                                                           response_serializer=PublishResponse.serialize)})
-        self.server = grpc.server(futures.ThreadPoolExecutor(8))
-        self.server.add_generic_rpc_handlers((handler,))
-        self.host = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
-
-    def outage_starts(self) -> None:
-        self._first = None
-        self.deadlines.clear()
-
-
 def test_no_publish_attempt_outlives_the_publish_deadline_when_pub_sub_fails_then_stalls():
     # After a second of fast failures, google-api-core would give a float timeout's next
     # attempt the whole timeout again: the webhook would answer after Graph's 3 s.
-    publisher = _FlakyPublisher(failing=0.6)
     from google.cloud import pubsub_v1
+    from google.pubsub_v1.types import PublishRequest
+
+    publisher = FlakyMethod("google.pubsub.v1.Publisher", "Publish", PublishRequest, failing=0.6)
 
     settings = Settings(bus="pubsub", project=PROJECT, publish_timeout_seconds=1.5)
     client = pubsub_v1.PublisherClient(transport=PublisherGrpcTransport(channel=grpc.insecure_channel(publisher.host)))
@@ -368,4 +337,4 @@ def test_no_publish_attempt_outlives_the_publish_deadline_when_pub_sub_fails_the
             assert max(publisher.deadlines) <= started + 1.5 + 0.05     # every attempt ends by the deadline
     finally:
         bus.close()
-        publisher.server.stop(0)
+        publisher.stop()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import contextvars
-import functools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +20,7 @@ from typing import Any
 from .config import Settings
 from .errors import ConfigError, Unavailable
 from .messages import Message, canonical
+from .rpc_budget import Budget
 
 # Backoff between attempts within one publish deadline (seconds).
 _FIRST_DELAY, _MAX_DELAY = 0.05, 0.4
@@ -201,28 +201,11 @@ class PubSubBus(Bus):
             raise Unavailable("no time left to publish")
         try:
             response = self._client.api.publish(topic=topic, messages=messages,
-                                                retry=self._retry.with_timeout(left), timeout=_Until(deadline))
+                                                retry=self._retry.with_timeout(left), timeout=Budget(left))
         except (self._api_error, OSError, ValueError) as e:  # RetryError is an API error too
             raise Unavailable(f"{len(messages)} messages not confirmed ({e.__class__.__name__})") from e
         if len(response.message_ids) != len(messages):
             raise Unavailable(f"{len(messages) - len(response.message_ids)} messages not confirmed")
-
-
-class _Until:
-    """The RPC timeout of each attempt of a call: the time left until ``deadline``.
-    A float timeout will not do: google-api-core gives an attempt the whole timeout
-    again once less than a second is left (``TimeToDeadlineTimeout``), so a retry
-    after a second of fast failures would outlive the webhook's answer."""
-
-    def __init__(self, deadline: float):
-        self._deadline = deadline
-
-    def __call__(self, rpc: Callable) -> Callable:
-        @functools.wraps(rpc)
-        def attempt(*args, **kwargs):
-            kwargs["timeout"] = max(self._deadline - time.monotonic(), 0.01)
-            return rpc(*args, **kwargs)
-        return attempt
 
 
 def open_bus(settings: Settings, local_handler: Callable[[list[Message]], Any] | None = None) -> Bus:

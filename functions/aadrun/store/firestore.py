@@ -69,6 +69,7 @@ from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 
 from ..errors import ConfigError, Unavailable
+from ..rpc_budget import Budget
 from .base import UTC, ChangeEntry, GroupUpdate, IamWrite, Store, SyncState, utcnow
 from .rules import check_update, diff_iam, iam_entries, member_entries, monotonic_at
 
@@ -151,7 +152,7 @@ def _fail_fast(client: firestore.Client, timeout: float) -> None:
     for rpc in list(transport._wrapped_methods):
         deadline = max(timeout, QUERY_TIMEOUT_S) if rpc is transport.run_query else timeout
         transport._wrapped_methods[rpc] = gapic_v1.method.wrap_method(
-            rpc, default_retry=retry, default_timeout=deadline, client_info=client._client_info)
+            rpc, default_retry=retry, default_timeout=Budget(deadline), client_info=client._client_info)
 
 
 class FirestoreStore(Store):
