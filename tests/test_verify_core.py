@@ -297,24 +297,24 @@ def test_a_key_signs_only_for_the_issuer_its_key_set_names(world, idp, issuer, r
     assert world[0].decide("billing", good(idp, key=key)).reason == reason
 
 
-@pytest.mark.parametrize("version, claims", [
-    (2, {"nonce": "n-0S6_WzA2Mj"}),                       # an ID token, client id and all
-    (2, {"azp": None, "azpacr": None, "scp": None}),       # no client app: no access token
-    (1, {"appid": None}),
-    (1, {"nonce": "n-0S6_WzA2Mj"}),
-])
-def test_an_id_token_is_not_an_access_token(world, idp, tmp_path, version, claims):
+@pytest.mark.parametrize("version, client_app", [(2, {"azp": None, "azpacr": None, "scp": None}),
+                                                 (1, {"appid": None, "appidacr": None, "scp": None})])
+def test_an_id_token_is_not_an_access_token(world, idp, tmp_path, version, client_app):
     # The shape of Entra's ID token: aud is the app's client id, as is the v2 access
-    # token's; app roles assigned to the user are in it too.
+    # token's; app roles assigned to the user are in it too; MSAL asks for a nonce.
     client_id = "c11e47a0-0000-0000-0000-00000000b111"
     policy = load_policy(write_policy(tmp_path, POLICY.replace("audience: api://billing", f"audience: {client_id}")
                                       .replace("token_versions: [2]", "token_versions: [1, 2]")))
     verifier = Verifier(world[3], lambda: policy, world[2], lambda: world[1])
-    token = idp.mint(TENANT_A, oid=BOB, aud=client_id, version=version, roles=["Billing.Admin"], **claims)
-    decision = verifier.decide("billing", token)
+    id_token = idp.mint(TENANT_A, oid=BOB, aud=client_id, version=version, roles=["Billing.Admin"],
+                        nonce="n-0S6_WzA2Mj", **client_app)
+    decision = verifier.decide("billing", id_token)
     assert (decision.allow, decision.reason) == (False, "wrong_audience") and "ID token" in decision.detail
-    access = idp.mint(TENANT_A, oid=BOB, aud=client_id, version=version, roles=["Billing.Admin"])
-    assert verifier.decide("billing", access).reason == "ok"
+    # CONTRACT.md §4 defines wrong_audience by aud alone: without a nonce, a token that
+    # names no client app is taken, as one that does.
+    for claims in (client_app, {}):
+        token = idp.mint(TENANT_A, oid=BOB, aud=client_id, version=version, roles=["Billing.Admin"], **claims)
+        assert verifier.decide("billing", token).reason == "ok"
 
 
 @pytest.mark.parametrize("token", [
@@ -376,12 +376,15 @@ def _signed_raw(idp, payload: bytes) -> str:
     return jwt.api_jws.encode(payload, idp.current.private, algorithm="RS256", headers={"kid": idp.current.kid})
 
 
-@pytest.mark.parametrize("oid", ['"\\ud800"', '"x\\r\\nSet-Cookie: a=b"', '"not-an-object-id"', "7"])
-def test_an_oid_that_is_no_object_id_counts_as_none(world, idp, oid):
+@pytest.mark.parametrize("oid, subject", [
+    ('"\\ud800"', None), ('"x\\r\\nSet-Cookie: a=b"', None), ('"two words"', None), ('""', None), ("7", None),
+    ('"not-an-object-id"', "not-an-object-id"),   # CONTRACT.md §4: the subject is the token's oid
+])
+def test_an_oid_that_cannot_be_sent_on_counts_as_none(world, idp, oid, subject):
     # Signed by the tenant's key, yet no subject: never a 500, never a header injection.
     body = json.dumps({k: v for k, v in claims(idp, good(idp)).items() if k != "oid"})[:-1]
     decision = world[0].decide("billing", _signed_raw(idp, f'{body}, "oid": {oid}}}'.encode()))
-    assert (decision.reason, decision.subject) == ("not_member", None)
+    assert (decision.reason, decision.subject) == ("not_member", subject)
 
 
 def test_what_cannot_be_decided_is_denied_and_logged(world, idp, monkeypatch, caplog):

@@ -28,7 +28,6 @@ from jwt.algorithms import RSAAlgorithm
 from jwt.utils import base64url_decode
 
 from .errors import TokenError
-from .messages import is_guid
 
 if TYPE_CHECKING:
     from .keys import KeyCache
@@ -54,6 +53,9 @@ STEPS: tuple[tuple[str, str], ...] = (
 )
 
 
+_PRINTABLE_ID = re.compile(r"[\x21-\x7e]{1,256}")
+
+
 @dataclasses.dataclass(frozen=True)
 class VerifiedToken:
     """A token whose signature and issuer were checked."""
@@ -64,16 +66,18 @@ class VerifiedToken:
     version: int
     versions: tuple[int, ...]   # the tenant's allowed versions (cache key of its keys)
     # An ID token of an app whose client id is also an accepted audience would pass the
-    # audience check: only an access token names its client app (``azp`` in v2,
-    # ``appid`` in v1), and only an ID token carries a ``nonce`` claim.
+    # audience check. Its ``nonce`` claim gives it away (MSAL asks for one on every
+    # sign-in; no access token carries it). A missing ``azp``/``appid`` would too, but
+    # CONTRACT.md §4 defines wrong_audience by ``aud`` alone, so that is not required.
     access_token: bool = True
 
     @functools.cached_property
     def subject(self) -> str | None:
-        # Entra's oid is an object id; anything else (a lone surrogate, a line break)
-        # could not be stored, looked up or sent in X-Auth-Subject: the token has none.
+        # Entra's oid is an object id (CONTRACT.md §4: the subject is the oid as given).
+        # What is not printable ASCII (a lone surrogate, a line break) could not be
+        # stored, looked up or sent in X-Auth-Subject: such a token has none.
         oid = self.claims.get("oid")
-        return oid if is_guid(oid) else None
+        return oid if isinstance(oid, str) and _PRINTABLE_ID.fullmatch(oid) else None
 
     @functools.cached_property
     def roles(self) -> tuple[str, ...]:
@@ -148,9 +152,7 @@ def verify_signed(token: str, tenant_versions: Callable[[str], tuple[int, ...] |
         raise TokenError("wrong_issuer", "iss is not the tenant's issuer for an allowed token version")
     if iss not in keyset.key_issuers.get(kid, ()):
         raise TokenError("wrong_issuer", "the signing key is not one of the token's issuer")
-    client = claims.get("azp" if version == 2 else "appid")
-    access_token = isinstance(client, str) and bool(client) and "nonce" not in claims
-    return VerifiedToken(claims, kid, tid, version, versions, access_token)
+    return VerifiedToken(claims, kid, tid, version, versions, "nonce" not in claims)
 
 
 _NUMBER_TYPES = (int, float)
@@ -180,7 +182,7 @@ def check_audience(token: VerifiedToken, accepted: tuple[str, ...]) -> None:
     if not isinstance(aud, str) or aud not in accepted:
         raise TokenError("wrong_audience", "aud is not an accepted audience of the service")
     if not token.access_token:
-        raise TokenError("wrong_audience", "an ID token (or no access token): it is not for calling an API")
+        raise TokenError("wrong_audience", "an ID token (it carries a nonce): it is not for calling an API")
 
 
 def _is_time(value) -> bool:
