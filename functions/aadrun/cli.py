@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime as dt
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -379,10 +381,12 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-# Commands that must use the functions' store: pointed at one that does not exist, they
-# would create an empty one and report nothing as if all were well (and ``subscribe``
-# would replace every subscription, finding no record of its client state).
+# Commands that read the functions' store. Pointed at one that does not exist (a fresh
+# clone, a wrong AADRUN_STORE), they read an empty one, with a warning, and create
+# nothing there; ``subscribe`` refuses, since it would replace every subscription,
+# finding no record of its client state.
 _READ_STORE = frozenset({"explain", "plan", "audit", "subscribe"})
+_NEEDS_STORE = frozenset({"subscribe"})
 
 
 def _missing_store(settings: Settings) -> str | None:
@@ -398,9 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         missing = _missing_store(settings) if args.command in _READ_STORE else None
-        if missing:
+        if missing and args.command in _NEEDS_STORE:
             print(f"error: {missing}", file=sys.stderr)
             return EXIT_USAGE
+        if missing:
+            print(f"warning: {missing}; read as an empty store", file=sys.stderr)
+            with tempfile.TemporaryDirectory(prefix="aadrun-empty-store-") as empty:
+                return COMMANDS[args.command][0](
+                    args, dataclasses.replace(settings, store_url=f"sqlite:///{empty}/state.db"))
         return COMMANDS[args.command][0](args, settings)
     except ConfigError as e:   # the environment it runs in is wrong: bad usage, like a bad flag
         print(f"error: {e}", file=sys.stderr)
