@@ -20,6 +20,7 @@ import jwt
 from jwt.utils import base64url_decode
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from aadrun.config import Settings
 from aadrun.devidp import DevIdentityProvider, SigningKey
@@ -709,6 +710,32 @@ def test_a_jwks_entry_for_encryption_is_never_a_signing_key(world, idp):
     key = EncryptionKey()
     idp.keys.append(key)
     assert world[0].decide("billing", good(idp, key=key)).reason == "unknown_key"
+
+
+class _ShortKey(SigningKey):
+    def __init__(self, bits: int):
+        super().__init__()
+        self.private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+class _PublishedPrivateKey(SigningKey):
+    """A JWKS entry that carries its private members: anyone can sign with it."""
+
+    def jwk(self, issuer: str | None = None) -> dict:
+        private = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.private))
+        return {**super().jwk(issuer), **{k: private[k] for k in ("d", "p", "q", "dp", "dq", "qi")}}
+
+
+@pytest.mark.filterwarnings("ignore:The RSA key is 1024 bits long")   # PyJWT's, as the test mints with it
+@pytest.mark.parametrize("make_key", [lambda: _ShortKey(1024), _PublishedPrivateKey],
+                         ids=["1024-bit", "private-members"])
+def test_a_weak_or_published_private_key_is_never_a_signing_key(world, idp, make_key, caplog):
+    key = make_key()
+    idp.keys.append(key)
+    with caplog.at_level(logging.ERROR, logger="aadrun"):
+        decision = world[0].decide("billing", good(idp, key=key))
+    assert (decision.status, decision.reason) == (401, "unknown_key") and not caplog.records
+    assert world[0].decide("billing", good(idp)).reason == "ok"        # the tenant's good key still verifies
 
 
 class BrokenStore:

@@ -33,6 +33,10 @@ _MAX_DOCUMENT = 512 * 1024
 # How long a token with an unknown kid waits for a key fetch already in flight.
 _FETCH_WAIT = 1.0
 _TENANT_PLACEHOLDER = re.compile(re.escape("{tenantid}"), re.IGNORECASE)
+# RS256 keys: at least 2,048 bits (RFC 7518 §3.3); Entra's are 2,048. A far larger
+# key would only make every signature check slow.
+MIN_RSA_BITS, MAX_RSA_BITS = 2048, 8192
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,12 +265,15 @@ def _read_by(raw, limit: int, deadline: float) -> bytes:
 
 
 def _public_key(jwk: dict) -> object | None:
-    """An RSA signature key from a JWK, or None for keys we must not use."""
+    """An RSA signature key from a JWK, or None for keys we must not use: of another
+    kind or use, with private members (a published private key signs anyone's tokens),
+    or shorter than the 2,048 bits RS256 requires (RFC 7518 §3.3)."""
     if not isinstance(jwk, dict) or jwk.get("kty") != "RSA" or not isinstance(jwk.get("kid"), str):
         return None
-    if jwk.get("use", "sig") != "sig":
+    if jwk.get("use", "sig") != "sig" or not _PRIVATE_MEMBERS.isdisjoint(jwk):
         return None
     try:
-        return jwt.PyJWK(jwk, algorithm="RS256").key
+        key = jwt.PyJWK(jwk, algorithm="RS256").key
     except (jwt.PyJWTError, ValueError, TypeError):   # PyJWTError covers PyJWKError and InvalidKeyError
         return None
+    return key if MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS else None
