@@ -259,8 +259,11 @@ def test_an_oversized_request_is_a_logged_decision_too(stack):
     before = len(too_large(server.log_entries()))
     status, _, body = call(server, raw=b"{" + b" " * 65537 + b"}", headers={"Content-Type": "application/json"})
     assert (status, body) == (413, b"")
-    lines = too_large(server.log_entries(until=lambda entries: len(too_large(entries)) > before))[before:]
-    assert [(e["status"], e["allow"], e["severity"]) for e in lines] == [(413, False, "NOTICE")]
+    status, _, body = call(server, raw=b" " * 65537, path="/verify?service=billing")   # forward-auth
+    assert (status, body) == (413, b"")
+    lines = too_large(server.log_entries(until=lambda entries: len(too_large(entries)) > before + 1))[before:]
+    assert [(e["status"], e["allow"], e["severity"], e["mode"]) for e in lines] == [
+        (413, False, "NOTICE", "api"), (413, False, "NOTICE", "forward_auth")]
 
 
 def test_decision_log_lines_never_contain_the_token_only_its_sha256_prefix(stack, idp):

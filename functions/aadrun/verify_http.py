@@ -75,14 +75,16 @@ class VerifyEndpoint:
         if req.path.rstrip("/") == "/healthz" and "service" not in req.query and req.method in ("GET", "HEAD"):
             healthy, parts = self._health()
             return HttpResponse.json(200 if healthy else 503, {"status": "ok" if healthy else "unhealthy", **parts})
+        # The mode of a request refused before it is read, for its audit line.
+        asked = "forward_auth" if "service" in req.query else "api"
         if req.body_too_large or len(req.body) > MAX_BODY:
-            log_decision(Decision(False, "too_large", None, new_decision_id()), None)
+            log_decision(Decision(False, "too_large", None, new_decision_id()), None, asked)
             return HttpResponse(413, b"", "text/plain")
         try:
             service, token, mode = _parse(req)
         except BadRequest as e:
             decision = Decision(False, "bad_request", None, new_decision_id(), detail=str(e))
-            log_decision(decision, None)
+            log_decision(decision, None, asked)
             return HttpResponse.json(400, {**decision.body(), "message": str(e)})
         decision = self._verifier.decide(service, token)
         log_decision(decision, token, mode)
