@@ -384,6 +384,15 @@ def test_lifecycle_events(world, app):
     assert app.store.group_members(TENANT, G_OPS) == {BOB}
 
 
+@pytest.mark.parametrize("event", ["reauthorizationRequired", "missed", "subscriptionRemoved"])
+def test_a_lifecycle_event_of_a_tenant_no_policy_names_any_more_is_ignored(world, app, event, audit_lines):
+    other = dataclasses.replace(lifecycle(event), tenant="77777777-0000-0000-0000-000000000077")
+    summary = app.sync.handle_messages([other])            # not raised: nothing to redeliver for
+    assert summary.ignored == 1 and world.graph.calls() == []
+    [line] = [a for a in audit_lines if a["event"] == "message_ignored"]
+    assert (line["reason"], line["lifecycle_event"]) == ("unknown_tenant", event)
+
+
 def test_a_reauthorization_that_failed_does_not_defer_the_renewal(world, app):
     created = graph_client(world.graph).create_subscription(
         f"/groups/{G_ENG}", "https://hooks.example/graph", None, "state", max_expiration())

@@ -164,7 +164,13 @@ class PolicySync:
         groups: dict[tuple[str, str], _Group] = {}
         reauthorize: list[LifecycleEvent] = []
         for message in unique:
-            if isinstance(message, LifecycleEvent):
+            if isinstance(message, LifecycleEvent) and message.tenant not in policy.tenants:
+                # Published before a policy change dropped the tenant: nothing to do for it.
+                summary.ignored += 1
+                audit.entry("message_ignored", "lifecycle event of a tenant no policy names",
+                            reason="unknown_tenant", message_id=message.id, tenant=message.tenant,
+                            lifecycle_event=message.event, subscription=message.subscription)
+            elif isinstance(message, LifecycleEvent):
                 self._lifecycle(message, referenced, groups, reauthorize)
             else:
                 self._membership(message, message.id in seen, referenced, groups, summary)
