@@ -14,6 +14,7 @@ T = TENANT_A
 
 def write(tmp_path, name, text):
     path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(text))
     return path
 
@@ -202,6 +203,9 @@ def test_a_file_that_cannot_be_read_does_not_make_the_others_references_look_wro
     ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deep"),
     ("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)), "expands to more than"),
+    # A long key aliased at every level: few values, each with a path of megabytes.
+    ("k: &k " + "K" * 20000 + "\nx: &x " + "{*k : " * 400 + "[1, 2]" + "}" * 400 + "\ny: [*x, *x, *x, *x]\n",
+     "nests them too deep"),
 ])
 def test_self_referencing_or_exploding_aliases_are_policy_errors(tmp_path, text, message):
     with pytest.raises(PolicyError, match=message):
@@ -214,6 +218,23 @@ def test_hidden_files_and_folders_of_a_policy_folder_are_not_read(tmp_path):
     (tmp_path / ".github" / "workflows" / "ci.yml").write_text("jobs: {}\n")
     (tmp_path / ".p.yaml.swp.yaml").write_text("not: a policy\n")
     assert "billing" in load_policy(tmp_path).services
+
+
+def test_a_policy_folder_is_read_through_links_and_in_any_case_and_a_broken_one_is_an_error(tmp_path):
+    # A file left out would drop its services: drift would revoke what aadrun granted for them.
+    write(tmp_path / "kept", "tenants.yaml", f"tenants:\n  - id: {T}\n    audiences: [x]\n")
+    write(tmp_path / "kept" / "teams", "BILLING.YML", f"services:\n  - name: s\n    tenant: {T}\n"
+                                                    "    access:\n      - app_roles: [R]\n")
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "shared").symlink_to(tmp_path / "kept")              # a linked folder
+    (policies / "loop").symlink_to(policies)                         # and a link back up
+    policy = load_policy(policies)
+    assert list(policy.services) == ["s"] and len(policy.sources) == 2
+    (policies / "gone.yaml").symlink_to(tmp_path / "nowhere.yaml")   # a broken link
+    with pytest.raises(PolicyError, match="not a readable file") as caught:
+        load_policy(policies)
+    assert caught.value.file == str(policies / "gone.yaml")
 
 
 def test_empty_folder_is_an_error(tmp_path):

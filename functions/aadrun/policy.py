@@ -95,8 +95,10 @@ class Policy:
 
 # --- YAML with positions -------------------------------------------------------
 
-# More values than any real policy holds: what aliases expanding into aliases make.
+# More values, and longer field paths in all, than any real policy holds: what
+# aliases expanding into aliases make (deep ones give every value a long path).
 MAX_VALUES = 100_000
+MAX_PATH_CHARS = 20_000_000
 # How an IAM allow policy names a member (cloud.google.com/iam/docs/principal-identifiers).
 _MEMBER_PREFIXES = ("principal://", "principalSet://", "user:", "group:", "serviceAccount:")
 
@@ -106,14 +108,15 @@ class _Located:
 
     def __init__(self, file: str):
         self.file = file
-        self.values = 0
+        self.values = self.path_chars = 0
         self._scalars = yaml.constructor.SafeConstructor()   # YAML's own typing of plain values
 
     def to_python(self, node: yaml.Node, path: str, lines: dict[str, int]):
         self.values += 1
-        if self.values > MAX_VALUES:
-            raise PolicyError(f"the document expands to more than {MAX_VALUES} values (aliases of aliases?)",
-                              file=self.file)
+        self.path_chars += len(path)
+        if self.values > MAX_VALUES or self.path_chars > MAX_PATH_CHARS:
+            raise PolicyError(f"the document expands to more than {MAX_VALUES} values, or nests them too deep "
+                              "(aliases of aliases?)", file=self.file)
         lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             out, merged = {}, []
@@ -386,14 +389,40 @@ def _references(service: Service, c: _Checker, field: str, tenants: dict[str, Te
 
 
 def policy_files(path: str | os.PathLike) -> list[Path]:
+    """The policy files at ``path``: the file, or every *.yaml / *.yml (any case) under
+    the folder, links followed. A policy file left out would drop its services, and
+    drift would revoke what aadrun granted for them: so a folder that cannot be read,
+    or a policy name that is not a readable file (a broken link), is an error."""
     root = Path(path)
     if root.is_file():
         return [root]
-    if root.is_dir():
-        # Hidden files and folders (.github/, editor backups) are not policies.
-        return sorted(p for p in root.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()
-                      and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    raise PolicyError("no such file or folder", file=str(root))
+    if not root.is_dir():
+        raise PolicyError("no such file or folder", file=str(root))
+    found: list[Path] = []
+    problems: list[PolicyError] = []
+    walked: set[str] = set()
+
+    def unreadable(e: OSError) -> None:
+        problems.append(PolicyError(f"cannot read this folder: {e.strerror or e.__class__.__name__}",
+                                    file=e.filename))
+
+    for folder, folders, names in os.walk(root, onerror=unreadable, followlinks=True):
+        if os.path.realpath(folder) in walked:   # a link back up (a loop), or a folder linked twice
+            folders.clear()
+            continue
+        walked.add(os.path.realpath(folder))
+        # Hidden files and folders (.github/, .git/, editor swap files) are not policies.
+        folders[:] = [f for f in folders if not f.startswith(".")]
+        for name in names:
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in (".yaml", ".yml"):
+                continue
+            file = Path(folder, name)
+            if file.is_file():
+                found.append(file)
+            else:
+                problems.append(PolicyError("not a readable file (a broken link?)", file=str(file)))
+    _raise_all(problems)
+    return sorted(found)
 
 
 def load_policy(path: str | os.PathLike) -> Policy:
