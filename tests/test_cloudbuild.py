@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from aadrun.config import Settings
+from aadrun.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT, PROJECT_NUMBER = "example-project", "123456789"
@@ -251,13 +253,28 @@ def test_tests_validate_and_plan_run_before_any_deploy_and_policies_are_shipped(
     first_deploy = min(i for i, step in enumerate(build["steps"]) if step.get("entrypoint") == "gcloud")
     position = {what: next(i for i, c in enumerate(commands) if what in c)
                 for what in ("scripts/test", "scripts/aadrun validate", "scripts/aadrun plan",
-                             "cp -r policies functions/policies")}
+                             "policies functions/policies")}
     assert all(i < first_deploy for i in position.values()), position
     assert "emulators" in build["steps"][position["scripts/test"]]["name"], "the tests need the emulators"
-    ship = ids[position["cp -r policies functions/policies"]]
+    ship = ids[position["policies functions/policies"]]
     for step in build["steps"][first_deploy:]:
         if step.get("entrypoint") == "gcloud":
             assert ship in step.get("waitFor", [ship]), f"{step['id']} may start before the policies are shipped"
+
+
+def test_the_shipped_policies_are_the_validated_ones_links_included(build, tmp_path):
+    # validate and plan read policies/; the functions read the copy. A linked folder
+    # copied as a link would no longer resolve there, and its services would be dropped.
+    [ship] = [step for step in build["steps"] if step.get("id") == "ship-policies"]
+    shared = tmp_path / "shared-policies"
+    shared.mkdir()
+    shutil.copy(ROOT / "policies" / "example.yaml", shared / "example.yaml")
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "shared").symlink_to("../shared-policies")   # relative, as in a repository
+    (tmp_path / "functions").mkdir()
+    subprocess.run(["bash", *ship["args"]], cwd=tmp_path, check=True, timeout=30)
+    shipped = load_policy(tmp_path / "functions" / "policies")
+    assert list(shipped.services) == list(load_policy(tmp_path / "policies").services) != []
 
 
 def test_topics_are_created_idempotently_and_policy_sync_gets_a_dead_letter_policy(build):
