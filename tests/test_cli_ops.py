@@ -38,8 +38,9 @@ def ops(graph_server, tmp_path):
                     "AADRUN_CLOUDRUN_ENDPOINT": cloudrun.url, "NO_GCE_CHECK": "true",
                     "CLOUDSDK_CONFIG": str(tmp_path / "gcloud")})
 
-        def run(*args, unset=(), **overrides):
-            proc = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=60,
+        def run(*args, unset=(), shell=False, **overrides):
+            proc = subprocess.run(["bash", *args] if shell else [CLI, *args], capture_output=True, text=True,
+                                  timeout=60,
                                   env={**{k: v for k, v in env.items() if k not in unset}, **overrides})
             return proc.returncode, proc.stdout, proc.stderr
 
@@ -217,6 +218,15 @@ def test_audit_exports_the_change_log(ops, tmp_path):
     for unwritable in (tmp_path / "no-such-folder" / "x.csv", tmp_path):
         code, _, err = run("audit", "--output", str(unwritable))
         assert code == 2 and f"cannot write {unwritable}" in err and "Traceback" not in err
+
+
+def test_audit_into_a_reader_that_stops_early_is_no_error(ops):
+    run, store_url, _, _ = ops
+    many = frozenset(f"00000000-0000-0000-0000-{i:012d}" for i in range(3000))   # far more than a pipe holds
+    open_store(store_url).apply(GroupUpdate(TENANT, G_ENG, added=many, sync=SyncState(None, utcnow())))
+    code, out, err = run("-c", f'"{CLI}" audit | head -1; exit "${{PIPESTATUS[0]}}"', shell=True)
+    assert (code, out.strip(), err) == (0, "seq,at,kind,tenant,group,user,service,role,member,source,why,message_id",
+                                        "")
 
 
 @pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r"])

@@ -411,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
                 return COMMANDS[args.command][0](
                     args, dataclasses.replace(settings, store_url=f"sqlite:///{empty}/state.db"))
         return COMMANDS[args.command][0](args, settings)
+    except BrokenPipeError:
+        # The reader had enough (| head): not a failure. Output still buffered would
+        # fail again at exit, so it goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except ConfigError as e:   # the environment it runs in is wrong: bad usage, like a bad flag
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
