@@ -12,11 +12,13 @@ everything it started.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -45,6 +47,7 @@ CLIENT_ID = "00000000-0000-0000-0000-00000000a0a0"
 BILLING_API = "b111a9e0-0000-0000-0000-0000000000a1"   # billing-api's audience in policies/example.yaml
 PROJECT = "aadrun-dev"
 SUBSCRIPTION = "5e5e5e5e-0000-0000-0000-000000000001"
+STATE_MARKER = ".aadrun-dev-state"   # in a state folder this script made (and may empty)
 
 
 class Stack:
@@ -60,9 +63,8 @@ class Stack:
         print(f"[{(time.monotonic() - self.t0) * 1000:8.0f} ms] {text}", flush=True)
 
     def start(self) -> None:
-        if self.state.exists():
-            shutil.rmtree(self.state)
-        self.state.mkdir(parents=True)
+        self._claim_state()
+        _check_port_free(self.port)
         pki = make_pki(self.state)
         os.environ["REQUESTS_CA_BUNDLE"] = os.environ["SSL_CERT_FILE"] = pki.ca_file  # MSAL needs https
         self.graph = self._keep(GraphServer(pki).start())
@@ -106,6 +108,26 @@ class Stack:
             name=subscriber.subscription_path(PROJECT, "aadrun-policy-sync"),
             topic=publisher.topic_path(PROJECT, "aadrun-membership-changes"),
             push_config={"push_endpoint": url + "/"}, ack_deadline_seconds=30)
+
+    def _claim_state(self) -> None:
+        """Hold the state folder for this run, then empty it. Only a folder this script
+        made (its marker inside) is ever emptied, and never while another run holds it."""
+        if self.state.exists() and not self.state.is_dir():
+            raise SystemExit(f"dev: {self.state} is a file: give --state a folder")
+        if self.state.is_dir() and any(self.state.iterdir()) and not (self.state / STATE_MARKER).exists():
+            raise SystemExit(f"dev: {self.state} is not empty and not a scripts/dev state folder: "
+                             "give --state an empty or new folder")
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.state / STATE_MARKER).touch()
+        self._lock = open(self.state / STATE_MARKER, "rb")   # held (and locked) until the process ends
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"dev: another scripts/dev is running on {self.state}: stop it, "
+                             "or give this one --state and --port of its own") from None
+        for entry in self.state.iterdir():
+            if entry.name != STATE_MARKER:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
     def _keep(self, part):
         return self.parts.keep(part)
@@ -154,6 +176,16 @@ class Stack:
         return f"subject/{user}" in json.dumps(plan)
 
 
+def _check_port_free(port: int) -> None:
+    """A port already taken would leave another server answering as verify."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server binds: TIME_WAIT is free
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise SystemExit(f"dev: port {port} is in use: stop what listens there, or give --port") from None
+
+
 def _post(url: str, body: dict, headers: dict | None = None) -> tuple[int, dict]:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json",
                                                                   **(headers or {})})
@@ -171,15 +203,18 @@ def scenario(stack: Stack) -> bool:
     ok = True
     say = stack.say
     summary = stack.cli("resync")
-    ok &= "error" not in summary
-    say(f"initial delta sync from Graph: {summary.get('groups', '?')} group(s) read")
+    failed = summary.get("error") or summary.get("errors")
+    ok &= not failed
+    say(f"initial delta sync from Graph: {summary.get('groups', '?')} group(s) read"
+        + (f", FAILED: {failed}" if failed else ""))
     say("Graph: Alice is added to billing engineers; Graph notifies graph_webhook")
     stack.graph.add_members(TENANT, ENGINEERS, {ALICE})
     sent = time.monotonic()
     say(f"graph_webhook answered {stack.notify(ENGINEERS, added=[ALICE])}; policy_sync confirms by delta query")
     allowed_after = stack.wait_for(ALICE, 200)
     ok &= allowed_after is not None
-    say(f"verify allows Alice ({(time.monotonic() - sent) * 1000:.0f} ms after the notification)")
+    say(f"verify allows Alice ({(time.monotonic() - sent) * 1000:.0f} ms after the notification)"
+        if allowed_after is not None else "verify did NOT allow Alice within 10 s")
     bound = stack.bound(ALICE)
     ok &= bound is True
     say(f"IAM plan (record mode): Alice's principal bound to roles/run.invoker on billing-api: {bound}")
@@ -191,7 +226,8 @@ def scenario(stack: Stack) -> bool:
     denied_after = stack.wait_for(ALICE, 403)
     ok &= denied_after is not None
     say(f"verify denies Alice {(time.monotonic() - sent) * 1000:.0f} ms after the removal notification "
-        f"(her token is still valid for an hour)")
+        f"(her token is still valid for an hour)" if denied_after is not None
+        else "verify did NOT deny Alice within 10 s")
     unbound = stack.bound(ALICE) is False
     ok &= unbound
     say(f"IAM plan: Alice's binding removed: {unbound}")
@@ -208,8 +244,14 @@ def scenario(stack: Stack) -> bool:
 
 def instructions(stack: Stack) -> str:
     token = stack.idp.mint(TENANT, oid=BOB, aud=BILLING_API, lifetime=3600)
-    audit_env = " ".join(f"{k}={v}" for k, v in stack.env.items()
+    carol = stack.idp.mint(TENANT, oid=CAROL, aud=BILLING_API, lifetime=3600)
+    store_env = " ".join(f"{k}={v}" for k, v in stack.env.items()
                          if k.endswith("_EMULATOR_HOST") or k in ("AADRUN_STORE", "GOOGLE_CLOUD_PROJECT"))
+    # The CLI reads what the functions read: users' tokens are the identity provider's
+    # (verify's authority); Graph tokens are the Graph stand-in's (the other functions').
+    graph_env = " ".join(f"{k}={v}" for k, v in stack.env.items()
+                         if k.startswith("AADRUN_") and k not in ("AADRUN_STORE", "AADRUN_BUS") or
+                         k in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"))
     return f"""
 aadrun local stack is up ({'emulators' if stack.emulators else 'embedded'} mode)
   verify               {stack.verify.url}
@@ -222,6 +264,10 @@ Call verify (Bob is in all-staff, bound to billing-api as one group principal):
   TOKEN={token}
   curl -s {stack.verify.url}/verify -H 'Content-Type: application/json' \\
     -H "Authorization: Bearer $TOKEN" -d '{{"service": "billing-api"}}'
+Carol is in no group of billing-api (403 not_member):
+  CAROL_TOKEN={carol}
+Every check of a decision, step by step:
+  {store_env} AADRUN_AUTHORITY_URL={stack.idp.url} scripts/aadrun explain --service billing-api --token "$TOKEN"
 
 Send a notification by hand. Bob is denied on the removal alone, then policy_sync
 reads the group from the Graph stand-in, which still lists him, and restores him:
@@ -232,7 +278,9 @@ a notification Graph does not confirm cannot change access for long
     "changeType": "updated", "resource": "Groups/{STAFF}", "tenantId": "{TENANT}",
     "resourceData": {{"id": "{STAFF}", "members@delta": [{{"id": "{BOB}", "@removed": "deleted"}}]}}}}]}}'
 and read the audit log:
-  {audit_env} scripts/aadrun audit
+  {store_env} scripts/aadrun audit
+Read every group from the Graph stand-in again (the CLI as the functions run it):
+  {store_env} {graph_env} scripts/aadrun resync
 
 Ctrl-C stops everything."""
 

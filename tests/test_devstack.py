@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from tests.support.emulators import free_port
@@ -19,6 +20,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def run_once(state: Path, port: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "devstack.py"), "--once", "--port", str(port),
+                           "--state", str(state)], capture_output=True, text=True, timeout=120)
+
+
+def test_a_state_folder_it_did_not_make_is_never_emptied(tmp_path):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("mine")
+    proc = run_once(tmp_path / "work", free_port())
+    assert proc.returncode != 0 and "not a scripts/dev state folder" in proc.stderr
+    assert [p.name for p in (tmp_path / "work").iterdir()] == ["notes.txt"]
 
 
 def test_scenario_passes_in_embedded_mode(tmp_path):
@@ -57,6 +71,14 @@ def test_ctrl_c_stops_everything(tmp_path):
             seen.append(lines.get(timeout=max(deadline - time.monotonic(), 0.1)))
         ports = {int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", "".join(seen))}
         assert port in ports and all(listening(p) for p in ports), "".join(seen[-30:])
+        # A second run on the same state folder, or on the same port, refuses at once and
+        # leaves the running stack alone.
+        for state, on_port, refusal in ((tmp_path / "dev", free_port(), "another scripts/dev is running"),
+                                        (tmp_path / "other", port, f"port {port} is in use")):
+            second = run_once(state, on_port)
+            assert second.returncode != 0 and refusal in second.stderr, second.stderr[-2000:]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as health:
+            assert health.status == 200
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=90)
         # verify, graph_webhook, the identity provider and the Graph stand-in are all gone.
