@@ -4,9 +4,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${AADRUN_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
-if [ ! -x "$PY" ]; then
+# pip is the last thing venv installs: without it, a creation was interrupted (Ctrl-C).
+if [ ! -x "$PY" ] || [ ! -x "$VENV/bin/pip" ]; then
   echo "setup: creating virtualenv $VENV" >&2
-  python3 -m venv "$VENV"
+  python3 -m venv --clear "$VENV"
 fi
 stamp="$VENV/.requirements.sha256"
 want="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
