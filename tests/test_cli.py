@@ -129,6 +129,10 @@ def test_explain_token_allow_lists_every_step(env):
     assert code == 0 and result["allow"] and result["reason"] == "ok"
     assert len(result["steps"]) == 13 and all(s["outcome"].startswith("pass") for s in result["steps"])
     assert token not in out
+    # The rule that allowed, named as validate names fields: the second is access[1].
+    admin = idp.mint(TENANT_A, oid=BOB, aud="api://billing", roles=["Billing.Admin"])
+    code, out, _ = run("explain", "--service", "billing", "--token", admin, env=variables)
+    assert code == 0 and "pass (access[1], via Billing.Admin) a rule of the service matches" in out
 
 
 def test_explain_token_deny_shows_the_failing_step(env):
@@ -197,7 +201,7 @@ def test_explain_with_an_unknown_service_or_a_user_that_is_no_object_id_is_bad_u
 def test_explain_user(env):
     _, variables = env
     code, out, _ = run("explain", "--service", "billing", "--user", ALICE, env=variables)
-    assert code == 0 and "ALLOW" in out and G_ENG in out
+    assert code == 0 and "ALLOW" in out and G_ENG in out and f"allowed by access[0] via {G_ENG}" in out
     code, out, _ = run("explain", "--service", "billing", "--user", ALICE.upper(), env=variables)
     assert code == 0 and "ALLOW" in out   # object ids are GUIDs: any letter case
     code, out, _ = run("explain", "--service", "billing", "--user", BOB, "--json", env=variables)

@@ -81,7 +81,7 @@ def _explain_token(args, app) -> dict:
             continue
         outcome = state
         if step == "rule" and decision.allow:
-            outcome = f"pass (rule {decision.rule}, via {decision.via})"
+            outcome = f"pass (access[{decision.rule}], via {decision.via})"
         steps.append({"check": labels[step], "outcome": outcome})
     return {**decision.body(), "status": decision.status, "steps": steps}
 
@@ -129,7 +129,7 @@ def cmd_explain(args, settings: Settings) -> int:
             lines.append(f"  group {group['group']}: member={group['member']} ({group['source']}, "
                          f"synced {group['synced_at']})")
         if p.get("via"):
-            lines.append(f"  allowed by rule {p['rule']} via {p['via']}")
+            lines.append(f"  allowed by access[{p['rule']}] via {p['via']}")
         return "\n".join(lines)
 
     _emit(args, payload, text)
