@@ -189,6 +189,25 @@ services:
     assert "(and 2 more)" in str(caught.value)
 
 
+def test_a_wrong_principal_hides_no_other_problem(tmp_path):
+    path = write(tmp_path, "a.yaml", f"""\
+tenants:
+  - id: {T}
+    audiences: [x]
+principal: "principal://iam.googleapis.com/x/{{user}}"
+services:
+  - name: s
+    tenant: {TENANT_B}
+    cloud_run: projects/p/locations/l/services/s
+    access:
+      - groups: [aaaaaaaa-0000-0000-0000-000000000001]
+""")
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    # The service is not also told it lacks a principal: one was given, wrongly.
+    assert [(e.line, e.field) for e in caught.value.errors] == [(4, "principal"), (7, "services[0].tenant")]
+
+
 @pytest.mark.parametrize("broken", ["tenants: [\n", "tenant: []\n"])
 def test_a_file_that_cannot_be_read_does_not_make_the_others_references_look_wrong(tmp_path, broken):
     write(tmp_path, "a.yaml", broken)     # where the tenants would be

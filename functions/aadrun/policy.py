@@ -288,11 +288,17 @@ def parse_documents(docs: list[tuple[dict, dict[str, int], str]], *, complete: b
     for data, lines, name in docs:
         c = _Checker(name, lines)
         try:
-            _top_level(c, data, singles)
+            _top_level(c, data)
         except PolicyError as e:
             errors.append(e)
             complete = False
             continue   # its sections cannot be read
+        for key in _PLACEHOLDERS:
+            try:
+                if key in data:
+                    _single(c, data, key, singles)
+            except PolicyError as e:
+                errors.append(e)
         for i, raw in enumerate(data.get("tenants", [])):
             try:
                 tenant = _tenant(c, raw, f"tenants[{i}]")
@@ -359,21 +365,30 @@ def _audience_warnings(services: dict[str, Service], tenants: dict[str, Tenant],
     return tuple(warnings)
 
 
-def _top_level(c: _Checker, data: dict, singles: dict[str, tuple[str, str]]) -> None:
+def _top_level(c: _Checker, data: dict) -> None:
+    """The file's shape: without it, its sections cannot be read."""
     c.mapping(data, "", ("tenants", "services", "principal", "group_principal"))
-    for key, placeholder in (("principal", "{oid}"), ("group_principal", "{group_id}")):
-        if key in data:
-            value = c.string(data[key], key)
-            if re.findall(r"\{[^{}]*\}", value) != [placeholder]:
-                raise c.error(key, f"must contain {placeholder} once, and no other {{...}}")
-            if not value.startswith(_MEMBER_PREFIXES):
-                raise c.error(key, f"must be an IAM member ({', '.join(_MEMBER_PREFIXES)}...), got {value!r}")
-            if key in singles:
-                raise c.error(key, f"already set in {singles[key][1]}")
-            singles[key] = (value, c.file)
     for section in ("tenants", "services"):
         if section in data and not isinstance(data[section], list):
             raise c.error(section, "must be a list")
+
+
+_PLACEHOLDERS = {"principal": "{oid}", "group_principal": "{group_id}"}
+
+
+def _single(c: _Checker, data: dict, key: str, singles: dict[str, tuple[str, str]]) -> None:
+    """``principal`` or ``group_principal``: given once in the policy, an IAM member
+    with its one placeholder. Recorded even when wrong, so the rules that need it are
+    not reported as missing it too."""
+    value = c.string(data[key], key)
+    if key in singles:
+        raise c.error(key, f"already set in {singles[key][1]}")
+    singles[key] = (value, c.file)
+    placeholder = _PLACEHOLDERS[key]
+    if re.findall(r"\{[^{}]*\}", value) != [placeholder]:
+        raise c.error(key, f"must contain {placeholder} once, and no other {{...}}")
+    if not value.startswith(_MEMBER_PREFIXES):
+        raise c.error(key, f"must be an IAM member ({', '.join(_MEMBER_PREFIXES)}...), got {value!r}")
 
 
 def _references(service: Service, c: _Checker, field: str, tenants: dict[str, Tenant] | None,
