@@ -472,6 +472,18 @@ def test_jwks_outage_keeps_cached_keys(world, idp):
     assert verifier.decide("billing", good(idp)).allow              # the failed refetch kept the keys
 
 
+def test_the_issuer_and_the_key_location_come_from_discovery_never_guessed(tmp_path, idp):
+    # Another cloud (or authority): issuers and key locations that are not the global
+    # cloud's. Only the tenant's discovery documents say what they are.
+    idp.issuers = {2: "https://login.cloud.example/{tenant}/v2.0", 1: "https://sts.cloud.example/{tenant}/"}
+    idp.key_paths = {2: "keys/v2", 1: "keys/v1"}
+    verifier = own_verifier(tmp_path, idp.url)
+    assert verifier.decide("billing", good(idp)).reason == "ok"
+    assert set(idp.requests) >= {f"/{TENANT_A}/keys/v2"}
+    guessed = good(idp, iss=f"https://login.microsoftonline.com/{TENANT_A}/v2.0")
+    assert verifier.decide("billing", guessed).reason == "wrong_issuer"
+
+
 def test_keys_never_fetched_is_unavailable(tmp_path, idp):
     idp.down = True
     policy_path = write_policy(tmp_path)

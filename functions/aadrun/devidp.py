@@ -23,10 +23,6 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 
-# Entra's v2 key sets scope each key to an issuer (the v1 sets name none).
-V2_KEY_ISSUER = "https://login.microsoftonline.com/{tenantid}/v2.0"
-
-
 class SigningKey:
     def __init__(self, kid: str | None = None, issuer: str | None = None):
         self.kid = kid or uuid.uuid4().hex[:16]
@@ -44,6 +40,10 @@ class DevIdentityProvider:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None):
         self.keys: list[SigningKey] = [SigningKey()]
+        # Entra's global cloud. Another cloud (or authority) names other issuers and key
+        # locations: its discovery documents are the only place to learn them from.
+        self.issuers = {2: "https://login.microsoftonline.com/{tenant}/v2.0", 1: "https://sts.windows.net/{tenant}/"}
+        self.key_paths = {2: "discovery/v2.0/keys", 1: "discovery/keys"}
         self.requests: Counter[str] = Counter()
         self.down = False          # answer 503 to everything (an outage)
         self.delay = 0.0           # seconds before each answer (a slow identity provider)
@@ -79,9 +79,8 @@ class DevIdentityProvider:
         return sum(n for path, n in self.requests.items()
                    if "/discovery/" in path and (tenant is None or path.startswith(f"/{tenant}/")))
 
-    @staticmethod
-    def issuer(tenant: str, version: int = 2) -> str:
-        return f"https://login.microsoftonline.com/{tenant}/v2.0" if version == 2 else f"https://sts.windows.net/{tenant}/"
+    def issuer(self, tenant: str, version: int = 2) -> str:
+        return self.issuers[version].format(tenant=tenant)
 
     def document(self, path: str) -> dict | None:
         parts = path.strip("/").split("/")
@@ -90,17 +89,19 @@ class DevIdentityProvider:
         tenant, rest = parts[0], "/".join(parts[1:])
         with self._lock:
             keys = list(self.keys)
+        # Entra's v2 key sets scope each key to an issuer (the v1 sets name none).
+        key_issuer = self.issuers[2].replace("{tenant}", "{tenantid}")
         table = {
             "v2.0/.well-known/openid-configuration": lambda: self._discovery(tenant, 2),
             ".well-known/openid-configuration": lambda: self._discovery(tenant, 1),
-            "discovery/v2.0/keys": lambda: {"keys": [k.jwk(k.issuer or V2_KEY_ISSUER) for k in keys]},
-            "discovery/keys": lambda: {"keys": [k.jwk() for k in keys]},
+            self.key_paths[2]: lambda: {"keys": [k.jwk(k.issuer or key_issuer) for k in keys]},
+            self.key_paths[1]: lambda: {"keys": [k.jwk() for k in keys]},
         }
         build = table.get(rest)
         return build() if build else None
 
     def _discovery(self, tenant: str, version: int) -> dict:
-        keys = "discovery/v2.0/keys" if version == 2 else "discovery/keys"
+        keys = self.key_paths[version]
         token = "oauth2/v2.0/token" if version == 2 else "oauth2/token"
         return {"issuer": self.issuer(tenant, version), "jwks_uri": f"{self.url}/{tenant}/{keys}",
                 "token_endpoint": f"{self.url}/{tenant}/{token}",
