@@ -16,7 +16,7 @@ import requests
 from aadrun.config import Settings
 from aadrun.devidp import DevIdentityProvider
 from aadrun.errors import RateLimited, UpstreamError
-from aadrun.graph import (FEDERATION_AUDIENCE, MAX_FAIL_FAST, MAX_GROUP_SUBSCRIPTION_MINUTES, DeltaExpired,
+from aadrun.graph import (FEDERATION_AUDIENCE, graph_scope, MAX_FAIL_FAST, MAX_GROUP_SUBSCRIPTION_MINUTES, DeltaExpired,
                           GraphClient, SubscriptionExists, max_expiration)
 from aadrun.keys import KeyCache
 from tests.support.graph_fixtures import *  # noqa: F401,F403
@@ -46,6 +46,17 @@ def test_client_secret_token_is_cached_and_stays_on_the_authority(graph_server):
     paths = [c.path for c in graph_server.log]
     assert f"/{TENANT}/v2.0/.well-known/openid-configuration" in paths
     assert not [p for p in paths if "discovery/instance" in p]
+
+
+@pytest.mark.parametrize("graph_url, scope", [
+    ("https://graph.microsoft.com/v1.0", "https://graph.microsoft.com/.default"),
+    ("https://graph.microsoft.us/v1.0", "https://graph.microsoft.us/.default"),          # US Government
+    ("https://microsoftgraph.chinacloudapi.cn/v1.0/", "https://microsoftgraph.chinacloudapi.cn/.default"),
+])
+def test_the_token_is_asked_for_the_graph_it_calls(graph_url, scope):
+    # (The local Graph refuses a token of another resource, as Graph does: every test
+    # that reads it checks this against its own origin.)
+    assert graph_scope(graph_url) == scope
 
 
 @pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"])

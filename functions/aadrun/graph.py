@@ -49,9 +49,17 @@ from .outbound import client_session
 logging.getLogger("msal").setLevel(logging.CRITICAL + 1)
 
 __all__ = ["GraphClient", "DeltaResult", "DeltaExpired", "SubscriptionExists", "max_expiration",
-           "GRAPH_SCOPE", "FEDERATION_AUDIENCE", "METADATA_IDENTITY_URL", "MAX_GROUP_SUBSCRIPTION_MINUTES"]
+           "graph_scope", "FEDERATION_AUDIENCE", "METADATA_IDENTITY_URL", "MAX_GROUP_SUBSCRIPTION_MINUTES"]
 
-GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+
+def graph_scope(graph_url: str) -> str:
+    """The app-only token scope for the Graph at ``graph_url``: its own origin, so a
+    national cloud's Graph (graph.microsoft.us, microsoftgraph.chinacloudapi.cn) gets
+    a token it accepts (learn.microsoft.com/graph/deployments)."""
+    scheme, host = urlsplit(graph_url)[:2]
+    return f"{scheme}://{host}/.default"
+
+
 # https://cloud.google.com/compute/docs/instances/verifying-instance-identity
 METADATA_IDENTITY_URL = ("http://metadata.google.internal/computeMetadata/v1/"
                          "instance/service-accounts/default/identity")
@@ -238,7 +246,7 @@ class GraphClient:
 
     def _token(self) -> str:
         try:
-            result = self._app().acquire_token_for_client(scopes=[GRAPH_SCOPE])
+            result = self._app().acquire_token_for_client(scopes=[graph_scope(self._graph)])
         except requests.RequestException as e:
             raise UpstreamError(f"token request failed for tenant {self.tenant}: {type(e).__name__}") from e
         except ValueError as e:

@@ -128,7 +128,7 @@ class GraphServer:
         self.token_requests = 0
         self._tenants: dict[str, _Tenant] = {}
         self._apps: dict[tuple[str, str], dict] = {}
-        self._tokens: dict[str, tuple[str, str]] = {}           # access token -> (tenant, app)
+        self._tokens: dict[str, tuple[str, str, str]] = {}      # access token -> (tenant, app, resource)
         self._issued: list[str] = []
         self._links: dict[str, dict] = {}                        # deltatoken -> state
         self._expired: dict[str, tuple[int, str]] = {}
@@ -294,7 +294,8 @@ class GraphServer:
         elif not (app["secret"] and secrets.compare_digest(form.get("client_secret", ""), app["secret"])):
             raise HttpError(401, "invalid_client", "AADSTS7000215: Invalid client secret provided.", oauth=True)
         access = "srv." + secrets.token_urlsafe(24)
-        self._tokens[access] = (tenant, form["client_id"])
+        # A token is for the one resource its scope names; Graph refuses one for another.
+        self._tokens[access] = (tenant, form["client_id"], form["scope"][:-len("/.default")])
         self._issued.append(access)
         return {"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": access}
 
@@ -488,8 +489,9 @@ class GraphServer:
     def _graph(self, method: str, parts: list[str], query: dict, headers, body):
         auth = headers.get("Authorization", "")
         principal = self._tokens.get(auth[7:]) if auth.startswith("Bearer ") else None
-        if principal is None:
-            raise HttpError(401, "InvalidAuthenticationToken", "Access token is empty or invalid.",
+        if principal is None or principal[2] != self.base_url:
+            raise HttpError(401, "InvalidAuthenticationToken", "Access token is empty or invalid."
+                            if principal is None else "Invalid audience.",
                             {"WWW-Authenticate": 'Bearer realm="", error="invalid_token"'})
         route = "/v1.0/" + "/".join(parts)
         fault = next((f for f in self._faults if f[3] in (None, method) and route.startswith(f[4])), None)
@@ -497,7 +499,7 @@ class GraphServer:
             self._faults.remove(fault)
             status, retry_after, code = fault[:3]
             raise HttpError(status, code, "Injected failure.", {"Retry-After": retry_after} if retry_after else {})
-        tenant, app = principal
+        tenant, app, _ = principal
         if parts == ["groups", "delta"] and method == "GET":
             return 200, self._delta(tenant, query)
         if parts[:1] == ["subscriptions"]:
