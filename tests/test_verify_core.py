@@ -792,3 +792,41 @@ def test_a_store_failure_denies_until_the_store_answers_again(world):
         view.lookup(TENANT_A, ALICE, (G_ENG,))
     clock[0] += 0.2
     assert view.lookup(TENANT_A, ALICE, (G_ENG,)) == {G_ENG: True}
+
+
+def test_a_membership_read_that_a_removal_overtook_is_never_cached(tmp_path):
+    # One request reads "member", the answer arrives after a removal committed, and
+    # another request has seen the new generation meanwhile: that stale answer must
+    # not be kept, or the removed user stays allowed until some other change.
+    store = open_store(f"sqlite:///{tmp_path}/s.db")
+    store.apply(GroupUpdate(TENANT_A, G_ENG, replace=frozenset({ALICE}), sync=SyncState(None, utcnow())))
+    read, removal_committed = threading.Event(), threading.Event()
+
+    class SlowFirstRead:
+        slow = True
+
+        def generation(self):
+            return store.generation()
+
+        def membership(self, *args):
+            answer = store.membership(*args)
+            if SlowFirstRead.slow:
+                SlowFirstRead.slow = False
+                read.set()
+                removal_committed.wait(10)
+            return answer
+
+    clock = [0.0]
+    view = MembershipView(SlowFirstRead, 0.2, clock=lambda: clock[0])
+    first = threading.Thread(target=view.lookup, args=(TENANT_A, ALICE, (G_ENG,)))
+    first.start()
+    assert read.wait(10)
+    store.apply(GroupUpdate(TENANT_A, G_ENG, removed=frozenset({ALICE})))   # policy_sync's removal
+    clock[0] += 0.3
+    assert view.lookup(TENANT_A, ALICE, (G_ENG,)) == {G_ENG: False}        # sees the new generation
+    removal_committed.set()
+    first.join(10)
+    clock[0] += 0.1                                                        # within the poll interval
+    assert view.lookup(TENANT_A, ALICE, (G_ENG,)) == {G_ENG: False}
+    clock[0] += 10
+    assert view.lookup(TENANT_A, ALICE, (G_ENG,)) == {G_ENG: False}
