@@ -687,6 +687,40 @@ def test_expired_entry_is_not_served_from_cache(world, idp):
     assert len(verifier.tokens) == 0   # the entry left the cache at exp + leeway, and was not put back
 
 
+def _two_failures(idp, pair: str) -> tuple[str, str | None]:
+    """(service, token) failing the two named neighbouring steps of CONTRACT.md §4 at once."""
+    past, future = time.time() - 7200, time.time() + 7200
+    signed = good(idp)
+    head, body, _ = signed.split(".")
+    wrong_iss = "https://login.microsoftonline.com/" + TENANT_B + "/v2.0"
+    return {
+        "unknown_service+missing_token": ("no-such-service", None),
+        "malformed_token+disallowed_alg": ("billing", forge({"alg": "HS256"}, claims(idp, signed)) + "A" * 17000),
+        "disallowed_alg+unknown_tenant": ("billing", forge({"alg": "HS256", "kid": idp.current.kid},
+                                                           {**claims(idp, signed), "tid": TENANT_OTHER})),
+        "unknown_tenant+unknown_key": ("billing", good(idp, tid=TENANT_OTHER, key=SigningKey())),
+        "unknown_key+bad_signature": ("billing", forge({"alg": "RS256", "kid": "no-such-kid"}, claims(idp, signed),
+                                                       b"not a signature")),
+        "bad_signature+wrong_issuer": ("billing", f"{head}.{b64({**claims(idp, signed), 'iss': wrong_iss})}."
+                                                  f"{signed.split('.')[2]}"),
+        "wrong_issuer+expired": ("billing", good(idp, iss=wrong_iss, now=past)),
+        "expired+not_yet_valid": ("billing", good(idp, exp=int(past), nbf=int(future))),
+        "not_yet_valid+wrong_audience": ("billing", good(idp, nbf=int(future), aud="api://elsewhere")),
+        "wrong_audience+wrong_tenant": ("tenant-b-app", good(idp, aud="api://elsewhere")),
+        "wrong_tenant+rule": ("tenant-b-app", good(idp, aud="api://tenant-b", oid=BOB)),
+    }[pair]
+
+
+@pytest.mark.parametrize("pair", ["unknown_service+missing_token", "malformed_token+disallowed_alg",
+                                  "disallowed_alg+unknown_tenant", "unknown_tenant+unknown_key",
+                                  "unknown_key+bad_signature", "bad_signature+wrong_issuer", "wrong_issuer+expired",
+                                  "expired+not_yet_valid", "not_yet_valid+wrong_audience",
+                                  "wrong_audience+wrong_tenant", "wrong_tenant+rule"])
+def test_of_two_failed_neighbouring_checks_the_earlier_decides(world, idp, pair):
+    service, token = _two_failures(idp, pair)
+    assert world[0].decide(service, token).reason == pair.split("+")[0]
+
+
 def test_checks_run_in_the_contract_order_and_the_first_failure_decides(world, idp):
     # Expired, for another audience and another tenant's service at once: exp is checked first.
     token = good(idp, aud="api://elsewhere", now=time.time() - 7200)
