@@ -137,7 +137,8 @@ def test_handshake_through_the_framework_echoes_the_decoded_token(stack, path):
 
 
 @pytest.mark.parametrize("case", ["members_added", "members_removed_string", "members_removed_object",
-                                  "no_members_delta", "several_subscriptions", "lifecycle_reauthorization_required"])
+                                  "no_members_delta", "several_subscriptions", "lifecycle_reauthorization_required",
+                                  "lifecycle_missed_group"])
 def test_notifications_are_published_with_ordering_key_and_attributes(stack, subscription, case):
     server, pubsub, _ = stack
     before = dt.datetime.now(dt.timezone.utc)
@@ -153,7 +154,7 @@ def test_notifications_are_published_with_ordering_key_and_attributes(stack, sub
         key = body["tenant"] if body["kind"] == "lifecycle" else f"{body['tenant']}/{body['group']}"
         assert message.ordering_key == key
         expected_attrs = {"kind": body["kind"], "tenant": body["tenant"]}
-        if body["group"]:
+        if body["group"]:   # where there is one: every membership change, and lifecycle_missed_group
             expected_attrs["group"] = body["group"]
         assert dict(message.attributes) == expected_attrs
 
