@@ -237,15 +237,19 @@ def test_a_store_that_cannot_be_opened_is_503_and_unhealthy_never_a_500(tmp_path
         assert (status, json.loads(body)["reason"]) == (200, "ok")
 
 
-def test_removed_member_is_denied_within_a_second(stack, idp):
+def test_a_removed_member_is_denied_while_the_token_is_still_valid(stack, idp):
+    # Within verify's store poll (0.2 s); how soon is a benchmark figure (scripts/bench
+    # pipeline), the 10 s here only tells a hang.
     server, store = stack
     tok = token(idp)
     assert call(server, body={"service": "billing"}, headers=bearer(tok))[0] == 200
     store.apply(GroupUpdate(TENANT_A, G_ENG, removed=frozenset({ALICE}), source="test"))
     removed_at = time.monotonic()
     while call(server, body={"service": "billing"}, headers=bearer(tok))[0] == 200:
-        assert time.monotonic() - removed_at < 1.0, "still allowed a second after the removal"
+        assert time.monotonic() - removed_at < 10, "a removed member is still allowed"
         time.sleep(0.02)
+    status, _, body = call(server, body={"service": "billing"}, headers=bearer(tok))
+    assert (status, json.loads(body)["reason"]) == (403, "not_member")
     store.apply(GroupUpdate(TENANT_A, G_ENG, added=frozenset({ALICE}), source="test"))
 
 

@@ -199,18 +199,22 @@ def audit_lines():
     log.removeHandler(handler)
 
 
-def slow_delta(server, seconds: float) -> None:
+def slow_delta(server, seconds: float) -> list[float]:
     """Graph's delta answers reflect the directory as it is when asked, and arrive
-    ``seconds`` later (the server's own lock is not held meanwhile)."""
+    ``seconds`` later (the server's own lock is not held meanwhile). Returns the list
+    of times (``time.time()``) at which each delayed answer was released."""
     real = server.handle
+    released: list[float] = []
 
     def handle(method, path, query, headers, raw):
         answer = real(method, path, query, headers, raw)
         if path == "/v1.0/groups/delta":
             time.sleep(seconds)
+            released.append(time.time())
         return answer
 
     server.handle = handle
+    return released
 
 
 def synced(app, group: str, members) -> None:
