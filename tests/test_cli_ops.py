@@ -220,13 +220,18 @@ def test_audit_exports_the_change_log(ops, tmp_path):
         assert code == 2 and f"cannot write {unwritable}" in err and "Traceback" not in err
 
 
-def test_audit_into_a_reader_that_stops_early_is_no_error(ops):
+def test_a_reader_that_stops_early_changes_no_exit_code(ops, tmp_path):
     run, store_url, _, _ = ops
     many = frozenset(f"00000000-0000-0000-0000-{i:012d}" for i in range(3000))   # far more than a pipe holds
     open_store(store_url).apply(GroupUpdate(TENANT, G_ENG, added=many, sync=SyncState(None, utcnow())))
     code, out, err = run("-c", f'"{CLI}" audit | head -1; exit "${{PIPESTATUS[0]}}"', shell=True)
     assert (code, out.strip(), err) == (0, "seq,at,kind,tenant,group,user,service,role,member,source,why,message_id",
                                         "")
+    # A command with a finding keeps its exit code: `validate | head` must not pass a bad policy.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("services:\n" + "".join(f"  - name: s{i}\n    tenant: nope\n" for i in range(3000)))
+    code, out, err = run("-c", f'"{CLI}" validate --policy "{bad}" | head -1; exit "${{PIPESTATUS[0]}}"', shell=True)
+    assert (code, err) == (1, "") and out.startswith("error: ")
 
 
 @pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r"])

@@ -16,6 +16,7 @@ command's output.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import datetime as dt
@@ -37,7 +38,19 @@ EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
 
 
 def _emit(args, payload: dict, text: Callable[[dict], str]) -> None:
-    print(json.dumps(payload, indent=2, default=str) if args.json else text(payload))
+    with _reader_may_stop():
+        print(json.dumps(payload, indent=2, default=str) if args.json else text(payload))
+
+
+@contextlib.contextmanager
+def _reader_may_stop():
+    """Output to a reader that stops early (| head) is no failure: what is left goes
+    nowhere, and the command still ends with its own exit code."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def cmd_validate(args, settings: Settings) -> int:
@@ -309,14 +322,15 @@ def cmd_audit(args, settings: Settings) -> int:
         print(f"error: cannot write {args.output}: {e.strerror}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        if args.json or args.format == "json":
-            json.dump({"since": args.since.isoformat() if args.since else None, "count": len(entries),
-                       "entries": entries}, out, indent=2)
-            out.write("\n")
-        else:
-            writer = csv.DictWriter(out, fieldnames=AUDIT_COLUMNS, extrasaction="ignore", lineterminator="\n")
-            writer.writeheader()
-            writer.writerows({k: _cell(v) for k, v in e.items()} for e in entries)
+        with _reader_may_stop():
+            if args.json or args.format == "json":
+                json.dump({"since": args.since.isoformat() if args.since else None, "count": len(entries),
+                           "entries": entries}, out, indent=2)
+                out.write("\n")
+            else:
+                writer = csv.DictWriter(out, fieldnames=AUDIT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+                writer.writeheader()
+                writer.writerows({k: _cell(v) for k, v in e.items()} for e in entries)
     finally:
         if out is not sys.stdout:
             out.close()
@@ -411,11 +425,6 @@ def main(argv: list[str] | None = None) -> int:
                 return COMMANDS[args.command][0](
                     args, dataclasses.replace(settings, store_url=f"sqlite:///{empty}/state.db"))
         return COMMANDS[args.command][0](args, settings)
-    except BrokenPipeError:
-        # The reader had enough (| head): not a failure. Output still buffered would
-        # fail again at exit, so it goes nowhere.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
     except ConfigError as e:   # the environment it runs in is wrong: bad usage, like a bad flag
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
