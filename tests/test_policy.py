@@ -247,13 +247,20 @@ def test_a_policy_folder_is_read_through_links_and_in_any_case_and_a_broken_one_
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "shared").symlink_to(tmp_path / "kept")              # a linked folder
-    (policies / "loop").symlink_to(policies)                         # and a link back up
     policy = load_policy(policies)
     assert list(policy.services) == ["s"] and len(policy.sources) == 2
-    (policies / "gone.yaml").symlink_to(tmp_path / "nowhere.yaml")   # a broken link
-    with pytest.raises(PolicyError, match="not a readable file") as caught:
-        load_policy(policies)
-    assert caught.value.file == str(policies / "gone.yaml")
+    for broken in ("gone.yaml", "team"):                              # a file's link, a folder's
+        (policies / broken).symlink_to(tmp_path / "nowhere")
+        with pytest.raises(PolicyError, match="a broken link") as caught:
+            load_policy(policies)
+        assert caught.value.file == str(policies / broken)
+        (policies / broken).unlink()
+    # Reached twice, the folder would be shipped twice (its links copied as contents).
+    for second in (policies / "again", policies / "shared" / "loop"):   # another link to it, a link back up
+        second.symlink_to(tmp_path / "kept")
+        with pytest.raises(PolicyError, match="reached twice"):
+            load_policy(policies)
+        second.unlink()
 
 
 def test_empty_folder_is_an_error(tmp_path):

@@ -407,7 +407,10 @@ def policy_files(path: str | os.PathLike) -> list[Path]:
     """The policy files at ``path``: the file, or every *.yaml / *.yml (any case) under
     the folder, links followed. A policy file left out would drop its services, and
     drift would revoke what aadrun granted for them: so a folder that cannot be read,
-    or a policy name that is not a readable file (a broken link), is an error."""
+    a broken link, or a policy name that is not a readable file is an error. So is a
+    folder reached twice (a link loop, or one folder linked from two places): the
+    build ships the folder with its links copied as their contents, which would hold
+    its files twice, or not copy at all."""
     root = Path(path)
     if root.is_file():
         return [root]
@@ -422,20 +425,26 @@ def policy_files(path: str | os.PathLike) -> list[Path]:
                                     file=e.filename))
 
     for folder, folders, names in os.walk(root, onerror=unreadable, followlinks=True):
-        if os.path.realpath(folder) in walked:   # a link back up (a loop), or a folder linked twice
+        if os.path.realpath(folder) in walked:
+            problems.append(PolicyError("this folder is reached twice (a link loop, or a folder linked from two "
+                                        "places): link it once", file=folder))
             folders.clear()
             continue
         walked.add(os.path.realpath(folder))
         # Hidden files and folders (.github/, .git/, editor swap files) are not policies.
         folders[:] = [f for f in folders if not f.startswith(".")]
         for name in names:
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in (".yaml", ".yml"):
-                continue
             file = Path(folder, name)
-            if file.is_file():
+            if name.startswith("."):
+                continue
+            if file.is_symlink() and not file.exists():   # a file's or a folder's: either may hold policies
+                problems.append(PolicyError("a broken link", file=str(file)))
+            elif os.path.splitext(name)[1].lower() not in (".yaml", ".yml"):
+                continue
+            elif file.is_file():
                 found.append(file)
             else:
-                problems.append(PolicyError("not a readable file (a broken link?)", file=str(file)))
+                problems.append(PolicyError("not a readable file", file=str(file)))
     _raise_all(problems)
     return sorted(found)
 
