@@ -4,10 +4,18 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${AADRUN_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
-# pip is the last thing venv installs: without it, a creation was interrupted (Ctrl-C).
-if [ ! -x "$PY" ] || [ ! -x "$VENV/bin/pip" ]; then
+if [ ! -x "$PY" ]; then
+  if [ -n "$(ls -A "$VENV" 2>/dev/null)" ] && [ ! -f "$VENV/pyvenv.cfg" ]; then
+    echo "setup: $VENV is a folder with files and no virtualenv: set AADRUN_VENV to another" >&2
+    exit 1
+  fi
   echo "setup: creating virtualenv $VENV" >&2
-  python3 -m venv --clear "$VENV"
+  python3 -m venv "$VENV"
+elif [ ! -x "$VENV/bin/pip" ]; then
+  # pip is the last thing venv installs: its creation was interrupted (Ctrl-C), or it
+  # was made without pip. Add pip; never delete what is there.
+  echo "setup: installing pip into $VENV" >&2
+  "$PY" -m ensurepip --default-pip >/dev/null
 fi
 stamp="$VENV/.requirements.sha256"
 want="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
