@@ -36,6 +36,8 @@ def test_client_state_is_a_comma_separated_list_and_never_shown():
     ({"AADRUN_LEEWAY_SECONDS": "-5"}, "AADRUN_LEEWAY_SECONDS"),
     ({"AADRUN_LEEWAY_SECONDS": "nan"}, "AADRUN_LEEWAY_SECONDS"),      # exp + nan: every check would pass
     ({"AADRUN_JWKS_REFRESH_SECONDS": "inf"}, "AADRUN_JWKS_REFRESH_SECONDS"),
+    ({"AADRUN_LEEWAY_SECONDS": "1e308"}, "AADRUN_LEEWAY_SECONDS"),    # as good as no expiry
+    ({"AADRUN_MEMBERSHIP_POLL_SECONDS": "3600"}, "AADRUN_MEMBERSHIP_POLL_SECONDS"),
     ({"AADRUN_BUS": "pubsub"}, "GOOGLE_CLOUD_PROJECT"),
     ({"AADRUN_STORE": "postgres://db/aadrun"}, "AADRUN_STORE"),
     ({"AADRUN_STORE": "sqlite://state.db"}, "AADRUN_STORE"),

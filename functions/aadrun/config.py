@@ -48,7 +48,7 @@ def check_store_url(url: str) -> str:
     return url
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, maximum: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -60,6 +60,8 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a finite number, got {raw!r}")
     if value < 0:
         raise ConfigError(f"{name} must not be negative, got {raw!r}")
+    if value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum:g}, got {raw!r}")
     return value
 
 
@@ -117,9 +119,12 @@ class Settings:
             notification_url=check_url("AADRUN_NOTIFICATION_URL", notification) if notification else None,
             project=env.get("GOOGLE_CLOUD_PROJECT") or env.get("GCP_PROJECT") or None,
             ca_file=env.get("REQUESTS_CA_BUNDLE") or env.get("SSL_CERT_FILE") or None,
-            leeway_seconds=_float(env, "AADRUN_LEEWAY_SECONDS", 60.0),
-            jwks_refresh_seconds=_float(env, "AADRUN_JWKS_REFRESH_SECONDS", 3600.0),
-            membership_poll_seconds=_float(env, "AADRUN_MEMBERSHIP_POLL_SECONDS", 0.2),
+            # Bounds past which a setting undoes what it tunes: a leeway of hours keeps
+            # expired tokens valid, keys refreshed less than daily keep removed keys,
+            # a poll of minutes keeps removed members allowed.
+            leeway_seconds=_float(env, "AADRUN_LEEWAY_SECONDS", 60.0, maximum=600),
+            jwks_refresh_seconds=_float(env, "AADRUN_JWKS_REFRESH_SECONDS", 3600.0, maximum=86400),
+            membership_poll_seconds=_float(env, "AADRUN_MEMBERSHIP_POLL_SECONDS", 0.2, maximum=60),
         )
         if settings.bus == "pubsub" and not settings.project:
             raise ConfigError("AADRUN_BUS=pubsub needs GOOGLE_CLOUD_PROJECT")
