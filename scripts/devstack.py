@@ -48,6 +48,8 @@ BILLING_API = "b111a9e0-0000-0000-0000-0000000000a1"   # billing-api's audience 
 PROJECT = "aadrun-dev"
 SUBSCRIPTION = "5e5e5e5e-0000-0000-0000-000000000001"
 STATE_MARKER = ".aadrun-dev-state"   # in a state folder this script made (and may empty)
+# What a state folder held before it had a marker (an earlier version of this script).
+EARLIER_STATE = {"ca.pem", "server.pem", "server-key.pem", "state.db", "state.db-shm", "state.db-wal"}
 
 
 class Stack:
@@ -114,9 +116,10 @@ class Stack:
         made (its marker inside) is ever emptied, and never while another run holds it."""
         if self.state.exists() and not self.state.is_dir():
             raise SystemExit(f"dev: {self.state} is a file: give --state a folder")
-        if self.state.is_dir() and any(self.state.iterdir()) and not (self.state / STATE_MARKER).exists():
+        if self.state.is_dir() and not (self.state / STATE_MARKER).exists() and \
+                not {p.name for p in self.state.iterdir()} <= EARLIER_STATE:
             raise SystemExit(f"dev: {self.state} is not empty and not a scripts/dev state folder: "
-                             "give --state an empty or new folder")
+                             "give --state an empty or new folder (or delete this one, if it is)")
         self.state.mkdir(parents=True, exist_ok=True)
         (self.state / STATE_MARKER).touch()
         self._lock = open(self.state / STATE_MARKER, "rb")   # held (and locked) until the process ends

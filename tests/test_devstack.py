@@ -33,6 +33,13 @@ def test_a_state_folder_it_did_not_make_is_never_emptied(tmp_path):
     proc = run_once(tmp_path / "work", free_port())
     assert proc.returncode != 0 and "not a scripts/dev state folder" in proc.stderr
     assert [p.name for p in (tmp_path / "work").iterdir()] == ["notes.txt"]
+    # One an earlier version made (no marker yet) is taken, and played in.
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for name in ("ca.pem", "server.pem", "server-key.pem", "state.db"):
+        (earlier / name).write_text("from an earlier run")
+    proc = run_once(earlier, free_port())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def test_scenario_passes_in_embedded_mode(tmp_path):
