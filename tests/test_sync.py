@@ -21,6 +21,7 @@ from aadrun.graph import max_expiration
 from aadrun.managed_write import write_managed
 from aadrun.store import GroupUpdate, SyncState, utcnow
 from aadrun.sync import decode_event
+from aadrun.sync_report import MAX_LISTED
 from aadrun.subscriptions import claim_touch
 from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, graph_pki, loopback_only
 from tests.support.graph_fixtures import graph_client
@@ -305,6 +306,20 @@ def test_the_principal_guard_refuses_the_plan_and_keeps_the_store(world, app, au
     assert len(app.store.group_members(TENANT, G_BIG)) == 1501
     [line] = [a for a in audit_lines if a["event"] == "iam_refused"]
     assert line["severity"] == "ERROR" and line["service"] == "big"
+
+
+def test_a_huge_first_read_is_counted_whole_but_listed_in_part(world, app):
+    # A first sync of a large tenant changes millions of memberships: a summary (and the
+    # policy-update event, which Pub/Sub takes up to 10 MB) must not hold every one.
+    people = [str(uuid.UUID(int=i + 1)) for i in range(MAX_LISTED + 500)]
+    world.graph.add_members(TENANT, G_BIG, people)
+    summary = app.sync.resync(group=G_BIG, raise_errors=False)
+    assert (summary.added, summary.removed, len(summary.membership)) == (len(people), 0, MAX_LISTED)
+    assert summary.to_json()["added"] == len(people) and len(summary.to_json()["membership"]) == MAX_LISTED
+    [event] = app.events
+    [group] = event["groups"]
+    assert len(group["added"]) == MAX_LISTED and group["truncated"] is True
+    assert len(app.store.group_members(TENANT, G_BIG)) == len(people)     # the store has every one
 
 
 def test_a_plan_refused_for_its_size_still_revokes_a_removed_member(world, app):

@@ -296,10 +296,10 @@ def merge_resync(out: dict, summary: Mapping, **where: str) -> None:
     out["groups"] += len(summary.get("groups", ()))
     for kind, n in summary.get("reads", {}).items():
         out["reads"][kind] = out["reads"].get(kind, 0) + n
-    for e in summary.get("membership", ()):
-        out["added" if e["kind"] == "member_added" else "removed"] += 1
-        if len(out["changes"]) < MAX_LISTED:
-            out["changes"].append({k: e[k] for k in ("kind", "tenant", "group", "user")})
+    out["added"] += summary.get("added", 0)
+    out["removed"] += summary.get("removed", 0)
+    for e in summary.get("membership", ())[:max(MAX_LISTED - len(out["changes"]), 0)]:
+        out["changes"].append({k: e[k] for k in ("kind", "tenant", "group", "user")})
     for name, applied in summary.get("iam", {}).items():
         if applied.get("changes"):
             out["iam"][name] = applied["changes"]

@@ -255,17 +255,17 @@ class PolicySync:
         summary.groups = [f"{t}/{g}" for t, g in groups]
         for work in groups.values():
             if work.removed:
-                _guarded(errors, lambda w=work: summary.membership.extend(self._remove(w)))
+                _guarded(errors, lambda w=work: summary.record(self._remove(w)))
         reads = [self._submit(self._reads.run, key, work, self._read) for key, work in groups.items()
                  if work.read]
         auths = [self._submit(self._reauthorize, event) for event in reauthorize]
         for kind, entries in _results(reads, errors):
             summary.reads[kind] += 1
-            summary.membership.extend(entries)
+            summary.record(entries)
         summary.reauthorized = sum(_results(auths, errors))
         # IAM where the store changed, and after a redelivery (the attempt that changed
         # the store may have died before IAM); a resync checks every group it read.
-        dirty = {(e.tenant, e.group) for e in summary.membership} | {k for k, w in groups.items() if w.recheck}
+        dirty = set(summary.changed) | {k for k, w in groups.items() if w.recheck}
         why = "resync" if summary.source == "resync" else "group membership changed"
         message_id = next((i for w in groups.values() for i in w.ids), None)
         writes = [self._submit(self._writes.run, s.name, s,
@@ -273,15 +273,15 @@ class PolicySync:
                   for s in policy.services.values() if s.cloud_run and any((s.tenant, g) in dirty for g in s.groups)]
         iam_outcome(summary, _results(writes, errors))
         summary.errors = [f"{type(e).__name__}: {e}" for e in errors]
-        if summary.membership or summary.iam_changes or any(w.redelivered for w in groups.values()):
+        if summary.changes or summary.iam_changes or any(w.redelivered for w in groups.values()):
             event = policy_event(policy, groups, (i for w in groups.values() for i in w.ids), summary)
             _guarded(errors, lambda: self._app.bus.publish_policy_update(event))
         ids = [i for w in groups.values() for i in w.ids]
         # One line per batch, so an operator can follow a message id end to end.
-        audit.entry("sync_batch", f"policy_sync {summary.source}: {len(summary.membership)} membership change(s)",
+        audit.entry("sync_batch", f"policy_sync {summary.source}: {summary.changes} membership change(s)",
                     severity="WARNING" if errors else "INFO", source=summary.source, message_ids=ids[:50],
                     messages=summary.messages, duplicates=summary.duplicates, reflected=summary.reflected,
-                    reads=dict(summary.reads), changes=len(summary.membership), errors=len(errors))
+                    reads=dict(summary.reads), changes=summary.changes, errors=len(errors))
         if errors and raise_errors:
             raise errors[0]
         return summary

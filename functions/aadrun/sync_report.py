@@ -15,6 +15,10 @@ from .store import ChangeEntry, utcnow
 _AUDIT_EVENT = {"member_added": "membership_change", "member_removed": "membership_change",
                 "iam_added": "iam_change", "iam_removed": "iam_change", "iam_restored": "iam_change",
                 "iam_claimed": "iam_claim", "iam_unclaimed": "iam_claim"}
+# A first sync of a large tenant changes millions of memberships, each with its audit
+# line already: a summary counts them all but keeps only this many, and a policy-update
+# event lists at most this many users per group and kind (Pub/Sub takes 10 MB a message).
+MAX_LISTED = 1000
 
 
 @dataclasses.dataclass
@@ -24,7 +28,8 @@ class SyncSummary:
 
     ``duplicates``: messages already processed (redeliveries); ``reflected``: messages
     whose claims an earlier Graph read had already shown (no read needed); ``ignored``:
-    messages about groups no policy names.
+    messages about groups no policy names. Membership changes go in through ``record``:
+    ``added``/``removed`` count them, ``membership`` keeps the first ``MAX_LISTED``.
     """
 
     source: str
@@ -36,9 +41,30 @@ class SyncSummary:
     groups: list[str] = dataclasses.field(default_factory=list)
     reads: dict[str, int] = dataclasses.field(default_factory=lambda: {"full": 0, "incremental": 0})
     membership: list[ChangeEntry] = dataclasses.field(default_factory=list)
+    added: int = 0
+    removed: int = 0
+    # (tenant, group) -> {"added": [...], "removed": [...]}, each list cut at MAX_LISTED
+    changed: dict[tuple[str, str], dict[str, list[str]]] = dataclasses.field(default_factory=dict)
     iam: dict[str, AppliedResult] = dataclasses.field(default_factory=dict)
     refused: dict[str, str] = dataclasses.field(default_factory=dict)
     errors: list[str] = dataclasses.field(default_factory=list)
+
+    def record(self, entries: Iterable[ChangeEntry]) -> None:
+        """Count membership changes (the store's entries of a group update)."""
+        for e in entries:
+            if e.kind not in ("member_added", "member_removed"):
+                continue
+            kind = "added" if e.kind == "member_added" else "removed"
+            setattr(self, kind, getattr(self, kind) + 1)
+            if len(self.membership) < MAX_LISTED:
+                self.membership.append(e)
+            users = self.changed.setdefault((e.tenant, e.group), {"added": [], "removed": []})[kind]
+            if len(users) < MAX_LISTED:
+                users.append(e.user)
+
+    @property
+    def changes(self) -> int:
+        return self.added + self.removed
 
     @property
     def iam_changes(self) -> dict[str, ServiceChanges]:
@@ -46,7 +72,8 @@ class SyncSummary:
 
     def to_json(self) -> dict:
         counts = {f: getattr(self, f) for f in ("source", "messages", "duplicates", "reflected", "ignored",
-                                               "reauthorized", "groups", "reads", "refused", "errors")}
+                                               "reauthorized", "groups", "reads", "added", "removed", "refused",
+                                               "errors")}
         return {**counts, "membership": [e.to_json() for e in self.membership],
                 "iam": {name: r.to_json() for name, r in sorted(self.iam.items())}}
 
@@ -62,18 +89,21 @@ def audit_changes(entries: Iterable[ChangeEntry]) -> None:
 def policy_event(policy: Policy, groups: Iterable[tuple[str, str]], message_ids: Iterable[str],
                  summary: SyncSummary) -> dict:
     """The policy-update event of a run: for every group it touched, the members added
-    and removed; every service whose decisions that may change; the IAM changes made
-    (or planned, in record mode) and refused. ``id`` is a digest of the content, so a
-    consumer can drop the same event published again by a redelivery."""
-    changed: dict[tuple[str, str], dict[str, list[str]]] = {}
-    for e in summary.membership:
-        slot = changed.setdefault((e.tenant, e.group), {"added": [], "removed": []})
-        slot["added" if e.kind == "member_added" else "removed"].append(e.user)
+    and removed (at most ``MAX_LISTED`` of each; ``truncated`` when there were more: the
+    audit log has every one); every service whose decisions that may change; the IAM
+    changes made (or planned, in record mode) and refused. ``id`` is a digest of the
+    content, so a consumer can drop the same event published again by a redelivery."""
+    changed = summary.changed
     touched = sorted(set(groups) | set(changed))
+
+    def listed(key: tuple[str, str]) -> dict:
+        users = changed.get(key, {"added": [], "removed": []})
+        full = all(len(u) < MAX_LISTED for u in users.values())
+        return {**users, **({} if full else {"truncated": True})}
+
     content = {
         "schema": 1, "kind": "policy_update", "source": summary.source,
-        "groups": [{"tenant": t, "group": g, **changed.get((t, g), {"added": [], "removed": []})}
-                   for t, g in touched],
+        "groups": [{"tenant": t, "group": g, **listed((t, g))} for t, g in touched],
         "services": sorted(s.name for s in policy.services.values()
                            if any((s.tenant, g) in touched for g in s.groups)),
         "iam": {name: changes.to_json()["changes"] for name, changes in sorted(summary.iam_changes.items())},
