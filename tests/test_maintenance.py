@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import textwrap
 import threading
+import time
 import urllib.request
 import uuid
 
@@ -671,6 +672,26 @@ def test_a_held_lease_skips_the_task_with_200(world):
     assert (skipped["status"], skipped["reason"]) == ("skipped", "lease_held")
     assert answer["tasks"]["subscriptions"]["status"] == "ok" and answer["tasks"]["drift"]["status"] == "ok"
     assert not world.graph.calls("GET", "/v1.0/groups/delta")
+
+
+def test_a_task_keeps_its_lease_however_long_it_runs_and_a_dead_run_holds_it_briefly(world, monkeypatch):
+    import aadrun.maintenance as maintenance
+
+    monkeypatch.setattr(maintenance, "LEASE_TTL_S", 0.6)
+    world.graph.delays["/v1.0/groups/delta"] = 2.0      # a reconcile that outlasts the lease's ttl
+    app = world.app()
+    running = threading.Thread(target=lambda: app.maintenance.run(["reconcile"]))
+    running.start()
+    time.sleep(1.2)                                      # twice the ttl: renewed, not expired
+    taken_over = app.store.acquire_lease("maintenance/reconcile", "another run", 60)
+    still_running = running.is_alive()
+    running.join()
+    assert still_running and not taken_over
+    # A run that died holds it no longer than the ttl: nothing renews it.
+    assert app.store.acquire_lease("maintenance/reconcile", "a run that dies", maintenance.LEASE_TTL_S)
+    assert not app.store.acquire_lease("maintenance/reconcile", "the next run", 60)
+    time.sleep(0.7)
+    assert app.store.acquire_lease("maintenance/reconcile", "the next run", 60)
 
 
 def test_a_failing_task_is_503_with_a_summary_never_500(world):

@@ -17,9 +17,11 @@ Tasks, run in this order whatever order they are asked in:
                    service names any more (service removed, ``cloud_run`` moved)
                    every member aadrun manages is revoked
 
-Each task runs under the store lease ``maintenance/{task}``: of two overlapping
-runs, the second skips a task the first is running (status ``skipped``, reason
-``lease_held``) rather than waiting for it, since the first does the same work.
+Each task runs under the store lease ``maintenance/{task}``, renewed while the task
+runs: of two overlapping runs, the second skips a task the first is running (status
+``skipped``, reason ``lease_held``) rather than waiting for it, since the first does
+the same work. A run that died (killed at the function's timeout) holds it for at
+most ``LEASE_TTL_S`` more.
 
 HTTP (POST, optional JSON body ``{"tasks": [...]}``; empty body = every task):
 
@@ -57,9 +59,9 @@ from .sync_report import audit_changes
 
 TASKS = ("subscriptions", "reconcile", "drift")
 MAX_BODY = 64 * 1024
-# A task lease outlives any run Cloud Scheduler waits for (its HTTP deadline is at most
-# 30 min); a crashed run blocks that task no longer than this.
-LEASE_TTL_S = 1800.0
+# A task lease is renewed every third of this while its task runs, however long that
+# is; a run that died (an instance killed at its timeout) blocks the task no longer.
+LEASE_TTL_S = 90.0
 IAM_LEASE_TTL_S, IAM_LEASE_WAIT_S = 30.0, 30.0
 MAX_LISTED = 100   # membership changes listed in a reconcile summary
 
@@ -137,9 +139,27 @@ class Maintenance:
         if not store.acquire_lease(name, holder, LEASE_TTL_S):
             yield False
             return
+        done = threading.Event()
+
+        def keep() -> None:
+            # A held lease means a live run: renewed while the task works, it expires
+            # soon after a run that died, instead of blocking the task for long.
+            while not done.wait(LEASE_TTL_S / 3):
+                try:
+                    if not store.renew_lease(name, holder, LEASE_TTL_S):
+                        audit.entry("maintenance_lease_lost", f"lease {name} was taken over", severity="WARNING",
+                                    task=task)
+                        return
+                except AadrunError:   # the store did not answer: try again at the next beat
+                    continue
+
+        keeper = threading.Thread(target=keep, name=f"aadrun-lease-{task}", daemon=True)
+        keeper.start()
         try:
             yield True
         finally:
+            done.set()
+            keeper.join()
             with contextlib.suppress(AadrunError):   # it expires on its own
                 store.release_lease(name, holder)
 
