@@ -26,7 +26,10 @@ most ``LEASE_TTL_S`` more.
 HTTP (POST, optional JSON body ``{"tasks": [...]}``; empty body = every task):
 
     every task ran or was skipped (lease held)   200   summary
-    some task failed                             503   summary (Cloud Scheduler retries)
+    ...though some of a task's items failed      200   summary, "ok": false: the next
+      (a group's read, a subscription,                 scheduled run tries them again; a
+      a service's IAM)                                 retry would redo the whole run
+    a task could not run (store, configuration)  503   summary (Cloud Scheduler retries)
     not POST                                     405   method_not_allowed
     body over 64 KiB                             413   too_large
     not a JSON object / unknown key / bad task   400   bad_request
@@ -96,7 +99,9 @@ class Maintenance:
         except RequestError as e:
             return HttpResponse.json(400, {"error": "bad_request", "detail": str(e)})
         summary = self.run(tasks)
-        return HttpResponse.json(200 if summary["ok"] else 503, summary)
+        # A task that failed outright carries its own "error"; one whose items failed, "errors".
+        failed = any(r["status"] == "error" and "error" in r for r in summary["tasks"].values())
+        return HttpResponse.json(503 if failed else 200, summary)
 
     def run(self, tasks: Sequence[str] | None = None) -> dict:
         """Run ``tasks`` (default: all) in the order of ``TASKS``, each under its lease."""
