@@ -203,15 +203,18 @@ class IamWriter:
         return self.apply_with(changes.cloud_run, lambda live: changes)
 
     def apply_with(self, resource: str, plan_for: Callable[[list[Binding] | None], ServiceChanges],
-                   before_write: Callable[[ServiceChanges], None] | None = None) -> AppliedResult:
+                   before_write: Callable[[ServiceChanges], None] | None = None,
+                   must_write: Callable[[ServiceChanges], bool] | None = None) -> AppliedResult:
         """Plan and apply inside one read-modify-write of ``resource``'s policy.
 
         Each attempt reads the live policy, asks ``plan_for(live_bindings)`` for the
         change (``plan_for(None)`` once in record mode), calls ``before_write`` with
         it just before the set call, and sets the policy with the etag of that read.
         A conflicting write makes the next attempt read and plan again, so a plan
-        never rests on inputs older than the policy it is written over. Raises as
-        ``apply`` does; whatever ``plan_for`` or ``before_write`` raise ends the loop.
+        never rests on inputs older than the policy it is written over. A plan that
+        changes no binding sets nothing, unless ``must_write(changes)``: then the
+        unchanged policy is set, which moves its etag. Raises as ``apply`` does;
+        whatever ``plan_for``, ``before_write`` or ``must_write`` raise ends the loop.
         """
         if self.mode == "record":
             changes = plan_for(None)
@@ -219,7 +222,7 @@ class IamWriter:
         for attempt in range(1, self.max_attempts + 1):
             policy = self._get(resource)
             changes = plan_for(_bindings(policy))
-            if not edit_policy(policy, changes.adds, changes.removes):
+            if not edit_policy(policy, changes.adds, changes.removes) and not (must_write and must_write(changes)):
                 return AppliedResult(changes, wrote=False, attempts=attempt, members=_members(policy, changes.roles))
             check_limit(changes.service, resource, sum(len(b.members) for b in policy.bindings))
             if before_write is not None:

@@ -13,6 +13,10 @@ recorded. Within one write:
   - a 409 re-reads IAM and the store and plans again (``IamWriter.apply_with``); a
     member claimed by an attempt whose set never happened, and granted by someone
     else meanwhile, is theirs, not aadrun's to revoke later;
+  - a claim an earlier write left (its set failed, or its outcome is unknown: a
+    timed-out call may still land) is dropped only with a set call, even one that
+    changes nothing: the call moves the policy's etag, so a late set of that
+    earlier write fails (409) rather than grant a member nobody manages any more;
   - a plan refused for its size (over Google's principal limit), or whose set call
     IAM refuses (400: a member it cannot resolve, such as a principal of a pool
     that does not exist, or one an organization policy forbids), still makes its
@@ -82,13 +86,17 @@ def write_managed(store: Store, writer: IamWriter, lease: StoreLease, resource: 
         intent = {r: before.get(r, set()) | set(changes.adds.get(r, ())) for r in roles}
         entries.extend(store.record_iam(resource, intent, claim=True, **record))
 
+    def drops_claims(changes: ServiceChanges) -> bool:
+        return any(members - changes.managed.get(role, frozenset()) - changes.removes.get(role, frozenset())
+                   for role, members in before.items())
+
     def outcome(result: AppliedResult | None, refusal: str | None) -> WriteOutcome:
         return WriteOutcome(result, refusal, entries, dict(before), seen["live"])
 
     refusal = None
     try:
         try:
-            result = writer.apply_with(resource, plan_for, claim)
+            result = writer.apply_with(resource, plan_for, claim, drops_claims)
         except (PlanError, UpstreamError) as e:
             if isinstance(e, UpstreamError) and not (e.status_code == 400 and seen["grants"]):
                 raise
@@ -96,7 +104,7 @@ def write_managed(store: Store, writer: IamWriter, lease: StoreLease, resource: 
             audit.entry("iam_refused", f"{e}; its revocations are still made", severity="ERROR",
                         reason=e.reason, service=service, cloud_run=resource)
             try:
-                result = writer.apply_with(resource, plan_for, claim)
+                result = writer.apply_with(resource, plan_for, claim, drops_claims)
             except PlanError:
                 return outcome(None, refusal)
         changes = result.changes

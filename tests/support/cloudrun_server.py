@@ -61,13 +61,14 @@ class CloudRunIamServer:
     body), ``inject_conflicts`` and ``inject_error`` (fail the next calls),
     ``granted`` (the permissions ``testIamPermissions`` reports as held),
     ``delete_service`` (its resource answers 404 from then on), ``pools`` (the
-    workforce pools that exist; None: any).
+    workforce pools that exist; None: any), ``hold_next_set`` (a set that lands late).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._deleted: set[str] = set()
         self._before_set: dict[str, dict] = {}
+        self._held: dict[str, threading.Event] = {}
         self._policies: dict[str, dict] = {}
         self._generation = 0
         self._faults: dict[tuple[str, str], list[ApiError]] = {}
@@ -125,6 +126,14 @@ class CloudRunIamServer:
         with self._lock:
             self._before_set[resource] = policy
 
+    def hold_next_set(self, resource: str) -> threading.Event:
+        """The next setIamPolicy on ``resource`` waits, unhandled, until the returned
+        event is set: a call whose caller times out, then lands (its etag checked then)."""
+        release = threading.Event()
+        with self._lock:
+            self._held[resource] = release
+        return release
+
     def delete_service(self, resource: str) -> None:
         """The service is deleted: its IAM calls answer 404 NOT_FOUND, as Cloud Run's do
         for a service that does not exist, and its policy is gone with it."""
@@ -159,6 +168,11 @@ class CloudRunIamServer:
 
     def handle(self, method: str, resource: str, verb: str, query: dict, body: dict | None,
                authorization: str | None = None) -> dict:
+        if verb == "setIamPolicy":
+            with self._lock:
+                held = self._held.pop(resource, None)
+            if held is not None:
+                held.wait(30)
         with self._lock:
             self.calls[(resource, verb)] += 1
             self.requests.append({"method": method, "resource": resource, "verb": verb,
