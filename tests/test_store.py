@@ -471,6 +471,24 @@ def test_leases(backend):
     assert a.acquire_lease("maintenance", "h1", 30), "an expired lease can be taken"
 
 
+def test_a_firestore_lease_lapses_on_firestore_s_clock_not_on_its_holder_s(firestore_emulator, monkeypatch):
+    # A holder whose clock runs 45 s behind took a 30 s lease: by its clock the lease
+    # ends 15 s in the past. Another instance must still see it held (and it must lapse).
+    import aadrun.store.firestore as backend_module
+
+    project = f"aadrun-test-{uuid.uuid4().hex[:12]}"
+    behind, other = FirestoreStore(project=project), FirestoreStore(project=project)
+    monkeypatch.setattr(backend_module, "utcnow", lambda: utcnow() - dt.timedelta(seconds=45))
+    assert behind.acquire_lease("iam/x", "slow clock", 30)
+    assert behind.acquire_lease("iam/y", "slow clock", TTL)
+    monkeypatch.undo()
+    assert not other.acquire_lease("iam/x", "h2", 30) and other.lease_holder("iam/x") == "slow clock"
+    sleep_past(time.monotonic() + TTL)
+    assert other.acquire_lease("iam/y", "h2", 30)                     # lapsed after its ttl all the same
+    behind.close()
+    other.close()
+
+
 def test_a_lease_is_renewed_only_by_a_holder_nobody_replaced(backend):
     a, b = backend(), backend()
     assert a.acquire_lease("iam/x", "h1", TTL) and a.renew_lease("iam/x", "h1", TTL)

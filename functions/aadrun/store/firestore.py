@@ -7,7 +7,7 @@ Collections (document ids from ``doc_id``, fields hold the raw values):
     processed/{message id}            id, expires_at
     managed/{cloud run resource}      service (the resource), roles: [{role, members: [...]}]
     changes/{seq, 20 digits}          the ChangeEntry fields
-    leases/{name}                     name, holder, expires_at
+    leases/{name}                     name, holder, ttl_s, expires_at
     meta/counters                     generation, seq, last_at
 
 Every mutating call is one transaction, so all of its effects commit together.
@@ -114,6 +114,19 @@ def _plain(value: dt.datetime) -> dt.datetime:
 def _entry(d: dict) -> ChangeEntry:
     """A ``changes`` document as a ChangeEntry."""
     return ChangeEntry(at=_plain(d["at"]), seq=d["seq"], **{f: d.get(f) for f in CHANGE_FIELDS})
+
+
+def _lapsed(lease: firestore.DocumentSnapshot) -> bool:
+    """Whether a lease's time ran out, on Firestore's clock: its last write (taken or
+    renewed) plus its ttl, against the time of this read. The instances' clocks may
+    disagree; a holder whose clock runs behind would otherwise hold a lease the
+    others already see as lapsed. (``expires_at``, on the writer's clock, is still
+    written for instances of an earlier version during a deploy, and judges a
+    lease written before ``ttl_s`` existed.)"""
+    ttl = lease.get("ttl_s") if "ttl_s" in (lease.to_dict() or {}) else None
+    if ttl is None:
+        return lease.get("expires_at") <= utcnow()
+    return lease.read_time >= lease.update_time + dt.timedelta(seconds=ttl)
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
@@ -418,9 +431,9 @@ class FirestoreStore(Store):
     def _acquire(self, txn, name: str, holder: str, ttl: float, now: dt.datetime) -> bool:
         ref = self._doc("leases", name)
         snap = self._read(txn, [ref])[ref.path]
-        if snap.exists and snap.get("holder") != holder and snap.get("expires_at") > now:
+        if snap.exists and snap.get("holder") != holder and not _lapsed(snap):
             return False
-        txn.set(ref, {"name": name, "holder": holder, "expires_at": now + dt.timedelta(seconds=ttl)})
+        txn.set(ref, {"name": name, "holder": holder, "ttl_s": ttl, "expires_at": now + dt.timedelta(seconds=ttl)})
         return True
 
     def renew_lease(self, name: str, holder: str, ttl_seconds: float) -> bool:
@@ -431,7 +444,7 @@ class FirestoreStore(Store):
         snap = self._read(txn, [ref])[ref.path]
         if not snap.exists or snap.get("holder") != holder:
             return False
-        txn.update(ref, {"expires_at": now + dt.timedelta(seconds=ttl)})
+        txn.update(ref, {"ttl_s": ttl, "expires_at": now + dt.timedelta(seconds=ttl)})
         return True
 
     def release_lease(self, name: str, holder: str) -> None:
@@ -446,7 +459,7 @@ class FirestoreStore(Store):
     def lease_holder(self, name: str) -> str | None:
         with _translated():
             snap = self._doc("leases", name).get()
-        return snap.get("holder") if snap.exists and snap.get("expires_at") > utcnow() else None
+        return snap.get("holder") if snap.exists and not _lapsed(snap) else None
 
     def close(self) -> None:
         if self._owns_client:
