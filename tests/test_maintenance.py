@@ -128,13 +128,13 @@ def test_subscriptions_pass_the_real_validation_handshake(world, tmp_path):
         assert (sub["notificationUrl"], sub["lifecycleNotificationUrl"]) == (webhook.url, webhook.url + "/lifecycle")
 
 
-def test_a_failed_handshake_is_reported_as_not_ok_for_the_next_run_to_try_again(world):
+def test_a_failed_handshake_is_reported_and_the_http_answer_is_503(world):
     world.graph.validate_notifications = True
     world.graph.require_https_notifications = False
     app = world.app(notification_url=f"http://127.0.0.1:{free_port()}")   # nobody listens
     response = app.maintenance.handle(HttpRequest("POST", "/", {}, {}, b'{"tasks": ["subscriptions"]}'))
     body = response.json_body()
-    assert response.status == 200 and not body["ok"]   # the task ran: its items failed
+    assert response.status == 503 and not body["ok"]   # every subscription failed: so did the run
     task = body["tasks"]["subscriptions"]
     assert task["status"] == "error" and task["counts"] == {"error": 2}
     assert all("ValidationError" in e["error"] for e in task["errors"]) and world.subs() == {}
@@ -397,6 +397,11 @@ def test_a_reconcile_where_one_group_fails_still_reports_what_the_others_did(wor
     status, answer = post(app, b'{"tasks": ["reconcile"]}')
     assert status == 200 and not answer["ok"]
     task = answer["tasks"]["reconcile"]
+    # When every item fails (an expired client secret), the run failed: Cloud Scheduler sees 503.
+    expired = world.app(client_secret="no-longer-valid")
+    status, answer = post(expired, b"")
+    assert status == 503 and not answer["ok"]
+    assert {answer["tasks"][t]["status"] for t in ("subscriptions", "reconcile")} == {"error"}
     assert task["status"] == "error" and task["groups"] == 2
     [error] = task["errors"]
     assert error["tenant"] == TENANT and "500" in error["error"]

@@ -29,7 +29,8 @@ HTTP (POST, optional JSON body ``{"tasks": [...]}``; empty body = every task):
     ...though some of a task's items failed      200   summary, "ok": false: the next
       (a group's read, a subscription,                 scheduled run tries them again; a
       a service's IAM)                                 retry would redo the whole run
-    a task could not run (store, configuration)  503   summary (Cloud Scheduler retries)
+    a task could not run, or all of its items    503   summary (Cloud Scheduler retries,
+      failed (store, configuration, secret)            and shows the job failing)
     not POST                                     405   method_not_allowed
     body over 64 KiB                             413   too_large
     not a JSON object / unknown key / bad task   400   bad_request
@@ -61,6 +62,14 @@ from .subscriptions import Subscriptions
 from .sync_report import audit_changes
 
 TASKS = ("subscriptions", "reconcile", "drift")
+# Whether a task whose items failed got any done: a task that failed outright carries
+# its own "error"; when every item failed (an expired client secret, a missing
+# permission) the run failed too, and Cloud Scheduler must see it fail (503).
+_PROGRESS: dict[str, Callable[[dict], bool]] = {
+    "subscriptions": lambda r: any(a["action"] != "error" for a in r.get("actions", ())),
+    "reconcile": lambda r: r.get("groups", 0) > len(r.get("errors", ())),
+    "drift": lambda r: bool(r.get("services") or r.get("orphaned")),
+}
 MAX_BODY = 64 * 1024
 # A task lease is renewed every third of this while its task runs, however long that
 # is; a run that died (an instance killed at its timeout) blocks the task no longer.
@@ -99,8 +108,8 @@ class Maintenance:
         except RequestError as e:
             return HttpResponse.json(400, {"error": "bad_request", "detail": str(e)})
         summary = self.run(tasks)
-        # A task that failed outright carries its own "error"; one whose items failed, "errors".
-        failed = any(r["status"] == "error" and "error" in r for r in summary["tasks"].values())
+        failed = any(r["status"] == "error" and ("error" in r or not _PROGRESS[name](r))
+                     for name, r in summary["tasks"].items())
         return HttpResponse.json(503 if failed else 200, summary)
 
     def run(self, tasks: Sequence[str] | None = None) -> dict:
