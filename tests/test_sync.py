@@ -19,9 +19,10 @@ from aadrun.coalesce import StoreLease
 from aadrun.errors import Unavailable, UpstreamError
 from aadrun.graph import max_expiration
 from aadrun.managed_write import write_managed
-from aadrun.store import GroupUpdate, SyncState, utcnow
+from aadrun.messages import canonical
+from aadrun.store import ChangeEntry, GroupUpdate, SyncState, utcnow
 from aadrun.sync import decode_event
-from aadrun.sync_report import MAX_LISTED
+from aadrun.sync_report import MAX_EVENT_LISTED, MAX_LISTED, SyncSummary, policy_event
 from aadrun.subscriptions import claim_touch
 from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, graph_pki, loopback_only
 from tests.support.graph_fixtures import graph_client
@@ -346,6 +347,21 @@ def test_a_huge_first_read_is_counted_whole_but_listed_in_part(world, app):
     [group] = event["groups"]
     assert len(group["added"]) == MAX_LISTED and group["truncated"] is True
     assert len(app.store.group_members(TENANT, G_BIG)) == len(people)     # the store has every one
+
+
+def test_a_policy_update_event_stays_within_pub_sub_s_message_size_however_many_groups_changed(world, app):
+    summary = SyncSummary("resync")
+    at = utcnow()
+    groups = [f"aaaaaaaa-0000-0000-0000-{g:012d}" for g in range(30)]
+    for g in groups:   # each worker's part, as _run absorbs them
+        part = SyncSummary("resync")
+        part.record(ChangeEntry("member_added", at, TENANT, g, str(uuid.UUID(int=i + 1))) for i in range(MAX_LISTED))
+        summary.absorb(part)
+    event = policy_event(app.policy, [], [], summary)
+    listed = [len(e["added"]) for e in event["groups"]]
+    assert summary.added == 30 * MAX_LISTED and sum(listed) == MAX_EVENT_LISTED
+    assert not any("truncated" in e for e in event["groups"][:20])       # exactly MAX_LISTED: nothing cut
+    assert all(e["truncated"] for e in event["groups"][20:]) and len(canonical(event)) < 10_000_000
 
 
 def test_a_plan_refused_for_its_size_still_revokes_a_removed_member(world, app):

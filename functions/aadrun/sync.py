@@ -256,12 +256,12 @@ class PolicySync:
         for work in groups.values():
             if work.removed:
                 _guarded(errors, lambda w=work: summary.record(self._remove(w)))
-        reads = [self._submit(self._reads.run, key, work, self._read) for key, work in groups.items()
+        reads = [self._submit(self._tallied_read, key, work, summary.source) for key, work in groups.items()
                  if work.read]
         auths = [self._submit(self._reauthorize, event) for event in reauthorize]
-        for kind, entries in _results(reads, errors):
+        for kind, part in _results(reads, errors):
             summary.reads[kind] += 1
-            summary.record(entries)
+            summary.absorb(part)
         summary.reauthorized = sum(_results(auths, errors))
         # IAM where the store changed, and after a redelivery (the attempt that changed
         # the store may have died before IAM); a resync checks every group it read.
@@ -285,6 +285,15 @@ class PolicySync:
         if errors and raise_errors:
             raise errors[0]
         return summary
+
+    def _tallied_read(self, key: tuple[str, str], work: _Group, source: str) -> tuple[str, SyncSummary]:
+        """Step 2 for one group (``_read``, shared by every batch that asks at once), its
+        changes counted here: a first read of a large group has a change per member,
+        and a run must not hold them all until every group is read."""
+        kind, entries = self._reads.run(key, work, self._read)
+        part = SyncSummary(source)
+        part.record(entries)
+        return kind, part
 
     def _remove(self, work: _Group) -> list[ChangeEntry]:
         """Step 1: the group's removals in one commit, dropping its delta link."""

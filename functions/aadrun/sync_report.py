@@ -17,8 +17,10 @@ _AUDIT_EVENT = {"member_added": "membership_change", "member_removed": "membersh
                 "iam_claimed": "iam_claim", "iam_unclaimed": "iam_claim"}
 # A first sync of a large tenant changes millions of memberships, each with its audit
 # line already: a summary counts them all but keeps only this many, and a policy-update
-# event lists at most this many users per group and kind (Pub/Sub takes 10 MB a message).
+# event lists at most this many users per group and kind, and IAM members per service
+# and role; and at most MAX_EVENT_LISTED in all (Pub/Sub takes 10 MB a message).
 MAX_LISTED = 1000
+MAX_EVENT_LISTED = 20_000
 
 
 @dataclasses.dataclass
@@ -45,6 +47,8 @@ class SyncSummary:
     removed: int = 0
     # (tenant, group) -> {"added": [...], "removed": [...]}, each list cut at MAX_LISTED
     changed: dict[tuple[str, str], dict[str, list[str]]] = dataclasses.field(default_factory=dict)
+    # (tenant, group) -> {"added": n, "removed": n}: how many each list would hold uncut
+    counted: dict[tuple[str, str], dict[str, int]] = dataclasses.field(default_factory=dict)
     iam: dict[str, AppliedResult] = dataclasses.field(default_factory=dict)
     refused: dict[str, str] = dataclasses.field(default_factory=dict)
     errors: list[str] = dataclasses.field(default_factory=list)
@@ -58,9 +62,21 @@ class SyncSummary:
             setattr(self, kind, getattr(self, kind) + 1)
             if len(self.membership) < MAX_LISTED:
                 self.membership.append(e)
-            users = self.changed.setdefault((e.tenant, e.group), {"added": [], "removed": []})[kind]
-            if len(users) < MAX_LISTED:
-                users.append(e.user)
+            self._list(e.tenant, e.group, kind, [e.user], 1)
+
+    def absorb(self, part: "SyncSummary") -> None:
+        """Add the changes ``part`` recorded (a worker's, for one group)."""
+        self.added, self.removed = self.added + part.added, self.removed + part.removed
+        self.membership += part.membership[:max(MAX_LISTED - len(self.membership), 0)]
+        for (tenant, group), users in part.changed.items():
+            for kind, listed in users.items():
+                self._list(tenant, group, kind, listed, part.counted[(tenant, group)][kind])
+
+    def _list(self, tenant: str, group: str, kind: str, users: list[str], count: int) -> None:
+        listed = self.changed.setdefault((tenant, group), {"added": [], "removed": []})[kind]
+        listed += users[:max(MAX_LISTED - len(listed), 0)]
+        counts = self.counted.setdefault((tenant, group), {"added": 0, "removed": 0})
+        counts[kind] += count
 
     @property
     def changes(self) -> int:
@@ -89,24 +105,35 @@ def audit_changes(entries: Iterable[ChangeEntry]) -> None:
 def policy_event(policy: Policy, groups: Iterable[tuple[str, str]], message_ids: Iterable[str],
                  summary: SyncSummary) -> dict:
     """The policy-update event of a run: for every group it touched, the members added
-    and removed (at most ``MAX_LISTED`` of each; ``truncated`` when there were more: the
-    audit log has every one); every service whose decisions that may change; the IAM
-    changes made (or planned, in record mode) and refused. ``id`` is a digest of the
-    content, so a consumer can drop the same event published again by a redelivery."""
-    changed = summary.changed
-    touched = sorted(set(groups) | set(changed))
+    and removed; every service whose decisions that may change; the IAM changes made
+    (or planned, in record mode) and refused. Lists are cut (``MAX_LISTED``,
+    ``MAX_EVENT_LISTED``) and what was cut says ``truncated``: the audit log has every
+    change. ``id`` is a digest of the content, so a consumer can drop the same event
+    published again by a redelivery."""
+    touched = sorted(set(groups) | set(summary.changed))
+    budget = [MAX_EVENT_LISTED]
 
-    def listed(key: tuple[str, str]) -> dict:
-        users = changed.get(key, {"added": [], "removed": []})
-        full = all(len(u) < MAX_LISTED for u in users.values())
-        return {**users, **({} if full else {"truncated": True})}
+    def cut(lists: dict[str, list[str]], counts: dict[str, int]) -> dict:
+        out: dict = {}
+        for kind, names in lists.items():
+            out[kind] = sorted(names)[:max(min(MAX_LISTED, budget[0]), 0)]
+            budget[0] -= len(out[kind])
+        return {**out, "truncated": True} if any(len(out[k]) < counts[k] for k in out) else out
+
+    def group(key: tuple[str, str]) -> dict:
+        users = summary.changed.get(key, {"added": [], "removed": []})
+        return cut(users, summary.counted.get(key, {k: len(v) for k, v in users.items()}))
+
+    def iam(changes: ServiceChanges) -> dict:
+        return {role: cut(lists, {k: len(v) for k, v in lists.items()})
+                for role, lists in changes.to_json()["changes"].items()}
 
     content = {
         "schema": 1, "kind": "policy_update", "source": summary.source,
-        "groups": [{"tenant": t, "group": g, **listed((t, g))} for t, g in touched],
+        "groups": [{"tenant": t, "group": g, **group((t, g))} for t, g in touched],
         "services": sorted(s.name for s in policy.services.values()
                            if any((s.tenant, g) in touched for g in s.groups)),
-        "iam": {name: changes.to_json()["changes"] for name, changes in sorted(summary.iam_changes.items())},
+        "iam": {name: iam(changes) for name, changes in sorted(summary.iam_changes.items())},
         "refused": sorted(summary.refused),
         "message_ids": sorted(set(message_ids)),
     }
