@@ -67,7 +67,8 @@ TASKS = ("subscriptions", "reconcile", "drift")
 # permission) the run failed too, and Cloud Scheduler must see it fail (503).
 _PROGRESS: dict[str, Callable[[dict], bool]] = {
     "subscriptions": lambda r: any(a["action"] != "error" for a in r.get("actions", ())),
-    "reconcile": lambda r: r.get("groups", 0) > len(r.get("errors", ())),
+    # Some group read: IAM that cannot be written anywhere is drift's failure to report.
+    "reconcile": lambda r: sum(r.get("reads", {}).values()) > 0,
     "drift": lambda r: bool(r.get("services") or r.get("orphaned")),
 }
 MAX_BODY = 64 * 1024
