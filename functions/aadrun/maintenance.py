@@ -76,7 +76,7 @@ MAX_BODY = 64 * 1024
 # is; a run that died (an instance killed at its timeout) blocks the task no longer.
 LEASE_TTL_S = 90.0
 IAM_LEASE_TTL_S, IAM_LEASE_WAIT_S = 30.0, 30.0
-MAX_LISTED = 100   # membership changes listed in a reconcile summary
+MAX_REPORTED_CHANGES = 100   # membership changes listed in a reconcile report
 
 
 class Maintenance:
@@ -333,7 +333,7 @@ def merge_resync(out: dict, summary: Mapping, **where: str) -> None:
         out["reads"][kind] = out["reads"].get(kind, 0) + n
     out["added"] += summary.get("added", 0)
     out["removed"] += summary.get("removed", 0)
-    for e in summary.get("membership", ())[:max(MAX_LISTED - len(out["changes"]), 0)]:
+    for e in summary.get("membership", ())[:max(MAX_REPORTED_CHANGES - len(out["changes"]), 0)]:
         out["changes"].append({k: e[k] for k in ("kind", "tenant", "group", "user")})
     for name, applied in summary.get("iam", {}).items():
         if applied.get("changes"):

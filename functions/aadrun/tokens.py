@@ -67,8 +67,9 @@ class VerifiedToken:
     versions: tuple[int, ...]   # the tenant's allowed versions (cache key of its keys)
     # An ID token of an app whose client id is also an accepted audience would pass the
     # audience check. Its ``nonce`` claim, when it has one, gives it away (an OpenID
-    # Connect sign-in usually asks for one; no access token carries it). A missing ``azp``/``appid`` would too, but
-    # CONTRACT.md §4 defines wrong_audience by ``aud`` alone, so that is not required.
+    # Connect sign-in usually asks for one; no access token carries it). A missing
+    # ``azp``/``appid`` would too, but CONTRACT.md §4 defines wrong_audience by ``aud``
+    # alone, so that is not required.
     access_token: bool = True
 
     @functools.cached_property

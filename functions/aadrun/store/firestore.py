@@ -123,7 +123,7 @@ def _lapsed(lease: firestore.DocumentSnapshot) -> bool:
     others already see as lapsed. (``expires_at``, on the writer's clock, is still
     written for instances of an earlier version during a deploy, and judges a
     lease written before ``ttl_s`` existed.)"""
-    ttl = lease.get("ttl_s") if "ttl_s" in (lease.to_dict() or {}) else None
+    ttl = (lease.to_dict() or {}).get("ttl_s")
     if ttl is None:
         return lease.get("expires_at") <= utcnow()
     return lease.read_time >= lease.update_time + dt.timedelta(seconds=ttl)
