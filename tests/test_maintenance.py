@@ -389,7 +389,7 @@ def test_reconcile_finds_a_change_whose_notification_never_came(world):
     assert task["iam"]["billing"] == {INVOKER: {"add": [user(CAROL)], "remove": [user(ALICE)]}}
 
 
-def test_a_reconcile_where_one_group_fails_still_reports_what_the_others_did(world):
+def test_a_reconcile_where_one_group_fails_still_reports_what_the_others_did(world, tmp_path):
     app = world.app()
     world.graph.fail_next(1, status=500, retry_after=None, code="InternalServerError", path="/v1.0/groups/delta")
     # 200, not ok: the next scheduled run reads that group again; a retry of the whole
@@ -404,10 +404,15 @@ def test_a_reconcile_where_one_group_fails_still_reports_what_the_others_did(wor
     assert task["added"] == applied == 1                   # the group that was read, in the report
     assert len(task["changes"]) == 1
     # Reads that worked are progress, whatever IAM answered (drift reports IAM failures):
-    # the group read now adds ALICE, and billing's set is refused.
+    # one group, read and adding CAROL, and billing's set refused: as many errors as groups.
+    wiki = f"  - name: wiki\n    tenant: {TENANT}\n    access:\n      - groups: [{G_STAFF}]\n"
+    assert wiki in POLICY
+    one_group = with_policy(world, tmp_path, POLICY.replace(wiki, ""))
+    world.graph.add_members(TENANT, G_ENG, [CAROL])
     world.cloudrun.inject_error(BILLING, "setIamPolicy", 403, "PERMISSION_DENIED", "Permission denied.")
-    status, answer = post(world.app(), b'{"tasks": ["reconcile"]}')
-    assert status == 200 and answer["tasks"]["reconcile"]["errors"] and not answer["ok"]
+    status, answer = post(one_group, b'{"tasks": ["reconcile"]}')
+    reconcile = answer["tasks"]["reconcile"]
+    assert (status, reconcile["groups"], len(reconcile["errors"]), answer["ok"]) == (200, 1, 1, False)
     # When every item fails (an expired client secret), the run failed: Cloud Scheduler sees 503.
     expired = world.app(client_secret="no-longer-valid")
     status, answer = post(expired, b"")

@@ -489,6 +489,19 @@ def test_a_firestore_lease_lapses_on_firestore_s_clock_not_on_its_holder_s(fires
     other.close()
 
 
+def test_a_firestore_lease_written_by_the_earlier_version_is_judged_by_its_expires_at(firestore_emulator):
+    # During a deploy, instances of the earlier version write leases without ttl_s.
+    project = f"aadrun-test-{uuid.uuid4().hex[:12]}"
+    store = FirestoreStore(project=project)
+    leases = store._client.collection("leases")
+    for name, expires_in in (("held", 30), ("lapsed", -1)):
+        leases.document(doc_id(name)).set({"name": name, "holder": "earlier version",
+                                           "expires_at": utcnow() + dt.timedelta(seconds=expires_in)})
+    assert store.lease_holder("held") == "earlier version" and not store.acquire_lease("held", "h2", 30)
+    assert store.lease_holder("lapsed") is None and store.acquire_lease("lapsed", "h2", 30)
+    store.close()
+
+
 def test_a_lease_is_renewed_only_by_a_holder_nobody_replaced(backend):
     a, b = backend(), backend()
     assert a.acquire_lease("iam/x", "h1", TTL) and a.renew_lease("iam/x", "h1", TTL)
