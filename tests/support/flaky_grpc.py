@@ -13,6 +13,11 @@ class FlakyMethod:
     """``service``/``method`` served as that outage; ``deadlines`` records when each
     call's RPC deadline falls (monotonic clock); ``outage_starts()`` begins it again."""
 
+    # A server's deadline is its receive time plus the caller's timeout, so it lies past
+    # the caller's own by the call's transit time: tens of milliseconds on a loaded
+    # machine. The defect these tests catch overshoots by the outage's whole timeout.
+    TRANSIT_SLACK = 0.3
+
     def __init__(self, service: str, method: str, request_type, *, streaming: bool = False, failing: float = 0.6):
         self.deadlines: list[float] = []
         self._first: float | None = None
