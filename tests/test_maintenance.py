@@ -745,3 +745,15 @@ def test_two_overlapping_scheduler_calls_share_one_lease(world, tmp_path):
     assert sorted(a["tasks"]["reconcile"]["status"] for a in answers) == ["ok", "skipped"]
     assert {a["status"] for a in answers} == {200}
     assert len(world.graph.calls("GET", "/v1.0/groups/delta")) == 2    # one read per group, not two
+
+
+def test_a_reconcile_whose_policy_update_event_is_lost_reports_it(world, pubsub_emulator):
+    # The membership and IAM changes are applied, but the services listening for policy
+    # updates never hear of them: the run is not ok, and says why.
+    app = world.app(bus="pubsub", project="aadrun-test", topic_policy=f"missing-{uuid.uuid4().hex[:8]}")
+    status, answer = post(app, b'{"tasks": ["reconcile"]}')
+    task = answer["tasks"]["reconcile"]
+    assert (status, answer["ok"], task["status"], task["added"]) == (200, False, "error", 2)
+    [error] = task["errors"]
+    assert "Unavailable" in error["error"] and error["tenant"] == TENANT
+    assert world.members() == {user(ALICE)}

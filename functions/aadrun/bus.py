@@ -118,8 +118,9 @@ class PubSubBus(Bus):
     or several one after another when a key has more than Pub/Sub's 1,000 per
     request. The call returns once every request is confirmed. A call that fails
     part-way leaves some keys published: Graph's retry publishes them again with the
-    same ``id``, which policy_sync drops as a duplicate. The raw Publish call (not the batching client's per-key
-    sequencers) leaves no key paused after a failure, and its retries, each attempt
+    same ``id``, and policy_sync applies them idempotently. The raw Publish call (not
+    the batching client's per-key sequencers) leaves no key paused after a failure,
+    and its retries, each attempt
     included, end by ``publish_timeout_seconds``, so none outlives the webhook's answer.
     """
 

@@ -272,10 +272,10 @@ class PolicySync:
                                lambda _, s=s: self._write_service(policy, s, why, message_id))
                   for s in policy.services.values() if s.cloud_run and any((s.tenant, g) in dirty for g in s.groups)]
         iam_outcome(summary, _results(writes, errors))
-        summary.errors = [f"{type(e).__name__}: {e}" for e in errors]
         if summary.changes or summary.iam_changes or any(w.redelivered for w in groups.values()):
             event = policy_event(policy, groups, (i for w in groups.values() for i in w.ids), summary)
             _guarded(errors, lambda: self._app.bus.publish_policy_update(event))
+        summary.errors = [f"{type(e).__name__}: {e}" for e in errors]
         ids = [i for w in groups.values() for i in w.ids]
         # One line per batch, so an operator can follow a message id end to end.
         audit.entry("sync_batch", f"policy_sync {summary.source}: {summary.changes} membership change(s)",
