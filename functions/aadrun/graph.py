@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import email.utils
 import logging
 import math
 import threading
@@ -36,11 +35,15 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import msal
 import requests
+from urllib3.exceptions import InvalidHeader
+from urllib3.util.retry import Retry
 
 from .config import Settings
 from .errors import ConfigError, RateLimited, UpstreamError
 from .messages import is_guid
 from .outbound import client_session
+
+_RETRY_AFTER = Retry()   # only its Retry-After parser is used: the waits are this client's own
 
 # MSAL logs a token endpoint's raw answer on some failures (one that is not JSON,
 # for instance), and that answer can hold an access token. Its failures reach us as
@@ -139,17 +142,13 @@ def _iso(value: dt.datetime) -> str:
 
 def _retry_after(resp: requests.Response, attempt: int) -> float:
     """Seconds to wait: Retry-After (delta-seconds or HTTP-date, RFC 9110 §10.2.3),
-    else exponential backoff."""
-    raw = (resp.headers.get("Retry-After") or "").strip()
+    else, and for a value that is neither, exponential backoff."""
+    raw = resp.headers.get("Retry-After")
     if raw:
         try:
-            return max(0.0, float(raw))
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(raw)
-                return max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds())
-            except (TypeError, ValueError):
-                pass
+            return _RETRY_AFTER.parse_retry_after(raw)
+        except InvalidHeader:
+            pass
     return float(2 ** attempt)
 
 
