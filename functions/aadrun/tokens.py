@@ -198,7 +198,10 @@ def token_digest(token: str) -> bytes:
 
 class VerifiedTokenCache:
     """Bounded LRU of verified tokens keyed by SHA-256 of the token; an entry
-    lives until the token's ``exp`` (plus leeway), never longer."""
+    lives until the token's ``exp`` (plus leeway), never longer.
+
+    An OrderedDict, not cachetools: its TLRUCache costs four times as much per hit,
+    on a path whose whole budget is 5 µs (``scripts/bench verify``)."""
 
     def __init__(self, max_entries: int = 10_000):
         self._max = max_entries
