@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aadrun.config import Settings
-from aadrun.errors import ConfigError, PlanError, RateLimited, UpstreamError
+from aadrun.errors import ConfigError, PlanError, UpstreamError
 from aadrun.iam import IamWriter, edit_policy
 from aadrun.plan import Binding, diff
 from tests.support.cloudrun_server import CloudRunIamServer
@@ -206,8 +206,9 @@ def test_api_errors_become_upstream_errors_without_credentials(server, writer):
     assert info.value.status_code == 403 and "run.services.getIamPolicy" in str(info.value)
     assert "Bearer" not in str(info.value) and "Authorization" not in str(info.value)
     server.inject_error(RUN, "getIamPolicy", 429, "RESOURCE_EXHAUSTED", "Quota exceeded")
-    with pytest.raises(RateLimited):
+    with pytest.raises(UpstreamError) as info:
         writer.live_bindings(RUN)
+    assert info.value.status_code == 429 and "Quota exceeded" in str(info.value)
 
 
 def test_unreachable_endpoint_is_an_upstream_error():

@@ -1,29 +1,28 @@
-"""Errors of aadrun, each with a stable reason code and an HTTP status.
+"""Errors of aadrun, each with a stable reason code.
 
     AadrunError
     ├── ConfigError            bad environment or settings (start-up)
     ├── PolicyError            a policy file is invalid (file, line, field); PolicyErrors: several
-    ├── RequestError           a caller's request is unusable       400 bad_request
-    ├── TokenError             the token is rejected                 401 <reason>
-    ├── Unavailable            a dependency cannot answer            503 unavailable
-    ├── UpstreamError          Graph / Cloud Run / Pub/Sub failed    (retried by callers)
-    │   └── RateLimited        429/503 with Retry-After
+    ├── RequestError           a caller's request is unusable
+    ├── TokenError             the token is rejected (reason: one of CONTRACT §4's 401 codes)
+    ├── Unavailable            a dependency cannot answer
+    ├── UpstreamError          Graph / Cloud Run / Pub/Sub failed: raised on, so that Pub/Sub
+    │   │                      redelivers or the next maintenance run tries again
+    │   └── RateLimited        Graph's 429/503 outlasted the retry budget
     └── PlanError              an IAM plan cannot be applied (e.g. principal limit)
 
-Reason codes and statuses are part of the contract (CONTRACT.md §4); callers map
-them with ``http_status`` rather than by class name.
+Each HTTP entry point maps reasons to its own statuses (CONTRACT.md §4, §5):
+the same reason can mean a different answer to a different caller.
 """
 from __future__ import annotations
 
 
 class AadrunError(Exception):
     reason = "error"
-    status = 500
 
 
 class ConfigError(AadrunError):
     reason = "not_configured"
-    status = 503
 
 
 class PolicyError(AadrunError):
@@ -54,13 +53,11 @@ class PolicyErrors(PolicyError):
 
 class RequestError(AadrunError):
     reason = "bad_request"
-    status = 400
 
 
 class TokenError(AadrunError):
     """The token is rejected; ``reason`` is one of CONTRACT §4's 401 codes."""
 
-    status = 401
 
     def __init__(self, reason: str, detail: str = ""):
         self.reason = reason
@@ -69,12 +66,10 @@ class TokenError(AadrunError):
 
 class Unavailable(AadrunError):
     reason = "unavailable"
-    status = 503
 
 
 class UpstreamError(AadrunError):
     reason = "upstream_error"
-    status = 502
 
     def __init__(self, message: str, *, status_code: int | None = None, code: str | None = None):
         self.status_code, self.code = status_code, code
@@ -89,4 +84,3 @@ class RateLimited(UpstreamError):
 
 class PlanError(AadrunError):
     reason = "plan_error"
-    status = 409

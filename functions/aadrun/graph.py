@@ -187,7 +187,8 @@ class GraphClient:
     ``sleep`` and ``metadata_url`` are injectable for tests. ``retries`` and
     ``max_wait`` bound the time spent honouring Retry-After: a wait that would
     exceed the budget is not shortened (Graph would throttle again) but raised
-    as ``RateLimited`` for the caller to reschedule. Thread-safe.
+    as ``RateLimited``, and later calls fail at once until it ends; the work is
+    tried again by Pub/Sub's redelivery or the next maintenance run. Thread-safe.
     """
 
     def __init__(self, settings: Settings, tenant: str, *, session: requests.Session | None = None,

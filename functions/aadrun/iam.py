@@ -19,7 +19,7 @@ then retried with jittered exponential backoff, as the IAM retry guidance says
 ``google.api_core.exceptions.Conflict`` (its subclass ``Aborted`` on gRPC), so
 ``Conflict`` is what is caught.
 
-Failures surface as ``UpstreamError`` (``RateLimited`` for 429), whose message
+Failures surface as ``UpstreamError`` (its ``status_code`` 429 when throttled), whose message
 names the call, the resource and the API's own message, never a credential;
 missing Application Default Credentials (outside loopback) are a ``ConfigError``.
 """
@@ -34,7 +34,7 @@ from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from .config import Settings, is_loopback
-from .errors import ConfigError, RateLimited, UpstreamError
+from .errors import ConfigError, UpstreamError
 from .plan import Binding, ServiceChanges, check_limit
 
 # Conditions are returned (and kept on write) only when version 3 is requested
@@ -139,18 +139,8 @@ def _upstream(action: str, resource: str, error: Exception) -> UpstreamError:
     if isinstance(error, gexc.GoogleAPICallError):
         status = int(error.code) if isinstance(error.code, int) else None
         text = f"Cloud Run {action} on {resource} failed: {status} {error.message}"
-        if isinstance(error, gexc.TooManyRequests):
-            return RateLimited(text, retry_after=_retry_after(error))
         return UpstreamError(text, status_code=status, code=error.__class__.__name__)
     return UpstreamError(f"Cloud Run {action} on {resource} failed: {error.__class__.__name__}")
-
-
-def _retry_after(error) -> float:
-    response = getattr(error, "response", None)
-    try:
-        return float(response.headers.get("Retry-After"))  # type: ignore[union-attr]
-    except (AttributeError, TypeError, ValueError):
-        return 1.0
 
 
 class IamWriter:
