@@ -112,3 +112,16 @@ def test_an_entry_that_cannot_be_rendered_is_reported_and_the_next_ones_are_writ
     assert done.returncode == 0, done.stderr
     assert [e["message"] for e in lines(done.stdout)] == ["before", "after"]
     assert "Logging error" in done.stderr   # the standard library's report of a lost record
+
+
+def test_an_entry_the_stream_cannot_encode_is_written_escaped_and_takes_no_other_line_with_it():
+    # A lone surrogate (JSON "\ud800" in a caller's request) has no UTF-8 form.
+    done = run("""
+        from aadrun import audit
+        audit.entry("decision", "allow billing: ok", service="billing")
+        audit.entry("decision", "deny: unknown_service", service="\\ud800x\\u00e9")
+        audit.entry("decision", "allow billing: ok (2)", service="billing")
+    """)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    entries = lines(done.stdout)
+    assert [e["service"] for e in entries] == ["billing", "\ud800x\u00e9", "billing"]

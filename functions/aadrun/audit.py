@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import hashlib
 import io
+import json
 import logging
 import queue
 import sys
@@ -81,8 +82,14 @@ class _BatchWriter:
                 self._handler.handleError(record)
         if not self._buffer.tell():
             return
+        text = self._buffer.getvalue()
         try:
-            self._stream.write(self._buffer.getvalue())
+            try:
+                self._stream.write(text)
+            except UnicodeEncodeError:
+                # A caller's string the stream cannot encode (a lone surrogate) must
+                # not take the batch's other lines with it.
+                self._stream.write(_escaped(text))
             self._stream.flush()
         except (OSError, ValueError):
             # A closed or broken stdout must not end the thread and leave the queue
@@ -91,6 +98,19 @@ class _BatchWriter:
         finally:
             self._buffer.seek(0)
             self._buffer.truncate()
+
+
+def _escaped(text: str) -> str:
+    """The lines of ``text`` in pure ASCII: each JSON line re-encoded with escapes."""
+    out = []
+    for line in text.split("\n"):
+        if line:
+            try:
+                line = json.dumps(json.loads(line), ensure_ascii=True)
+            except ValueError:
+                line = line.encode("ascii", "backslashreplace").decode("ascii")
+            out.append(line + "\n")
+    return "".join(out)
 
 
 def logger(stream=None) -> logging.Logger:
