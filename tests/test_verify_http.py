@@ -220,6 +220,16 @@ def test_healthz_unhealthy_when_policies_do_not_load(tmp_path, idp):
 
         [logged] = errors(server.log_entries(until=errors))
         assert logged["severity"] == "ERROR" and logged["file"] == str(bad) and str(bad) in logged["message"]
+        # With no policy to check it against, a service name is only what the caller
+        # sent (up to the body's 64 KiB, any characters): it is not echoed.
+        status, _, body = call(server, body={"service": "x" * 60_000}, headers=bearer(token(idp)))
+        assert status == 503 and "x" * 100 not in body.decode()
+
+        def decisions(entries):
+            return [e for e in entries if e.get("event") == "decision"]
+
+        logged = decisions(server.log_entries(until=lambda e: len(decisions(e)) >= 2))
+        assert len(logged) == 2 and all("service" not in e for e in logged)
 
 
 def test_a_store_that_cannot_be_opened_is_503_and_unhealthy_never_a_500(tmp_path, idp):

@@ -141,7 +141,8 @@ class Verifier:
         try:
             policy = self._policy()
         except AadrunError:
-            return Decision(False, "unavailable", service_name, decision_id, detail="policies not loaded")
+            # The name is not echoed: unchecked, it is only what the caller sent.
+            return Decision(False, "unavailable", None, decision_id, detail="policies not loaded")
         service = policy.services.get(service_name)
         if service is None:
             return Decision(False, "unknown_service", None, decision_id)
