@@ -226,7 +226,7 @@ def test_healthz_unhealthy_when_policies_do_not_load(tmp_path, idp):
         assert status == 503 and "x" * 100 not in body.decode()
 
         def decisions(entries):
-            return [e for e in entries if e.get("event") == "decision"]
+            return [e for e in entries if e.get("event") == "decision" and e["reason"] == "unavailable"]
 
         logged = decisions(server.log_entries(until=lambda e: len(decisions(e)) >= 2))
         assert len(logged) == 2 and all("service" not in e for e in logged)
