@@ -98,7 +98,7 @@ def fields(records, event: str) -> list[dict]:
 @pytest.mark.parametrize("path", ["/", "/lifecycle"])
 @pytest.mark.parametrize("token", ["Validation: Testing client application reachability for subscription Request-Id: "
                                    "2b5f2a0e-1f1c-4d0a-9a5b-3c7e1e2f4a6b", "a b+c&d=e/%", ""])
-def test_handshake_echoes_the_token_as_text(path, token):
+def test_handshake_echoes_the_token_as_text(path, token, records):
     recorder = Recorder()
     response = post(make_webhook(recorder, states=()), b"\xff not json", path, {"validationToken": token})
     assert response.status == 200
@@ -106,6 +106,8 @@ def test_handshake_echoes_the_token_as_text(path, token):
     assert response.body == token.encode()
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert recorder.batches == []
+    [logged] = fields(records, "webhook_validation")   # a subscription's creation, traced
+    assert logged["path"] == path and (not token or token not in json.dumps(logged))
 
 
 @pytest.mark.parametrize("token", ["x" * 4097, "a\r\nSet-Cookie: s=1", "<script>\x00</script>"])
@@ -126,12 +128,19 @@ def test_without_client_state_notifications_are_not_configured(records):
 
 
 @pytest.mark.parametrize("body, too_large", [(b"{}", True), (b" " * (MAX_BODY + 1), False)])
-def test_oversized_body_is_413(body, too_large):
+def test_oversized_body_is_413(body, too_large, records):
     recorder = Recorder()
     response = post(make_webhook(recorder), body, too_large=too_large)
     assert response.status == 413
     assert response.json_body()["reason"] == "too_large"
     assert recorder.batches == []
+    [logged] = fields(records, "webhook_error")        # whatever it held is lost: the log says so
+    assert (logged["reason"], logged["path"]) == ("too_large", "/")
+
+
+def test_a_logged_path_is_one_the_webhook_serves_whatever_was_sent(records):
+    assert post(make_webhook(), b"{not json", "/lifecycle" + "/" * 100_000).status == 400
+    assert [e["path"] for e in fields(records, "webhook_error")] == ["/lifecycle"]
 
 
 def test_body_of_exactly_one_mib_is_read():

@@ -115,6 +115,12 @@ def _ignore(reason: str, item: Any) -> _Skip:
     return _Skip(reason, False, item)
 
 
+def _served_path(req: HttpRequest) -> str:
+    # What is logged is one of PATHS (a request reaching a log line passed that
+    # check), never the sender's bytes: "/lifecycle" and a megabyte of slashes is one.
+    return req.path.rstrip("/") or "/"
+
+
 def _tenant_of(item: Mapping[str, Any]) -> str | None:
     # Change notifications carry tenantId; some lifecycle notifications carry
     # organizationId instead (msgraph-sdk-java#1551).
@@ -170,12 +176,12 @@ class Webhook:
             audit.entry("webhook_error", "graph_webhook request not accepted",
                         severity="INFO" if reason == "bad_request" else "ERROR", reason=reason,
                         detail=str(e) if known else None, error=e.__class__.__name__,
-                        cause=e.__cause__.__class__.__name__ if e.__cause__ else None, path=req.path,
+                        cause=e.__cause__.__class__.__name__ if e.__cause__ else None, path=_served_path(req),
                         elapsed_ms=round((time.monotonic() - started) * 1000))
             return reply(reason, str(e) if reason == "bad_request" else None)
 
     def _route(self, req: HttpRequest) -> HttpResponse:
-        path = req.path.rstrip("/") or "/"
+        path = _served_path(req)
         if path not in PATHS:
             return reply("not_found")
         if req.method != "POST":
@@ -184,16 +190,19 @@ class Webhook:
             return response
         token = req.query.get("validationToken")
         if token is not None:
-            return self._handshake(token)
+            return self._handshake(token, path)
         if not self._states:
             # Logged with the variable's name (below); the caller gets only the code.
             raise ConfigError("AADRUN_CLIENT_STATE is not set")
         if req.body_too_large or len(req.body) > MAX_BODY:
+            # Graph does not send a POST this large: whatever it held is not delivered.
+            audit.entry("webhook_error", "graph_webhook request not accepted", severity="WARNING",
+                        reason="too_large", path=path)
             return reply("too_large")
         return self._notifications(parse_body(req.body))
 
     @staticmethod
-    def _handshake(token: str) -> HttpResponse:
+    def _handshake(token: str, path: str) -> HttpResponse:
         # Graph's validation: 200, text/plain, the URL-decoded token (the entry point
         # already decoded the query); the empty body is not read
         # (learn.microsoft.com/graph/change-notifications-delivery-webhooks).
@@ -203,6 +212,8 @@ class Webhook:
             raise RequestError("bad_validation_token")
         response = HttpResponse.text(200, token)
         response.headers["X-Content-Type-Options"] = "nosniff"
+        # The trace of a subscription's creation or renewal: Graph sends this first.
+        audit.entry("webhook_validation", "subscription validation answered", path=path)
         return response
 
     def _notifications(self, items: list) -> HttpResponse:
