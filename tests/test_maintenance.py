@@ -670,16 +670,21 @@ def post(app, body: bytes, method: str = "POST"):
     (b'{"tasks": []}', "non-empty list"), (b'{"tasks": ["drift", "coffee"]}', "unknown task"),
     (b'{"task": ["drift"]}', "unknown field"),
 ])
-def test_bad_bodies_are_400(world, body, detail):
+def test_bad_bodies_are_400(world, body, detail, audit_lines):
     status, answer = post(world.app(), body)
     assert status == 400 and answer["error"] == "bad_request" and detail in answer["detail"]
+    [logged] = [a for a in audit_lines if a["event"] == "maintenance_refused"]   # the run that did not happen
+    assert (logged["reason"], logged["detail"]) == ("bad_request", answer["detail"])
 
 
-def test_method_and_size(world):
+def test_method_and_size(world, audit_lines):
     app = world.app()
     assert post(app, b"", "GET")[0] == 405
     big = app.maintenance.handle(HttpRequest("POST", "/", {}, {}, b"", body_too_large=True))
     assert big.status == 413
+    refused = [a for a in audit_lines if a["event"] == "maintenance_refused"]
+    assert [(a["reason"], a["severity"]) for a in refused] == [("method_not_allowed", "WARNING"),
+                                                              ("too_large", "WARNING")]
 
 
 def test_a_held_lease_skips_the_task_with_200(world):

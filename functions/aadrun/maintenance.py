@@ -79,6 +79,14 @@ IAM_LEASE_TTL_S, IAM_LEASE_WAIT_S = 30.0, 30.0
 MAX_REPORTED_CHANGES = 100   # membership changes listed in a reconcile report
 
 
+def _refused(status: int, reason: str, detail: str | None = None, headers: dict | None = None) -> HttpResponse:
+    # A refused run is one that did not happen: the log says why.
+    audit.entry("maintenance_refused", f"maintenance request refused: {reason}", severity="WARNING",
+                reason=reason, detail=detail)
+    body = {"error": reason, **({"detail": detail} if detail else {})}
+    return HttpResponse.json(status, body, headers or {})
+
+
 class Maintenance:
     """The maintenance tasks of one instance; ``graph_factory`` and ``iam_writer``
     default to the real clients built from ``app.settings``."""
@@ -101,13 +109,13 @@ class Maintenance:
     def handle(self, req: HttpRequest) -> HttpResponse:
         """Cloud Scheduler's POST (statuses in the module docstring)."""
         if req.method != "POST":
-            return HttpResponse.json(405, {"error": "method_not_allowed"}, {"Allow": "POST"})
+            return _refused(405, "method_not_allowed", headers={"Allow": "POST"})
         if req.body_too_large or len(req.body) > MAX_BODY:
-            return HttpResponse.json(413, {"error": "too_large"})
+            return _refused(413, "too_large")
         try:
             tasks = parse_tasks(req.body)
         except RequestError as e:
-            return HttpResponse.json(400, {"error": "bad_request", "detail": str(e)})
+            return _refused(400, "bad_request", str(e))
         summary = self.run(tasks)
         failed = any(r["status"] == "error" and ("error" in r or not _PROGRESS[name](r))
                      for name, r in summary["tasks"].items())
