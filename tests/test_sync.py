@@ -471,6 +471,21 @@ def test_reauthorization_is_deferred_within_ten_minutes_of_a_renewal(world, app)
     assert world.graph.subscriptions(TENANT, world.settings.client_id)[created["id"]]["reauthorizations"] == 0
 
 
+def test_a_reauthorization_reads_what_changed_while_notifications_were_paused(world, app):
+    # Graph holds a subscription's notifications until it is reauthorized, and those
+    # of the pause are never sent (learn.microsoft.com/graph/change-notifications-lifecycle-events).
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    created = graph_client(world.graph).create_subscription(
+        f"/groups/{G_ENG}", "https://hooks.example/graph", None, "state", max_expiration())
+    world.graph.remove_members(TENANT, G_ENG, [BOB])           # during the pause: no notification
+    reauth = dataclasses.replace(lifecycle("reauthorizationRequired", G_ENG), subscription=created["id"])
+    summary = app.sync.handle_messages([reauth])
+    assert summary.reauthorized == 1 and summary.reads == {"full": 0, "incremental": 1}
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE}
+    assert user(BOB) not in world.members(BILLING)
+
+
 @pytest.mark.parametrize("event", ["missed", "subscriptionRemoved"])
 def test_a_lifecycle_event_naming_a_group_reads_that_group_only(world, app, event):
     world.graph.add_members(TENANT, G_OPS, [ALICE])

@@ -234,18 +234,21 @@ class PolicySync:
 
     def _lifecycle(self, event: LifecycleEvent, referenced: Mapping[str, set[str]], groups: dict,
                    reauthorize: list[LifecycleEvent]) -> None:
-        """reauthorizationRequired -> reauthorize the subscription; missed and
-        subscriptionRemoved -> full read of its group, or of every group of the tenant
-        when it names none (creating a subscription again is maintenance's task)."""
+        """reauthorizationRequired -> reauthorize the subscription, and a delta read of
+        its group: Graph pauses notifications until then, and those of the pause are
+        lost; missed and subscriptionRemoved -> full read. Each reads every group of
+        the tenant when it names none (creating a subscription again is maintenance's
+        task)."""
+        read = "full"
         if event.event == "reauthorizationRequired":
             reauthorize.append(event)
-            return
+            read = "incremental"   # the stored delta link covers the pause
         if event.event == "subscriptionRemoved":
             audit.entry("subscription_removed", "Graph removed a subscription: maintenance must create it again",
                         severity="WARNING", tenant=event.tenant, subscription=event.subscription, group=event.group)
         names = referenced.get(event.tenant, set())
         for group in [event.group] if event.group in names else sorted(names):
-            groups.setdefault((event.tenant, group), _Group(event.tenant, group)).need("full")
+            groups.setdefault((event.tenant, group), _Group(event.tenant, group)).need(read)
 
     # -- the steps -------------------------------------------------------------------
 
