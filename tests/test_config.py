@@ -25,6 +25,14 @@ def test_client_state_is_a_comma_separated_list_and_never_shown():
     assert "old-secret" not in shown and "new-secret" not in shown and "app-secret" not in shown
 
 
+def test_a_client_state_graph_would_refuse_stops_start_up_without_showing_it():
+    secret = "s" * 129                         # Graph takes at most 128 characters
+    assert Settings.from_env({"AADRUN_CLIENT_STATE": f"ok,{secret[:-1]}"}).client_states[1] == secret[:-1]
+    with pytest.raises(ConfigError, match="AADRUN_CLIENT_STATE") as refused:
+        Settings.from_env({"AADRUN_CLIENT_STATE": f"ok,{secret}"})
+    assert secret not in str(refused.value)
+
+
 @pytest.mark.parametrize("env, variable", [
     ({"AADRUN_BUS": "kafka"}, "AADRUN_BUS"),
     ({"AADRUN_IAM": "gcp"}, "AADRUN_IAM"),

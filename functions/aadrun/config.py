@@ -16,6 +16,7 @@ from .errors import ConfigError
 
 DEFAULT_AUTHORITY = "https://login.microsoftonline.com"
 DEFAULT_GRAPH = "https://graph.microsoft.com/v1.0"
+MAX_CLIENT_STATE = 128   # subscription.clientState (learn.microsoft.com/graph/api/resources/subscription)
 
 
 def is_loopback(host: str | None) -> bool:
@@ -126,6 +127,9 @@ class Settings:
             jwks_refresh_seconds=_float(env, "AADRUN_JWKS_REFRESH_SECONDS", 3600.0, maximum=86400),
             membership_poll_seconds=_float(env, "AADRUN_MEMBERSHIP_POLL_SECONDS", 0.2, maximum=60),
         )
+        if any(len(state) > MAX_CLIENT_STATE for state in states):
+            # Graph refuses such a subscription: say so at start-up, not on every renewal.
+            raise ConfigError(f"AADRUN_CLIENT_STATE: each secret must be at most {MAX_CLIENT_STATE} characters")
         if settings.bus == "pubsub" and not settings.project:
             raise ConfigError("AADRUN_BUS=pubsub needs GOOGLE_CLOUD_PROJECT")
         return settings

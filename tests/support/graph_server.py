@@ -29,6 +29,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -414,6 +415,8 @@ class GraphServer:
                 raise HttpError(400, "InvalidRequest", f"{field} is required.")
         if self.require_https_notifications and not body["notificationUrl"].startswith("https://"):
             raise HttpError(400, "InvalidRequest", "notificationUrl must be https.")
+        if len(body.get("clientState") or "") > 128:
+            raise HttpError(400, "InvalidRequest", "clientState can be at most 128 characters.")
         subs = self._subs.setdefault((tenant, app), {})
         resource = body["resource"]
         if any(s["resource"].lower().strip("/") == resource.lower().strip("/") for s in subs.values()):
@@ -421,7 +424,7 @@ class GraphServer:
         if self.validate_notifications:
             for url in dict.fromkeys(u for u in (body["notificationUrl"], body.get("lifecycleNotificationUrl")) if u):
                 self._validate(url)
-        sub = {"id": secrets.token_hex(16), "resource": resource, "applicationId": app,
+        sub = {"id": str(uuid.uuid4()), "resource": resource, "applicationId": app,
                "changeType": body["changeType"], "clientState": body.get("clientState"),
                "notificationUrl": body["notificationUrl"],
                "lifecycleNotificationUrl": body.get("lifecycleNotificationUrl"),
