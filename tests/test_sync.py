@@ -198,6 +198,30 @@ def test_a_writer_that_lost_its_lease_while_planning_writes_nothing(world, app):
     assert world.members(REPORTS) == set() and store.managed_members(REPORTS) == {}
 
 
+def test_a_set_call_that_happened_is_audited_even_when_its_record_then_fails(world, app, audit_lines):
+    # The removal reached IAM; the store write after it found the lease taken (the set
+    # call outlived it). The audit log must still say the member lost access.
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    store, writer, thief = app.store, app.sync._iam_writer(), world.app().store
+    name = f"iam/{REPORTS}"
+    held = world.cloudrun.hold_next_set(REPORTS)
+
+    def slow_set_outlives_the_lease():
+        time.sleep(0.5)                                   # the lease (0.3 s) expires...
+        assert thief.acquire_lease(name, "thief", 30)     # ...another writer takes it...
+        held.set()                                        # ...and the set call lands
+
+    helper = threading.Thread(target=slow_set_outlives_the_lease)
+    helper.start()
+    with pytest.raises(Unavailable), StoreLease(store, name, "slow", ttl=0.3) as lease:
+        write_managed(store, writer, lease, REPORTS, dict, service="reports", source="t", why="t")
+    helper.join()
+    assert world.members(REPORTS) == set()
+    [removed] = [a for a in audit_lines if a.get("kind") == "iam_removed" and a["service"] == REPORTS]
+    assert (removed["event"], removed["member"]) == ("iam_change", user(ALICE))
+
+
 def test_next_add_reads_incrementally_from_the_stored_link(world, app):
     world.graph.add_members(TENANT, G_ENG, [ALICE])
     app.sync.handle_messages([change(G_ENG, added=[ALICE])])

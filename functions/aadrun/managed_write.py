@@ -22,7 +22,9 @@ recorded. Within one write:
     that does not exist, or one an organization policy forbids), still makes its
     revocations without its grants: a removed member must lose access;
   - every change-log entry it records is one audit entry (CONTRACT.md §9), even
-    when the set call then fails.
+    when the set call then fails; and what a set call did is audited even when the
+    store write after it fails (the lease lapsed, the store is down), though the
+    change log then lacks it.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ from .coalesce import StoreLease
 from .errors import PlanError, UpstreamError
 from .iam import AppliedResult, IamWriter
 from .plan import Binding, Members, ServiceChanges, diff
-from .store import ChangeEntry, IamWrite, Store
+from .store import ChangeEntry, IamWrite, Store, utcnow
+from .store.rules import iam_entries
 from .sync_report import audit_changes
 
 
@@ -117,8 +120,13 @@ def write_managed(store: Store, writer: IamWriter, lease: StoreLease, resource: 
         # After a claim the store's record is the claim's, whatever the plan held.
         if entries or (written and (written.added or written.removed)) or \
                 managed != {r: m for r, m in before.items() if m}:
-            # A write that outlived its lease must not overwrite a newer holder's record.
-            entries.extend(store.record_iam(resource, managed, written=written, **record))
+            try:
+                # A write that outlived its lease must not overwrite a newer holder's record.
+                entries.extend(store.record_iam(resource, managed, written=written, **record))
+            except Exception:
+                if written:   # what the set call did happened: it is audited all the same
+                    entries.extend(iam_entries(resource, (), (), utcnow(), source, why, message_id, written=written))
+                raise
         return outcome(result, refusal)
     finally:
         audit_changes(entries)
