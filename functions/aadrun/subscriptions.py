@@ -226,12 +226,12 @@ class Subscriptions:
         expires = _expiry(sub) if sub else None
         if sub is not None and (expires is None or expires <= self.now()):
             # Graph deletes expired subscriptions; one still listed cannot be renewed.
-            self._forget(run, sub)
+            self._forget(run, sub, resource)
             sub = None
         if sub is None:
             return self._create(run, resource)
         elif (recorded := self._recorded_state(sub)) != state_fingerprint(self.settings.client_states[0]):
-            self._forget(run, sub)
+            self._forget(run, sub, resource)
             return self._create(run, resource, "replaced", replaced=sub["id"],
                                 why="its client state is not the first configured" if recorded else
                                 "its client state is unknown (made by an earlier version, or recorded in "
@@ -254,8 +254,8 @@ class Subscriptions:
                                                 max_expiration(self.now()))
         except SubscriptionExists:
             return self._exists(run, resource)
+        run.report(action, resource, sub, **extra)   # it exists, whatever the store write below does
         self.store.acquire_lease(_state_record(sub["id"]), state_fingerprint(state), STATE_RECORD_TTL_S)
-        run.report(action, resource, sub, **extra)
         return True
 
     def _exists(self, run: _Tenant, resource: str) -> bool:
@@ -294,12 +294,13 @@ class Subscriptions:
         run.report("renewed", resource, renewed)
 
     def _delete(self, run: _Tenant, resource: str, sub: dict) -> None:
-        self._forget(run, sub)
-        run.report("deleted", resource, sub)
+        self._forget(run, sub, resource)
 
-    def _forget(self, run: _Tenant, sub: dict) -> None:
-        """Delete ``sub`` from Graph (gone already is fine), then its record."""
+    def _forget(self, run: _Tenant, sub: dict, resource: str) -> None:
+        """Delete ``sub`` from Graph (gone already is fine), then its record. Reported
+        at once: the create that may follow (a replacement) can fail."""
         run.graph.delete_subscription(sub["id"])
+        run.report("deleted", resource, sub)
         record = _state_record(sub["id"])
         holder = self.store.lease_holder(record)
         if holder is not None:
