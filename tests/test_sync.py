@@ -29,7 +29,7 @@ from tests.support.graph_fixtures import graph_client
 from tests.support.sync_world import *  # noqa: F401,F403 - world, app, store_url, audit_lines, no_adc
 from tests.support.sync_world import (ALICE, BIG, BILLING, BOB, CAROL, GROUP_PRINCIPAL, G_BIG, G_ENG, G_OPS,
                                      G_OTHER, G_STAFF, INVOKER, MALLORY, REPORTS, SHARED, TENANT,
-                                     RecordingApp, change, lifecycle, slow_delta, synced, user)
+                                     RecordingApp, change, deliver, lifecycle, slow_delta, synced, user)
 
 
 # -- the core scenarios ------------------------------------------------------------
@@ -222,6 +222,53 @@ def test_a_set_call_that_happened_is_audited_even_when_its_record_then_fails(wor
     assert (removed["event"], removed["member"]) == ("iam_change", user(ALICE))
 
 
+# Entra is eventually consistent: a read right after a notification may not show it yet.
+
+def test_a_removal_graph_does_not_show_yet_is_kept_until_a_redelivery_reads_again(world, app, audit_lines):
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    verifier = world.verifier()
+    removal = change(G_ENG, removed=[BOB])
+    with pytest.raises(Unavailable):                    # Graph's read still lists BOB
+        app.sync.handle_messages([removal])
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE}
+    assert user(BOB) not in world.members(REPORTS)
+    assert verifier.decide("billing", world.token(BOB)).reason == "not_member"
+    [line] = [a for a in audit_lines if a["event"] == "notification_unconfirmed"]
+    assert (line["severity"], line["removals_kept"], line["additions_waiting"]) == ("WARNING", [BOB], [])
+    world.graph.remove_members(TENANT, G_ENG, [BOB])    # Graph catches up
+    summary = app.sync.handle_messages([removal])       # Pub/Sub's redelivery
+    assert not summary.errors and app.store.group_members(TENANT, G_ENG) == {ALICE}
+    assert user(BOB) not in world.members(REPORTS)
+
+
+def test_a_user_removed_and_added_back_at_once_is_a_member_again_after_one_redelivery(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    removal = change(G_ENG, removed=[BOB])              # Graph: removed, then added back
+    with pytest.raises(Unavailable):
+        app.sync.handle_messages([removal])
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE}
+    app.sync.handle_messages([removal])                 # on redelivery, Graph's read is the truth
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE, BOB}
+    assert user(BOB) in world.members(REPORTS)
+
+
+def test_an_addition_graph_does_not_show_yet_is_made_by_the_redelivery(world, app, audit_lines):
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    addition = change(G_ENG, added=[CAROL])
+    with pytest.raises(Unavailable):                    # Graph's read does not list CAROL yet
+        app.sync.handle_messages([addition])
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE}
+    [line] = [a for a in audit_lines if a["event"] == "notification_unconfirmed"]
+    assert line["additions_waiting"] == [CAROL]
+    world.graph.add_members(TENANT, G_ENG, [CAROL])
+    app.sync.handle_messages([addition])
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE, CAROL}
+    assert user(CAROL) in world.members(REPORTS)
+
+
 def test_next_add_reads_incrementally_from_the_stored_link(world, app):
     world.graph.add_members(TENANT, G_ENG, [ALICE])
     app.sync.handle_messages([change(G_ENG, added=[ALICE])])
@@ -280,8 +327,8 @@ def test_verify_denies_on_the_removal_commit_before_graph_confirms_it(world, app
 def test_forged_add_is_never_granted(world, app, audit_lines):
     world.graph.add_members(TENANT, G_ENG, [ALICE])
     app.sync.handle_messages([change(G_ENG, added=[ALICE])])
-    app.sync.handle_messages([change(G_ENG, added=[MALLORY])])               # Graph: not a member
-    app.sync.handle_messages([change(G_OPS, added=[MALLORY])])               # never-synced group
+    deliver(app, [change(G_ENG, added=[MALLORY])])               # Graph: not a member, redelivery too
+    deliver(app, [change(G_OPS, added=[MALLORY])])               # never-synced group
     assert app.store.membership(TENANT, MALLORY, [G_ENG, G_OPS]) == {G_ENG: False, G_OPS: False}
     assert all(user(MALLORY) not in world.members(r) for r in (BILLING, REPORTS))
     assert world.verifier().decide("billing", world.token(MALLORY)).reason == "not_member"

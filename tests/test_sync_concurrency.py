@@ -12,13 +12,13 @@ import uuid
 import pytest
 
 from aadrun.coalesce import Combiner
-from aadrun.errors import UpstreamError
+from aadrun.errors import Unavailable, UpstreamError
 from aadrun.messages import MembershipChange
 from aadrun.store import GroupUpdate
 from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, graph_pki, loopback_only
 from tests.support.sync_world import *  # noqa: F401,F403 - world, app, store_url, no_adc
 from tests.support.sync_world import (ALICE, BILLING, BOB, CAROL, G_ENG, G_OPS, INVOKER, MALLORY, REPORTS,
-                                     SHARED, SHARED_RUN, TENANT, change, slow_delta, user)
+                                     SHARED, SHARED_RUN, TENANT, change, deliver, slow_delta, user)
 
 
 def test_storm_of_duplicated_and_reordered_notifications_converges_to_graph(world, app):
@@ -40,7 +40,7 @@ def test_storm_of_duplicated_and_reordered_notifications_converges_to_graph(worl
                 pending.extend([message] * rng.randint(1, 3))
             time.sleep(0.002)
 
-    def deliver(seed: int, until: threading.Event) -> None:
+    def consume(seed: int, until: threading.Event) -> None:
         mine = random.Random(seed)
         while not (until.is_set() and not pending):
             with lock:
@@ -48,11 +48,11 @@ def test_storm_of_duplicated_and_reordered_notifications_converges_to_graph(worl
                 size = mine.randint(1, 6)
                 batch, pending[:] = pending[:size], pending[size:]
             if batch:
-                app.sync.handle_messages(batch + [mine.choice(batch)])   # and a duplicate in the batch
+                deliver(app, batch + [mine.choice(batch)])   # and a duplicate in the batch
             time.sleep(0.001)
 
     done = threading.Event()
-    threads = [threading.Thread(target=deliver, args=(k, done)) for k in range(3)]
+    threads = [threading.Thread(target=consume, args=(k, done)) for k in range(3)]
     for t in threads:
         t.start()
     graph_changes(80)
@@ -75,7 +75,10 @@ def test_a_stale_removal_delivered_after_the_re_add_converges_to_graph(world, ap
     removal = change(G_ENG, removed=[ALICE])
     world.graph.add_members(TENANT, G_ENG, [ALICE])
     app.sync.handle_messages([change(G_ENG, added=[ALICE], salt="again")])   # the re-add first
-    app.sync.handle_messages([removal])                                       # then the stale removal
+    with pytest.raises(Unavailable):   # then the stale removal: kept until Graph is read again
+        app.sync.handle_messages([removal])
+    assert app.store.group_members(TENANT, G_ENG) == set()
+    app.sync.handle_messages([removal])                                       # its redelivery
     assert app.store.group_members(TENANT, G_ENG) == {ALICE}
     assert user(ALICE) in world.members(REPORTS)
 
@@ -180,7 +183,7 @@ def test_a_stale_removal_during_an_incremental_read_is_settled_by_a_full_read(wo
                                 why="stale removal committed by an instance that then died"))
     reader.join()
     assert app.store.group_members(TENANT, G_ENG) == {ALICE, BOB, CAROL}
-    assert app.sync.handle_messages([change(G_ENG, removed=[BOB])]).reflected == 0
+    assert deliver(app, [change(G_ENG, removed=[BOB])]).reflected == 0
     assert app.store.group_members(TENANT, G_ENG) == {ALICE, BOB, CAROL}
 
 
@@ -297,7 +300,7 @@ def _while_a_read_is_in_flight(world, app, message, meanwhile) -> None:
     """``app`` handles ``message``, whose Graph answer is taken at once but arrives
     late; ``meanwhile`` runs before it does."""
     slow_first_delta(world.graph, 0.6)
-    reader = threading.Thread(target=app.sync.handle_messages, args=([message],))
+    reader = threading.Thread(target=deliver, args=(app, [message]))
     reader.start()
     time.sleep(0.15)   # its answer is taken, and on its way
     meanwhile()

@@ -56,7 +56,7 @@ from typing import Any
 
 from . import audit
 from .coalesce import Combiner, StoreLease
-from .errors import RequestError, UpstreamError
+from .errors import RequestError, Unavailable, UpstreamError
 from .graph import DeltaResult, GraphClient
 from .iam import IamWriter
 from .messages import LifecycleEvent, MembershipChange, Message, from_json
@@ -93,6 +93,7 @@ class _Group:
     group: str
     read: str | None = None                   # None | "incremental" | "full"
     removed: set[str] = dataclasses.field(default_factory=set)
+    added: set[str] = dataclasses.field(default_factory=set)   # claimed by messages seen for the first time
     ids: list[str] = dataclasses.field(default_factory=list)
     redelivered: bool = False                 # a message of the batch was already processed
     recheck: bool = False                     # check IAM even if the store does not change
@@ -210,6 +211,8 @@ class PolicySync:
             return
         work.need(_READ[(bool(message.removed), message.reread, seen)])
         work.removed.update(message.removed)
+        if not seen:
+            work.added.update(message.added)
         work.ids.append(message.id)
 
     def _reflected(self, message: MembershipChange) -> bool:
@@ -262,9 +265,11 @@ class PolicySync:
         reads = [self._submit(self._tallied_read, key, work, summary.source) for key, work in groups.items()
                  if work.read]
         auths = [self._submit(self._reauthorize, event) for event in reauthorize]
-        for kind, part in _results(reads, errors):
+        for kind, part, unconfirmed in _results(reads, errors):
             summary.reads[kind] += 1
             summary.absorb(part)
+            if unconfirmed:
+                errors.append(unconfirmed)
         summary.reauthorized = sum(_results(auths, errors))
         # IAM where the store changed, and after a redelivery (the attempt that changed
         # the store may have died before IAM); a resync checks every group it read.
@@ -293,10 +298,12 @@ class PolicySync:
         """Step 2 for one group (``_read``, shared by every batch that asks at once), its
         changes counted here: a first read of a large group has a change per member,
         and a run must not hold them all until every group is read."""
-        kind, entries = self._reads.run(key, work, self._read)
+        kind, entries, listed = self._reads.run(key, work, self._read)
         part = SyncSummary(source)
         part.record(entries)
-        return kind, part
+        unconfirmed = None if work.redelivered else \
+            Unconfirmed.of(work.tenant, work.group, work.removed & listed, work.added - work.removed - listed)
+        return kind, part, unconfirmed
 
     def _remove(self, work: _Group) -> list[ChangeEntry]:
         """Step 1: the group's removals in one commit, dropping its delta link."""
@@ -313,10 +320,20 @@ class PolicySync:
             audit_changes(entries)
         return entries
 
-    def _read(self, requests: list[_Group]) -> tuple[str, list[ChangeEntry]]:
-        """Step 2 for one group, on behalf of every batch whose request joined this run."""
+    def _read(self, requests: list[_Group]) -> tuple[str, list[ChangeEntry], frozenset[str]]:
+        """Step 2 for one group, on behalf of every batch whose request joined this run.
+
+        Graph's reads lag its writes by seconds at times (Entra is eventually
+        consistent), so a read right after a notification may not show it yet. On a
+        notification's first delivery, a removal Graph still lists is kept, and an
+        addition it does not list yet is not made: both are ``Unconfirmed``, which
+        the batch raises, and Pub/Sub's redelivery reads again. On redelivery (or
+        Graph's retry) the read is the truth, whatever it says: a user removed and
+        added back at once is a member again one redelivery later. Returns the read's
+        kind, its commits and the ids Graph listed in the group (users or not)."""
         tenant, group = requests[0].tenant, requests[0].group
         ids = list(dict.fromkeys(i for r in requests for i in r.ids))
+        first_removed = frozenset(u for r in requests if not r.redelivered for u in r.removed)
         store = self._app.store
         state = store.sync_state(tenant, group)
         full = any(r.read == "full" for r in requests) or state is None or not state.delta_link
@@ -328,7 +345,7 @@ class PolicySync:
                                                          restart_on_expiry=True)
                 if result.not_users:
                     _log_not_users(tenant, group, result.not_users)
-                stale = self._removed_since(tenant, group, position)
+                stale = self._removed_since(tenant, group, position) | first_removed
                 update = _answer(tenant, group, result, stale, marks)
                 if store.sync_state(tenant, group) != before and _changes_members(store, update):
                     # Another read (another instance's) committed while ours was in flight:
@@ -354,7 +371,9 @@ class PolicySync:
                 full = True
         finally:
             audit_changes(entries)   # every commit made, even if a later read of the loop fails
-        return ("full" if result.full else "incremental"), entries
+        members = result.added if result.full else result.added | (store.group_members(tenant, group) or set())
+        listed = frozenset(members - result.removed) | {oid for _, oid in result.not_users}
+        return ("full" if result.full else "incremental"), entries, listed
 
     def _marks(self, tenant: str, group: str, ids: Sequence[str]) -> tuple[str, ...]:
         """The ids to mark processed in the group's next commit: a larger set is marked
@@ -451,6 +470,19 @@ class PolicySync:
             client.close()
         if self._iam is not None:
             self._iam.close()
+
+
+class Unconfirmed(Unavailable):
+    """Notified changes of a group that Graph's read does not show yet."""
+
+    @classmethod
+    def of(cls, tenant: str, group: str, removed: frozenset[str], added: frozenset[str]) -> "Unconfirmed | None":
+        if not removed and not added:
+            return None
+        audit.entry("notification_unconfirmed", "Graph does not show notified changes yet: they are read again on "
+                    "redelivery", severity="WARNING", tenant=tenant, group=group,
+                    removals_kept=sorted(removed)[:50], additions_waiting=sorted(added)[:50])
+        return cls(f"group {group}: Graph does not show {len(removed) + len(added)} notified change(s) yet")
 
 
 def _answer(tenant: str, group: str, result: DeltaResult, stale: frozenset[str],

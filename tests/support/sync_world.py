@@ -27,6 +27,7 @@ import pytest
 from aadrun.app import App
 from aadrun.bus import LocalBus
 from aadrun.devidp import DevIdentityProvider
+from aadrun.errors import Unavailable
 from aadrun.keys import KeyCache
 from aadrun.messages import LifecycleEvent, MembershipChange
 from aadrun.store import GroupUpdate, SyncState, open_store, utcnow
@@ -221,3 +222,14 @@ def synced(app, group: str, members) -> None:
     """The store as a previous full read left it (members, no delta link)."""
     app.store.apply(GroupUpdate(TENANT, group, replace=frozenset(members), sync=SyncState(None, utcnow()),
                                 source="test"))
+
+
+def deliver(app, messages, attempts: int = 3):
+    """``messages`` as Pub/Sub delivers them: a batch that failed (policy_sync raised)
+    is delivered again, the same messages, up to ``attempts`` times in all."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return app.sync.handle_messages(messages)
+        except Unavailable:
+            if attempt == attempts:
+                raise
