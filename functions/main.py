@@ -13,7 +13,7 @@ import flask
 
 from aadrun import audit
 from aadrun.app import get_app
-from aadrun.errors import ConfigError
+from aadrun.errors import AadrunError, ConfigError, Unavailable
 from aadrun.http import HttpRequest, HttpResponse
 
 # Bad configuration stops the instance at start-up with the variable named, rather
@@ -71,8 +71,16 @@ def policy_sync(event) -> None:
     # Eventarc's delivery is an HTTP request too: its lines join the delivery's trace.
     delivery = HttpRequest("POST", "/", {}, flask.request.headers if flask.has_request_context() else {}, b"")
     with audit.request_trace(delivery.trace(get_app().settings.project)):
-        # Raising makes Pub/Sub redeliver (deploy with retries on); redelivery is idempotent.
-        get_app().sync.handle_cloud_event(event.data)
+        try:
+            get_app().sync.handle_cloud_event(event.data)
+        except Exception as e:
+            # A failed delivery answers 503, so Pub/Sub redelivers (redelivery is
+            # idempotent). One line, no traceback: the framework would print the whole
+            # exception chain, with the causes aadrun's own messages leave out.
+            audit.entry("sync_delivery_failed", "policy_sync delivery failed: Pub/Sub redelivers it",
+                        severity="WARNING" if isinstance(e, Unavailable) else "ERROR", error=type(e).__name__,
+                        detail=str(e) if isinstance(e, AadrunError) else None)
+            flask.abort(503)
 
 
 @functions_framework.http

@@ -151,3 +151,21 @@ def test_a_process_killed_mid_batch_converges_on_redelivery(stack):
     assert len(log) == len(set(log)), "a change was logged twice"
     assert ("member_removed", BOB, None) in log and ("member_added", CAROL, None) in log
     assert ("iam_removed", user(BOB), REPORTS) in log and ("iam_added", user(CAROL), REPORTS) in log
+
+
+def test_a_failed_delivery_is_a_503_with_one_log_line_and_no_traceback(stack):
+    with stack.function() as fn:
+        stack.graph.add_members(TENANT, G_ENG, [ALICE])
+        assert post(fn.url, push_body(change(G_ENG, added=[ALICE]), "201")) == 200, fn.output()
+        # Graph's read still lists ALICE: the removal is kept, and the delivery fails so
+        # that Pub/Sub redelivers it; the framework prints no exception chain.
+        removal = change(G_ENG, removed=[ALICE])
+        assert post(fn.url, push_body(removal, "202")) == 503
+        [failed] = fn.log_entries(until=lambda e: any(x.get("event") == "sync_delivery_failed" for x in e))[-1:]
+        assert (failed["event"], failed["severity"], failed["error"]) == \
+            ("sync_delivery_failed", "WARNING", "Unconfirmed")
+        assert "Traceback" not in fn.output()
+        assert stack.store.group_members(TENANT, G_ENG) == set()
+        stack.graph.remove_members(TENANT, G_ENG, [ALICE])
+        assert post(fn.url, push_body(removal, "202")) == 200      # the redelivery
+        assert user(ALICE) not in stack.members(REPORTS)
