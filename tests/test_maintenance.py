@@ -286,6 +286,23 @@ def test_past_the_quota_one_tenant_wide_subscription(world):
         f"/groups/{G_ENG}": "created", f"/groups/{G_STAFF}": "created", "/groups": "deleted"}
 
 
+def test_back_within_the_quota_by_less_than_a_slot_the_tenant_wide_subscription_stays(world):
+    # Two groups, a quota of two: while it exists, the tenant-wide subscription holds
+    # the slot the second group's would need.
+    world.graph.subscription_quota = 2
+    app = world.app()
+    tiny = Maintenance(app, subscriptions=Subscriptions(app.settings, app.store, app.maintenance.graph, quota=0))
+    assert actions(tiny.run(["subscriptions"])) == {"/groups": "created"}
+    sized = Maintenance(app, subscriptions=Subscriptions(app.settings, app.store, app.maintenance.graph, quota=2))
+    for _ in range(2):
+        summary = sized.run(["subscriptions"])
+        assert actions(summary) == {"/groups": "kept"} and summary["ok"]
+    roomy = Maintenance(app, subscriptions=Subscriptions(app.settings, app.store, app.maintenance.graph, quota=3))
+    world.graph.subscription_quota = 3
+    assert actions(roomy.run(["subscriptions"])) == {
+        f"/groups/{G_ENG}": "created", f"/groups/{G_STAFF}": "created", "/groups": "deleted"}
+
+
 def test_when_the_tenant_wide_subscription_fails_only_the_slot_freed_for_it_is_lost(world):
     app = world.app()
     app.maintenance.run(["subscriptions"])

@@ -169,7 +169,10 @@ class Subscriptions:
                 action = "error" if groups else "unreachable"
                 actions.append({"tenant": tenant, "resource": None, "action": action, "error": str(e)})
                 continue
-            self._tenant(run, wanted_resources(groups, run.others, self.quota), groups)
+            # Moving off the tenant-wide subscription, it holds a slot until the
+            # per-group ones are all made: at exactly the quota, it stays.
+            others = run.others + (TENANT_WIDE in run.ours)
+            self._tenant(run, wanted_resources(groups, others, self.quota), groups)
             actions += run.actions
         return actions
 

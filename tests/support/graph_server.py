@@ -124,6 +124,7 @@ class GraphServer:
         self.page_size = page_size
         self.google_subject = "110000000000000000001"   # the service account's unique id
         self.require_https_notifications = True
+        self.subscription_quota: int | None = None   # per app and tenant; None: unlimited
         self.removed_marker: object = {"reason": "deleted"}   # delta query's form of "@removed"
         self.log: list[Logged] = []
         self.token_requests = 0
@@ -418,6 +419,8 @@ class GraphServer:
         if len(body.get("clientState") or "") > 128:
             raise HttpError(400, "InvalidRequest", "clientState can be at most 128 characters.")
         subs = self._subs.setdefault((tenant, app), {})
+        if self.subscription_quota is not None and len(subs) >= self.subscription_quota:
+            raise HttpError(403, "ExtensionError", "The app's subscription quota for this tenant is used up.")
         resource = body["resource"]
         if any(s["resource"].lower().strip("/") == resource.lower().strip("/") for s in subs.values()):
             raise HttpError(409, "Conflict", "A subscription for this resource already exists for this app.")
