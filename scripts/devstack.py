@@ -236,7 +236,8 @@ def scenario(stack: Stack) -> bool:
     say(f"IAM plan: Alice's binding removed: {unbound}")
 
     say("forged notification: 'Carol was added to billing engineers' (Graph says she was not)")
-    stack.notify(ENGINEERS, added=[CAROL])
+    # In-process bus: 503, as Graph's read does not confirm it (Graph would send it again).
+    say(f"graph_webhook answered {stack.notify(ENGINEERS, added=[CAROL])}; Graph's delta read does not list Carol")
     time.sleep(0.5)
     status, reason = stack.verify_status(CAROL)
     bound = stack.bound(CAROL)
