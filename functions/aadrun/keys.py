@@ -3,7 +3,7 @@
 Per tenant, the discovery document of each allowed token version gives the
 accepted ``issuer`` and the ``jwks_uri`` (never guessed; CONTRACT.md §2).
 
-Refresh rules (better than the usual JWKS clients, see FACTS.md):
+Refresh rules:
   - a ``kid`` not in the cache triggers a refetch that is single-flight and rate
     limited to one per tenant per ``jwks_unknown_kid_interval`` (30 s), however
     many requests carry unknown kids: a flood of forged kids cannot make us

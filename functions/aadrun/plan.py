@@ -1,6 +1,6 @@
 """IAM planning: what Cloud Run IAM should hold, and the smallest change to get there.
 
-Pure functions, no I/O (STYLE.md §3). The inputs are the policy, the membership
+Pure functions, no I/O. The inputs are the policy, the membership
 store's view of each group, the members aadrun already manages, and optionally
 the live IAM bindings; the output is a ``ServiceChanges`` per service.
 

@@ -1,6 +1,6 @@
 """The membership store: one interface, SQLite (embedded default) and Firestore.
 
-What it holds (CONTRACT.md §3, §5; issue #4):
+What it holds (CONTRACT.md §3, §5):
   - memberships     (tenant, group, user) -> member since, source, message id
   - group sync      (tenant, group) -> delta link, last full/incremental sync;
                     a group with no sync record was *never synced* (verify then
