@@ -102,7 +102,7 @@ class Servers:
     """Graph, Cloud Run IAM and the identity provider, on loopback."""
 
     def __init__(self, folder: Path, groups: int):
-        from aadrun.devidp import DevIdentityProvider
+        from tests.support.devidp import DevIdentityProvider
 
         pki = make_pki(folder)
         os.environ["REQUESTS_CA_BUNDLE"] = os.environ["SSL_CERT_FILE"] = pki.ca_file

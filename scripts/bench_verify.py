@@ -35,7 +35,7 @@ import jwt  # noqa: E402
 
 from aadrun import audit  # noqa: E402
 from aadrun.config import Settings  # noqa: E402
-from aadrun.devidp import DevIdentityProvider  # noqa: E402
+from tests.support.devidp import DevIdentityProvider  # noqa: E402
 from aadrun.keys import KeyCache  # noqa: E402
 from aadrun.policy import load_policy  # noqa: E402
 from aadrun.store import GroupUpdate, SyncState, open_store, utcnow  # noqa: E402

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(p) for p in (ROOT, ROOT / "functions") if str(p) not in sys.path]
 
-from aadrun.devidp import DevIdentityProvider  # noqa: E402
+from tests.support.devidp import DevIdentityProvider  # noqa: E402
 from tests.support.cloudrun_server import CloudRunIamServer  # noqa: E402
 from tests.support.graph_fixtures import CLIENT_ID, CLIENT_SECRET, make_pki  # noqa: E402
 from tests.support.graph_server import GraphServer  # noqa: E402

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from chaos_lab import SERVICES, TENANT, Lab, Row, group_id, mallory_id, user_id
-from aadrun.devidp import SigningKey
+from tests.support.devidp import SigningKey
 from aadrun.store import GroupUpdate, SyncState, utcnow
 
 LEEWAY = 60

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "functions"), str(ROOT)]
 
-from aadrun.devidp import DevIdentityProvider  # noqa: E402
+from tests.support.devidp import DevIdentityProvider  # noqa: E402
 from tests.support.emulators import Emulator  # noqa: E402
 from tests.support.graph_fixtures import make_pki  # noqa: E402
 from tests.support.graph_server import GraphServer  # noqa: E402

@@ -6,7 +6,7 @@ import os
 import pytest
 from google.auth.compute_engine import _metadata
 
-from aadrun.devidp import DevIdentityProvider
+from tests.support.devidp import DevIdentityProvider
 from tests.support.emulators import ENV, Emulator
 
 

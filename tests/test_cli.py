@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from aadrun.devidp import DevIdentityProvider
+from tests.support.devidp import DevIdentityProvider
 from aadrun.store import GroupUpdate, SyncState, open_store, utcnow
 from tests.support.world import ALICE, BOB, G_ENG, TENANT_A, env_for, write_policy
 

@@ -11,7 +11,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aadrun.devidp import DevIdentityProvider
+from tests.support.devidp import DevIdentityProvider
 from aadrun.errors import PolicyError
 from aadrun.http import HttpRequest
 from aadrun.keys import KeyCache

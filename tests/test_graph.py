@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from aadrun.config import Settings
-from aadrun.devidp import DevIdentityProvider
+from tests.support.devidp import DevIdentityProvider
 from aadrun.errors import RateLimited, UpstreamError
 from aadrun.graph import (FEDERATION_AUDIENCE, graph_scope, MAX_FAIL_FAST, MAX_GROUP_SUBSCRIPTION_MINUTES, DeltaExpired,
                           GraphClient, SubscriptionExists, max_expiration)

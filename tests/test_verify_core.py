@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from aadrun.config import Settings
-from aadrun.devidp import DevIdentityProvider, SigningKey
+from tests.support.devidp import DevIdentityProvider, SigningKey
 from aadrun.keys import KeyCache
 from aadrun.policy import load_policy
 from aadrun.store import GroupUpdate, SyncState, open_store, utcnow

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from aadrun.devidp import SigningKey
+from tests.support.devidp import SigningKey
 from aadrun.store import GroupUpdate, SyncState, open_store, utcnow
 from tests.support.serve import FunctionServer
 from tests.support.world import ALICE, BOB, G_ENG, TENANT_A, TENANT_OTHER, env_for, write_policy

@@ -26,7 +26,7 @@ import pytest
 
 from aadrun.app import App
 from aadrun.bus import LocalBus
-from aadrun.devidp import DevIdentityProvider
+from tests.support.devidp import DevIdentityProvider
 from aadrun.errors import Unavailable
 from aadrun.keys import KeyCache
 from aadrun.messages import LifecycleEvent, MembershipChange
