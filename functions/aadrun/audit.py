@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
-import hashlib
 import io
 import json
 import logging
@@ -21,6 +20,8 @@ import threading
 from logging.handlers import QueueHandler
 
 from google.cloud.logging.handlers import StructuredLogHandler
+
+from .tokens import token_digest
 
 LOGGER_NAME = "aadrun"
 # Cloud Logging's NOTICE (between INFO and WARNING) has no stdlib level: give it one,
@@ -140,9 +141,10 @@ def logger(stream=None) -> logging.Logger:
     return _logger
 
 
-def token_fingerprint(token: str) -> str:
-    """First 16 hex digits of the token's SHA-256: correlates without revealing."""
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+def token_fingerprint(token: str, digest: bytes | None = None) -> str:
+    """First 16 hex digits of the token's SHA-256 (``digest``, when the caller has it):
+    correlates without revealing."""
+    return (digest or token_digest(token))[:8].hex()
 
 
 @contextlib.contextmanager

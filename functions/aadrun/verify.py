@@ -202,7 +202,7 @@ def log_decision(decision: Decision, token: str | None, mode: str = "api") -> No
     """One audit entry per decision; the token appears only as a hash prefix and its id."""
     verified = decision.token
     # The verifier already hashed the token; a request it never saw is hashed here.
-    digest = decision.digest[:8].hex() if decision.digest else audit.token_fingerprint(token) if token else None
+    digest = audit.token_fingerprint(token or "", decision.digest) if decision.digest or token else None
     audit.entry(
         "decision", f"{'allow' if decision.allow else 'deny'} {decision.service or '-'}: {decision.reason}",
         severity="INFO" if decision.allow else "NOTICE",
