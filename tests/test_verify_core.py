@@ -9,7 +9,6 @@ import base64
 import hashlib
 import hmac
 import json
-import logging
 import threading
 import time
 import types
@@ -29,6 +28,7 @@ from aadrun.policy import load_policy
 from aadrun.store import GroupUpdate, SyncState, open_store, utcnow
 from aadrun.errors import Unavailable
 from aadrun.verify import MembershipView, Verifier
+from tests.support.sync_world import audit_lines  # noqa: F401 - fixture
 from tests.support.world import (ALICE, BOB, G_ENG, POLICY, TENANT_A, TENANT_B, TENANT_OTHER, settings_for,
                                  write_policy)
 
@@ -388,18 +388,17 @@ def test_an_oid_that_cannot_be_sent_on_counts_as_none(world, idp, oid, subject):
     assert (decision.reason, decision.subject) == ("not_member", subject)
 
 
-def test_what_cannot_be_decided_is_denied_and_logged(world, idp, monkeypatch, caplog):
+def test_what_cannot_be_decided_is_denied_and_logged(world, idp, monkeypatch, audit_lines):
     verifier = world[0]
 
     def broken(*args):
         raise KeyError("a defect")
 
     monkeypatch.setattr(verifier.memberships, "lookup", broken)
-    with caplog.at_level(logging.ERROR, logger="aadrun"):
-        decision = verifier.decide("billing", good(idp))
+    decision = verifier.decide("billing", good(idp))
     assert (decision.allow, decision.reason, decision.status) == (False, "unavailable", 503)
-    assert [r.json_fields["error"] for r in caplog.records if r.json_fields.get("event") == "decision_error"] == [
-        "KeyError"]
+    assert [(a["error"], a["severity"]) for a in audit_lines if a["event"] == "decision_error"] == [
+        ("KeyError", "ERROR")]
 
 
 @pytest.mark.parametrize("exp,nbf,reason", [
@@ -779,12 +778,12 @@ class _PublishedPrivateKey(SigningKey):
 @pytest.mark.filterwarnings("ignore:The RSA key is 1024 bits long")   # PyJWT's, as the test mints with it
 @pytest.mark.parametrize("make_key", [lambda: _ShortKey(1024), _PublishedPrivateKey],
                          ids=["1024-bit", "private-members"])
-def test_a_weak_or_published_private_key_is_never_a_signing_key(world, idp, make_key, caplog):
+def test_a_weak_or_published_private_key_is_never_a_signing_key(world, idp, make_key, audit_lines):
     key = make_key()
     idp.keys.append(key)
-    with caplog.at_level(logging.ERROR, logger="aadrun"):
-        decision = world[0].decide("billing", good(idp, key=key))
-    assert (decision.status, decision.reason) == (401, "unknown_key") and not caplog.records
+    decision = world[0].decide("billing", good(idp, key=key))
+    assert (decision.status, decision.reason) == (401, "unknown_key")
+    assert not [a for a in audit_lines if a["severity"] == "ERROR"]   # skipped, not an error per request
     assert world[0].decide("billing", good(idp)).reason == "ok"        # the tenant's good key still verifies
 
 
