@@ -21,7 +21,7 @@ from google.api_core import exceptions as gexc
 
 from aadrun.coalesce import StoreLease
 from aadrun.errors import ConfigError, Unavailable
-from aadrun.store import GroupUpdate, IamWrite, Store, SyncState, open_store, utcnow
+from aadrun.store import ChangeEntry, GroupUpdate, IamWrite, Store, SyncState, open_store, utcnow
 from aadrun.store.firestore import FirestoreStore, doc_id
 from aadrun.store.sqlite import SqliteStore
 from tests.support.emulators import free_port
@@ -692,3 +692,11 @@ def test_open_store_firestore(firestore_emulator, monkeypatch):
 def test_open_store_rejects_other_urls():
     with pytest.raises(ConfigError):
         open_store("postgres://db/aadrun")
+
+
+def test_change_times_have_one_width_whatever_their_fraction():
+    # Audit exports sort and align by this text: "...:05Z" beside "...:05.000007Z" would not.
+    at = dt.datetime(2026, 5, 1, 12, 0, 5, tzinfo=dt.timezone.utc)
+    texts = [ChangeEntry("member_added", moment, tenant="t", group="g", user="u").to_json()["at"]
+             for moment in (at, at + dt.timedelta(microseconds=7))]
+    assert texts == ["2026-05-01T12:00:05.000000Z", "2026-05-01T12:00:05.000007Z"]

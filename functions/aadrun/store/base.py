@@ -67,7 +67,7 @@ class ChangeEntry:
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
-        out["at"] = self.at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        out["at"] = self.at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")   # one width
         return out
 
 
