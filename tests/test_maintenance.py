@@ -210,6 +210,16 @@ def test_a_replacement_whose_create_failed_is_created_by_the_next_run(world):
     assert {s["clientState"] for s in world.subs().values()} == {"new-state"} and len(world.subs()) == 2
 
 
+def test_a_rotation_whose_every_replacement_failed_is_a_failed_run(world):
+    world.app().maintenance.run(["subscriptions"])
+    world.graph.fail_next(2, status=403, retry_after=None, code="ExtensionError", method="POST",
+                          path="/v1.0/subscriptions")
+    status, answer = post(world.app(client_states=("new-state",)), b'{"tasks": ["subscriptions"]}')
+    done = answer["tasks"]["subscriptions"]["actions"]
+    assert sorted(a["action"] for a in done) == ["deleted", "deleted", "error", "error"]
+    assert status == 503 and world.subs() == {}     # every group uncovered: Cloud Scheduler must see it
+
+
 def test_a_state_changed_in_one_step_still_replaces_the_subscriptions_of_the_old_one(world):
     world.app().maintenance.run(["subscriptions"])
     summary = world.app(client_states=("new-state",)).maintenance.run(["subscriptions"])

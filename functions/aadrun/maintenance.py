@@ -66,7 +66,8 @@ TASKS = ("subscriptions", "reconcile", "drift")
 # its own "error"; when every item failed (an expired client secret, a missing
 # permission) the run failed too, and Cloud Scheduler must see it fail (503).
 _PROGRESS: dict[str, Callable[[dict], bool]] = {
-    "subscriptions": lambda r: any(a["action"] != "error" for a in r.get("actions", ())),
+    # Some resource covered: a deletion alone (a replacement whose create failed) is not.
+    "subscriptions": lambda r: any(a["action"] not in ("error", "deleted") for a in r.get("actions", ())),
     # Some group read: IAM that cannot be written anywhere is drift's failure to report.
     "reconcile": lambda r: sum(r.get("reads", {}).values()) > 0,
     "drift": lambda r: bool(r.get("services") or r.get("orphaned")),
