@@ -46,6 +46,7 @@ import binascii
 import concurrent.futures
 import contextvars
 import dataclasses
+import datetime as dt
 import itertools
 import json
 import os
@@ -75,6 +76,9 @@ WORKERS = 8
 # Reads of one group in a row while removals keep landing during them (then Pub/Sub
 # redelivery or the reconcile takes over).
 CONTESTED_READS = 3
+# A message marked processed this recently is a redelivery (Pub/Sub's backoff tops out
+# at 10 minutes); its read decides even where it does not show what the message says.
+REDELIVERY_WINDOW = dt.timedelta(hours=1)
 _RANK = {None: 0, "incremental": 1, "full": 2}
 # (carries removals, "group changed", already processed) -> the Graph read its group needs.
 # A redelivered "group changed" was fully read by the attempt that marked it.
@@ -93,7 +97,10 @@ class _Group:
     group: str
     read: str | None = None                   # None | "incremental" | "full"
     removed: set[str] = dataclasses.field(default_factory=set)
-    added: set[str] = dataclasses.field(default_factory=set)   # claimed by messages seen for the first time
+    # What messages on their first delivery claim: a read that does not show it yet
+    # lags behind them (``_read``). A redelivery's read decides.
+    first_removed: set[str] = dataclasses.field(default_factory=set)
+    first_added: set[str] = dataclasses.field(default_factory=set)
     ids: list[str] = dataclasses.field(default_factory=list)
     redelivered: bool = False                 # a message of the batch was already processed
     recheck: bool = False                     # check IAM even if the store does not change
@@ -160,7 +167,11 @@ class PolicySync:
         policy = self._app.policy
         summary = SyncSummary("notification", messages=len(messages))
         unique = list({m.id: m for m in messages}.values())
-        seen = self._app.store.processed([m.id for m in unique])
+        marks = self._app.store.processed_times([m.id for m in unique])
+        # A message marked within the window is a redelivery; one marked before is a
+        # change that recurred (its id is a digest of its content).
+        retried = {i for i, at in marks.items() if utcnow() - at < REDELIVERY_WINDOW}
+        seen = set(marks)
         referenced = policy.referenced_groups()
         groups: dict[tuple[str, str], _Group] = {}
         reauthorize: list[LifecycleEvent] = []
@@ -174,7 +185,7 @@ class PolicySync:
             elif isinstance(message, LifecycleEvent):
                 self._lifecycle(message, referenced, groups, reauthorize)
             else:
-                self._membership(message, message.id in seen, referenced, groups, summary)
+                self._membership(message, message.id in seen, message.id in retried, referenced, groups, summary)
         return self._run(policy, groups, reauthorize, summary)
 
     def resync(self, tenant: str | None = None, group: str | None = None, *, full: bool = False,
@@ -195,7 +206,7 @@ class PolicySync:
 
     # -- what a message asks for --------------------------------------------------------
 
-    def _membership(self, message: MembershipChange, seen: bool, referenced: Mapping[str, set[str]],
+    def _membership(self, message: MembershipChange, seen: bool, retried: bool, referenced: Mapping[str, set[str]],
                     groups: dict, summary: SyncSummary) -> None:
         if message.group not in referenced.get(message.tenant, ()):
             summary.ignored += 1
@@ -211,8 +222,9 @@ class PolicySync:
             return
         work.need(_READ[(bool(message.removed), message.reread, seen)])
         work.removed.update(message.removed)
-        if not seen:
-            work.added.update(message.added)
+        if not retried:
+            work.first_removed.update(message.removed)
+            work.first_added.update(message.added)
         work.ids.append(message.id)
 
     def _reflected(self, message: MembershipChange) -> bool:
@@ -301,8 +313,8 @@ class PolicySync:
         kind, entries, listed = self._reads.run(key, work, self._read)
         part = SyncSummary(source)
         part.record(entries)
-        unconfirmed = None if work.redelivered else \
-            Unconfirmed.of(work.tenant, work.group, work.removed & listed, work.added - work.removed - listed)
+        unconfirmed = Unconfirmed.of(work.tenant, work.group, work.first_removed & listed,
+                                     work.first_added - work.first_removed - listed)
         return kind, part, unconfirmed
 
     def _remove(self, work: _Group) -> list[ChangeEntry]:
@@ -330,10 +342,10 @@ class PolicySync:
         the batch raises, and Pub/Sub's redelivery reads again. On redelivery (or
         Graph's retry) the read is the truth, whatever it says: a user removed and
         added back at once is a member again one redelivery later. Returns the read's
-        kind, its commits and the ids Graph listed in the group (users or not)."""
+        kind, its commits and which users of the first deliveries Graph lists."""
         tenant, group = requests[0].tenant, requests[0].group
         ids = list(dict.fromkeys(i for r in requests for i in r.ids))
-        first_removed = frozenset(u for r in requests if not r.redelivered for u in r.removed)
+        first_removed = frozenset(u for r in requests for u in r.first_removed)
         store = self._app.store
         state = store.sync_state(tenant, group)
         full = any(r.read == "full" for r in requests) or state is None or not state.delta_link
@@ -371,9 +383,8 @@ class PolicySync:
                 full = True
         finally:
             audit_changes(entries)   # every commit made, even if a later read of the loop fails
-        members = result.added if result.full else result.added | (store.group_members(tenant, group) or set())
-        listed = frozenset(members - result.removed) | {oid for _, oid in result.not_users}
-        return ("full" if result.full else "incremental"), entries, listed
+        asked = first_removed | frozenset(u for r in requests for u in r.first_added)
+        return ("full" if result.full else "incremental"), entries, _listed(store, result, tenant, group, asked)
 
     def _marks(self, tenant: str, group: str, ids: Sequence[str]) -> tuple[str, ...]:
         """The ids to mark processed in the group's next commit: a larger set is marked
@@ -483,6 +494,19 @@ class Unconfirmed(Unavailable):
                     "redelivery", severity="WARNING", tenant=tenant, group=group,
                     removals_kept=sorted(removed)[:50], additions_waiting=sorted(added)[:50])
         return cls(f"group {group}: Graph does not show {len(removed) + len(added)} notified change(s) yet")
+
+
+def _listed(store: Store, result: DeltaResult, tenant: str, group: str, asked: frozenset[str]) -> frozenset[str]:
+    """Which of ``asked`` Graph lists in the group (users or not), after ``result``
+    was applied. An incremental answer speaks of changes only: of the users it does
+    not name, the store has Graph's last word."""
+    shown = (result.added - result.removed) | {oid for _, oid in result.not_users}
+    unnamed = set() if result.full else asked - shown - result.removed
+    if len(unnamed) > MAX_CHECKED_CLAIMS:
+        still = unnamed & (store.group_members(tenant, group) or set())
+    else:
+        still = {u for u in unnamed if store.membership(tenant, u, [group])[group]}
+    return frozenset(asked & shown) | still
 
 
 def _answer(tenant: str, group: str, result: DeltaResult, stale: frozenset[str],
