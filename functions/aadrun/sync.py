@@ -20,7 +20,10 @@ share reads and writes: ``coalesce.Combiner``):
                consumed it would never repeat. A read never undoes a removal
                committed while it was in flight (``_answer``), and an answer is
                not applied over another read committed while it was in flight
-               (another instance's, maybe newer): the group is read again.
+               (another instance's, maybe newer): the group is read again. Nor
+               does a read that lags behind a message on its first delivery
+               undo it (``_read``): the batch fails, and the redelivery's read
+               decides.
   3. IAM       one read-modify-write per Cloud Run service that names a changed
                group, planned inside the etag retry loop from fresh store reads,
                the service's writers taking turns on a store lease (``_write_service``).
