@@ -49,7 +49,6 @@ import binascii
 import concurrent.futures
 import contextvars
 import dataclasses
-import datetime as dt
 import itertools
 import json
 import os
@@ -79,9 +78,11 @@ WORKERS = 8
 # Reads of one group in a row while removals keep landing during them (then Pub/Sub
 # redelivery or the reconcile takes over).
 CONTESTED_READS = 3
-# A message marked processed this recently is a redelivery (Pub/Sub's backoff tops out
-# at 10 minutes); its read decides even where it does not show what the message says.
-REDELIVERY_WINDOW = dt.timedelta(hours=1)
+# A message whose changes Graph's read did not show is marked so, in a store record
+# that outlives Pub/Sub's redeliveries and Graph's own retries (up to 4 hours): its
+# later deliveries' reads decide, concurrent duplicates' included. (The same change
+# recurring within it, same content and so same id, is decided by its read too.)
+UNCONFIRMED_TTL_S = 6 * 3600
 _RANK = {None: 0, "incremental": 1, "full": 2}
 # (carries removals, "group changed", already processed) -> the Graph read its group needs.
 # A redelivered "group changed" was fully read by the attempt that marked it.
@@ -100,10 +101,11 @@ class _Group:
     group: str
     read: str | None = None                   # None | "incremental" | "full"
     removed: set[str] = dataclasses.field(default_factory=set)
-    # What messages on their first delivery claim: a read that does not show it yet
-    # lags behind them (``_read``). A redelivery's read decides.
-    first_removed: set[str] = dataclasses.field(default_factory=set)
-    first_added: set[str] = dataclasses.field(default_factory=set)
+    # What the messages claim: a read that does not show it yet lags behind them
+    # (``_read``), unless a delivery of them found so already (``decides``).
+    claimed_removed: set[str] = dataclasses.field(default_factory=set)
+    claimed_added: set[str] = dataclasses.field(default_factory=set)
+    decides: bool | None = None               # the read decides (None: not looked up yet)
     ids: list[str] = dataclasses.field(default_factory=list)
     redelivered: bool = False                 # a message of the batch was already processed
     recheck: bool = False                     # check IAM even if the store does not change
@@ -170,11 +172,7 @@ class PolicySync:
         policy = self._app.policy
         summary = SyncSummary("notification", messages=len(messages))
         unique = list({m.id: m for m in messages}.values())
-        marks = self._app.store.processed_times([m.id for m in unique])
-        # A message marked within the window is a redelivery; one marked before is a
-        # change that recurred (its id is a digest of its content).
-        retried = {i for i, at in marks.items() if utcnow() - at < REDELIVERY_WINDOW}
-        seen = set(marks)
+        seen = self._app.store.processed([m.id for m in unique])
         referenced = policy.referenced_groups()
         groups: dict[tuple[str, str], _Group] = {}
         reauthorize: list[LifecycleEvent] = []
@@ -188,7 +186,7 @@ class PolicySync:
             elif isinstance(message, LifecycleEvent):
                 self._lifecycle(message, referenced, groups, reauthorize)
             else:
-                self._membership(message, message.id in seen, message.id in retried, referenced, groups, summary)
+                self._membership(message, message.id in seen, referenced, groups, summary)
         return self._run(policy, groups, reauthorize, summary)
 
     def resync(self, tenant: str | None = None, group: str | None = None, *, full: bool = False,
@@ -209,7 +207,7 @@ class PolicySync:
 
     # -- what a message asks for --------------------------------------------------------
 
-    def _membership(self, message: MembershipChange, seen: bool, retried: bool, referenced: Mapping[str, set[str]],
+    def _membership(self, message: MembershipChange, seen: bool, referenced: Mapping[str, set[str]],
                     groups: dict, summary: SyncSummary) -> None:
         if message.group not in referenced.get(message.tenant, ()):
             summary.ignored += 1
@@ -225,9 +223,8 @@ class PolicySync:
             return
         work.need(_READ[(bool(message.removed), message.reread, seen)])
         work.removed.update(message.removed)
-        if not retried:
-            work.first_removed.update(message.removed)
-            work.first_added.update(message.added)
+        work.claimed_removed.update(message.removed)
+        work.claimed_added.update(message.added)
         work.ids.append(message.id)
 
     def _reflected(self, message: MembershipChange) -> bool:
@@ -316,9 +313,23 @@ class PolicySync:
         kind, entries, listed = self._reads.run(key, work, self._read)
         part = SyncSummary(source)
         part.record(entries)
-        unconfirmed = Unconfirmed.of(work.tenant, work.group, work.first_removed & listed,
-                                     work.first_added - work.first_removed - listed)
+        removed = work.claimed_removed & listed
+        added = work.claimed_added - work.claimed_removed - listed
+        unconfirmed = None
+        if (removed or added) and not self._decides(work):
+            unconfirmed = Unconfirmed.of(work.tenant, work.group, removed, added)
+            for message_id in work.ids:   # their next delivery's read decides
+                self._app.store.acquire_lease(_unconfirmed(message_id), "unconfirmed", UNCONFIRMED_TTL_S)
         return kind, part, unconfirmed
+
+    def _decides(self, work: _Group) -> bool:
+        """Whether the group's read decides for this batch: a delivery of one of its
+        messages already found Graph not showing their changes (looked up once, and
+        only when a read does not show them)."""
+        if work.decides is None:
+            store = self._app.store
+            work.decides = any(store.lease_holder(_unconfirmed(i)) for i in work.ids)
+        return work.decides
 
     def _remove(self, work: _Group) -> list[ChangeEntry]:
         """Step 1: the group's removals in one commit, dropping its delta link."""
@@ -339,16 +350,16 @@ class PolicySync:
         """Step 2 for one group, on behalf of every batch whose request joined this run.
 
         Graph's reads lag its writes by seconds at times (Entra is eventually
-        consistent), so a read right after a notification may not show it yet. On a
-        notification's first delivery, a removal Graph still lists is kept, and an
-        addition it does not list yet is not made: both are ``Unconfirmed``, which
-        the batch raises, and Pub/Sub's redelivery reads again. On redelivery (or
-        Graph's retry) the read is the truth, whatever it says: a user removed and
-        added back at once is a member again one redelivery later. Returns the read's
-        kind, its commits and which users of the first deliveries Graph lists."""
+        consistent), so a read right after a notification may not show it yet. A
+        removal Graph still lists is kept, and an addition it does not list yet is
+        not made: both are ``Unconfirmed``, which the batch raises (its messages
+        marked so), and Pub/Sub's redelivery reads again. That delivery's read, or
+        Graph's retry's, is the truth, whatever it says: a user removed and added
+        back at once is a member again one redelivery later. Returns the read's
+        kind, its commits and which of the claimed users Graph lists."""
         tenant, group = requests[0].tenant, requests[0].group
         ids = list(dict.fromkeys(i for r in requests for i in r.ids))
-        first_removed = frozenset(u for r in requests for u in r.first_removed)
+        claimed = frozenset(u for r in requests for u in r.claimed_removed | r.claimed_added)
         store = self._app.store
         state = store.sync_state(tenant, group)
         full = any(r.read == "full" for r in requests) or state is None or not state.delta_link
@@ -360,7 +371,10 @@ class PolicySync:
                                                          restart_on_expiry=True)
                 if result.not_users:
                     _log_not_users(tenant, group, result.not_users)
-                stale = self._removed_since(tenant, group, position) | first_removed
+                # A claimed removal Graph still lists is kept, unless the read decides.
+                kept = frozenset(u for r in requests if r.claimed_removed & result.added and not self._decides(r)
+                                 for u in r.claimed_removed)
+                stale = self._removed_since(tenant, group, position) | kept
                 update = _answer(tenant, group, result, stale, marks)
                 if store.sync_state(tenant, group) != before and _changes_members(store, update):
                     # Another read (another instance's) committed while ours was in flight:
@@ -386,8 +400,7 @@ class PolicySync:
                 full = True
         finally:
             audit_changes(entries)   # every commit made, even if a later read of the loop fails
-        asked = first_removed | frozenset(u for r in requests for u in r.first_added)
-        return ("full" if result.full else "incremental"), entries, _listed(store, result, tenant, group, asked)
+        return ("full" if result.full else "incremental"), entries, _listed(store, result, tenant, group, claimed)
 
     def _marks(self, tenant: str, group: str, ids: Sequence[str]) -> tuple[str, ...]:
         """The ids to mark processed in the group's next commit: a larger set is marked
@@ -497,6 +510,10 @@ class Unconfirmed(Unavailable):
                     "redelivery", severity="WARNING", tenant=tenant, group=group,
                     removals_kept=sorted(removed)[:50], additions_waiting=sorted(added)[:50])
         return cls(f"group {group}: Graph does not show {len(removed) + len(added)} notified change(s) yet")
+
+
+def _unconfirmed(message_id: str) -> str:
+    return f"unconfirmed/{message_id}"
 
 
 def _listed(store: Store, result: DeltaResult, tenant: str, group: str, asked: frozenset[str]) -> frozenset[str]:

@@ -26,8 +26,6 @@ from collections.abc import Iterable, Mapping
 from ..config import check_store_url
 
 UTC = dt.timezone.utc
-# How long a processed message id is remembered (a redelivery within it is known as one).
-PROCESSED_TTL_S = 7 * 86400
 
 
 def utcnow() -> dt.datetime:
@@ -128,21 +126,16 @@ class Store(abc.ABC):
         """The stored sync state, or None when the group was never synced."""
 
     @abc.abstractmethod
-    def apply(self, update: GroupUpdate, processed_ttl: float = PROCESSED_TTL_S) -> list[ChangeEntry]:
+    def apply(self, update: GroupUpdate, processed_ttl: float = 7 * 86400) -> list[ChangeEntry]:
         """Apply one group update; returns the change-log entries written (only real
         differences: re-adding a member writes nothing). Atomic, except that a backend
         may commit an update too large for one commit in parts (removals first, the
         sync state last); an error after some parts carries their entries as
         ``committed``."""
 
+    @abc.abstractmethod
     def processed(self, message_ids: Iterable[str]) -> set[str]:
         """Which of these message ids were already applied (and not yet expired)."""
-        return set(self.processed_times(message_ids))
-
-    @abc.abstractmethod
-    def processed_times(self, message_ids: Iterable[str]) -> dict[str, dt.datetime]:
-        """Of these message ids, those already applied (and not yet expired), each with
-        when it was last marked: its expiry less ``PROCESSED_TTL_S``."""
 
     @abc.abstractmethod
     def managed_members(self, cloud_run: str) -> dict[str, set[str]]:

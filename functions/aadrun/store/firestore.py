@@ -70,7 +70,7 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 
 from ..errors import ConfigError, Unavailable
 from ..rpc_budget import Budget
-from .base import PROCESSED_TTL_S, UTC, ChangeEntry, GroupUpdate, IamWrite, Store, SyncState, utcnow
+from .base import UTC, ChangeEntry, GroupUpdate, IamWrite, Store, SyncState, utcnow
 from .rules import check_update, diff_iam, iam_entries, member_entries, monotonic_at
 
 EMULATOR_PROJECT = "aadrun-local"
@@ -258,14 +258,12 @@ class FirestoreStore(Store):
             return None
         return SyncState(snap.get("delta_link"), _plain(snap.get("synced_at")))
 
-    def processed_times(self, message_ids: Iterable[str]) -> dict[str, dt.datetime]:
+    def processed(self, message_ids: Iterable[str]) -> set[str]:
         ids = list(dict.fromkeys(message_ids))
         now = utcnow()
         with _translated():
             snaps = self._read(self._client, [self._doc("processed", i) for i in ids])
-        ttl = dt.timedelta(seconds=PROCESSED_TTL_S)
-        return {s.get("id"): _plain(s.get("expires_at")) - ttl for s in snaps.values()
-                if s.exists and s.get("expires_at") > now}
+        return {s.get("id") for s in snaps.values() if s.exists and s.get("expires_at") > now}
 
     def managed_members(self, service: str) -> dict[str, set[str]]:
         with _translated():
@@ -321,7 +319,7 @@ class FirestoreStore(Store):
 
     # -- writes -----------------------------------------------------------------
 
-    def apply(self, update: GroupUpdate, processed_ttl: float = PROCESSED_TTL_S) -> list[ChangeEntry]:
+    def apply(self, update: GroupUpdate, processed_ttl: float = 7 * 86400) -> list[ChangeEntry]:
         check_update(update)
         now = utcnow()
         entries: list[ChangeEntry] = []

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 
 from ..errors import Unavailable
-from .base import PROCESSED_TTL_S, UTC, ChangeEntry, GroupUpdate, IamWrite, Store, SyncState, utcnow
+from .base import UTC, ChangeEntry, GroupUpdate, IamWrite, Store, SyncState, utcnow
 from .rules import check_update, diff_iam, iam_entries, member_entries, monotonic_at
 
 BUSY_TIMEOUT_S = 5.0
@@ -245,18 +245,17 @@ class SqliteStore(Store):
                 (tenant, group)).fetchone()
         return None if row is None else SyncState(row[0], _dt(row[1]))
 
-    def processed_times(self, message_ids: Iterable[str]) -> dict[str, dt.datetime]:
+    def processed(self, message_ids: Iterable[str]) -> set[str]:
         ids = list(dict.fromkeys(message_ids))
         now = _us(utcnow())
-        found: dict[str, dt.datetime] = {}
-        ttl = dt.timedelta(seconds=PROCESSED_TTL_S)
+        found: set[str] = set()
         with _translated():
             conn = self._conn()
             for part in _chunks(ids):
                 rows = conn.execute(
-                    f"SELECT id, expires_at FROM processed WHERE id IN ({_marks(len(part))}) AND expires_at > ?",
+                    f"SELECT id FROM processed WHERE id IN ({_marks(len(part))}) AND expires_at > ?",
                     (*part, now))
-                found.update((r[0], _dt(r[1]) - ttl) for r in rows)
+                found.update(r[0] for r in rows)
         return found
 
     def managed_members(self, service: str) -> dict[str, set[str]]:
@@ -304,7 +303,7 @@ class SqliteStore(Store):
 
     # -- writes ------------------------------------------------------------
 
-    def apply(self, update: GroupUpdate, processed_ttl: float = PROCESSED_TTL_S) -> list[ChangeEntry]:
+    def apply(self, update: GroupUpdate, processed_ttl: float = 7 * 86400) -> list[ChangeEntry]:
         check_update(update)
         now = utcnow()
         message_id = ",".join(update.message_ids) or None
