@@ -302,6 +302,19 @@ def test_an_addition_graph_does_not_show_yet_is_made_by_the_redelivery(world, ap
     assert user(CAROL) in world.members(REPORTS)
 
 
+def test_a_removal_the_store_already_shows_still_revokes_a_grant_left_behind(world, app):
+    # A reconcile read the removal first, but its IAM write failed; the notification
+    # that comes next changes nothing in the store, yet must not leave the grant.
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    world.graph.remove_members(TENANT, G_ENG, [BOB])
+    world.cloudrun.inject_error(REPORTS, "setIamPolicy", 403, "PERMISSION_DENIED", "Permission denied.")
+    assert app.sync.resync(group=G_ENG, raise_errors=False).errors
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE} and user(BOB) in world.members(REPORTS)
+    app.sync.handle_messages([change(G_ENG, removed=[BOB])])
+    assert world.members(REPORTS) == {user(ALICE)}
+
+
 def test_next_add_reads_incrementally_from_the_stored_link(world, app):
     world.graph.add_members(TENANT, G_ENG, [ALICE])
     app.sync.handle_messages([change(G_ENG, added=[ALICE])])

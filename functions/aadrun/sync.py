@@ -222,6 +222,9 @@ class PolicySync:
             summary.reflected += 1
             return
         work.need(_READ[(bool(message.removed), message.reread, seen)])
+        # A removal checks IAM even when the store already shows it: whatever removed
+        # it there (a reconcile, another message) may have failed to write IAM.
+        work.recheck |= bool(message.removed)
         work.removed.update(message.removed)
         work.claimed_removed.update(message.removed)
         work.claimed_added.update(message.added)
