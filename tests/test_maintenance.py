@@ -16,6 +16,7 @@ import uuid
 import pytest
 
 from aadrun.app import App
+from aadrun.errors import Unavailable
 from aadrun.graph import GraphClient, max_expiration
 from aadrun.http import HttpRequest
 from aadrun.maintenance import Maintenance
@@ -208,6 +209,30 @@ def test_a_replacement_whose_create_failed_is_created_by_the_next_run(world):
             if a["resource"] == failed and a["action"] == "deleted"] == [before[failed]]
     assert set(actions(rotating.maintenance.run(["subscriptions"])).values()) <= {"created", "kept"}
     assert {s["clientState"] for s in world.subs().values()} == {"new-state"} and len(world.subs()) == 2
+
+
+def test_a_subscription_graph_created_is_reported_even_when_its_state_record_fails(world):
+    class StoreDownAfterCreate:
+        """The app's store, whose write of a subscription's state record fails."""
+
+        def __init__(self, store):
+            self._store = store
+
+        def acquire_lease(self, name, holder, ttl):
+            if name.startswith("graph-subscription-state/"):
+                raise Unavailable("the store did not answer")
+            return self._store.acquire_lease(name, holder, ttl)
+
+        def __getattr__(self, name):
+            return getattr(self._store, name)
+
+    app = world.app()
+    subs = Subscriptions(app.settings, StoreDownAfterCreate(app.store), app.maintenance.graph)
+    summary = Maintenance(app, subscriptions=subs).run(["subscriptions"])
+    done = summary["tasks"]["subscriptions"]["actions"]
+    created = {a["resource"]: a["subscription"] for a in done if a["action"] == "created"}
+    assert created == {r: s["id"] for r, s in world.subs().items()} and len(created) == 2   # each named
+    assert sorted(a["action"] for a in done) == ["created", "created", "error", "error"]
 
 
 def test_a_rotation_whose_every_replacement_failed_is_a_failed_run(world):
