@@ -169,3 +169,16 @@ def test_a_failed_delivery_is_a_503_with_one_log_line_and_no_traceback(stack):
         stack.graph.remove_members(TENANT, G_ENG, [ALICE])
         assert post(fn.url, push_body(removal, "202")) == 200      # the redelivery
         assert user(ALICE) not in stack.members(REPORTS)
+
+
+def test_a_delivery_failed_by_an_upstream_error_is_logged_as_an_error_with_its_own_message(stack):
+    with stack.function() as fn:
+        stack.graph.add_members(TENANT, G_ENG, [ALICE])
+        stack.cloudrun.inject_error(REPORTS, "setIamPolicy", 500, "INTERNAL", "Internal error encountered.")
+        assert post(fn.url, push_body(change(G_ENG, added=[ALICE]), "301")) == 503
+        [failed] = fn.log_entries(until=lambda e: any(x.get("event") == "sync_delivery_failed" for x in e))[-1:]
+        assert (failed["severity"], failed["error"]) == ("ERROR", "UpstreamError")
+        assert "setIamPolicy" in failed["detail"] and "Internal error encountered" in failed["detail"]
+        assert "Traceback" not in fn.output()
+        assert post(fn.url, push_body(change(G_ENG, added=[ALICE]), "301")) == 200   # the redelivery
+        assert user(ALICE) in stack.members(REPORTS)
