@@ -280,7 +280,7 @@ def test_a_key_with_more_messages_than_one_request_takes_is_sent_in_order_in_sev
     assert [i for i in ids if i != other_key["id"]] == [m["id"] for m in expected + expected[:1500]]
 
 
-def test_emulator_down_is_503_then_the_same_post_is_published_once(policy_file):
+def test_emulator_down_is_503_then_the_same_post_is_published_under_one_id(policy_file):
     emulator = Emulator("pubsub").start()
     try:
         pubsub = PubSub(emulator.host)
@@ -305,12 +305,14 @@ def test_emulator_down_is_503_then_the_same_post_is_published_once(policy_file):
             assert statuses[-1] == 202 and set(statuses[:-1]) <= {503}
             first = pubsub.pull(subscription, until=lambda m: len(m) >= 1)
             first += pubsub.pull(subscription, wait=1.5)
-            assert len(first) == 1
+            expected = {golden_messages("members_removed_string")[0]["id"]}
+            # A POST answered 503 may still have been published (its answer came too
+            # late, not its message): a duplicate, under the same dedupe id.
+            assert {m["id"] for m in decoded(first)} == expected
             # Graph's redelivery of the same notification: published again, same dedupe id.
             assert post(server.url, body)[0] == 202
             again = pubsub.pull(subscription, until=lambda m: len(m) >= 1)
-            assert [m["id"] for m in decoded(first)] == [m["id"] for m in decoded(again)] \
-                == [golden_messages("members_removed_string")[0]["id"]]
+            assert {m["id"] for m in decoded(again)} == expected
     finally:
         emulator.stop()
 
