@@ -21,7 +21,7 @@ from google.api_core import exceptions as gexc
 
 from aadrun.coalesce import StoreLease
 from aadrun.errors import ConfigError, Unavailable
-from aadrun.store import ChangeEntry, GroupUpdate, IamWrite, Store, SyncState, open_store, utcnow
+from aadrun.store import ChangeEntry, GroupUpdate, IamWrite, Store, SyncConflict, SyncState, open_store, utcnow
 from aadrun.store.firestore import FirestoreStore, doc_id
 from aadrun.store.sqlite import SqliteStore
 from tests.support.emulators import free_port
@@ -139,6 +139,38 @@ def test_replace_and_added_are_exclusive(store):
     with pytest.raises(ValueError):
         store.apply(GroupUpdate(T, G, added=users("u1"), replace=users("u2")))
     assert store.group_members(T, G) is None
+
+
+def test_an_update_expecting_an_older_sync_state_changes_no_member(backend):
+    """A Graph answer applied over another instance's read committed meanwhile: nothing
+    written (the ids not marked either) when it would change members."""
+    store, other = backend(), backend()
+    store.apply(GroupUpdate(T, G, added=users("u1"), sync=synced("link-1")))
+    before = store.sync_state(T, G)
+    other.apply(GroupUpdate(T, G, added=users("u2"), sync=synced("link-2")))   # the newer read
+    generation = store.generation()
+    older = GroupUpdate(T, G, replace=users("u1"), sync=synced("link-old"), message_ids=("m1",),
+                        expect_sync=before)
+    with pytest.raises(SyncConflict):
+        store.apply(older)
+    assert store.group_members(T, G) == {"u1", "u2"} and store.sync_state(T, G).delta_link == "link-2"
+    assert store.processed(["m1"]) == set() and store.generation() == generation
+    assert [e.user for e in store.changes()] == ["u1", "u2"]
+    with pytest.raises(SyncConflict):   # nor an incremental answer
+        store.apply(GroupUpdate(T, G, removed=users("u2"), expect_sync=before))
+    # An answer that changes no member is applied; so is one that expects the current state.
+    store.apply(GroupUpdate(T, G, replace=users("u1", "u2"), sync=synced("link-3"), expect_sync=before))
+    assert store.sync_state(T, G).delta_link == "link-3"
+    store.apply(GroupUpdate(T, G, replace=users("u1"), sync=synced("link-4"), expect_sync=store.sync_state(T, G)))
+    assert store.group_members(T, G) == {"u1"}
+
+
+def test_an_update_expecting_a_never_synced_group_conflicts_with_a_first_read(backend):
+    store, other = backend(), backend()
+    other.apply(GroupUpdate(T, G, replace=users("u1", "u2"), sync=synced()))
+    with pytest.raises(SyncConflict):
+        store.apply(GroupUpdate(T, G, replace=users("u1"), sync=synced(), expect_sync=None))
+    assert store.group_members(T, G) == {"u1", "u2"}
 
 
 def test_groups_of_tenants_are_separate(store):

@@ -349,6 +349,27 @@ def test_an_older_full_read_does_not_drop_a_member_another_instance_confirmed(wo
     assert not any(e.kind == "member_removed" for e in app.store.changes())
 
 
+def test_a_member_confirmed_between_an_older_reads_check_and_its_apply_is_kept(world, app):
+    """The narrowest window of the case above: another instance confirms CAROL after the
+    older read checked that nobody had read meanwhile, just before its answer is applied."""
+    _alice_synced(world, app)
+    other = world.app()
+    real_apply, injected = app.store.apply, []
+
+    def apply(update, *args, **kwargs):
+        if update.source == "graph-delta" and not injected:   # the older answer, without CAROL
+            injected.append(True)
+            world.graph.add_members(TENANT, G_ENG, [CAROL])
+            other.sync.handle_messages([change(G_ENG, added=[CAROL])])
+        return real_apply(update, *args, **kwargs)
+
+    app.store.apply = apply
+    deliver(app, [change(G_ENG)])                       # a full re-read
+    assert injected and app.store.group_members(TENANT, G_ENG) == {ALICE, CAROL}
+    assert not any(e.kind == "member_removed" for e in app.store.changes())
+    assert world.members(REPORTS) == {user(ALICE), user(CAROL)}
+
+
 def test_changes_committed_before_a_later_read_of_the_loop_fails_are_audited(world, app, audit_lines):
     world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
     app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])

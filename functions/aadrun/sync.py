@@ -66,7 +66,7 @@ from .messages import LifecycleEvent, MembershipChange, Message, from_json
 from .managed_write import write_managed
 from .plan import desired_on
 from .policy import Policy, Service
-from .store import ChangeEntry, GroupUpdate, Store, SyncState, utcnow
+from .store import ChangeEntry, GroupUpdate, Store, SyncConflict, SyncState, utcnow
 from .subscriptions import Subscriptions
 from .sync_report import SyncSummary, audit_changes, iam_outcome, policy_event
 
@@ -379,15 +379,16 @@ class PolicySync:
                                  for u in r.claimed_removed)
                 stale = self._removed_since(tenant, group, position) | kept
                 update = _answer(tenant, group, result, stale, marks)
-                if store.sync_state(tenant, group) != before and _changes_members(store, update):
+                try:
+                    applied = _apply(store, dataclasses.replace(update, expect_sync=before), entries)
+                except SyncConflict:
                     # Another read (another instance's) committed while ours was in flight:
                     # ours may be the older answer, so it must not change that one's
                     # members. Read again; the last try keeps no delta link instead.
                     if attempt < CONTESTED_READS:
                         full = True
                         continue
-                    update = dataclasses.replace(update, sync=SyncState(None, utcnow()))
-                applied = _apply(store, update, entries)
+                    applied = _apply(store, dataclasses.replace(update, sync=SyncState(None, utcnow())), entries)
                 marks = ()
                 # A removal that committed between that check and this apply is older than
                 # the grant the apply just made: take the grant back (and read again).
@@ -560,14 +561,6 @@ def _log_not_users(tenant: str, group: str, members: frozenset[tuple[str, str]])
                 "aadrun grants its direct user members only, not the members of nested groups",
                 severity="WARNING", tenant=tenant, group=group,
                 members=[{"type": kind, "id": oid} for kind, oid in sorted(members)[:50]], count=len(members))
-
-
-def _changes_members(store: Store, update: GroupUpdate) -> bool:
-    """Whether applying ``update`` would add or remove a member of its group now."""
-    current = store.group_members(update.tenant, update.group) or set()
-    if update.replace is not None:
-        return set(update.replace) - set(update.removed) != current
-    return bool((update.added - current) or (update.removed & current))
 
 
 def _apply(store: Store, update: GroupUpdate, entries: list[ChangeEntry]) -> list[ChangeEntry]:

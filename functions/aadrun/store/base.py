@@ -21,9 +21,11 @@ from __future__ import annotations
 import abc
 import dataclasses
 import datetime as dt
+import enum
 from collections.abc import Iterable, Mapping
 
 from ..config import check_store_url
+from ..errors import Unavailable
 
 UTC = dt.timezone.utc
 
@@ -80,6 +82,18 @@ class IamWrite:
     restored: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=dict)   # of added: put back
 
 
+class SyncConflict(Unavailable):
+    """An update's ``expect_sync`` no longer held: another read of the group committed
+    first, and the update would have changed its members. Nothing was written."""
+
+
+class Unchecked(enum.Enum):
+    UNCHECKED = "unchecked"
+
+
+UNCHECKED = Unchecked.UNCHECKED
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupUpdate:
     """Everything one atomic membership update does to one group.
@@ -89,6 +103,10 @@ class GroupUpdate:
       are removed. Exclusive with ``added``.
     - ``sync``: when set, the group's sync state is stored (marks it synced).
     - ``message_ids``: marked processed (for ``processed_ttl`` seconds).
+    - ``expect_sync``: the group's sync state its caller read before asking Graph
+      (None: never synced). If the stored state differs when the update commits and
+      the update would add or remove a member, it raises ``SyncConflict`` instead:
+      a Graph answer must not change members over a read committed after it began.
     """
 
     tenant: str
@@ -100,6 +118,7 @@ class GroupUpdate:
     message_ids: tuple[str, ...] = ()
     source: str = ""
     why: str = ""
+    expect_sync: SyncState | None | Unchecked = UNCHECKED
 
 
 class Store(abc.ABC):

@@ -71,7 +71,7 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 from ..errors import ConfigError, Unavailable
 from ..rpc_budget import Budget
 from .base import UTC, ChangeEntry, GroupUpdate, IamWrite, Store, SyncState, utcnow
-from .rules import check_update, diff_iam, iam_entries, member_entries, monotonic_at
+from .rules import check_expected_sync, check_update, diff_iam, iam_entries, member_entries, monotonic_at
 
 EMULATOR_PROJECT = "aadrun-local"
 TIMEOUT_S = 5.0
@@ -376,7 +376,10 @@ class FirestoreStore(Store):
             present = {u for u, ref in member.items() if snaps[ref.path].exists}
             to_add = sorted(update.added - update.removed - present)
             to_remove = sorted(update.removed & present)
-        first_sync = update.sync is not None and not snaps[group_ref.path].exists
+        stored = snaps[group_ref.path]
+        check_expected_sync(update, SyncState(stored.get("delta_link"), _plain(stored.get("synced_at")))
+                            if stored.exists else None, bool(to_add or to_remove))
+        first_sync = update.sync is not None and not stored.exists
         message_id = ",".join(update.message_ids) or None
         entries: list[ChangeEntry] = []
         if to_add or to_remove or first_sync:

@@ -4,13 +4,20 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Mapping
 
-from .base import ChangeEntry, GroupUpdate, IamWrite
+from .base import UNCHECKED, ChangeEntry, GroupUpdate, IamWrite, SyncConflict, SyncState
 
 
 def check_update(update: GroupUpdate) -> None:
     """Reject an update the interface calls invalid (a programming error)."""
     if update.replace is not None and update.added:
         raise ValueError("GroupUpdate: replace and added are exclusive")
+
+
+def check_expected_sync(update: GroupUpdate, stored: SyncState | None, changes_members: bool) -> None:
+    """Raise ``SyncConflict`` when ``update`` expects another sync state than the
+    ``stored`` one and would change members (inside the commit's transaction)."""
+    if update.expect_sync is not UNCHECKED and update.expect_sync != stored and changes_members:
+        raise SyncConflict(f"group {update.group}: another read committed while this one was in flight")
 
 
 def member_entries(update: GroupUpdate, added: Iterable[str], removed: Iterable[str],

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from ..errors import Unavailable
 from .base import UTC, ChangeEntry, GroupUpdate, IamWrite, Store, SyncState, utcnow
-from .rules import check_update, diff_iam, iam_entries, member_entries, monotonic_at
+from .rules import check_expected_sync, check_update, diff_iam, iam_entries, member_entries, monotonic_at
 
 BUSY_TIMEOUT_S = 5.0
 # Below SQLite's historical limit of 999 host parameters per statement.
@@ -309,10 +309,13 @@ class SqliteStore(Store):
         message_id = ",".join(update.message_ids) or None
         with _translated(), self._write() as conn:
             to_add, to_remove = self._apply_members(conn, update, now, message_id)
-            first_sync = False
+            row = conn.execute("SELECT delta_link, synced_at FROM groups WHERE tenant = ? AND grp = ?",
+                               (update.tenant, update.group)).fetchone()
+            # Raised inside the transaction: the rows written above roll back.
+            check_expected_sync(update, None if row is None else SyncState(row[0], _dt(row[1])),
+                                bool(to_add or to_remove))
+            first_sync = update.sync is not None and row is None
             if update.sync is not None:
-                first_sync = conn.execute("SELECT 1 FROM groups WHERE tenant = ? AND grp = ?",
-                                          (update.tenant, update.group)).fetchone() is None
                 conn.execute("INSERT INTO groups VALUES (?, ?, ?, ?) ON CONFLICT (tenant, grp)"
                              " DO UPDATE SET delta_link = excluded.delta_link, synced_at = excluded.synced_at",
                              (update.tenant, update.group, update.sync.delta_link,
