@@ -33,7 +33,12 @@ _READ_LIMIT = 1024 * 1024
 def _request(request: flask.Request, limit: int = _READ_LIMIT) -> HttpRequest:
     # Read at most limit+1 bytes so an oversized body is detected without buffering it all.
     length = request.content_length   # parsed from the header on each access
-    body = request.stream.read(limit + 1) if length or request.headers.get("Transfer-Encoding") else b""
+    try:
+        body = request.stream.read(limit + 1) if length or request.headers.get("Transfer-Encoding") else b""
+        incomplete = length is not None and len(body) < min(length, limit + 1)
+    except Exception:  # noqa: BLE001 - a broken chunked encoding, a client gone mid-body: the
+        # server's and Werkzeug's errors alike mean there is no body to act on (a 400, not a 500)
+        body, incomplete = b"", True
     return HttpRequest(
         method=request.method,
         path=request.path,
@@ -41,6 +46,7 @@ def _request(request: flask.Request, limit: int = _READ_LIMIT) -> HttpRequest:
         headers=request.headers,    # a mapping that ignores case
         body=body[:limit],
         body_too_large=len(body) > limit or (length or 0) > limit,
+        body_incomplete=incomplete,
     )
 
 

@@ -20,6 +20,7 @@ class HttpRequest:
     headers: Mapping[str, str]   # lower-cased keys, or a mapping that ignores case
     body: bytes
     body_too_large: bool = False  # the body exceeded the entry point's read limit
+    body_incomplete: bool = False  # the body ended before its declared length, or was malformed
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())

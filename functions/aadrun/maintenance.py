@@ -34,6 +34,7 @@ HTTP (POST, optional JSON body ``{"tasks": [...]}``; empty body = every task):
     not POST                                     405   method_not_allowed
     body over 64 KiB                             413   too_large
     not a JSON object / unknown key / bad task   400   bad_request
+    / a body cut off or its chunks malformed
 
 The body is always ``{"ok", "tasks": {name: {"status", ...}}}``; no error escapes
 as a 500: a task's failure is caught and reported by its class and message.
@@ -113,6 +114,8 @@ class Maintenance:
             return _refused(405, "method_not_allowed", headers={"Allow": "POST"})
         if req.body_too_large or len(req.body) > MAX_BODY:
             return _refused(413, "too_large")
+        if req.body_incomplete:   # a cut-off body must not run every task, as an empty one does
+            return _refused(400, "bad_request", "the request body ended before its declared length")
         try:
             tasks = parse_tasks(req.body)
         except RequestError as e:

@@ -36,6 +36,8 @@ def bearer_token(value: str | None) -> str | None:
 
 def _parse(req: HttpRequest) -> tuple[str, str | None, str]:
     """(service, token, mode) or BadRequest."""
+    if req.body_incomplete:
+        raise BadRequest("the request body ended before its declared length, or its chunks are malformed")
     header_token = bearer_token(req.header("authorization"))
     if "service" in req.query:
         # Forward-auth: the proxy names the service. A body is the client's (a proxy may

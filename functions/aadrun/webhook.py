@@ -199,6 +199,8 @@ class Webhook:
             audit.entry("webhook_error", "graph_webhook request not accepted", severity="WARNING",
                         reason="too_large", path=path)
             return reply("too_large")
+        if req.body_incomplete:
+            raise RequestError("incomplete_body")
         return self._notifications(parse_body(req.body))
 
     @staticmethod

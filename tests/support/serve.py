@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -104,3 +105,16 @@ class FunctionServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send ``data`` as it is (a request no HTTP client would write), end the sending
+    side, and return the answer's status and body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
