@@ -262,6 +262,15 @@ def test_tests_validate_and_plan_run_before_any_deploy_and_policies_are_shipped(
             assert ship in step.get("waitFor", [ship]), f"{step['id']} may start before the policies are shipped"
 
 
+def test_every_step_running_python_installs_it_in_its_own_container(build):
+    # Each step is a fresh container of its image, and the workspace's venv links to the
+    # Python the test step installed: a step that reuses the venv installs it again.
+    for step in build["steps"]:
+        script = " ".join(str(a) for a in step.get("args") or [])
+        if "scripts/test" in script or "scripts/aadrun" in script:
+            assert re.search(r"apt-get install [^\n]*python3 python3-venv", script), step.get("id")
+
+
 def test_the_shipped_policies_are_the_validated_ones_links_included(build, tmp_path):
     # validate and plan read policies/; the functions read the copy. A linked folder
     # copied as a link would no longer resolve there, and its services would be dropped.
@@ -341,3 +350,22 @@ def test_setup_gcp_ends_with_a_deploy_command_whose_substitutions_the_build_acce
         assert given["_EXTRA_SECRETS"] == ",AADRUN_CLIENT_SECRET=aadrun-client-secret:latest"
     else:
         assert "_EXTRA_SECRETS" not in given
+
+
+def test_setup_gcp_stops_when_it_cannot_tell_whether_the_client_state_has_a_value(tmp_path):
+    # A failed version list (a token refresh, a missing permission) must not read as
+    # "no value yet": a new random client state would replace the one Graph sends.
+    calls = tmp_path / "calls"
+    fake = tmp_path / "gcloud"
+    fake.write_text("#!/usr/bin/env bash\ncat >/dev/null <&0 2>/dev/null || true\n"
+                    f'echo "$*" >> {calls}\n'
+                    'case "$*" in *"projects describe"*) echo 123456789012;; '
+                    '*"versions list"*) echo "ERROR: (gcloud) permission denied" >&2; exit 1;; esac\nexit 0\n')
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "setup-gcp"), "p1", "europe-west1"], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL,
+                          env={"PATH": f"{tmp_path}:/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode != 0 and "could not list the versions of secret aadrun-client-state" in proc.stderr
+    made = calls.read_text().splitlines()
+    assert any("versions list aadrun-client-state" in c for c in made)
+    assert not any("versions add aadrun-client-state" in c for c in made)
