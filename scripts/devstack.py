@@ -256,6 +256,9 @@ def instructions(stack: Stack) -> str:
     graph_env = " ".join(f"{k}={v}" for k, v in stack.env.items()
                          if k.startswith("AADRUN_") and k not in ("AADRUN_STORE", "AADRUN_BUS") or
                          k in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"))
+    redelivery = ("Pub/Sub delivers it again by itself." if stack.emulators else
+                  "graph_webhook answers 503, as the in-process bus could not\nsettle it, and Graph would "
+                  "send it again: send the same curl again to play that retry.")
     return f"""
 aadrun local stack is up ({'emulators' if stack.emulators else 'embedded'} mode)
   verify               {stack.verify.url}
@@ -273,15 +276,17 @@ Carol is in no group of billing-api (403 not_member):
 Every check of a decision, step by step:
   {store_env} AADRUN_AUTHORITY_URL={stack.idp.url} scripts/aadrun explain --service billing-api --token "$TOKEN"
 
-Send a notification by hand. Bob is denied on the removal alone, then policy_sync
-reads the group from the Graph stand-in, which still lists him, and restores him:
-a notification Graph does not confirm cannot change access for long
-(the audit log shows both). The scenario above removed Alice in Graph first.
+Send a notification by hand: "Bob left all-staff", which the Graph stand-in does
+not confirm (the scenario above removed Alice in Graph first; nobody removed Bob).
+Bob is denied on the removal alone. policy_sync's read still lists him, so the
+delivery fails and the removal is kept until the notification comes again; that
+delivery's read decides, and restores him: a notification Graph does not confirm
+cannot change access for long. {redelivery}
   curl -s -i {stack.webhook.url}/ -H 'Content-Type: application/json' -d '{{"value": [{{
     "subscriptionId": "{SUBSCRIPTION}", "clientState": "{stack.client_state}",
     "changeType": "updated", "resource": "Groups/{STAFF}", "tenantId": "{TENANT}",
     "resourceData": {{"id": "{STAFF}", "members@delta": [{{"id": "{BOB}", "@removed": "deleted"}}]}}}}]}}'
-and read the audit log:
+and read the audit log (Bob's member_removed, then his member_added):
   {store_env} scripts/aadrun audit
 Read every group from the Graph stand-in again (the CLI as the functions run it):
   {store_env} {graph_env} scripts/aadrun resync

@@ -86,6 +86,7 @@ def test_ctrl_c_stops_everything(tmp_path):
             assert second.returncode != 0 and refusal in second.stderr, second.stderr[-2000:]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as health:
             assert health.status == 200
+        _hand_sent_notification_plays_as_printed("".join(seen))
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=90)
         # verify, graph_webhook, the identity provider and the Graph stand-in are all gone.
@@ -93,3 +94,26 @@ def test_ctrl_c_stops_everything(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _bash(command: str) -> str:
+    return subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30).stdout
+
+
+def _hand_sent_notification_plays_as_printed(printed: str) -> None:
+    """The printed curls, run as printed: the unconfirmed removal of Bob is a 503 and
+    denies him; the same curl again (Graph's retry) is read again and restores him."""
+    notify = re.search(r"^  (curl -s -i .*?\}\]\}')$", printed, re.S | re.M).group(1)
+    ask = (re.search(r"^  (TOKEN=\S+)$", printed, re.M).group(1) + "\n"
+           + re.search(r"^  (curl -s \S+/verify .*?billing-api\"\}')$", printed, re.S | re.M).group(1))
+    def comes(answer: str, why: str) -> None:   # verify sees a change within its 0.2 s poll
+        deadline = time.monotonic() + 10
+        while answer not in _bash(ask):
+            assert time.monotonic() < deadline, why
+            time.sleep(0.1)
+
+    assert '"allow":true' in _bash(ask)
+    assert _bash(notify).startswith("HTTP/1.1 503")
+    comes('"reason":"not_member"', "the removal alone did not deny Bob")
+    assert _bash(notify).startswith("HTTP/1.1 202")
+    comes('"allow":true', "Bob was not restored by the notification's second delivery")

@@ -540,6 +540,14 @@ def test_record_mode_stores_the_plan_and_calls_nothing(world, audit_lines):
     assert app.store.managed_members(REPORTS) == {INVOKER: {user(ALICE)}}
     assert not summary.iam["reports"].wrote
     assert any(a["event"] == "iam_plan" for a in audit_lines)
+    # Nothing reached IAM: the managed set's changes are claims, never grants or revocations.
+    world.graph.remove_members(TENANT, G_ENG, [ALICE])
+    deliver(app, [change(G_ENG, removed=[ALICE])])
+    assert world.cloudrun.requests == [] and app.store.managed_members(REPORTS) == {}
+    iam = [(e.kind, e.service, e.member) for e in app.store.changes() if e.kind.startswith("iam_")]
+    assert {(k, s) for k, s, _ in iam} >= {("iam_claimed", REPORTS), ("iam_unclaimed", REPORTS)}, iam
+    assert {k for k, _, _ in iam} == {"iam_claimed", "iam_unclaimed"}, iam
+    assert not [a for a in audit_lines if a["event"] == "iam_change"]
 
 
 def test_group_changed_message_re_reads_the_group(world, app):

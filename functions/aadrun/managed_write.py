@@ -111,20 +111,19 @@ def write_managed(store: Store, writer: IamWriter, lease: StoreLease, resource: 
             except PlanError:
                 return outcome(None, refusal)
         changes = result.changes
-        # What the set call did (nothing, when none was needed); record mode has none:
-        # its plan is the change.
-        written = None if writer.mode == "record" else IamWrite(
+        # What the set call did (nothing, when none was needed). Record mode makes none:
+        # nothing reached IAM, so its plan is recorded as claims, never as grants.
+        written = IamWrite({}, {}) if writer.mode == "record" else IamWrite(
             changes.adds, changes.removes,
             {r: frozenset(m) & before.get(r, set()) for r, m in changes.adds.items()} if repair else {})
         managed = {r: set(m) for r, m in changes.managed.items() if m}
         # After a claim the store's record is the claim's, whatever the plan held.
-        if entries or (written and (written.added or written.removed)) or \
-                managed != {r: m for r, m in before.items() if m}:
+        if entries or written.added or written.removed or managed != {r: m for r, m in before.items() if m}:
             try:
                 # A write that outlived its lease must not overwrite a newer holder's record.
                 entries.extend(store.record_iam(resource, managed, written=written, **record))
             except Exception:
-                if written:   # what the set call did happened: it is audited all the same
+                if written.added or written.removed:   # what the set call did happened: audited all the same
                     entries.extend(iam_entries(resource, (), (), utcnow(), source, why, message_id, written=written))
                 raise
         return outcome(result, refusal)
