@@ -176,6 +176,15 @@ def test_subscribe(ops):
     assert code == 1 and "lease_held" in out
 
 
+def test_subscribe_at_another_url_shows_the_url_the_subscriptions_notify_and_exits_1(ops):
+    run, store_url, graph, _ = ops
+    open_store(store_url)
+    assert run("subscribe")[0] == 0
+    code, out, _ = run("subscribe", AADRUN_NOTIFICATION_URL="https://other.example/graph_webhook")
+    assert code == 1, out
+    assert out.count(f"foreign   {TENANT}") == 2 and out.count(f"notifies {NOTIFY}, not this webhook") == 2, out
+
+
 def test_resync_with_progress_and_one_group(ops):
     run, store_url, graph, cloudrun = ops
     code, out, err = run("resync", "--progress")

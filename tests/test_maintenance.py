@@ -272,19 +272,22 @@ def test_during_a_rotation_a_subscription_of_unknown_state_is_replaced(world):
     assert {s["clientState"] for s in world.subs().values()} == {"new-state"}
 
 
-def test_409_on_create_is_already_exists(world, audit_lines):
+def test_409_for_another_urls_subscription_is_left_alone_and_fails_the_run(world, audit_lines):
     graph = GraphClient(world.settings, TENANT)
     # The same app already subscribes to G_ENG, for another endpoint (a deployment at an
-    # earlier URL): left alone, but a warning, since that group now waits for the resync.
+    # earlier URL): left alone, but the run is not ok, since that group now waits for the resync.
     other = graph.create_subscription(f"/groups/{G_ENG}", "https://old.example/hook", None, "x", max_expiration())
-    summary = world.app().maintenance.run(["subscriptions"])
-    assert [a["action"] for a in summary["tasks"]["subscriptions"]["actions"]] == ["exists", "created"]
-    exists = summary["tasks"]["subscriptions"]["actions"][0]
-    assert (exists["subscription"], exists["notification_url"]) == (other["id"], "https://old.example/hook")
-    assert len(world.graph.calls("POST", "/v1.0/subscriptions")) == 3 and summary["ok"]
+    status, summary = post(world.app(), b'{"tasks": ["subscriptions"]}')
+    task = summary["tasks"]["subscriptions"]
+    assert [a["action"] for a in task["actions"]] == ["foreign", "created"]
+    foreign = task["actions"][0]
+    assert (foreign["subscription"], foreign["notification_url"]) == (other["id"], "https://old.example/hook")
+    assert task["errors"] == [foreign] and task["status"] == "error" and not summary["ok"]
+    assert status == 200   # G_STAFF is covered: the run made progress
+    assert len(world.graph.calls("POST", "/v1.0/subscriptions")) == 3
     severities = {line["resource"]: line["severity"] for line in audit_lines if line["event"] == "subscription"}
     assert severities == {f"/groups/{G_ENG}": "WARNING", f"/groups/{G_STAFF}": "INFO"}
-    assert "resync" in exists["why"]
+    assert "resync" in foreign["why"]
 
 
 def test_409_after_a_concurrent_create_adopts_the_subscription(world):
@@ -363,7 +366,7 @@ def test_a_tenant_wide_subscription_to_another_endpoint_does_not_replace_ours(wo
     graph.create_subscription("/groups", "https://old.example/hook", None, "x", max_expiration())
     small = Maintenance(app, subscriptions=Subscriptions(app.settings, app.store, app.maintenance.graph, quota=1))
     done = actions(small.run(["subscriptions"]))
-    assert done["/groups"] == "exists" and done[f"/groups/{G_STAFF}"] == "kept"   # its notifications go elsewhere
+    assert done["/groups"] == "foreign" and done[f"/groups/{G_STAFF}"] == "kept"   # its notifications go elsewhere
     assert f"/groups/{G_STAFF}" in world.subs()
 
 

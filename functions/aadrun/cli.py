@@ -224,8 +224,12 @@ def cmd_subscribe(args, settings: Settings) -> int:
     def text(p: dict) -> str:
         if p["status"] != "ok" and "actions" not in p:
             return f"{p['status']}: {p.get('reason') or p.get('detail')}"
-        return "\n".join(f"{a['action']:<9} {a['tenant']} {a['resource']}" + (f"  {a['error']}" if "error" in a
-                                                                              else "")
+        def detail(a: dict) -> str:
+            if "error" in a:
+                return f"  {a['error']}"
+            return f"  notifies {a.get('notification_url')}, not this webhook" if a["action"] == "foreign" else ""
+
+        return "\n".join(f"{a['action']:<9} {a['tenant']} {a['resource']}{detail(a)}"
                          for a in p["actions"]) or "no group is referenced by the policies"
 
     _emit(args, result, text)

@@ -67,8 +67,9 @@ TASKS = ("subscriptions", "reconcile", "drift")
 # its own "error"; when every item failed (an expired client secret, a missing
 # permission) the run failed too, and Cloud Scheduler must see it fail (503).
 _PROGRESS: dict[str, Callable[[dict], bool]] = {
-    # Some resource covered: a deletion alone (a replacement whose create failed) is not.
-    "subscriptions": lambda r: any(a["action"] not in ("error", "deleted") for a in r.get("actions", ())),
+    # Some resource covered: a deletion alone (a replacement whose create failed) is not,
+    # nor another URL's subscription.
+    "subscriptions": lambda r: any(a["action"] not in ("error", "deleted", "foreign") for a in r.get("actions", ())),
     # Some group read: IAM that cannot be written anywhere is drift's failure to report.
     "reconcile": lambda r: sum(r.get("reads", {}).values()) > 0,
     "drift": lambda r: bool(r.get("services") or r.get("orphaned")),
@@ -198,7 +199,8 @@ class Maintenance:
         counts: dict[str, int] = {}
         for a in actions:
             counts[a["action"]] = counts.get(a["action"], 0) + 1
-        return {"counts": counts, "actions": actions, "errors": [a for a in actions if a["action"] == "error"]}
+        return {"counts": counts, "actions": actions,
+                "errors": [a for a in actions if a["action"] in ("error", "foreign")]}
 
     def reconcile_task(self) -> dict:
         """``PolicySync.resync`` per tenant, so one tenant's failure spares the others."""

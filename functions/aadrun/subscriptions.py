@@ -34,7 +34,9 @@ carry NEW is replaced; OLD can go once that is done. One made before states were
 kept is replaced once too: its state is unknown.
 
 Action names in reports: ``created``, ``exists`` (409 on create), ``renewed``,
-``kept``, ``replaced``, ``deferred``, ``deleted``, ``error``.
+``kept``, ``replaced``, ``deferred``, ``deleted``, ``error``, and ``foreign``: this
+app's subscription to the resource notifies another URL (left alone, and a failure
+of the run: the resource's changes do not reach this webhook).
 """
 from __future__ import annotations
 
@@ -272,7 +274,7 @@ class Subscriptions:
             # expires (at most 29 days), this resource's changes arrive only by the
             # scheduled delta resync. An operator must see that, not a routine line.
             other = listed[0].get("notificationUrl") if listed else None
-            run.report("exists", resource, listed[0] if listed else None, severity="WARNING",
+            run.report("foreign", resource, listed[0] if listed else None, severity="WARNING",
                        notification_url=other, why="this app's subscription to it notifies another URL: "
                        "changes reach this webhook only by the scheduled resync until it is deleted or expires")
             return False
