@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from aadrun.bus import LocalBus
 from aadrun.config import Settings
-from aadrun.errors import PolicyError
+from aadrun.errors import PolicyError, Unavailable
 from aadrun.http import HttpRequest
 from aadrun.messages import from_json
 from aadrun.policy import load_policy
@@ -370,6 +370,21 @@ def test_a_failing_local_policy_sync_on_the_worker_pool_is_503_unavailable():
     finally:
         bus.close()
     assert (response.status, response.json_body()) == (503, {"reason": "unavailable"})
+
+
+@pytest.mark.parametrize("failure, severity", [
+    (Unavailable("group g: Graph does not show 1 notified change(s) yet"), "WARNING"),   # aadrun's refusal
+    (RuntimeError("bug"), "ERROR"),                                                     # wrapped by the bus
+])
+def test_a_503_from_the_local_policy_sync_is_a_warning_only_when_aadrun_chose_it(records, failure, severity):
+    bus = LocalBus(Recorder(error=failure), timeout=1.0)
+    try:
+        response = post(make_webhook(bus_getter=lambda: bus), golden("members_added"))
+    finally:
+        bus.close()
+    assert response.status == 503
+    [logged] = [r for r in records if getattr(r, "json_fields", {}).get("event") == "webhook_error"]
+    assert (logged.json_fields["reason"], logged.levelname) == ("unavailable", severity)
 
 
 def test_a_slow_local_policy_sync_gets_503_at_the_deadline_and_still_finishes():

@@ -42,7 +42,7 @@ from typing import Any
 from . import audit
 from .bus import Bus
 from .config import Settings
-from .errors import ConfigError, PolicyError, RequestError, Unavailable
+from .errors import AadrunError, ConfigError, PolicyError, RequestError, Unavailable
 from .http import HttpRequest, HttpResponse
 from .messages import (CHANGE_TYPES, LIFECYCLE_EVENTS, LifecycleEvent, MembershipChange, Message, group_of,
                        is_guid, lifecycle_from_graph, membership_from_graph, rfc3339)
@@ -153,6 +153,16 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+def _severity(error: Exception, reason: str) -> str:
+    """A bad request is the sender's; a refusal aadrun chose (a batch whose changes Graph
+    does not show yet, with the in-process bus) is a warning, as policy_sync logs it;
+    a failure underneath (Pub/Sub, the store, a bug), even wrapped, is an error."""
+    if reason == "bad_request":
+        return "INFO"
+    chosen = isinstance(error, Unavailable) and (error.__cause__ is None or isinstance(error.__cause__, AadrunError))
+    return "WARNING" if chosen else "ERROR"
+
+
 class Webhook:
     """``handle`` answers one HTTP request; shared by every request thread."""
 
@@ -173,8 +183,8 @@ class Webhook:
             reason = next((r for cls, r in _ERROR_REASONS if isinstance(e, cls)), "unavailable")
             known = reason != "unavailable" or isinstance(e, Unavailable)
             # aadrun's own errors carry no request content; anything else logs its class only.
-            audit.entry("webhook_error", "graph_webhook request not accepted",
-                        severity="INFO" if reason == "bad_request" else "ERROR", reason=reason,
+            audit.entry("webhook_error", "graph_webhook request not accepted", severity=_severity(e, reason),
+                        reason=reason,
                         detail=str(e) if known else None, error=e.__class__.__name__,
                         cause=e.__cause__.__class__.__name__ if e.__cause__ else None, path=_served_path(req),
                         elapsed_ms=round((time.monotonic() - started) * 1000))
