@@ -189,6 +189,29 @@ services:
     assert "(and 2 more)" in str(caught.value)
 
 
+def test_a_service_that_does_not_parse_still_has_its_tenant_reference_checked(tmp_path):
+    path = write(tmp_path, "a.yaml", f"""\
+tenants:
+  - id: {T}
+    audiences: [x]
+services:
+  - name: s
+    tenant: {TENANT_B}
+    cloud_run: not/a/resource
+    access:
+      - app_roles: [R]
+  - name: t
+    tenant: {T}
+    cloud_run: not/a/resource
+    access:
+      - app_roles: [R]
+""")
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    assert [(e.line, e.field) for e in caught.value.errors] == [
+        (6, "services[0].tenant"), (7, "services[0].cloud_run"), (12, "services[1].cloud_run")]
+
+
 def test_a_wrong_principal_hides_no_other_problem(tmp_path):
     path = write(tmp_path, "a.yaml", f"""\
 tenants:

@@ -285,6 +285,8 @@ def parse_documents(docs: list[tuple[dict, dict[str, int], str]], *, complete: b
     where: dict[str, tuple[_Checker, str]] = {}   # tenant id or service name -> (file, field)
     singles: dict[str, tuple[str, str]] = {}
     errors: list[PolicyError] = []
+    # The tenants named by services that did not parse: references are all reported.
+    unparsed: list[tuple[_Checker, str, str]] = []
     for data, lines, name in docs:
         c = _Checker(name, lines)
         try:
@@ -317,6 +319,9 @@ def parse_documents(docs: list[tuple[dict, dict[str, int], str]], *, complete: b
                 where[service.name] = (c, f"services[{i}]")
             except PolicyError as e:
                 errors.append(e)
+                tenant = raw.get("tenant") if isinstance(raw, dict) else None
+                if isinstance(tenant, str) and GUID.fullmatch(tenant) and e.field != f"services[{i}].tenant":
+                    unparsed.append((c, f"services[{i}].tenant", tenant.lower()))
     principal = singles.get("principal", (None, ""))[0]
     group_principal = singles.get("group_principal", (None, ""))[0]
     # A tenant that did not parse would make its services' references look wrong too.
@@ -327,6 +332,9 @@ def parse_documents(docs: list[tuple[dict, dict[str, int], str]], *, complete: b
                         group_principal)
         except PolicyError as e:
             errors.append(e)
+    for c, field, tenant in unparsed if check_tenants else ():
+        if tenant not in tenants:
+            errors.append(c.error(field, f"tenant {tenant} is not defined under tenants"))
     _raise_all(errors)
     return Policy(tenants, services, principal, group_principal, tuple(d[2] for d in docs),
                   _audience_warnings(services, tenants, where) + _project_number_warnings(services, where))
