@@ -44,6 +44,7 @@ def test_a_client_state_graph_would_refuse_stops_start_up_without_showing_it():
     ({"AADRUN_LEEWAY_SECONDS": "-5"}, "AADRUN_LEEWAY_SECONDS"),
     ({"AADRUN_LEEWAY_SECONDS": "nan"}, "AADRUN_LEEWAY_SECONDS"),      # exp + nan: every check would pass
     ({"AADRUN_JWKS_REFRESH_SECONDS": "inf"}, "AADRUN_JWKS_REFRESH_SECONDS"),
+    ({"AADRUN_JWKS_REFRESH_SECONDS": "0"}, "AADRUN_JWKS_REFRESH_SECONDS"),    # a fetch for every request
     ({"AADRUN_LEEWAY_SECONDS": "1e308"}, "AADRUN_LEEWAY_SECONDS"),    # as good as no expiry
     ({"AADRUN_MEMBERSHIP_POLL_SECONDS": "3600"}, "AADRUN_MEMBERSHIP_POLL_SECONDS"),
     ({"AADRUN_BUS": "pubsub"}, "GOOGLE_CLOUD_PROJECT"),

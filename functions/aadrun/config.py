@@ -49,7 +49,7 @@ def check_store_url(url: str) -> str:
     return url
 
 
-def _float(env: Mapping[str, str], name: str, default: float, maximum: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, maximum: float, minimum: float = 0.0) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -59,8 +59,9 @@ def _float(env: Mapping[str, str], name: str, default: float, maximum: float) ->
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
     if not math.isfinite(value):   # a NaN leeway would make every exp check pass
         raise ConfigError(f"{name} must be a finite number, got {raw!r}")
-    if value < 0:
-        raise ConfigError(f"{name} must not be negative, got {raw!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum:g}, got {raw!r}" if minimum
+                          else f"{name} must not be negative, got {raw!r}")
     if value > maximum:
         raise ConfigError(f"{name} must be at most {maximum:g}, got {raw!r}")
     return value
@@ -121,10 +122,11 @@ class Settings:
             project=env.get("GOOGLE_CLOUD_PROJECT") or env.get("GCP_PROJECT") or None,
             ca_file=env.get("REQUESTS_CA_BUNDLE") or env.get("SSL_CERT_FILE") or None,
             # Bounds past which a setting undoes what it tunes: a leeway of hours keeps
-            # expired tokens valid, keys refreshed less than daily keep removed keys,
-            # a poll of minutes keeps removed members allowed.
+            # expired tokens valid, keys refreshed less than daily keep removed keys (and
+            # more than every second fetch them for every request), a poll of minutes keeps
+            # removed members allowed.
             leeway_seconds=_float(env, "AADRUN_LEEWAY_SECONDS", 60.0, maximum=600),
-            jwks_refresh_seconds=_float(env, "AADRUN_JWKS_REFRESH_SECONDS", 3600.0, maximum=86400),
+            jwks_refresh_seconds=_float(env, "AADRUN_JWKS_REFRESH_SECONDS", 3600.0, maximum=86400, minimum=1),
             membership_poll_seconds=_float(env, "AADRUN_MEMBERSHIP_POLL_SECONDS", 0.2, maximum=60),
         )
         if any(len(state) > MAX_CLIENT_STATE for state in states):
