@@ -165,6 +165,17 @@ def test_an_update_expecting_an_older_sync_state_changes_no_member(backend):
     assert store.group_members(T, G) == {"u1"}
 
 
+def test_drop_link_forgets_the_link_in_the_commit_and_keeps_the_sync_time(store):
+    store.apply(GroupUpdate(T, G2, removed=users("u1"), drop_link=True))   # never synced: stays so
+    assert store.sync_state(T, G2) is None
+    sync = synced("link-1")
+    store.apply(GroupUpdate(T, G, added=users("u1", "u2"), sync=sync))
+    store.apply(GroupUpdate(T, G, removed=users("u1"), drop_link=True))
+    assert store.sync_state(T, G) == SyncState(None, sync.synced_at) and store.group_members(T, G) == {"u2"}
+    with pytest.raises(ValueError):
+        store.apply(GroupUpdate(T, G, drop_link=True, sync=sync))
+
+
 def test_an_update_expecting_a_never_synced_group_conflicts_with_a_first_read(backend):
     store, other = backend(), backend()
     other.apply(GroupUpdate(T, G, replace=users("u1", "u2"), sync=synced()))

@@ -14,7 +14,7 @@ import pytest
 from aadrun.coalesce import Combiner
 from aadrun.errors import Unavailable, UpstreamError
 from aadrun.messages import MembershipChange
-from aadrun.store import GroupUpdate
+from aadrun.store import GroupUpdate, SyncConflict
 from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, graph_pki, loopback_only
 from tests.support.sync_world import *  # noqa: F401,F403 - world, app, store_url, no_adc
 from tests.support.sync_world import (ALICE, BILLING, BOB, CAROL, G_ENG, G_OPS, INVOKER, MALLORY, REPORTS,
@@ -368,6 +368,128 @@ def test_a_member_confirmed_between_an_older_reads_check_and_its_apply_is_kept(w
     assert injected and app.store.group_members(TENANT, G_ENG) == {ALICE, CAROL}
     assert not any(e.kind == "member_removed" for e in app.store.changes())
     assert world.members(REPORTS) == {user(ALICE), user(CAROL)}
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "firestore"], indirect=True)
+def test_a_read_contested_to_the_last_try_fails_rather_than_grant_a_user_removed_meanwhile(world, app):
+    """Other instances' reads land during each of this read's tries. Before the third,
+    MALLORY is added in Graph; during it she is removed and another instance handles
+    that (she was never in the store: no removal of hers is in the change log). The
+    third answer, which lists her, is not applied: the batch fails, to be read again."""
+    _alice_synced(world, app)
+    other = world.app()
+    real_apply, tries = app.store.apply, []
+
+    def apply(update, *args, **kwargs):
+        if update.source == "graph-delta" and len(tries) < 3:
+            tries.append(1)
+            if len(tries) < 3:   # a newer read confirms someone
+                newcomer = str(uuid.uuid4())
+                world.graph.add_members(TENANT, G_ENG, [newcomer])
+                other.sync.handle_messages([change(G_ENG, added=[newcomer])])
+                if len(tries) == 2:
+                    world.graph.add_members(TENANT, G_ENG, [MALLORY])   # listed by the third read
+            else:
+                world.graph.remove_members(TENANT, G_ENG, [MALLORY])
+                other.sync.handle_messages([change(G_ENG, removed=[MALLORY])])
+        return real_apply(update, *args, **kwargs)
+
+    app.store.apply = apply
+    with pytest.raises(SyncConflict):
+        app.sync.handle_messages([change(G_ENG)])
+    assert MALLORY not in app.store.group_members(TENANT, G_ENG)
+    assert user(MALLORY) not in world.members(REPORTS)
+    app.store.apply = real_apply
+    app.sync.handle_messages([change(G_ENG)])   # the redelivery
+    assert app.store.group_members(TENANT, G_ENG) == world.graph.members(TENANT, G_ENG)
+
+
+DAVE = "0da0e000-0000-0000-0000-000000000004"
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "firestore"], indirect=True)
+def test_a_removal_committed_late_does_not_make_an_older_read_look_current(world, app):
+    """A removal that read the group's sync state before another removal dropped its
+    link, and commits after a newer read stored a new one, must not write back the
+    state an older read in flight expects (which would let that read undo CAROL)."""
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB, DAVE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB, DAVE])])
+    late, confirmer = world.app(), world.app()
+    go, waiting = threading.Event(), threading.Event()
+    real_late_apply = late.store.apply
+
+    def late_apply(update, *args, **kwargs):
+        if update.source == "notification":
+            waiting.set()
+            go.wait(10)
+        return real_late_apply(update, *args, **kwargs)
+
+    late.store.apply = late_apply
+    world.graph.remove_members(TENANT, G_ENG, [BOB, DAVE])
+    remover = threading.Thread(target=deliver, args=(late, [change(G_ENG, removed=[DAVE])]))
+    remover.start()
+    waiting.wait(10)
+    real, hooked = world.graph.handle, []
+
+    def handle(method, path, query, headers, raw):
+        answer = real(method, path, query, headers, raw)   # this instance's answer, taken before CAROL
+        if path == "/v1.0/groups/delta" and not hooked:
+            hooked.append(1)
+            world.graph.add_members(TENANT, G_ENG, [CAROL])
+            confirmer.sync.handle_messages([change(G_ENG, added=[CAROL])])
+            go.set()                                        # the late removal commits now
+            while DAVE in app.store.group_members(TENANT, G_ENG):
+                time.sleep(0.01)
+        return answer
+
+    world.graph.handle = handle
+    deliver(app, [change(G_ENG, removed=[BOB])])            # its removal, then a full read
+    remover.join()
+    assert not [e for e in app.store.changes() if e.user == CAROL and e.kind == "member_removed"]
+    assert user(CAROL) in world.members(REPORTS)
+
+
+@pytest.mark.parametrize("store_url", ["firestore"], indirect=True)
+def test_an_older_read_cannot_undo_an_update_firestore_commits_in_parts(world, app):
+    """Firestore commits a large update in parts. An older full read in flight, applied
+    between them, must not undo the parts already committed, nor must the last part
+    then store a delta link that hides the gap from every later incremental read."""
+    newcomers = [f"0e0e0000-0000-0000-0000-00000000000{i}" for i in range(1, 4)]
+    _alice_synced(world, app)
+    other = world.app()
+    app.store.max_changes_per_commit = 2
+    real, hooked, release = world.graph.handle, [], threading.Event()
+
+    def handle(method, path, query, headers, raw):
+        answer = real(method, path, query, headers, raw)
+        if path == "/v1.0/groups/delta" and not hooked:   # the other instance's answer: ALICE only
+            hooked.append(1)
+            release.wait(10)
+        return answer
+
+    world.graph.handle = handle
+    older = threading.Thread(target=deliver, args=(other, [change(G_ENG)]))
+    older.start()
+    while not hooked:
+        time.sleep(0.01)
+    world.graph.add_members(TENANT, G_ENG, newcomers)
+    real_run = app.store._run
+
+    def run(fn, *args):
+        part = args[0] if args else None
+        if getattr(part, "source", "") == "graph-delta" and part.sync is not None and \
+                part.sync.delta_link and not release.is_set():
+            release.set()                                   # before the last part: the older read lands
+            older.join(15)
+        return real_run(fn, *args)
+
+    app.store._run = run
+    deliver(app, [change(G_ENG, added=newcomers)])          # an incremental read: three additions
+    older.join()
+    world.graph.handle, app.store._run = real, real_run
+    app.sync.resync(TENANT, G_ENG)                          # the scheduled reconcile (incremental)
+    assert app.store.group_members(TENANT, G_ENG) == world.graph.members(TENANT, G_ENG)
+    assert world.members(REPORTS) == {user(u) for u in world.graph.members(TENANT, G_ENG)}
 
 
 def test_changes_committed_before_a_later_read_of_the_loop_fails_are_audited(world, app, audit_lines):

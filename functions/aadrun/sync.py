@@ -75,8 +75,8 @@ from .sync_report import SyncSummary, audit_changes, iam_outcome, policy_event
 MAX_LOGGED_IDS = 8
 MAX_CHECKED_CLAIMS = 16   # users of one message looked up in the store before reading Graph
 WORKERS = 8
-# Reads of one group in a row while removals keep landing during them (then Pub/Sub
-# redelivery or the reconcile takes over).
+# Reads of one group in a row while removals or other reads keep landing during them
+# (then Pub/Sub redelivery or the reconcile takes over).
 CONTESTED_READS = 3
 # A message whose changes Graph's read did not show is marked so, in a store record
 # that outlives Pub/Sub's redeliveries and Graph's own retries (up to 4 hours): its
@@ -337,12 +337,12 @@ class PolicySync:
     def _remove(self, work: _Group) -> list[ChangeEntry]:
         """Step 1: the group's removals in one commit, dropping its delta link."""
         store = self._app.store
-        state = store.sync_state(work.tenant, work.group)
-        sync = SyncState(None, state.synced_at) if state is not None and state.delta_link else None
         entries: list[ChangeEntry] = []
         try:
+            # The link is dropped inside the commit: a state read before it and written
+            # back could equal again what an older read in flight expects.
             _apply(store, GroupUpdate(
-                work.tenant, work.group, removed=frozenset(work.removed), sync=sync,
+                work.tenant, work.group, removed=frozenset(work.removed), drop_link=True,
                 message_ids=self._marks(work.tenant, work.group, work.ids), source="notification",
                 why="removal notified by Microsoft Graph"), entries)
         finally:
@@ -384,18 +384,19 @@ class PolicySync:
                 except SyncConflict:
                     # Another read (another instance's) committed while ours was in flight:
                     # ours may be the older answer, so it must not change that one's
-                    # members. Read again; the last try keeps no delta link instead.
+                    # members. Read again; after the last try the batch fails, and its
+                    # redelivery (or the next reconcile) reads once the contention is over.
                     if attempt < CONTESTED_READS:
                         full = True
                         continue
-                    applied = _apply(store, dataclasses.replace(update, sync=SyncState(None, utcnow())), entries)
+                    raise
                 marks = ()
                 # A removal that committed between that check and this apply is older than
                 # the grant the apply just made: take the grant back (and read again).
                 late = self._regranted(tenant, group, position, applied)
                 if late:
-                    entries += store.apply(GroupUpdate(tenant, group, removed=late, sync=SyncState(None, utcnow()),
-                                                       source="notification", why="removal committed during a read"))
+                    _apply(store, GroupUpdate(tenant, group, removed=late, drop_link=True, source="notification",
+                                              why="removal committed during a read"), entries)
                 # A removal committed while the read was in flight outranks it; a read
                 # started after that removal is Graph's truth again, so read once more
                 # now rather than leave the group to the next notification or reconcile.

@@ -102,6 +102,8 @@ class GroupUpdate:
     - ``replace``: the complete member set (a full delta read); users not in it
       are removed. Exclusive with ``added``.
     - ``sync``: when set, the group's sync state is stored (marks it synced).
+    - ``drop_link``: the stored delta link is dropped, in the commit, keeping the
+      sync time (the next read is a full one). Exclusive with ``sync``.
     - ``message_ids``: marked processed (for ``processed_ttl`` seconds).
     - ``expect_sync``: the group's sync state its caller read before asking Graph
       (None: never synced). If the stored state differs when the update commits and
@@ -119,6 +121,7 @@ class GroupUpdate:
     source: str = ""
     why: str = ""
     expect_sync: SyncState | None | Unchecked = UNCHECKED
+    drop_link: bool = False
 
 
 class Store(abc.ABC):

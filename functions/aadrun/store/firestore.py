@@ -168,6 +168,21 @@ def _fail_fast(client: firestore.Client, timeout: float) -> None:
             rpc, default_retry=retry, default_timeout=Budget(deadline), client_info=client._client_info)
 
 
+def _marked(parts: list[GroupUpdate], update: GroupUpdate, now: dt.datetime) -> list[GroupUpdate]:
+    """The parts of an ``update`` checked against the sync state of a synced group: the
+    first also stores a mark of its own (no link, ``now``), so an older read's answer
+    conflicts with the parts still to come, and every later part expects that mark,
+    strictly (a last part that changes no member must still not store its link over
+    another read's). A group never synced gets no mark: it must stay unknown to
+    verify until the last part."""
+    if len(parts) == 1 or not isinstance(update.expect_sync, SyncState):
+        return parts
+    mark = SyncState(None, now)
+    first, *rest = parts
+    return [dataclasses.replace(first, sync=mark, drop_link=False)] + [
+        dataclasses.replace(p, expect_sync=mark) for p in rest]
+
+
 class FirestoreStore(Store):
     """The membership store in Firestore (or its emulator). Safe to share between
     threads: the client is thread-safe and each call runs its own transaction."""
@@ -327,7 +342,7 @@ class FirestoreStore(Store):
             # The message ids go with the first part: a redelivery after a later part
             # failed is then seen as one, so policy_sync re-checks IAM for what the
             # committed parts changed (early is safe: a processed id never skips work).
-            for i, part in enumerate(self._parts(update)):
+            for i, part in enumerate(_marked(self._parts(update), update, now)):
                 entries += self._run(self._apply, part, now, processed_ttl, i == 0)
         except Exception as e:
             e.committed = entries   # what the parts before the failure changed, for the audit log
@@ -378,7 +393,7 @@ class FirestoreStore(Store):
             to_remove = sorted(update.removed & present)
         stored = snaps[group_ref.path]
         check_expected_sync(update, SyncState(stored.get("delta_link"), _plain(stored.get("synced_at")))
-                            if stored.exists else None, bool(to_add or to_remove))
+                            if stored.exists else None, bool(to_add or to_remove) or not first)
         first_sync = update.sync is not None and not stored.exists
         message_id = ",".join(update.message_ids) or None
         entries: list[ChangeEntry] = []
@@ -392,6 +407,8 @@ class FirestoreStore(Store):
                                 "source": update.source, "message_id": message_id})
         for u in to_remove:
             txn.delete(member[u])
+        if update.drop_link and stored.exists:
+            txn.update(group_ref, {"delta_link": None})
         if update.sync is not None:
             txn.set(group_ref, {"tenant": t, "group": g, "delta_link": update.sync.delta_link,
                                 "synced_at": _aware(update.sync.synced_at)})

@@ -11,11 +11,14 @@ def check_update(update: GroupUpdate) -> None:
     """Reject an update the interface calls invalid (a programming error)."""
     if update.replace is not None and update.added:
         raise ValueError("GroupUpdate: replace and added are exclusive")
+    if update.drop_link and update.sync is not None:
+        raise ValueError("GroupUpdate: sync and drop_link are exclusive")
 
 
 def check_expected_sync(update: GroupUpdate, stored: SyncState | None, changes_members: bool) -> None:
     """Raise ``SyncConflict`` when ``update`` expects another sync state than the
-    ``stored`` one and would change members (inside the commit's transaction)."""
+    ``stored`` one and would change members (inside the commit's transaction; a
+    backend passes True for a part that continues an update split in parts)."""
     if update.expect_sync is not UNCHECKED and update.expect_sync != stored and changes_members:
         raise SyncConflict(f"group {update.group}: another read committed while this one was in flight")
 

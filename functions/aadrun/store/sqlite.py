@@ -315,6 +315,9 @@ class SqliteStore(Store):
             check_expected_sync(update, None if row is None else SyncState(row[0], _dt(row[1])),
                                 bool(to_add or to_remove))
             first_sync = update.sync is not None and row is None
+            if update.drop_link:
+                conn.execute("UPDATE groups SET delta_link = NULL WHERE tenant = ? AND grp = ?",
+                             (update.tenant, update.group))
             if update.sync is not None:
                 conn.execute("INSERT INTO groups VALUES (?, ?, ?, ?) ON CONFLICT (tenant, grp)"
                              " DO UPDATE SET delta_link = excluded.delta_link, synced_at = excluded.synced_at",
