@@ -286,7 +286,7 @@ def test_409_for_another_urls_subscription_is_left_alone_and_fails_the_run(world
     assert status == 200   # G_STAFF is covered: the run made progress
     assert len(world.graph.calls("POST", "/v1.0/subscriptions")) == 3
     severities = {line["resource"]: line["severity"] for line in audit_lines if line["event"] == "subscription"}
-    assert severities == {f"/groups/{G_ENG}": "WARNING", f"/groups/{G_STAFF}": "INFO"}
+    assert severities == {f"/groups/{G_ENG}": "ERROR", f"/groups/{G_STAFF}": "INFO"}
     assert "resync" in foreign["why"]
 
 

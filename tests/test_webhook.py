@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from aadrun.bus import LocalBus
 from aadrun.config import Settings
-from aadrun.errors import PolicyError, Unavailable
+from aadrun.errors import Deferred, PolicyError, Unavailable
 from aadrun.http import HttpRequest
 from aadrun.messages import from_json
 from aadrun.policy import load_policy
@@ -373,8 +373,9 @@ def test_a_failing_local_policy_sync_on_the_worker_pool_is_503_unavailable():
 
 
 @pytest.mark.parametrize("failure, severity", [
-    (Unavailable("group g: Graph does not show 1 notified change(s) yet"), "WARNING"),   # aadrun's refusal
-    (RuntimeError("bug"), "ERROR"),                                                     # wrapped by the bus
+    (Deferred("group g: Graph does not show 1 notified change(s) yet"), "WARNING"),   # aadrun's refusal
+    (Unavailable("3 of 3 ordering keys not confirmed"), "ERROR"),                      # Pub/Sub, the store...
+    (RuntimeError("bug"), "ERROR"),                                                   # wrapped by the bus
 ])
 def test_a_503_from_the_local_policy_sync_is_a_warning_only_when_aadrun_chose_it(records, failure, severity):
     bus = LocalBus(Recorder(error=failure), timeout=1.0)

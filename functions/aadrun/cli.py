@@ -249,8 +249,8 @@ def cmd_resync(args, settings: Settings) -> int:
     if settings.iam_mode == "record" and settings.store_url.startswith("firestore://") and \
             not os.environ.get("FIRESTORE_EMULATOR_HOST"):
         # The deployed functions' store (the emulator's is a local stack's): record mode would
-        # log IAM changes never made and drop revoked members from what aadrun manages, so
-        # drift would never revoke them.
+        # change what aadrun manages without changing IAM, dropping revoked members from it,
+        # so drift would never revoke them.
         raise ConfigError("resync against the functions' store needs AADRUN_IAM=cloudrun, as policy_sync "
                           "has (or run maintenance's reconcile task)")
     app = App(settings)

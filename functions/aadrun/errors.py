@@ -68,6 +68,12 @@ class Unavailable(AadrunError):
     reason = "unavailable"
 
 
+class Deferred(Unavailable):
+    """Not now, by aadrun's choice rather than a failure underneath (a batch whose
+    changes Graph's read does not show yet, a read contested to its last try): a
+    later delivery settles it."""
+
+
 class UpstreamError(AadrunError):
     reason = "upstream_error"
 

@@ -274,7 +274,7 @@ class Subscriptions:
             # expires (at most 29 days), this resource's changes arrive only by the
             # scheduled delta resync. An operator must see that, not a routine line.
             other = listed[0].get("notificationUrl") if listed else None
-            run.report("foreign", resource, listed[0] if listed else None, severity="WARNING",
+            run.report("foreign", resource, listed[0] if listed else None, severity="ERROR",
                        notification_url=other, why="this app's subscription to it notifies another URL: "
                        "changes reach this webhook only by the scheduled resync until it is deleted or expires")
             return False

@@ -59,7 +59,7 @@ from typing import Any
 
 from . import audit
 from .coalesce import Combiner, StoreLease
-from .errors import RequestError, Unavailable, UpstreamError
+from .errors import Deferred, RequestError, Unavailable, UpstreamError
 from .graph import DeltaResult, GraphClient
 from .iam import IamWriter
 from .messages import LifecycleEvent, MembershipChange, Message, from_json
@@ -504,7 +504,7 @@ class PolicySync:
             self._iam.close()
 
 
-class Unconfirmed(Unavailable):
+class Unconfirmed(Deferred):
     """Notified changes of a group that Graph's read does not show yet."""
 
     @classmethod

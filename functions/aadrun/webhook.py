@@ -42,7 +42,7 @@ from typing import Any
 from . import audit
 from .bus import Bus
 from .config import Settings
-from .errors import AadrunError, ConfigError, PolicyError, RequestError, Unavailable
+from .errors import ConfigError, Deferred, PolicyError, RequestError, Unavailable
 from .http import HttpRequest, HttpResponse
 from .messages import (CHANGE_TYPES, LIFECYCLE_EVENTS, LifecycleEvent, MembershipChange, Message, group_of,
                        is_guid, lifecycle_from_graph, membership_from_graph, rfc3339)
@@ -154,13 +154,12 @@ def _reject_constant(name: str):
 
 
 def _severity(error: Exception, reason: str) -> str:
-    """A bad request is the sender's; a refusal aadrun chose (a batch whose changes Graph
-    does not show yet, with the in-process bus) is a warning, as policy_sync logs it;
-    a failure underneath (Pub/Sub, the store, a bug), even wrapped, is an error."""
+    """A bad request is the sender's; a refusal aadrun chose (``Deferred``: with the
+    in-process bus, a batch whose changes Graph does not show yet) is a warning, as
+    policy_sync logs it; any failure underneath (Pub/Sub, the store, a bug) is an error."""
     if reason == "bad_request":
         return "INFO"
-    chosen = isinstance(error, Unavailable) and (error.__cause__ is None or isinstance(error.__cause__, AadrunError))
-    return "WARNING" if chosen else "ERROR"
+    return "WARNING" if isinstance(error, Deferred) else "ERROR"
 
 
 class Webhook:

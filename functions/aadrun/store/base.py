@@ -25,7 +25,7 @@ import enum
 from collections.abc import Iterable, Mapping
 
 from ..config import check_store_url
-from ..errors import Unavailable
+from ..errors import Deferred
 
 UTC = dt.timezone.utc
 
@@ -82,9 +82,10 @@ class IamWrite:
     restored: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=dict)   # of added: put back
 
 
-class SyncConflict(Unavailable):
+class SyncConflict(Deferred):
     """An update's ``expect_sync`` no longer held: another read of the group committed
-    first, and the update would have changed its members. Nothing was written."""
+    first, and the update would have changed its members. Nothing was written, but the
+    parts a backend already committed of an update it commits in parts (``committed``)."""
 
 
 class Unchecked(enum.Enum):
@@ -152,7 +153,8 @@ class Store(abc.ABC):
         """Apply one group update; returns the change-log entries written (only real
         differences: re-adding a member writes nothing). Atomic, except that a backend
         may commit an update too large for one commit in parts (removals first, the
-        sync state last); an error after some parts carries their entries as
+        sync state last; with ``expect_sync``, the first part also marks the group as
+        being written); an error after some parts carries their entries as
         ``committed``."""
 
     @abc.abstractmethod
@@ -180,7 +182,8 @@ class Store(abc.ABC):
         """Store the managed members of a Cloud Run resource (role -> members) and log
         the change (``rules.iam_entries``; the entries' ``service`` is the resource):
         with ``written``, what that set call did; with ``claim``, a claim made before a
-        set call; with neither, the difference itself (record mode). With
+        set call; with neither, the difference itself (bindings gone with their
+        Cloud Run service). With
         ``lease=(name, holder)``, in the same transaction as a check that ``holder``
         still has that lease (``Unavailable`` otherwise): a writer that lost it never
         overwrites a newer holder's record."""

@@ -56,8 +56,9 @@ def iam_entries(service: str, added, removed, at: dt.datetime, source: str, why:
     Only what reached IAM is ``iam_added`` / ``iam_removed``: with ``written`` (the
     set call's adds and removes) those, the adds it ``restored`` as ``iam_restored``;
     any other change of the managed set is ``iam_claimed`` / ``iam_unclaimed``.
-    Without ``written`` the difference itself is the IAM change (record mode), unless
-    it is a ``claim`` made before the set call.
+    Without ``written`` the difference itself is the IAM change (bindings that went
+    with a deleted Cloud Run service), unless it is a ``claim`` made before the set
+    call. Record mode passes an empty ``written``: nothing reached IAM.
     """
     def pairs(members: Mapping[str, Iterable[str]]) -> set[tuple[str, str]]:
         return {(r, m) for r, ms in members.items() for m in ms}
