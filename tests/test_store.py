@@ -150,19 +150,24 @@ def test_an_update_expecting_an_older_sync_state_changes_no_member(backend):
     other.apply(GroupUpdate(T, G, added=users("u2"), sync=synced("link-2")))   # the newer read
     generation = store.generation()
     older = GroupUpdate(T, G, replace=users("u1"), sync=synced("link-old"), message_ids=("m1",),
-                        expect_sync=before)
+                        expect_synced_at=before.synced_at)
     with pytest.raises(SyncConflict):
         store.apply(older)
     assert store.group_members(T, G) == {"u1", "u2"} and store.sync_state(T, G).delta_link == "link-2"
     assert store.processed(["m1"]) == set() and store.generation() == generation
     assert [e.user for e in store.changes()] == ["u1", "u2"]
     with pytest.raises(SyncConflict):   # nor an incremental answer
-        store.apply(GroupUpdate(T, G, removed=users("u2"), expect_sync=before))
+        store.apply(GroupUpdate(T, G, removed=users("u2"), expect_synced_at=before.synced_at))
     # An answer that changes no member is applied; so is one that expects the current state.
-    store.apply(GroupUpdate(T, G, replace=users("u1", "u2"), sync=synced("link-3"), expect_sync=before))
+    store.apply(GroupUpdate(T, G, replace=users("u1", "u2"), sync=synced("link-3"), expect_synced_at=before.synced_at))
     assert store.sync_state(T, G).delta_link == "link-3"
-    store.apply(GroupUpdate(T, G, replace=users("u1"), sync=synced("link-4"), expect_sync=store.sync_state(T, G)))
+    store.apply(GroupUpdate(T, G, replace=users("u1"), sync=synced("link-4"), expect_synced_at=store.sync_state(T, G).synced_at))
     assert store.group_members(T, G) == {"u1"}
+    # A removal that dropped the link meanwhile is no other read: no conflict.
+    before = store.sync_state(T, G)
+    other.apply(GroupUpdate(T, G, removed=users("u9"), drop_link=True))
+    store.apply(GroupUpdate(T, G, added=users("u3"), sync=synced("link-5"), expect_synced_at=before.synced_at))
+    assert store.group_members(T, G) == {"u1", "u3"}
 
 
 def test_drop_link_forgets_the_link_in_the_commit_and_keeps_the_sync_time(store):
@@ -180,7 +185,7 @@ def test_an_update_expecting_a_never_synced_group_conflicts_with_a_first_read(ba
     store, other = backend(), backend()
     other.apply(GroupUpdate(T, G, replace=users("u1", "u2"), sync=synced()))
     with pytest.raises(SyncConflict):
-        store.apply(GroupUpdate(T, G, replace=users("u1"), sync=synced(), expect_sync=None))
+        store.apply(GroupUpdate(T, G, replace=users("u1"), sync=synced(), expect_synced_at=None))
     assert store.group_members(T, G) == {"u1", "u2"}
 
 

@@ -380,7 +380,8 @@ class PolicySync:
                 stale = self._removed_since(tenant, group, position) | kept
                 update = _answer(tenant, group, result, stale, marks)
                 try:
-                    applied = _apply(store, dataclasses.replace(update, expect_sync=before), entries)
+                    applied = _apply(store, dataclasses.replace(
+                        update, expect_synced_at=before.synced_at if before else None), entries)
                 except SyncConflict:
                     # Another read (another instance's) committed while ours was in flight:
                     # ours may be the older answer, so it must not change that one's

@@ -83,7 +83,7 @@ class IamWrite:
 
 
 class SyncConflict(Deferred):
-    """An update's ``expect_sync`` no longer held: another read of the group committed
+    """An update's ``expect_synced_at`` no longer held: another read of the group committed
     first, and the update would have changed its members. Nothing was written, but the
     parts a backend already committed of an update it commits in parts (``committed``)."""
 
@@ -106,10 +106,13 @@ class GroupUpdate:
     - ``drop_link``: the stored delta link is dropped, in the commit, keeping the
       sync time (the next read is a full one). Exclusive with ``sync``.
     - ``message_ids``: marked processed (for ``processed_ttl`` seconds).
-    - ``expect_sync``: the group's sync state its caller read before asking Graph
-      (None: never synced). If the stored state differs when the update commits and
-      the update would add or remove a member, it raises ``SyncConflict`` instead:
+    - ``expect_synced_at``: the sync time of the group its caller read before asking
+      Graph (None: never synced). If the stored one differs when the update commits
+      and the update would add or remove a member, it raises ``SyncConflict`` instead:
       a Graph answer must not change members over a read committed after it began.
+      Only a read sets a sync time: a removal (``drop_link``) committed meanwhile is
+      no conflict, as the caller leaves out of its answer the removals committed
+      during its read.
     """
 
     tenant: str
@@ -121,7 +124,7 @@ class GroupUpdate:
     message_ids: tuple[str, ...] = ()
     source: str = ""
     why: str = ""
-    expect_sync: SyncState | None | Unchecked = UNCHECKED
+    expect_synced_at: dt.datetime | None | Unchecked = UNCHECKED
     drop_link: bool = False
 
 
@@ -153,7 +156,7 @@ class Store(abc.ABC):
         """Apply one group update; returns the change-log entries written (only real
         differences: re-adding a member writes nothing). Atomic, except that a backend
         may commit an update too large for one commit in parts (removals first, the
-        sync state last; with ``expect_sync``, the first part also marks the group as
+        sync state last; with ``expect_synced_at``, the first part also marks the group as
         being written); an error after some parts carries their entries as
         ``committed``."""
 

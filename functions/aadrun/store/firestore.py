@@ -175,12 +175,12 @@ def _marked(parts: list[GroupUpdate], update: GroupUpdate, now: dt.datetime) -> 
     strictly (a last part that changes no member must still not store its link over
     another read's). A group never synced gets no mark: it must stay unknown to
     verify until the last part."""
-    if len(parts) == 1 or not isinstance(update.expect_sync, SyncState):
+    if len(parts) == 1 or not isinstance(update.expect_synced_at, dt.datetime):
         return parts
     mark = SyncState(None, now)
     first, *rest = parts
     return [dataclasses.replace(first, sync=mark, drop_link=False)] + [
-        dataclasses.replace(p, expect_sync=mark) for p in rest]
+        dataclasses.replace(p, expect_synced_at=now) for p in rest]
 
 
 class FirestoreStore(Store):

@@ -16,10 +16,11 @@ def check_update(update: GroupUpdate) -> None:
 
 
 def check_expected_sync(update: GroupUpdate, stored: SyncState | None, changes_members: bool) -> None:
-    """Raise ``SyncConflict`` when ``update`` expects another sync state than the
-    ``stored`` one and would change members (inside the commit's transaction; a
+    """Raise ``SyncConflict`` when ``update`` expects another sync time than the
+    ``stored`` state's and would change members (inside the commit's transaction; a
     backend passes True for a part that continues an update split in parts)."""
-    if update.expect_sync is not UNCHECKED and update.expect_sync != stored and changes_members:
+    synced_at = stored.synced_at if stored is not None else None
+    if update.expect_synced_at is not UNCHECKED and update.expect_synced_at != synced_at and changes_members:
         raise SyncConflict(f"group {update.group}: another read committed while this one was in flight")
 
 
