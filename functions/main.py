@@ -27,6 +27,8 @@ except ConfigError as error:
 gc.freeze()
 
 # Largest body any HTTP entry point reads; each core applies its own, smaller limit.
+# (functions-framework then reads what is left of every body before it answers, so a
+# request's memory is bounded by the platform's request size limit, 32 MiB on Cloud Run.)
 _READ_LIMIT = 1024 * 1024
 
 

@@ -59,3 +59,4 @@ def test_a_body_broken_on_the_wire_is_a_400_with_one_log_line(servers, function,
     assert len([e for e in lines if refused(e)]) == before + 1
     # Nothing but JSON lines: no traceback reached the log.
     assert [line for line in server.output().splitlines() if line and not line.startswith("{")] == []
+

@@ -208,7 +208,10 @@ def test_from_json_rejects_a_lifecycle_event_it_does_not_know():
 
 
 def test_a_removal_spelled_in_upper_case_is_the_stored_lower_case_id():
-    message = from_dict({"schema": SCHEMA, "id": "x1", "kind": "membership", "tenant": TENANT, "group": GROUP,
-                         "added": [], "removed": [USER.upper()], "subscription": TENANT,
-                         "received_at": "2024-05-01T12:00:00Z"})
-    assert message.removed == (USER,)
+    # The policy's ids are lower case: an upper-case tenant would make the change "not referenced".
+    tenant, subscription = "abcdef00-1111-2222-3333-444444444444", "fedcba00-5555-6666-7777-888888888888"
+    message = from_dict({"schema": SCHEMA, "id": "x1", "kind": "membership", "tenant": tenant.upper(),
+                         "group": GROUP.upper(), "added": [], "removed": [USER.upper()],
+                         "subscription": subscription.upper(), "received_at": "2024-05-01T12:00:00Z"})
+    assert (message.tenant, message.group, message.removed, message.subscription) == (
+        tenant, GROUP, (USER,), subscription)

@@ -82,3 +82,17 @@ def test_policy_sync_lines_join_the_trace_of_the_delivery(tmp_path):
         lines = lines_of(sync, "poison_message", len(TRACE_HEADERS))
     assert [e["logging.googleapis.com/trace"] for e in lines] == [expected for _, expected in TRACE_HEADERS]
 
+
+
+@pytest.mark.parametrize("header, value", [
+    ("x-cloud-trace-context", "0123456789abcdef0123456789abcdef\nINJECTED/1;o=1"),
+    ("x-cloud-trace-context", "0123456789abcdef0123456789abcdefXX/1"),
+    ("traceparent", "00-0123456789abcdef0123456789abcdef\nINJECTED-0123456789abcdef-01"),
+    ("traceparent", "00-00000000000000000000000000000000-0123456789abcdef-01"),
+])
+def test_a_trace_header_that_is_not_exactly_a_trace_id_names_no_trace(header, value):
+    # Only 32 hex digits (not all zeros) reach the log's trace field: nothing a caller appends.
+    from aadrun.http import HttpRequest
+    assert HttpRequest("GET", "/", {}, {header: value}, b"").trace("proj") is None
+    good = HttpRequest("GET", "/", {}, {"x-cloud-trace-context": "0123456789abcdef0123456789abcdef/1;o=1"}, b"")
+    assert good.trace("proj") == "projects/proj/traces/0123456789abcdef0123456789abcdef"

@@ -867,3 +867,85 @@ def test_a_membership_read_that_a_removal_overtook_is_never_cached(tmp_path):
     assert view.lookup(TENANT_A, ALICE, (G_ENG,)) == {G_ENG: False}
     clock[0] += 10
     assert view.lookup(TENANT_A, ALICE, (G_ENG,)) == {G_ENG: False}
+
+
+def test_a_token_of_another_issuer_signed_by_that_issuers_key_is_refused(world, idp):
+    # tid names this tenant, but iss and the key are personal accounts': the tenant's own
+    # issuers decide, whatever issuer the shared key set scopes the key to.
+    key = SigningKey(issuer=PERSONAL_ACCOUNTS)
+    idp.keys.append(key)
+    assert world[0].decide("billing", good(idp, key=key, iss=PERSONAL_ACCOUNTS)).reason == "wrong_issuer"
+
+
+def test_a_cached_token_of_a_version_the_policy_no_longer_allows_is_refused(tmp_path, idp):
+    from tests.support.world import CAROL, G_B
+    store = open_store(f"sqlite:///{tmp_path}/s.db")
+    store.apply(GroupUpdate(TENANT_B, G_B, replace=frozenset({CAROL}), sync=SyncState(None, utcnow())))
+    settings = settings_for(idp.url, write_policy(tmp_path), f"sqlite:///{tmp_path}/s.db")
+    current = {"policy": load_policy(write_policy(tmp_path))}
+    verifier = Verifier(settings, lambda: current["policy"], KeyCache(settings), lambda: store)
+    token = idp.mint(TENANT_B, oid=CAROL, aud="api://tenant-b", version=1)
+    assert verifier.decide("tenant-b-app", token).reason == "ok"          # verified, and cached
+    current["policy"] = load_policy(write_policy(tmp_path, POLICY.replace("token_versions: [1, 2]",
+                                                                          "token_versions: [2]")))
+    assert verifier.decide("tenant-b-app", token).reason == "wrong_issuer"
+
+
+def test_unknown_kids_arriving_during_a_periodic_refresh_make_one_refetch_at_most(tmp_path, idp):
+    verifier = own_verifier(tmp_path, idp.url, jwks_refresh_seconds=1)
+    token = good(idp)
+    assert verifier.decide("billing", token).allow
+    time.sleep(1.1)
+    idp.delay = 0.15
+    before = idp.jwks_fetches()
+    assert verifier.decide("billing", token).allow          # starts the periodic refresh, in the background
+    forged = [good(idp, key=SigningKey(kid=uuid.uuid4().hex)) for _ in range(6)]
+    reasons: list[str] = []
+    threads = [threading.Thread(target=lambda t=t: reasons.append(verifier.decide("billing", t).reason))
+               for t in forged]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    time.sleep(0.4)
+    assert set(reasons) == {"unknown_key"}
+    assert idp.jwks_fetches() - before <= 2   # the refresh, and one refetch for the unknown kids
+
+
+def test_while_the_first_fetch_fails_the_identity_provider_is_asked_once_a_second(tmp_path, idp):
+    verifier = own_verifier(tmp_path, idp.url)
+    token = good(idp)
+    idp.down = True
+    reasons, started = set(), time.monotonic()
+    while time.monotonic() - started < 0.5:
+        reasons.add(verifier.decide("billing", token).reason)
+    assert reasons == {"unavailable"} and sum(idp.requests.values()) == 1
+
+
+def test_keys_not_refreshed_for_two_refresh_intervals_are_reported_stale(tmp_path, idp):
+    now = [1_000_000.0]
+    policy_path = write_policy(tmp_path)
+    settings = settings_for(idp.url, policy_path, f"sqlite:///{tmp_path}/s.db", jwks_refresh_seconds=3600)
+    store = open_store(settings.store_url)
+    store.apply(GroupUpdate(TENANT_A, G_ENG, replace=frozenset({ALICE}), sync=SyncState(None, utcnow())))
+    keys = KeyCache(settings, clock=lambda: now[0])
+    policy = load_policy(policy_path)
+    verifier = Verifier(settings, lambda: policy, keys, lambda: store)
+    assert verifier.decide("billing", good(idp)).allow
+    assert keys.status() == {TENANT_A: "ok"}
+    idp.down = True                       # the periodic refreshes fail: the last good keys stay
+    now[0] += 2 * 3600 + 1
+    assert verifier.decide("billing", good(idp)).allow
+    time.sleep(0.3)                       # the refresh it started has failed
+    assert keys.status() == {TENANT_A: "stale"}
+
+
+def test_a_full_token_cache_evicts_the_least_recently_used_and_keeps_the_newest():
+    from aadrun.tokens import VerifiedTokenCache
+    cache = VerifiedTokenCache(max_entries=2)
+    a, b, c = (object() for _ in range(3))
+    cache.put(b"a", a, until=10)
+    cache.put(b"b", b, until=10)
+    assert cache.get(b"a", now=0) is a    # a is now the most recently used
+    cache.put(b"c", c, until=10)
+    assert (cache.get(b"b", now=0), cache.get(b"a", now=0), cache.get(b"c", now=0)) == (None, a, c)

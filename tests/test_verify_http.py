@@ -142,6 +142,26 @@ def test_forward_auth_mode_allows_with_headers(stack, idp, method):
     assert status == 200
     assert headers["X-Auth-Subject"] == ALICE and headers["X-Auth-Tenant"] == TENANT_A
     assert headers["X-Auth-Decision-Id"] == json.loads(body)["decision_id"]
+    assert headers["Cache-Control"] == "no-store"   # a proxy must never serve an allow again
+
+
+@pytest.mark.parametrize("authorization", ["bearer {}", "BEARER {}", "Bearer   {}  "])
+def test_the_bearer_scheme_is_matched_without_regard_to_case(stack, idp, authorization):
+    # RFC 7235 §2.1: auth schemes are case-insensitive.
+    status, _, _ = call(stack[0], path="/verify?service=billing",
+                        headers={"Authorization": authorization.format(token(idp))})
+    assert status == 200
+
+
+def test_an_api_request_whose_content_type_differs_in_case_is_json_still(stack, idp):
+    status, _, body = call(stack[0], raw=json.dumps({"service": "billing"}).encode(),
+                           headers={"Content-Type": "Application/JSON; charset=UTF-8", **bearer(token(idp))})
+    assert (status, json.loads(body)["reason"]) == (200, "ok")
+
+
+def test_an_empty_service_parameter_is_a_bad_request(stack, idp):
+    status, _, body = call(stack[0], method="GET", path="/verify?service=", headers=bearer(token(idp)))
+    assert (status, json.loads(body)["reason"]) == (400, "bad_request")
 
 
 def test_forward_auth_mode_denies_without_auth_headers(stack, idp):
@@ -179,6 +199,11 @@ def test_healthz(stack):
     payload = json.loads(body)
     assert status == 200 and payload["status"] == "ok"
     assert payload["store"]["status"] == "ok" and payload["policy"]["services"] == 4
+
+
+def test_health_is_served_at_healthz_only(stack):
+    status, _, body = call(stack[0], method="GET", path="/app/healthz")
+    assert (status, json.loads(body)["reason"]) == (400, "bad_request")
 
 
 @pytest.mark.parametrize("method, path", [

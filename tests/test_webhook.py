@@ -54,10 +54,11 @@ def make_webhook(recorder: Recorder | None = None, states=(STATE, OLD_STATE), po
                    bus_getter or (lambda: bus), clock=lambda: NOW)
 
 
-def post(webhook: Webhook, body: bytes | dict, path: str = "/", query=None, too_large: bool = False):
+def post(webhook: Webhook, body: bytes | dict, path: str = "/", query=None, too_large: bool = False,
+         incomplete: bool = False):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     return webhook.handle(HttpRequest("POST", path, dict(query or {}), {"content-type": "application/json"},
-                                      data, too_large))
+                                      data, too_large, incomplete))
 
 
 def golden(case: str) -> dict:
@@ -417,12 +418,21 @@ def test_policy_that_cannot_load_is_503_not_configured():
     assert response.json_body()["reason"] == "not_configured"
 
 
-def test_unexpected_error_is_503_without_a_stack_trace():
+def test_unexpected_error_is_503_without_a_stack_trace(records):
     def broken_bus():
-        raise ZeroDivisionError("boom")
+        raise KeyError(f"clientState={STATE}")   # the text of an unexpected error may hold anything
     response = post(make_webhook(bus_getter=broken_bus), golden("members_added"))
     assert response.status == 503
-    assert b"boom" not in response.body and b"Traceback" not in response.body
+    assert STATE.encode() not in response.body and b"Traceback" not in response.body
+    [logged] = fields(records, "webhook_error")
+    assert logged["error"] == "KeyError" and STATE not in json.dumps(logged)   # its class only
+
+
+def test_a_body_cut_short_is_a_400_even_when_what_arrived_parses():
+    response = post(make_webhook(), golden("members_added"), incomplete=True)
+    answer = response.json_body()
+    assert (response.status, answer["reason"], answer["detail"]) == (400, "bad_request", "incomplete_body")
+    assert "before its declared length" in answer["message"]
 
 
 def test_nothing_to_publish_needs_no_bus():

@@ -116,7 +116,8 @@ class Maintenance:
         if req.body_too_large or len(req.body) > MAX_BODY:
             return _refused(413, "too_large")
         if req.body_incomplete:   # a cut-off body must not run every task, as an empty one does
-            return _refused(400, "bad_request", "the request body ended before its declared length")
+            return _refused(400, "bad_request", "the request body ended before its declared length, or its "
+                                                "chunks are malformed")
         try:
             tasks = parse_tasks(req.body)
         except RequestError as e:

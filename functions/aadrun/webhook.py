@@ -82,6 +82,7 @@ _BAD_BODY = {
     "not_json": "the body is not JSON",
     "no_value": "the body is not an object with a 'value' list",
     "too_many_items": f"more than {MAX_ITEMS} items in 'value'",
+    "incomplete_body": "the body ended before its declared length, or its chunks are malformed",
     "bad_validation_token": f"validationToken must be printable and at most {MAX_VALIDATION_TOKEN} characters",
 }
 
