@@ -317,11 +317,11 @@ class _FailingAfter(FirestoreStore):
 
     parts = 0
 
-    def _apply(self, txn, update, now, ttl, first=True):
+    def _apply(self, txn, update, *args):
         if self.parts == 0:
             raise Unavailable("outage")
         self.parts -= 1
-        return super()._apply(txn, update, now, ttl, first)
+        return super()._apply(txn, update, *args)
 
 
 class _ContendedReads(FirestoreStore):
@@ -330,11 +330,11 @@ class _ContendedReads(FirestoreStore):
 
     aborts = 0
 
-    def _apply(self, txn, update, now, ttl, first=True):
+    def _apply(self, txn, update, *args):
         if self.aborts:
             self.aborts -= 1
             raise gexc.Aborted("Transaction lock timeout.")
-        return super()._apply(txn, update, now, ttl, first)
+        return super()._apply(txn, update, *args)
 
 
 def test_an_update_whose_reads_meet_contention_is_retried_and_applied_once(firestore_emulator):

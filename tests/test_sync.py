@@ -76,11 +76,11 @@ def test_a_large_update_cut_between_its_parts_converges_on_redelivery(world, app
     store.max_changes_per_commit = 2     # the full read's 3 removals: [BOB, CAROL], [MALLORY], the rest
     commit, parts = store._apply, []
 
-    def outage_at_the_last_part(txn, update, now, ttl, first=True):
+    def outage_at_the_last_part(txn, update, *args):
         parts.append(update)
         if len(parts) == 3:
             raise Unavailable("deadline exceeded")
-        return commit(txn, update, now, ttl, first)
+        return commit(txn, update, *args)
 
     store._apply = outage_at_the_last_part   # fault injection: the store's commit fails once
     reread = change(G_ENG)   # "this group changed": a full read

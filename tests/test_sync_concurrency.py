@@ -15,6 +15,7 @@ from aadrun.coalesce import Combiner
 from aadrun.errors import Unavailable, UpstreamError
 from aadrun.messages import MembershipChange
 from aadrun.store import GroupUpdate, SyncConflict
+from aadrun.sync import Contested
 from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, graph_pki, loopback_only
 from tests.support.sync_world import *  # noqa: F401,F403 - world, app, store_url, no_adc
 from tests.support.sync_world import (ALICE, BILLING, BOB, CAROL, G_ENG, G_OPS, INVOKER, MALLORY, REPORTS,
@@ -492,6 +493,137 @@ def test_an_older_read_cannot_undo_an_update_firestore_commits_in_parts(world, a
     app.sync.resync(TENANT, G_ENG)                          # the scheduled reconcile (incremental)
     assert app.store.group_members(TENANT, G_ENG) == world.graph.members(TENANT, G_ENG)
     assert world.members(REPORTS) == {user(u) for u in world.graph.members(TENANT, G_ENG)}
+
+
+def _last_try_regrants_bob(world, app, also=None):
+    """Wrap ``app.store.apply`` so that ``app``'s full read is overtaken on every try: on
+    the first two by another instance's read; on the last, its answer (listing BOB)
+    re-grants BOB just after a removal of his committed, and before the grant is taken
+    back Graph adds him again and a third instance's read confirms him. ``also()`` runs
+    then, last. Returns the original apply."""
+    other, remover, confirmer = world.app(), world.app(), world.app()
+    real_apply, tries = app.store.apply, []
+    removed, go = threading.Event(), threading.Event()
+    real_remover_apply = remover.store.apply
+
+    def remover_apply(update, *args, **kwargs):   # the remover pauses between its removal and its read
+        out = real_remover_apply(update, *args, **kwargs)
+        if update.source == "notification" and not removed.is_set():
+            removed.set()
+            go.wait(10)
+        return out
+
+    remover.store.apply = remover_apply
+
+    def apply(update, *args, **kwargs):
+        if update.source != "graph-delta" or len(tries) >= 3:
+            return real_apply(update, *args, **kwargs)
+        tries.append(1)
+        if len(tries) < 3:
+            newcomer = str(uuid.uuid4())
+            world.graph.add_members(TENANT, G_ENG, [newcomer])
+            other.sync.handle_messages([change(G_ENG, added=[newcomer])])
+            return real_apply(update, *args, **kwargs)
+        world.graph.remove_members(TENANT, G_ENG, [BOB])
+        thread = threading.Thread(target=deliver, args=(remover, [change(G_ENG, removed=[BOB])]))
+        thread.start()
+        removed.wait(10)
+        out = real_apply(update, *args, **kwargs)            # re-grants BOB
+        go.set()
+        thread.join(20)                                      # the remover's read: BOB removed
+        world.graph.add_members(TENANT, G_ENG, [BOB])
+        confirmer.sync.handle_messages([change(G_ENG, added=[BOB], salt="back")])
+        assert BOB in app.store.group_members(TENANT, G_ENG)  # confirmed by a read
+        if also:
+            also()
+        return out
+
+    app.store.apply = apply
+    return real_apply
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "firestore"], indirect=True)
+def test_a_grant_taken_back_on_the_last_try_fails_the_batch_so_a_read_settles_it(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    real_apply = _last_try_regrants_bob(world, app)
+    with pytest.raises(Contested):   # the take-back dropped a member a newer read confirmed
+        app.sync.handle_messages([change(G_ENG)])
+    app.store.apply = real_apply
+    app.sync.handle_messages([change(G_ENG)])               # its redelivery
+    assert BOB in app.store.group_members(TENANT, G_ENG) and user(BOB) in world.members(REPORTS)
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "firestore"], indirect=True)
+def test_a_read_that_overlaps_a_take_back_never_stores_a_link_over_it(world, app):
+    """A fourth instance's incremental read (for DAVE) begins just as the take-back
+    commits: it must not store a current delta link while BOB is missing, or the
+    scheduled (incremental) reconcile would never restore him."""
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    reader = world.app()
+    waiting, took_back, threads = threading.Event(), threading.Event(), []
+    real_reader_seq = reader.store.last_seq
+
+    def reader_last_seq():
+        if not waiting.is_set():
+            waiting.set()
+            took_back.wait(10)
+        return real_reader_seq()
+
+    reader.store.last_seq = reader_last_seq
+
+    def fourth_read():
+        world.graph.add_members(TENANT, G_ENG, [DAVE])
+        threads.append(threading.Thread(target=deliver, args=(reader, [change(G_ENG, added=[DAVE])])))
+        threads[0].start()
+        waiting.wait(10)
+
+    real_apply = _last_try_regrants_bob(world, app, also=fourth_read)
+    wrapped = app.store.apply
+
+    def apply(update, *args, **kwargs):
+        out = wrapped(update, *args, **kwargs)
+        if update.why == "removal committed during a read":
+            took_back.set()
+        return out
+
+    app.store.apply = apply
+    with pytest.raises(Contested):
+        app.sync.handle_messages([change(G_ENG)])
+    threads[0].join(20)
+    app.store.apply = real_apply
+    app.sync.resync(TENANT, G_ENG)                          # the scheduled reconcile, not the redelivery
+    assert BOB in app.store.group_members(TENANT, G_ENG) and user(BOB) in world.members(REPORTS)
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "firestore"], indirect=True)
+def test_an_older_answer_committed_in_parts_is_checked_from_its_first_part(world, app):
+    """A first part that changes nothing (removals of users never stored) must still be
+    checked: it marks the group, and every later part would pass against that mark."""
+    y1, y2 = "0e0e0000-0000-0000-0000-000000000001", "0e0e0000-0000-0000-0000-000000000002"
+    _alice_synced(world, app)
+    other = world.app()
+    if hasattr(app.store, "max_changes_per_commit"):
+        app.store.max_changes_per_commit = 2
+    world.graph.add_members(TENANT, G_ENG, [y1, y2])
+    world.graph.remove_members(TENANT, G_ENG, [y1, y2])
+    world.graph.add_members(TENANT, G_ENG, [MALLORY])
+    real, first = world.graph.handle, threading.Event()
+
+    def handle(method, path, query, headers, raw):
+        answer = real(method, path, query, headers, raw)   # removed: y1, y2; added: MALLORY
+        if path == "/v1.0/groups/delta" and not first.is_set():
+            first.set()   # while it is on its way, MALLORY is removed and another instance reads
+            world.graph.remove_members(TENANT, G_ENG, [MALLORY])
+            other.sync.handle_messages([change(G_ENG, removed=[MALLORY])])
+        return answer
+
+    world.graph.handle = handle
+    deliver(app, [change(G_ENG, added=[MALLORY])])          # an incremental read, redelivered as needed
+    assert app.store.group_members(TENANT, G_ENG) == world.graph.members(TENANT, G_ENG) == {ALICE}
+    assert user(MALLORY) not in world.members(REPORTS)
+    assert not [e for e in app.store.changes() if e.user == MALLORY and e.kind == "member_added"]
 
 
 def test_changes_committed_before_a_later_read_of_the_loop_fails_are_audited(world, app, audit_lines):

@@ -20,7 +20,8 @@ share reads and writes: ``coalesce.Combiner``):
                consumed it would never repeat. A read never undoes a removal
                committed while it was in flight (``_answer``), and an answer is
                not applied over another read committed while it was in flight
-               (another instance's, maybe newer): the group is read again. Nor
+               (another instance's, maybe newer): the group is read again, and a
+               read overtaken on every try fails the batch (``Contested``). Nor
                does a read that lags behind a message on its first delivery
                undo it (``_read``): the batch fails, and the redelivery's read
                decides.
@@ -364,21 +365,22 @@ class PolicySync:
         ids = list(dict.fromkeys(i for r in requests for i in r.ids))
         claimed = frozenset(u for r in requests for u in r.claimed_removed | r.claimed_added)
         store = self._app.store
-        state = store.sync_state(tenant, group)
-        full = any(r.read == "full" for r in requests) or state is None or not state.delta_link
+        full = any(r.read == "full" for r in requests)
         marks, entries = self._marks(tenant, group, ids), []
         try:
             for attempt in range(1, CONTESTED_READS + 1):
+                # The link read after the position: a removal committed before it has
+                # dropped it (a full read), one committed after it is in _removed_since.
                 position, before = store.last_seq(), store.sync_state(tenant, group)
-                result = self._graph(tenant).group_delta(group, None if full else state.delta_link,
-                                                         restart_on_expiry=True)
+                link = None if full or before is None else before.delta_link
+                result = self._graph(tenant).group_delta(group, link, restart_on_expiry=True)
                 if result.not_users:
                     _log_not_users(tenant, group, result.not_users)
                 # A claimed removal Graph still lists is kept, unless the read decides.
                 kept = frozenset(u for r in requests if r.claimed_removed & result.added and not self._decides(r)
                                  for u in r.claimed_removed)
-                stale = self._removed_since(tenant, group, position) | kept
-                update = _answer(tenant, group, result, stale, marks)
+                meanwhile = self._removed_since(tenant, group, position)
+                update = _answer(tenant, group, result, meanwhile | kept, marks)
                 try:
                     applied = _apply(store, dataclasses.replace(
                         update, expect_synced_at=before.synced_at if before else None), entries)
@@ -401,9 +403,13 @@ class PolicySync:
                 # A removal committed while the read was in flight outranks it; a read
                 # started after that removal is Graph's truth again, so read once more
                 # now rather than leave the group to the next notification or reconcile.
-                if not late and (update.sync is None or update.sync.delta_link is not None):
+                if not late and not _contested(result, meanwhile):
                     break
                 full = True
+            else:
+                # The last try's answer was overtaken too (a grant taken back, a removal it
+                # leaves unread): only a later read settles the group, so the batch fails.
+                raise Contested(f"group {group}: reads kept being overtaken; it is read again on redelivery")
         finally:
             audit_changes(entries)   # every commit made, even if a later read of the loop fails
         return ("full" if result.full else "incremental"), entries, _listed(store, result, tenant, group, claimed)
@@ -505,6 +511,10 @@ class PolicySync:
             self._iam.close()
 
 
+class Contested(Deferred):
+    """A group's reads kept being overtaken by other commits: a later delivery reads it."""
+
+
 class Unconfirmed(Deferred):
     """Notified changes of a group that Graph's read does not show yet."""
 
@@ -542,17 +552,23 @@ def _answer(tenant: str, group: str, result: DeltaResult, stale: frozenset[str],
     longer matches the store), so that the next read is a full one."""
     complete = result.full or result.group_deleted
     members = result.added if result.full else frozenset()
-    # A full answer settles every user it lists. An incremental one speaks only of
-    # changes since its link: a removal committed meanwhile may be stale (Graph
-    # re-added the user before that link), and silence cannot tell, so any such
-    # removal leaves the group to a full read; otherwise a restored link would make
-    # the store look current while it lacks a member.
-    contested = stale & members if complete else stale
-    common = dict(sync=SyncState(None if contested else result.delta_link, utcnow()), message_ids=ids,
-                  source="graph-delta", why=f"{'full' if result.full else 'incremental'} delta read")
+    common = dict(sync=SyncState(None if _contested(result, stale) else result.delta_link, utcnow()),
+                  message_ids=ids, source="graph-delta", why=f"{'full' if result.full else 'incremental'} delta read")
     if complete:
         return GroupUpdate(tenant, group, replace=members, removed=stale, **common)
     return GroupUpdate(tenant, group, added=result.added - stale, removed=result.removed, **common)
+
+
+def _contested(result: DeltaResult, stale: frozenset[str]) -> frozenset[str]:
+    """The removals ``stale`` (committed apart from this answer) that the answer cannot
+    settle. A full answer settles every user it does not list. An incremental one speaks
+    only of changes since its link: a removal committed meanwhile may be stale (Graph
+    re-added the user before that link), and silence cannot tell, so any such removal
+    leaves the group to a full read; otherwise a restored link would make the store
+    look current while it lacks a member."""
+    if result.full or result.group_deleted:
+        return stale & (result.added if result.full else frozenset())
+    return stale
 
 
 def _log_not_users(tenant: str, group: str, members: frozenset[tuple[str, str]]) -> None:

@@ -169,12 +169,11 @@ def _fail_fast(client: firestore.Client, timeout: float) -> None:
 
 
 def _marked(parts: list[GroupUpdate], update: GroupUpdate, now: dt.datetime) -> list[GroupUpdate]:
-    """The parts of an ``update`` checked against the sync state of a synced group: the
+    """The parts of an ``update`` checked against the sync time of a synced group: the
     first also stores a mark of its own (no link, ``now``), so an older read's answer
-    conflicts with the parts still to come, and every later part expects that mark,
-    strictly (a last part that changes no member must still not store its link over
-    another read's). A group never synced gets no mark: it must stay unknown to
-    verify until the last part."""
+    conflicts with the parts still to come, and every later part expects that mark
+    (each part strictly: ``_apply``'s ``split``). A group never synced gets no mark:
+    it must stay unknown to verify until the last part."""
     if len(parts) == 1 or not isinstance(update.expect_synced_at, dt.datetime):
         return parts
     mark = SyncState(None, now)
@@ -342,8 +341,9 @@ class FirestoreStore(Store):
             # The message ids go with the first part: a redelivery after a later part
             # failed is then seen as one, so policy_sync re-checks IAM for what the
             # committed parts changed (early is safe: a processed id never skips work).
-            for i, part in enumerate(_marked(self._parts(update), update, now)):
-                entries += self._run(self._apply, part, now, processed_ttl, i == 0)
+            parts = _marked(self._parts(update), update, now)
+            for i, part in enumerate(parts):
+                entries += self._run(self._apply, part, now, processed_ttl, i == 0, len(parts) > 1)
         except Exception as e:
             e.committed = entries   # what the parts before the failure changed, for the audit log
             raise
@@ -373,10 +373,12 @@ class FirestoreStore(Store):
                                                                              removed=frozenset())
         return parts + [rest]
 
-    def _apply(self, txn, update: GroupUpdate, now: dt.datetime, ttl: float, first: bool = True
-               ) -> list[ChangeEntry]:
+    def _apply(self, txn, update: GroupUpdate, now: dt.datetime, ttl: float, first: bool = True,
+               split: bool = False) -> list[ChangeEntry]:
         """Transaction body (re-run on contention): all reads, then all writes. Only the
-        first part of an update (``first``) marks its message ids processed."""
+        first part of an update (``first``) marks its message ids processed; each part of
+        an update committed in parts (``split``) checks its expected sync time strictly:
+        a part that changes no member still marks the group or stores its link."""
         t, g = update.tenant, update.group
         group_ref = self._doc("groups", t, g)
         member = {u: self._doc("memberships", t, g, u)
@@ -393,7 +395,7 @@ class FirestoreStore(Store):
             to_remove = sorted(update.removed & present)
         stored = snaps[group_ref.path]
         check_expected_sync(update, SyncState(stored.get("delta_link"), _plain(stored.get("synced_at")))
-                            if stored.exists else None, bool(to_add or to_remove) or not first)
+                            if stored.exists else None, bool(to_add or to_remove) or split)
         first_sync = update.sync is not None and not stored.exists
         message_id = ",".join(update.message_ids) or None
         entries: list[ChangeEntry] = []
