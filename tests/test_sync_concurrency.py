@@ -626,6 +626,113 @@ def test_an_older_answer_committed_in_parts_is_checked_from_its_first_part(world
     assert not [e for e in app.store.changes() if e.user == MALLORY and e.kind == "member_added"]
 
 
+@pytest.mark.parametrize("store_url", ["sqlite", "firestore"], indirect=True)
+def test_a_read_applied_just_after_a_take_back_drops_its_link_so_the_redelivery_reads_in_full(world, app):
+    """Another instance's read checks for removals, then its apply lands just after a
+    take-back (which keeps the sync time): it must not leave its link over the member
+    taken back, or the redelivery and every incremental reconcile would miss him."""
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    reader = world.app()
+    at_apply, took_back, threads, acked = threading.Event(), threading.Event(), [], []
+    real_reader_apply = reader.store.apply
+
+    def reader_apply(update, *args, **kwargs):
+        # The reader has read its position and link and checked the change log for
+        # removals (none yet); its commit lands just after the take-back.
+        if update.source == "graph-delta" and not at_apply.is_set():
+            at_apply.set()
+            took_back.wait(10)
+        return real_reader_apply(update, *args, **kwargs)
+
+    reader.store.apply = reader_apply
+
+    def fourth_read():                    # after the confirmer's read, before the take-back
+        world.graph.add_members(TENANT, G_ENG, [DAVE])
+        threads.append(threading.Thread(target=lambda: acked.append(deliver(reader, [change(G_ENG, added=[DAVE])]))))
+        threads[0].start()
+        at_apply.wait(10)
+
+    real_apply = _last_try_regrants_bob(world, app, also=fourth_read)
+    wrapped = app.store.apply
+
+    def apply(update, *args, **kwargs):
+        out = wrapped(update, *args, **kwargs)
+        if update.why == "removal committed during a read":
+            took_back.set()
+        return out
+
+    app.store.apply = apply
+    messages = [change(G_ENG)]
+    with pytest.raises(Unavailable):      # Contested: Pub/Sub redelivers the batch
+        app.sync.handle_messages(messages)
+    threads[0].join(20)
+    app.store.apply = real_apply
+    deliver(app, messages)                # the redelivery, acknowledged
+    assert BOB in world.graph.members(TENANT, G_ENG)
+    assert BOB in app.store.group_members(TENANT, G_ENG), "confirmed member missing under a current link"
+    assert user(BOB) in world.members(REPORTS)
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "firestore"], indirect=True)
+def test_a_take_back_then_a_failed_try_leaves_no_link_over_the_taken_back_member(world, app):
+    """The take-back on the first try, then Graph answers 500 to the second: the batch
+    raises and its redelivery (incremental for a redelivered "group changed") must find
+    no link stored over the member taken back."""
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    remover, confirmer, reader = world.app(), world.app(), world.app()
+    removed, go, at_apply, took_back = (threading.Event() for _ in range(4))
+    real_remover_apply, real_reader_apply, real_apply = remover.store.apply, reader.store.apply, app.store.apply
+    threads = []
+
+    def remover_apply(update, *a, **k):          # pauses between its step 1 and its read
+        out = real_remover_apply(update, *a, **k)
+        if update.source == "notification" and not removed.is_set():
+            removed.set()
+            go.wait(10)
+        return out
+
+    def reader_apply(update, *a, **k):           # position, link, removal check done: commits late
+        if update.source == "graph-delta" and not at_apply.is_set():
+            at_apply.set()
+            took_back.wait(10)
+        return real_reader_apply(update, *a, **k)
+
+    def apply(update, *a, **k):
+        if update.why == "removal committed during a read":
+            out = real_apply(update, *a, **k)
+            took_back.set()
+            threads[0].join(20)   # the reader's commit lands, and it finishes
+            world.graph.fail_next(1, status=500, retry_after=None, code="InternalServerError")   # try 2's read
+            return out
+        if update.source != "graph-delta" or removed.is_set():
+            return real_apply(update, *a, **k)
+        world.graph.remove_members(TENANT, G_ENG, [BOB])
+        t = threading.Thread(target=remover.sync.handle_messages, args=([change(G_ENG, removed=[BOB])],))
+        t.start()
+        removed.wait(10)
+        out = real_apply(update, *a, **k)        # this older answer re-grants BOB
+        go.set()
+        t.join(20)                               # the remover's read removes BOB
+        world.graph.add_members(TENANT, G_ENG, [BOB])
+        confirmer.sync.handle_messages([change(G_ENG, added=[BOB], salt="back")])   # confirmed again
+        world.graph.add_members(TENANT, G_ENG, [DAVE])
+        threads.append(threading.Thread(target=reader.sync.handle_messages, args=([change(G_ENG, added=[DAVE])],)))
+        threads[0].start()
+        at_apply.wait(10)
+        return out
+
+    remover.store.apply, reader.store.apply, app.store.apply = remover_apply, reader_apply, apply
+    messages = [change(G_ENG)]                   # "group changed": full read; its redelivery is incremental
+    with pytest.raises(UpstreamError):
+        app.sync.handle_messages(messages)
+    threads[0].join(20)
+    app.store.apply = real_apply
+    app.sync.handle_messages(messages)           # Pub/Sub's redelivery: succeeds, acknowledged
+    assert BOB in app.store.group_members(TENANT, G_ENG), "confirmed member missing under a current link"
+
+
 def test_changes_committed_before_a_later_read_of_the_loop_fails_are_audited(world, app, audit_lines):
     world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
     app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])

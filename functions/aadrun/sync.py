@@ -60,7 +60,7 @@ from typing import Any
 
 from . import audit
 from .coalesce import Combiner, StoreLease
-from .errors import Deferred, RequestError, Unavailable, UpstreamError
+from .errors import Deferred, RequestError, UpstreamError
 from .graph import DeltaResult, GraphClient
 from .iam import IamWriter
 from .messages import LifecycleEvent, MembershipChange, Message, from_json
@@ -394,16 +394,20 @@ class PolicySync:
                         continue
                     raise
                 marks = ()
-                # A removal that committed between that check and this apply is older than
-                # the grant the apply just made: take the grant back (and read again).
-                late = self._regranted(tenant, group, position, applied)
-                if late:
+                # Removals others committed after the check above: a grant the apply made
+                # over one is taken back; one the answer cannot settle must not stay under
+                # the link the apply stored (a later incremental read would never see it).
+                ours = {e.seq for e in applied}
+                others = [e for e in self._removals_after(tenant, group, position) if e.seq not in ours]
+                late = _regranted(others, applied)
+                unsettled = _contested(result, frozenset(e.user for e in others) - meanwhile)
+                if late or unsettled:
                     _apply(store, GroupUpdate(tenant, group, removed=late, drop_link=True, source="notification",
                                               why="removal committed during a read"), entries)
                 # A removal committed while the read was in flight outranks it; a read
                 # started after that removal is Graph's truth again, so read once more
                 # now rather than leave the group to the next notification or reconcile.
-                if not late and not _contested(result, meanwhile):
+                if not late and not unsettled and not _contested(result, meanwhile):
                     break
                 full = True
             else:
@@ -432,14 +436,6 @@ class PolicySync:
     def _removed_since(self, tenant: str, group: str, position: int) -> frozenset[str]:
         """Users of the group whose removal someone committed while our read was in flight."""
         return frozenset(e.user for e in self._removals_after(tenant, group, position))
-
-    def _regranted(self, tenant: str, group: str, position: int, applied: list[ChangeEntry]) -> frozenset[str]:
-        """Users ``applied`` granted although their removal (after ``position``) committed first."""
-        granted = {e.user: e.seq for e in applied if e.kind == "member_added"}
-        if not granted:
-            return frozenset()
-        return frozenset(e.user for e in self._removals_after(tenant, group, position)
-                         if e.user in granted and e.seq < granted[e.user])
 
     def _reauthorize(self, event: LifecycleEvent) -> int:
         """Answer reauthorizationRequired, as maintenance's subscriptions do (the
@@ -557,6 +553,12 @@ def _answer(tenant: str, group: str, result: DeltaResult, stale: frozenset[str],
     if complete:
         return GroupUpdate(tenant, group, replace=members, removed=stale, **common)
     return GroupUpdate(tenant, group, added=result.added - stale, removed=result.removed, **common)
+
+
+def _regranted(removals: list[ChangeEntry], applied: list[ChangeEntry]) -> frozenset[str]:
+    """Users ``applied`` granted although their removal (one of ``removals``) committed first."""
+    granted = {e.user: e.seq for e in applied if e.kind == "member_added"}
+    return frozenset(e.user for e in removals if e.user in granted and e.seq < granted[e.user])
 
 
 def _contested(result: DeltaResult, stale: frozenset[str]) -> frozenset[str]:
