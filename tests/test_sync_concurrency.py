@@ -495,12 +495,13 @@ def test_an_older_read_cannot_undo_an_update_firestore_commits_in_parts(world, a
     assert world.members(REPORTS) == {user(u) for u in world.graph.members(TENANT, G_ENG)}
 
 
-def _last_try_regrants_bob(world, app, also=None):
+def _last_try_regrants_bob(world, app, also=None, took_back: threading.Event | None = None):
     """Wrap ``app.store.apply`` so that ``app``'s full read is overtaken on every try: on
     the first two by another instance's read; on the last, its answer (listing BOB)
     re-grants BOB just after a removal of his committed, and before the grant is taken
     back Graph adds him again and a third instance's read confirms him. ``also()`` runs
-    then, last. Returns the original apply."""
+    then, last; ``took_back`` is set once the grant is taken back. Returns the original
+    apply."""
     other, remover, confirmer = world.app(), world.app(), world.app()
     real_apply, tries = app.store.apply, []
     removed, go = threading.Event(), threading.Event()
@@ -516,6 +517,10 @@ def _last_try_regrants_bob(world, app, also=None):
     remover.store.apply = remover_apply
 
     def apply(update, *args, **kwargs):
+        if update.why == "removal committed during a read" and took_back is not None:
+            out = real_apply(update, *args, **kwargs)
+            took_back.set()
+            return out
         if update.source != "graph-delta" or len(tries) >= 3:
             return real_apply(update, *args, **kwargs)
         tries.append(1)
@@ -579,16 +584,7 @@ def test_a_read_that_overlaps_a_take_back_never_stores_a_link_over_it(world, app
         threads[0].start()
         waiting.wait(10)
 
-    real_apply = _last_try_regrants_bob(world, app, also=fourth_read)
-    wrapped = app.store.apply
-
-    def apply(update, *args, **kwargs):
-        out = wrapped(update, *args, **kwargs)
-        if update.why == "removal committed during a read":
-            took_back.set()
-        return out
-
-    app.store.apply = apply
+    real_apply = _last_try_regrants_bob(world, app, also=fourth_read, took_back=took_back)
     with pytest.raises(Contested):
         app.sync.handle_messages([change(G_ENG)])
     threads[0].join(20)
@@ -653,16 +649,7 @@ def test_a_read_applied_just_after_a_take_back_drops_its_link_so_the_redelivery_
         threads[0].start()
         at_apply.wait(10)
 
-    real_apply = _last_try_regrants_bob(world, app, also=fourth_read)
-    wrapped = app.store.apply
-
-    def apply(update, *args, **kwargs):
-        out = wrapped(update, *args, **kwargs)
-        if update.why == "removal committed during a read":
-            took_back.set()
-        return out
-
-    app.store.apply = apply
+    real_apply = _last_try_regrants_bob(world, app, also=fourth_read, took_back=took_back)
     messages = [change(G_ENG)]
     with pytest.raises(Unavailable):      # Contested: Pub/Sub redelivers the batch
         app.sync.handle_messages(messages)
