@@ -29,7 +29,7 @@ from tests.support.graph_fixtures import graph_client
 from tests.support.sync_world import *  # noqa: F401,F403 - world, app, store_url, audit_lines, no_adc
 from tests.support.sync_world import (ALICE, BIG, BILLING, BOB, CAROL, GROUP_PRINCIPAL, G_BIG, G_ENG, G_OPS,
                                      G_OTHER, G_STAFF, INVOKER, MALLORY, REPORTS, SHARED, TENANT,
-                                     RecordingApp, change, deliver, lifecycle, slow_delta, synced, user)
+                                     RecordingApp, change, deliver, lifecycle, slow_delta, user)
 
 
 # -- the core scenarios ------------------------------------------------------------
