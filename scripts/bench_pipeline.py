@@ -19,6 +19,13 @@ the local bus, policy_sync's core and verify's core run in this process instead.
   message was drained and how many stale removals (delivered after the re-add they
   predate, as unordered delivery allows) revoked a member until Graph's read
   restored them.
+- baseline (Pub/Sub bus): how many deliveries policy_sync served in the burst (a
+  message it refused, such as one Graph's read did not confirm yet, is delivered
+  again), and how long the same emulator takes to push that many messages to an
+  endpoint that acknowledges at once, with the most deliveries it had in flight.
+  The emulator pushes a subscription's messages only a few at a time, so the
+  burst's time is about its deliveries times policy_sync's time per delivery,
+  divided by that number.
 
 Usage: python scripts/bench_pipeline.py [--bus pubsub|local] [--trials N]
        [--changes N] [--groups N] [--check]
@@ -29,6 +36,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import http.client
+import http.server
 import json
 import os
 import random
@@ -173,6 +181,54 @@ class PubSubPipeline:
         return self._call(self.verifier.port, "/verify", {"service": "offboard"},
                           {"Authorization": f"Bearer {token}"}) == 200
 
+    def deliveries(self) -> tuple[int, int]:
+        """Deliveries policy_sync has served so far, and how many it refused (one
+        ``sync_batch`` line per delivery, one ``sync_delivery_failed`` per refusal)."""
+        out = self.sync.output()
+        return out.count('"event": "sync_batch"'), out.count('"event": "sync_delivery_failed"')
+
+    def floor(self, count: int) -> tuple[float, int]:
+        """Seconds the emulator takes to push ``count`` messages of a new topic to an
+        endpoint that acknowledges at once, and the most it had in flight."""
+        from google.cloud import pubsub_v1
+
+        received, lock, done = [0, 0, 0], threading.Lock(), threading.Event()   # total, in flight, most
+
+        class Ack(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                with lock:
+                    received[1] += 1
+                    received[2] = max(received[2], received[1])
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(204)
+                self.end_headers()
+                with lock:
+                    received[0], received[1] = received[0] + 1, received[1] - 1
+                    if received[0] >= count:
+                        done.set()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ack)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+        try:
+            topic = publisher.create_topic(name=f"projects/{PROJECT}/topics/floor").name
+            subscriber.create_subscription(request={
+                "name": f"projects/{PROJECT}/subscriptions/floor", "topic": topic, "ack_deadline_seconds": 60,
+                "push_config": {"push_endpoint": f"http://127.0.0.1:{server.server_port}/"}})
+            started = time.monotonic()
+            for future in [publisher.publish(topic, b"{}") for _ in range(count)]:
+                future.result()
+            done.wait(300)
+            return time.monotonic() - started, received[2]
+        finally:
+            server.shutdown()
+            server.server_close()
+
     def stop(self) -> None:
         for fn in (self.webhook, self.sync, self.verifier):
             fn.stop()
@@ -290,6 +346,7 @@ def burst(servers: Servers, pipeline, store, changes: int, groups: int) -> dict:
     """POST the burst (each change applied to Graph just before its POST), then wait
     until store and IAM hold Graph's truth, and until the last message is drained."""
     posts, members = burst_plan(changes, groups)
+    delivered = pipeline.deliveries() if isinstance(pipeline, PubSubPipeline) else None
     runs = [f"projects/bench/locations/europe-west1/services/burst-{s}" for s in range(SERVICES)]
     sets_before = {r: servers.cloudrun.sets(r) for r in runs}
     started, wall = time.monotonic(), dt.datetime.now(dt.timezone.utc)
@@ -305,7 +362,11 @@ def burst(servers: Servers, pipeline, store, changes: int, groups: int) -> dict:
     last = settle(store, wall)
     # Removals delivered after the re-add they predate: revoked at once, restored by the read.
     flaps = sum(1 for e in store.changes(since=at) if e.kind == "member_removed" and e.user in members[e.group])
-    return {"posted": posted, "converged": None if took is None else posted + took, "flaps": flaps,
+    floor = None
+    if delivered is not None:
+        total, refused = (after - before for after, before in zip(pipeline.deliveries(), delivered))
+        floor = {"deliveries": total, "refused": refused, **dict(zip(("seconds", "in_flight"), pipeline.floor(total)))}
+    return {"floor": floor, "posted": posted, "converged": None if took is None else posted + took, "flaps": flaps,
             "settled": None if last is None else (last - wall).total_seconds(),
             "stable": converged(servers, store, members),
             "sets": sum(servers.cloudrun.sets(r) - sets_before[r] for r in runs),
@@ -351,6 +412,14 @@ def report(args, committed: list[float], offboard: list[float], result: dict) ->
         ("burst setIamPolicy calls", f"{sets} for {SERVICES} services, {batches:,} batches",
          f"<= {bound:,}", sets <= bound),
     ]
+    floor = result["floor"]
+    if floor is not None:
+        rows += [
+            ("baseline: policy_sync deliveries", f"{floor['deliveries']:,} ({floor['refused']:,} refused, so sent again)", "-", True),
+            ("baseline: emulator pushing as many", f"{floor['seconds']:.1f} s to an instant ack, <= {floor['in_flight']} in flight", "-", True),
+        ]
+        if converged is not None:
+            rows.append(("  burst convergence vs that", f"{converged / floor['seconds']:.1f}x", "-", True))
     print(f"pipeline benchmark (bus: {args.bus})")
     print(f"{'benchmark':<38} {'measured':<48} {'target':<10} met")
     for name, measured, target, met in rows:
