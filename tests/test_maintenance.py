@@ -242,6 +242,7 @@ def test_a_rotation_whose_every_replacement_failed_is_a_failed_run(world):
     status, answer = post(world.app(client_states=("new-state",)), b'{"tasks": ["subscriptions"]}')
     done = answer["tasks"]["subscriptions"]["actions"]
     assert sorted(a["action"] for a in done) == ["deleted", "deleted", "error", "error"]
+    assert all(a["replacing"] for a in done if a["action"] == "deleted")
     assert status == 503 and world.subs() == {}     # every group uncovered: Cloud Scheduler must see it
 
 
@@ -389,6 +390,31 @@ def test_a_tenant_naming_no_group_without_graph_access_is_not_an_error(world, tm
     assert other in app.policy.tenants
     task = app.maintenance.run(["subscriptions"])["tasks"]["subscriptions"]
     assert task["status"] == "ok" and task["counts"] == {"created": 2, "unreachable": 1}
+
+
+def test_graph_refusing_every_tenant_fails_the_run_even_with_a_tenant_naming_no_group(world, tmp_path):
+    other = "33333333-3333-3333-3333-333333333333"   # listed, no service: "unreachable" is no progress
+    text = POLICY.replace("\nprincipal:", f"\n  - id: {other}\n    audiences: [\"api://x\"]\nprincipal:")
+    path = tmp_path / "two.yaml"
+    path.write_text(text)
+    status, answer = post(world.app(policy_path=str(path), client_secret="no-longer-valid"),
+                          b'{"tasks": ["subscriptions"]}')
+    assert answer["tasks"]["subscriptions"]["counts"] == {"error": 1, "unreachable": 1}
+    assert status == 503 and world.subs() == {}   # Cloud Scheduler must see it fail
+
+
+def test_a_cleanup_where_one_deletion_failed_is_a_partial_failure_not_a_failed_run(world, tmp_path):
+    world.app().maintenance.run(["subscriptions"])
+    # No service names a group any more: both subscriptions are to go; one delete fails.
+    app = with_policy(world, tmp_path, POLICY.replace(f"groups: [{G_ENG}]", "app_roles: [X]")
+                      .replace(f"groups: [{G_STAFF}]", "app_roles: [Y]"))
+    assert app.policy.referenced_groups() == {TENANT: set()}
+    staff = world.subs()[f"/groups/{G_STAFF}"]["id"]
+    world.graph.fail_next(1, status=500, retry_after=None, code="InternalServerError", method="DELETE",
+                          path=f"/v1.0/subscriptions/{staff}")
+    status, answer = post(app, b'{"tasks": ["subscriptions"]}')
+    assert answer["tasks"]["subscriptions"]["counts"] == {"deleted": 1, "error": 1}
+    assert status == 200 and not answer["ok"] and list(world.subs()) == [f"/groups/{G_STAFF}"]
 
 
 def test_a_tenant_whose_services_name_no_group_keeps_no_subscription(world):

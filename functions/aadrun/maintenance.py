@@ -67,9 +67,12 @@ TASKS = ("subscriptions", "reconcile", "drift")
 # its own "error"; when every item failed (an expired client secret, a missing
 # permission) the run failed too, and Cloud Scheduler must see it fail (503).
 _PROGRESS: dict[str, Callable[[dict], bool]] = {
-    # Some resource covered: a deletion alone (a replacement whose create failed) is not,
-    # nor another URL's subscription.
-    "subscriptions": lambda r: any(a["action"] not in ("error", "deleted", "foreign") for a in r.get("actions", ())),
+    # Some resource covered, or a subscription no longer wanted deleted. Not: a tenant
+    # not reached, another URL's subscription, nor a deletion made for a create (a
+    # replacement, a quota slot), which alone leaves its group uncovered.
+    "subscriptions": lambda r: any(a["action"] not in ("error", "unreachable", "foreign", "deleted")
+                                   or (a["action"] == "deleted" and not a.get("replacing"))
+                                   for a in r.get("actions", ())),
     # Some group read: IAM that cannot be written anywhere is drift's failure to report.
     "reconcile": lambda r: sum(r.get("reads", {}).values()) > 0,
     "drift": lambda r: bool(r.get("services") or r.get("orphaned")),

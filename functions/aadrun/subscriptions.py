@@ -201,7 +201,7 @@ class Subscriptions:
             # free one slot first (an unreferenced group's if any). Until the tenant-wide
             # one exists, only that group waits for the scheduled delta reconcile.
             slot = min(run.ours, key=lambda k: (k in referenced, k))
-            if self._guarded(run, slot, lambda: self._delete(run, slot, run.ours[slot])):
+            if self._guarded(run, slot, lambda: self._forget(run, run.ours[slot], slot, replacing=True)):
                 del run.ours[slot]
         covered = {r: self._guarded(run, r, lambda r=r: self._cover(run, r)) for r in wanted}
         for key, sub in sorted(run.ours.items()):
@@ -212,7 +212,7 @@ class Subscriptions:
             replacements = [r for r in wanted if r == TENANT_WIDE] if key in referenced else \
                 wanted if key == TENANT_WIDE else []
             if all(covered[r] for r in replacements):
-                self._guarded(run, key, lambda s=sub, k=key: self._delete(run, k, s))
+                self._guarded(run, key, lambda s=sub, k=key: self._forget(run, s, k))
             else:
                 # Its replacement is not in place (e.g. the tenant-wide subscription hit
                 # the quota): it keeps its groups covered until a later run succeeds.
@@ -231,12 +231,12 @@ class Subscriptions:
         expires = _expiry(sub) if sub else None
         if sub is not None and (expires is None or expires <= self.now()):
             # Graph deletes expired subscriptions; one still listed cannot be renewed.
-            self._forget(run, sub, resource)
+            self._forget(run, sub, resource, replacing=True)
             sub = None
         if sub is None:
             return self._create(run, resource)
         elif (recorded := self._recorded_state(sub)) != state_fingerprint(self.settings.client_states[0]):
-            self._forget(run, sub, resource)
+            self._forget(run, sub, resource, replacing=True)
             return self._create(run, resource, "replaced", replaced=sub["id"],
                                 why="its client state is not the first configured" if recorded else
                                 "its client state is unknown (made by an earlier version, or recorded in "
@@ -298,14 +298,11 @@ class Subscriptions:
                                  STATE_RECORD_TTL_S)
         run.report("renewed", resource, renewed)
 
-    def _delete(self, run: _Tenant, resource: str, sub: dict) -> None:
-        self._forget(run, sub, resource)
-
-    def _forget(self, run: _Tenant, sub: dict, resource: str) -> None:
+    def _forget(self, run: _Tenant, sub: dict, resource: str, *, replacing: bool = False) -> None:
         """Delete ``sub`` from Graph (gone already is fine), then its record. Reported
-        at once: the create that may follow (a replacement) can fail."""
+        at once: the create that follows one ``replacing`` it can fail."""
         run.graph.delete_subscription(sub["id"])
-        run.report("deleted", resource, sub)
+        run.report("deleted", resource, sub, **({"replacing": True} if replacing else {}))
         record = _state_record(sub["id"])
         holder = self.store.lease_holder(record)
         if holder is not None:
