@@ -142,6 +142,22 @@ def test_a_revoked_token_is_replaced_once(graph_server):
     assert graph_server.token_requests == 2
 
 
+def test_an_entra_outage_at_discovery_is_an_upstream_error(graph_server):
+    graph_server.entra_outage(TENANT, 503)
+    with pytest.raises(UpstreamError, match=r"authority discovery failed .*MsalServiceError \(HTTP 503\)"):
+        graph_client(graph_server).list_subscriptions()
+
+
+def test_an_entra_outage_at_the_token_endpoint_is_an_upstream_error(graph_server):
+    client = graph_client(graph_server)
+    client.list_subscriptions()                # discovery done and cached, a token held
+    graph_server.revoke_tokens()               # Graph refuses it: a new token is needed
+    graph_server.entra_outage(TENANT, 500)
+    with pytest.raises(UpstreamError, match=r"token request failed .*MsalServiceError \(HTTP 500\)") as failed:
+        client.list_subscriptions()
+    assert failed.value.status_code is None    # not Graph's own answer about a resource
+
+
 # -- delta ------------------------------------------------------------------------------
 
 def test_full_delta_follows_pages_of_a_big_group(graph_server):

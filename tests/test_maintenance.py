@@ -417,6 +417,16 @@ def test_a_cleanup_where_one_deletion_failed_is_a_partial_failure_not_a_failed_r
     assert status == 200 and not answer["ok"] and list(world.subs()) == [f"/groups/{G_STAFF}"]
 
 
+def test_an_entra_outage_in_one_tenant_leaves_the_other_tenants_subscriptions_kept(world):
+    down = "00000000-0000-0000-0000-00000000000a"   # taken first
+    world.graph.add_app(down, CLIENT_ID, secret=CLIENT_SECRET)
+    world.graph.entra_outage(down, 503)
+    app = world.app()
+    done = Subscriptions(app.settings, app.store, app.maintenance.graph).ensure({down: {G_ENG}, TENANT: {G_ENG}})
+    assert [(a["tenant"], a["action"]) for a in done] == [(down, "error"), (TENANT, "created")]
+    assert "HTTP 503" in done[0]["error"] and list(world.subs()) == [f"/groups/{G_ENG}"]
+
+
 def test_a_tenant_whose_services_name_no_group_keeps_no_subscription(world):
     app = world.app()
     app.maintenance.run(["subscriptions"])

@@ -27,6 +27,7 @@ import dataclasses
 import datetime as dt
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -163,6 +164,16 @@ def _graph_error(resp: requests.Response) -> tuple[str | None, str]:
     return err.get("code"), str(err.get("message") or "")[:200]
 
 
+_MSAL_HTTP_ERROR = re.compile(r"HTTP Error: (\d{3})")
+
+
+def _failure(error: Exception) -> str:
+    """The error's type, and the status of MSAL's "HTTP Error: 503" (what it raises
+    for an answer it does not parse): other texts may quote an answer."""
+    match = _MSAL_HTTP_ERROR.fullmatch(str(error)) if isinstance(error, msal.exceptions.MsalError) else None
+    return f"{type(error).__name__} (HTTP {match.group(1)})" if match else type(error).__name__
+
+
 class _MsalHttp:
     """The shared session as MSAL's http_client, with our timeout on every call."""
 
@@ -225,9 +236,9 @@ class GraphClient:
                         # Skip the login.microsoftonline.com instance check: the
                         # authority comes from validated configuration (https).
                         instance_discovery=False)
-                except (ValueError, requests.RequestException) as e:
+                except (ValueError, requests.RequestException, msal.exceptions.MsalError) as e:
                     raise UpstreamError(f"authority discovery failed for tenant {self.tenant}: "
-                                        f"{type(e).__name__}") from e
+                                        f"{_failure(e)}") from e
             return self._msal
 
     def _google_id_token(self) -> str:
@@ -247,8 +258,10 @@ class GraphClient:
     def _token(self) -> str:
         try:
             result = self._app().acquire_token_for_client(scopes=[graph_scope(self._graph)])
-        except requests.RequestException as e:
-            raise UpstreamError(f"token request failed for tenant {self.tenant}: {type(e).__name__}") from e
+        except (requests.RequestException, msal.exceptions.MsalError) as e:
+            # MSAL raises its own error for an HTTP error it does not parse (a 5xx).
+            # (No status_code: a caller reads a 404 as "the Graph resource is gone".)
+            raise UpstreamError(f"token request failed for tenant {self.tenant}: {_failure(e)}") from e
         except ValueError as e:
             # An answer that is not JSON; the exception holds the answer, token included.
             raise UpstreamError(f"token request failed for tenant {self.tenant}: {type(e).__name__}") from None

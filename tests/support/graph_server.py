@@ -137,6 +137,7 @@ class GraphServer:
         self._cursors: dict[str, dict] = {}                      # skiptoken -> remaining pages
         self._subs: dict[tuple[str, str], dict[str, dict]] = {}
         self._faults: list[tuple[int, str | None, str]] = []
+        self._entra_down: dict[str, int] = {}   # tenant -> status its discovery and token endpoints answer
         self.delays: dict[str, float] = {}    # path -> seconds to wait before answering (slow Graph)
         self._lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -229,6 +230,21 @@ class GraphServer:
             fault = (status, None if retry_after is None else str(retry_after), code, method, path)
             self._faults.extend([fault] * n)
 
+    def entra_outage(self, tenant: str, status: int | None = 503) -> None:
+        """The tenant's discovery and token endpoints answer ``status`` (an Entra
+        outage) until called again with None."""
+        with self._lock:
+            if status is None:
+                self._entra_down.pop(tenant, None)
+            else:
+                self._entra_down[tenant] = status
+
+    def _entra_fault(self, tenant: str) -> None:
+        status = self._entra_down.get(tenant)
+        if status is not None:
+            raise HttpError(status, "temporarily_unavailable", "AADSTS90033: A transient error has occurred.",
+                            oauth=True)
+
     def clear_faults(self) -> None:
         """Injected failures not yet served are dropped."""
         with self._lock:
@@ -272,6 +288,7 @@ class GraphServer:
     # -- Entra -------------------------------------------------------------------
 
     def _openid(self, tenant: str, v2: bool) -> dict:
+        self._entra_fault(tenant)
         if tenant not in self._tenants:
             raise HttpError(400, "invalid_tenant", f"AADSTS90002: Tenant '{tenant}' not found.", oauth=True)
         base, v = f"{self.base_url}/{tenant}", "/v2.0" if v2 else ""
@@ -284,6 +301,7 @@ class GraphServer:
 
     def _token(self, tenant: str, form: dict) -> dict:
         self.token_requests += 1
+        self._entra_fault(tenant)
         if form.get("grant_type") != "client_credentials":
             raise HttpError(400, "unsupported_grant_type", "AADSTS70003", oauth=True)
         if not str(form.get("scope", "")).endswith("/.default"):
