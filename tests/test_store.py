@@ -619,6 +619,23 @@ def test_concurrent_updates_of_one_group_lose_nothing(store):
     assert store.processed(ids) == set(ids)
 
 
+def test_concurrent_removals_that_drop_the_link_all_commit(store):
+    # Offboarding many members of one group at once: a delivery per notification, all
+    # at the same moment. None may wait on another's hold of the group's record.
+    threads = 12
+    store.apply(GroupUpdate(T, G, replace=users(*(f"u{i}" for i in range(threads))), sync=synced("link")))
+    start = threading.Barrier(threads)
+
+    def remove(i: int) -> list:
+        start.wait()
+        return store.apply(GroupUpdate(T, G, removed=users(f"u{i}"), drop_link=True, message_ids=(f"m{i}",)))
+
+    with ThreadPoolExecutor(threads) as pool:
+        done = list(pool.map(remove, range(threads)))
+    assert [len(entries) for entries in done] == [1] * threads
+    assert store.group_members(T, G) == set() and store.sync_state(T, G).delta_link is None
+
+
 # -- outages -----------------------------------------------------------------
 
 
