@@ -552,6 +552,28 @@ def test_a_firestore_lease_written_by_the_earlier_version_is_judged_by_its_expir
     store.close()
 
 
+def test_a_lapsed_lease_many_want_at_once_goes_to_one_of_them_at_once(backend):
+    # Writers of one Cloud Run service's IAM poll its lease: when it lapses, they all
+    # try to take it in the same moment. One gets it; the others hear so, without delay.
+    contenders = 12
+    for round_ in range(3):
+        name = f"iam/contended-{round_}"
+        assert backend().acquire_lease(name, "gone", TTL)
+        sleep_past(time.monotonic() + TTL)
+        stores = [backend() for _ in range(contenders)]
+        start = threading.Barrier(contenders)
+
+        def take(i: int) -> bool:
+            start.wait()
+            return stores[i].acquire_lease(name, f"h{i}", 30)
+
+        began = time.monotonic()
+        with ThreadPoolExecutor(contenders) as pool:
+            taken = list(pool.map(take, range(contenders)))
+        assert taken.count(True) == 1 and stores[0].lease_holder(name) == f"h{taken.index(True)}"
+        assert time.monotonic() - began < 5
+
+
 def test_a_lease_is_renewed_only_by_a_holder_nobody_replaced(backend):
     a, b = backend(), backend()
     assert a.acquire_lease("iam/x", "h1", TTL) and a.renew_lease("iam/x", "h1", TTL)

@@ -458,11 +458,17 @@ class FirestoreStore(Store):
         return self._run(self._acquire, name, holder, ttl_seconds, utcnow())
 
     def _acquire(self, txn, name: str, holder: str, ttl: float, now: dt.datetime) -> bool:
+        # Optimistic, as meta/counters (module doc): the writers of one resource all
+        # poll its lease, and all try to take it the moment it lapses.
         ref = self._doc("leases", name)
-        snap = self._read(txn, [ref])[ref.path]
+        snap = ref.get()
         if snap.exists and snap.get("holder") != holder and not _lapsed(snap):
             return False
-        txn.set(ref, {"name": name, "holder": holder, "ttl_s": ttl, "expires_at": now + dt.timedelta(seconds=ttl)})
+        lease = {"name": name, "holder": holder, "ttl_s": ttl, "expires_at": now + dt.timedelta(seconds=ttl)}
+        if snap.exists:   # fails (FailedPrecondition, and _run reads again) if another writer was first
+            txn.update(ref, lease, option=self._client.write_option(last_update_time=snap.update_time))
+        else:
+            txn.create(ref, lease)
         return True
 
     def renew_lease(self, name: str, holder: str, ttl_seconds: float) -> bool:
