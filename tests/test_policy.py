@@ -254,6 +254,20 @@ def test_self_referencing_or_exploding_aliases_are_policy_errors(tmp_path, text,
         load_policy(write(tmp_path, "p.yaml", text))
 
 
+@pytest.mark.parametrize("data,line,message", [
+    ("tenants:\n  # Caf\u00e9 team\n".encode("latin-1"), 2, "not UTF-8: byte 0xe9 at offset 16"),
+    ("tenants:\n".encode("utf-16"), 1, "not UTF-8: byte 0xff at offset 0"),
+    (b"tenants:\n  - id: a\x1bb\n", 2, "character 0x001b is not allowed"),
+    (b"tenants:\n\n  - id: \x00\n", 3, "character 0x0000 is not allowed"),
+])
+def test_a_file_an_editor_garbled_names_the_line(tmp_path, data, line, message):
+    (tmp_path / "p.yaml").write_bytes(data)
+    with pytest.raises(PolicyError) as caught:
+        load_policy(tmp_path / "p.yaml")
+    [error] = caught.value.errors
+    assert (error.line, error.message) == (line, f"{'invalid YAML: ' if 'character' in message else ''}{message}")
+
+
 def test_hidden_files_and_folders_of_a_policy_folder_are_not_read(tmp_path):
     write(tmp_path, "p.yaml", POLICY)
     (tmp_path / ".github" / "workflows").mkdir(parents=True)

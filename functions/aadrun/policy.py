@@ -198,11 +198,22 @@ class _Checker:
 def _parse_file(path: Path) -> tuple[dict, dict[str, int], str]:
     name = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        data = path.read_bytes()
+    except OSError as e:
         raise PolicyError(f"cannot read: {e.__class__.__name__}", file=name) from e
     try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # An editor's Latin-1 or UTF-16 file: the line of the first bad byte.
+        raise PolicyError(f"not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}", file=name,
+                          line=data.count(b"\n", 0, e.start) + 1) from None
+    try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.reader.ReaderError as e:
+        # A character YAML refuses (a control character left by a paste): its line, where
+        # the reader gives only an offset into the text.
+        raise PolicyError(f"invalid YAML: character {e.character:#06x} is not allowed", file=name,
+                          line=text.count("\n", 0, e.position) + 1) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise PolicyError(f"invalid YAML: {getattr(e, 'problem', None) or e}", file=name,
