@@ -565,6 +565,21 @@ def test_drift_on_a_live_policy_others_filled_past_the_limit_reports_it_and_writ
     assert app.store.managed_members(BILLING) == {INVOKER: {user(ALICE)}}
 
 
+def test_a_spell_in_record_mode_neither_claims_a_grant_made_by_hand_nor_forgets_aadrun_s(world):
+    # Record mode plans as if its plans had been applied; switching modes must not make
+    # either mode's idea of what aadrun manages the other's.
+    world.cloudrun.set_policy(BILLING, {"bindings": [{"role": INVOKER, "members": [user(BOB)]}]})  # by hand
+    world.graph.set_members(TENANT, G_ENG, [ALICE, BOB])
+    world.app(iam_mode="record").maintenance.run(["reconcile"])        # plans Alice and Bob
+    world.app().maintenance.run(["reconcile", "drift"])                 # grants Alice; Bob was there
+    assert world.members() == {user(ALICE), user(BOB)}
+    world.graph.set_members(TENANT, G_ENG, [])
+    world.app(iam_mode="record").maintenance.run(["reconcile"])        # plans them both away
+    world.app().maintenance.run(["reconcile", "drift"])
+    # Alice, whom aadrun granted, is revoked; Bob's grant, made by hand, stays as found.
+    assert world.members() == {user(BOB)}
+
+
 def members_on(world, resource: str) -> set[str]:
     return {m for b in world.cloudrun.policy(resource).get("bindings", [])
             if b["role"] == INVOKER and "condition" not in b for m in b["members"]}

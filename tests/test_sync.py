@@ -18,7 +18,7 @@ from aadrun.app import App
 from aadrun.coalesce import StoreLease
 from aadrun.errors import Unavailable, UpstreamError
 from aadrun.graph import max_expiration
-from aadrun.managed_write import write_managed
+from aadrun.managed_write import RECORDED, managed_store, write_managed
 from aadrun.messages import canonical
 from aadrun.store import ChangeEntry, GroupUpdate, SyncState, utcnow
 from aadrun.sync import decode_event
@@ -537,15 +537,17 @@ def test_record_mode_stores_the_plan_and_calls_nothing(world, audit_lines):
     world.graph.add_members(TENANT, G_ENG, [ALICE])
     summary = app.sync.handle_messages([change(G_ENG, added=[ALICE])])
     assert world.cloudrun.requests == []
-    assert app.store.managed_members(REPORTS) == {INVOKER: {user(ALICE)}}
+    # Kept apart from what set calls made: a later switch to cloudrun must not take it for that.
+    assert managed_store(app.store, "record").managed_members(REPORTS) == {INVOKER: {user(ALICE)}}
+    assert app.store.managed_members(REPORTS) == {}
     assert not summary.iam["reports"].wrote
     assert any(a["event"] == "iam_plan" for a in audit_lines)
     # Nothing reached IAM: the managed set's changes are claims, never grants or revocations.
     world.graph.remove_members(TENANT, G_ENG, [ALICE])
     deliver(app, [change(G_ENG, removed=[ALICE])])
-    assert world.cloudrun.requests == [] and app.store.managed_members(REPORTS) == {}
+    assert world.cloudrun.requests == [] and managed_store(app.store, "record").managed_members(REPORTS) == {}
     iam = [(e.kind, e.service, e.member) for e in app.store.changes() if e.kind.startswith("iam_")]
-    assert {(k, s) for k, s, _ in iam} >= {("iam_claimed", REPORTS), ("iam_unclaimed", REPORTS)}, iam
+    assert {(k, s) for k, s, _ in iam} >= {("iam_claimed", RECORDED + REPORTS), ("iam_unclaimed", RECORDED + REPORTS)}, iam
     assert {k for k, _, _ in iam} == {"iam_claimed", "iam_unclaimed"}, iam
     assert not [a for a in audit_lines if a["event"] == "iam_change"]
 

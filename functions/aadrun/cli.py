@@ -156,10 +156,11 @@ def cmd_plan(args, settings: Settings) -> int:
     or its Cloud Run service does not exist."""
     from .app import App
     from .iam import IamWriter
+    from .managed_write import managed_store
     from .plan import iam_targets, plan_orphan, plan_service
 
     app = App(settings)
-    policy, writer, store = app.policy, IamWriter(settings), app.store
+    policy, writer, store = app.policy, IamWriter(settings), managed_store(app.store, settings.iam_mode)
     services, refused, gone, missing = [], {}, [], {}
     by_resource: dict[str, dict] = {}
     for name, resource in iam_targets(policy, store.managed_targets()):

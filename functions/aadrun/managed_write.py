@@ -25,6 +25,12 @@ recorded. Within one write:
     when the set call then fails; and what a set call did is audited even when the
     store write after it fails (the lease lapsed, the store is down), though the
     change log then lacks it.
+
+``record`` mode reads no IAM and plans as if its own plans had been applied: what
+it manages is kept apart, under ``record:{resource}`` (``managed_store``). Kept with
+what set calls made, a switch to ``cloudrun`` would take a grant someone made by
+hand for aadrun's (and revoke it later), and a spell in ``record`` mode would drop
+members aadrun granted from the record (never to be revoked).
 """
 from __future__ import annotations
 
@@ -39,6 +45,33 @@ from .plan import Binding, Members, ServiceChanges, diff
 from .store import ChangeEntry, IamWrite, Store, utcnow
 from .store.rules import iam_entries
 from .sync_report import audit_changes
+
+
+RECORDED = "record:"   # key prefix of what record mode manages (never a Cloud Run resource)
+
+
+class _RecordedPlans:
+    """The store, with record mode's managed members in place of the real ones."""
+
+    def __init__(self, store: Store):
+        self._store = store
+
+    def managed_members(self, cloud_run: str) -> dict[str, set[str]]:
+        return self._store.managed_members(RECORDED + cloud_run)
+
+    def managed_targets(self) -> set[str]:
+        return {t[len(RECORDED):] for t in self._store.managed_targets() if t.startswith(RECORDED)}
+
+    def record_iam(self, cloud_run: str, desired, **kwargs) -> list[ChangeEntry]:
+        return self._store.record_iam(RECORDED + cloud_run, desired, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+
+def managed_store(store: Store, mode: str) -> Store:
+    """``store`` as IAM mode ``mode`` keeps its managed members (module doc)."""
+    return _RecordedPlans(store) if mode == "record" else store
 
 
 @dataclasses.dataclass
@@ -63,6 +96,7 @@ def write_managed(store: Store, writer: IamWriter, lease: StoreLease, resource: 
     asked again on each attempt); ``service`` names it in plans and errors. A
     ``repair`` (maintenance's drift task) logs each managed member it puts back in
     IAM as ``iam_restored`` rather than ``iam_added``."""
+    store = managed_store(store, writer.mode)
     before: dict[str, set[str]] = {}
     pending: dict[str, set[str]] = {}     # claimed by the attempt in flight
     unwritten: dict[str, set[str]] = {}   # claimed by attempts whose set did not happen
