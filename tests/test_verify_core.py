@@ -556,6 +556,25 @@ def test_a_new_kid_arriving_while_its_fetch_is_in_flight_waits_for_it(world, idp
     assert reasons == {"first": "ok", "second": "ok"}
 
 
+def test_a_new_kid_whose_fetch_outlasts_the_wait_is_undecided_not_invalid(world, idp):
+    # Entra signs with a key just rolled in, and its JWKS answers slowly: requests that
+    # give up waiting for that fetch cannot tell the token is bad, so they fail closed
+    # with 503 (retried), never 401 invalid_token for a valid token.
+    verifier = world[0]
+    assert verifier.decide("billing", good(idp)).reason == "ok"
+    new_key = idp.rotate(keep_old=True)
+    idp.delay = 0.8   # per document: the fetch (discovery, then keys) outlasts the 1 s wait
+    first, later = good(idp, key=new_key), good(idp, key=new_key)
+    reasons = {}
+    fetching = threading.Thread(target=lambda: reasons.update(first=verifier.decide("billing", first)))
+    fetching.start()
+    time.sleep(0.1)
+    waited = verifier.decide("billing", later)
+    fetching.join()
+    assert (waited.reason, waited.status) == ("unavailable", 503) and reasons["first"].reason == "ok"
+    assert verifier.decide("billing", later).reason == "ok"
+
+
 def test_no_decision_waits_for_a_periodic_refresh_hanging_on_the_identity_provider(tmp_path, idp):
     verifier = own_verifier(tmp_path, idp.url, jwks_refresh_seconds=0.2)
     assert verifier.decide("billing", good(idp)).reason == "ok"
@@ -564,10 +583,10 @@ def test_no_decision_waits_for_a_periodic_refresh_hanging_on_the_identity_provid
     time.sleep(0.3)   # the refresh is due
     started = time.monotonic()
     assert verifier.decide("billing", good(idp)).reason == "ok"              # starts the refresh, cached keys
-    # Forged kids: the first may wait (at most 1 s) for the refresh in flight, which then
-    # counts as the window's fetch; the others are refused at once.
-    for token in forged:
-        assert verifier.decide("billing", token).reason == "unknown_key"
+    # Forged kids: the first waits (at most 1 s) for the refresh in flight, which may yet
+    # bring its key (undecided: 503); that refresh counts as the window's fetch, so the
+    # others are refused at once.
+    assert [verifier.decide("billing", token).reason for token in forged] == ["unavailable"] + ["unknown_key"] * 3
     assert time.monotonic() - started < 2.5   # one short wait in all, long before the identity provider
 
 

@@ -60,6 +60,12 @@ class _TenantKeys:
         self.last_failure = -1e18
 
 
+def _undecided(tenant: str) -> Unavailable:
+    # The fetch that may bring the kid is still running: a valid token of a key Entra
+    # has just started to use must not be called invalid (401), so verify cannot decide yet.
+    return Unavailable(f"signing keys of tenant {tenant} are being fetched: the token's kid is not known yet")
+
+
 class KeyCache:
     """Thread-safe cache of each tenant's issuers and signing keys."""
 
@@ -114,12 +120,14 @@ class KeyCache:
                 # A refresh hangs on the lock: it counts as this window's fetch, so the
                 # next unknown kids are refused at once instead of each waiting a second.
                 entry.last_unknown_kid_fetch = self._clock()
+                raise _undecided(tenant)
         elif entry.kid_fetch_in_flight:
             # Another request is fetching for an unknown kid (a key rollover): this kid is
             # likely the same one, so wait for those keys rather than deny on the old ones.
             # A flood of forged kids waits only while that one rate-limited fetch runs.
-            if entry.lock.acquire(timeout=_FETCH_WAIT):
-                entry.lock.release()
+            if not entry.lock.acquire(timeout=_FETCH_WAIT):
+                raise _undecided(tenant)
+            entry.lock.release()
         key = entry.current.keys.get(kid) if entry.current else None
         if key is None:
             raise TokenError("unknown_key", "the token's kid is not a signing key of its tenant")
