@@ -66,10 +66,9 @@ class VerifiedToken:
     version: int
     versions: tuple[int, ...]   # the tenant's allowed versions (cache key of its keys)
     # An ID token of an app whose client id is also an accepted audience would pass the
-    # audience check. Its ``nonce`` claim, when it has one, gives it away (an OpenID
-    # Connect sign-in usually asks for one; no access token carries it). A missing
-    # ``azp``/``appid`` would too, but CONTRACT.md §4 defines wrong_audience by ``aud``
-    # alone, so that is not required.
+    # audience check. Every Entra access token names the client app it was issued to
+    # (``azp`` in v2, ``appid`` in v1); an ID token names none, and may carry a ``nonce``,
+    # which no access token does.
     access_token: bool = True
 
     @functools.cached_property
@@ -153,7 +152,12 @@ def verify_signed(token: str, tenant_versions: Callable[[str], tuple[int, ...] |
         raise TokenError("wrong_issuer", "iss is not the tenant's issuer for an allowed token version")
     if iss not in keyset.key_issuers.get(kid, ()):
         raise TokenError("wrong_issuer", "the signing key is not one of the token's issuer")
-    return VerifiedToken(claims, kid, tid, version, versions, "nonce" not in claims)
+    return VerifiedToken(claims, kid, tid, version, versions, _is_access_token(claims))
+
+
+def _is_access_token(claims: dict) -> bool:
+    client = claims.get("azp", claims.get("appid"))
+    return "nonce" not in claims and isinstance(client, str) and bool(client)
 
 
 _NUMBER_TYPES = (int, float)
@@ -183,7 +187,8 @@ def check_audience(token: VerifiedToken, accepted: tuple[str, ...]) -> None:
     if not isinstance(aud, str) or aud not in accepted:
         raise TokenError("wrong_audience", "aud is not an accepted audience of the service")
     if not token.access_token:
-        raise TokenError("wrong_audience", "an ID token (it carries a nonce): it is not for calling an API")
+        raise TokenError("wrong_audience", "an ID token (it names no client app, or carries a nonce): "
+                                           "it is not for calling an API")
 
 
 def _is_time(value) -> bool:
