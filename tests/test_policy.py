@@ -259,6 +259,8 @@ def test_self_referencing_or_exploding_aliases_are_policy_errors(tmp_path, text,
     ("tenants:\n".encode("utf-16"), 1, "not UTF-8: byte 0xff at offset 0"),
     (b"tenants:\n  - id: a\x1bb\n", 2, "character 0x001b is not allowed"),
     (b"tenants:\n\n  - id: \x00\n", 3, "character 0x0000 is not allowed"),
+    (b"tenants:\r  # x\r\n  - id: a\x1bb\r", 3, "character 0x001b is not allowed"),   # CR and CRLF breaks
+    ("tenants:\r  # \u00e9\r".encode("latin-1"), 2, "not UTF-8: byte 0xe9 at offset 13"),
 ])
 def test_a_file_an_editor_garbled_names_the_line(tmp_path, data, line, message):
     (tmp_path / "p.yaml").write_bytes(data)

@@ -195,6 +195,12 @@ class _Checker:
         return tuple(self.string(v, f"{field}[{i}]", pattern, what) for i, v in enumerate(value))
 
 
+def _line_at(before: str) -> int:
+    """The line that follows ``before``, its line breaks counted as YAML counts them
+    (CR, LF, CRLF, NEL, LS, PS): what precedes a refused character holds no other."""
+    return len((before + ".").splitlines())
+
+
 def _parse_file(path: Path) -> tuple[dict, dict[str, int], str]:
     name = str(path)
     try:
@@ -206,14 +212,14 @@ def _parse_file(path: Path) -> tuple[dict, dict[str, int], str]:
     except UnicodeDecodeError as e:
         # An editor's Latin-1 or UTF-16 file: the line of the first bad byte.
         raise PolicyError(f"not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}", file=name,
-                          line=data.count(b"\n", 0, e.start) + 1) from None
+                          line=_line_at(data[:e.start].decode("utf-8"))) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.reader.ReaderError as e:
         # A character YAML refuses (a control character left by a paste): its line, where
         # the reader gives only an offset into the text.
         raise PolicyError(f"invalid YAML: character {e.character:#06x} is not allowed", file=name,
-                          line=text.count("\n", 0, e.position) + 1) from None
+                          line=_line_at(text[:e.position])) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise PolicyError(f"invalid YAML: {getattr(e, 'problem', None) or e}", file=name,
