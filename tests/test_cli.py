@@ -188,6 +188,12 @@ def test_a_command_reading_a_store_that_does_not_exist_reads_it_empty_and_create
     assert not missing.parent.exists()
 
 
+def test_explain_says_a_group_never_synced_is_unknown(tmp_path):
+    env = {"AADRUN_STORE": f"sqlite:///{tmp_path}/state.db", "AADRUN_POLICY_PATH": str(write_policy(tmp_path))}
+    code, out, _ = run("explain", "--service", "billing", "--user", ALICE, env=env)
+    assert code == 1 and f"group {G_ENG}: never synced: unknown" in out and "None" not in out
+
+
 def test_explain_with_an_unknown_service_or_a_user_that_is_no_object_id_is_bad_usage(env):
     idp, variables = env
     token = idp.mint(TENANT_A, oid=ALICE, aud="api://billing")

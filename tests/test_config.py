@@ -50,6 +50,13 @@ def test_a_client_state_graph_would_refuse_stops_start_up_without_showing_it():
     ({"AADRUN_BUS": "pubsub"}, "GOOGLE_CLOUD_PROJECT"),
     ({"AADRUN_STORE": "postgres://db/aadrun"}, "AADRUN_STORE"),
     ({"AADRUN_STORE": "sqlite://state.db"}, "AADRUN_STORE"),
+    ({"AADRUN_STORE": "sqlite:///"}, "AADRUN_STORE"),                 # no file named
+    ({"AADRUN_TOPIC_CHANGES": "projects/p/topics/changes"}, "AADRUN_TOPIC_CHANGES"),   # a path, not an id
+    ({"AADRUN_TOPIC_POLICY": "bad topic!"}, "AADRUN_TOPIC_POLICY"),
+    ({"AADRUN_TOPIC_POLICY": "goog-updates"}, "AADRUN_TOPIC_POLICY"),  # Google's own prefix
+    ({"AADRUN_CLIENT_STATE": ",,, "}, "AADRUN_CLIENT_STATE"),          # set, but no secret in it
+    ({"REQUESTS_CA_BUNDLE": "/nonexistent/ca.pem"}, "REQUESTS_CA_BUNDLE"),  # every outbound call would fail
+    ({"SSL_CERT_FILE": "/nonexistent/ca.pem"}, "SSL_CERT_FILE"),
 ])
 def test_bad_values_name_the_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):

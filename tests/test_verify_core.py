@@ -817,12 +817,17 @@ class BrokenStore:
         raise OSError("backend unreachable")
 
 
-def test_store_down_fails_closed(world, idp):
+def test_store_down_fails_closed(world, idp, audit_lines):
     settings, keys = world[3], world[2]
     policy = load_policy(settings.policy_path)
     verifier = Verifier(settings, lambda: policy, keys, BrokenStore)
     decision = verifier.decide("billing", good(idp))
     assert (decision.allow, decision.reason, decision.status) == (False, "unavailable", 503)
+    time.sleep(settings.membership_poll_seconds + 0.05)
+    assert verifier.decide("billing", good(idp)).reason == "unavailable"
+    # Why, once per outage (not once per decision): the backend's own words.
+    assert [(a["severity"], a["error"], a["detail"]) for a in audit_lines if a["event"] == "store_unavailable"] == [
+        ("ERROR", "OSError", "backend unreachable")]
     # An app-role rule needs no membership, so it still decides.
     assert verifier.decide("billing", good(idp, oid=BOB, roles=["Billing.Admin"])).allow
 

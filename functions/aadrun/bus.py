@@ -204,7 +204,7 @@ class PubSubBus(Bus):
             response = self._client.api.publish(topic=topic, messages=messages,
                                                 retry=self._retry.with_timeout(left), timeout=Budget(left))
         except (self._api_error, OSError, ValueError) as e:  # RetryError is an API error too
-            raise Unavailable(f"{len(messages)} messages not confirmed ({e.__class__.__name__})") from e
+            raise Unavailable(f"{len(messages)} messages not confirmed by {topic} ({e.__class__.__name__})") from e
         if len(response.message_ids) != len(messages):
             raise Unavailable(f"{len(messages) - len(response.message_ids)} messages not confirmed")
 

@@ -9,6 +9,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
@@ -46,7 +47,33 @@ STORE_SCHEMES = ("sqlite:///", "firestore://")
 def check_store_url(url: str) -> str:
     if not url.startswith(STORE_SCHEMES):
         raise ConfigError(f"AADRUN_STORE must start with sqlite:/// or firestore://, got {url!r}")
+    if url.startswith("sqlite:///") and not url[len("sqlite:///"):].strip():
+        raise ConfigError("AADRUN_STORE: sqlite:/// needs the database file's path, as in sqlite:///.aadrun/state.db")
     return url
+
+
+# A topic id (https://cloud.google.com/pubsub/docs/create-topic#resource_names).
+_TOPIC_ID = re.compile(r"[A-Za-z][A-Za-z0-9._~+%-]{2,254}")
+
+
+def check_topic(name: str, topic: str) -> str:
+    if "/" in topic:
+        raise ConfigError(f"{name} is a topic id, not its path (the project is GOOGLE_CLOUD_PROJECT): {topic!r}")
+    if not _TOPIC_ID.fullmatch(topic) or topic.lower().startswith("goog"):
+        raise ConfigError(f"{name} must be a Pub/Sub topic id (3-255 letters, digits and -._~+%, "
+                          f"starting with a letter, not with goog): {topic!r}")
+    return topic
+
+
+def _ca_file(env: Mapping[str, str]) -> str | None:
+    for name in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
+        path = env.get(name)
+        if path:
+            # Else every outbound call fails (keys, Graph), and verify only ever answers 503.
+            if not os.access(path, os.R_OK):
+                raise ConfigError(f"{name}: no readable CA bundle at {path!r}")
+            return path
+    return None
 
 
 def _float(env: Mapping[str, str], name: str, default: float, maximum: float, minimum: float = 0.0) -> float:
@@ -109,8 +136,8 @@ class Settings:
             policy_path=env.get("AADRUN_POLICY_PATH") or "policies/",
             store_url=check_store_url(env.get("AADRUN_STORE") or cls.store_url),
             bus=_choice(env, "AADRUN_BUS", "local", ("local", "pubsub")),
-            topic_changes=env.get("AADRUN_TOPIC_CHANGES") or cls.topic_changes,
-            topic_policy=env.get("AADRUN_TOPIC_POLICY") or cls.topic_policy,
+            topic_changes=check_topic("AADRUN_TOPIC_CHANGES", env.get("AADRUN_TOPIC_CHANGES") or cls.topic_changes),
+            topic_policy=check_topic("AADRUN_TOPIC_POLICY", env.get("AADRUN_TOPIC_POLICY") or cls.topic_policy),
             iam_mode=_choice(env, "AADRUN_IAM", "record", ("record", "cloudrun")),
             cloudrun_endpoint=check_url("AADRUN_CLOUDRUN_ENDPOINT", endpoint) if endpoint else None,
             authority_url=check_url("AADRUN_AUTHORITY_URL", env.get("AADRUN_AUTHORITY_URL") or DEFAULT_AUTHORITY),
@@ -120,7 +147,7 @@ class Settings:
             client_states=states,
             notification_url=check_url("AADRUN_NOTIFICATION_URL", notification) if notification else None,
             project=env.get("GOOGLE_CLOUD_PROJECT") or env.get("GCP_PROJECT") or None,
-            ca_file=env.get("REQUESTS_CA_BUNDLE") or env.get("SSL_CERT_FILE") or None,
+            ca_file=_ca_file(env),
             # Bounds past which a setting undoes what it tunes: a leeway of hours keeps
             # expired tokens valid, keys refreshed less than daily keep removed keys (and
             # more than every second fetch them for every request), a poll of minutes keeps
@@ -129,6 +156,8 @@ class Settings:
             jwks_refresh_seconds=_float(env, "AADRUN_JWKS_REFRESH_SECONDS", 3600.0, maximum=86400, minimum=1),
             membership_poll_seconds=_float(env, "AADRUN_MEMBERSHIP_POLL_SECONDS", 0.2, maximum=60),
         )
+        if (env.get("AADRUN_CLIENT_STATE") or "").strip() and not states:
+            raise ConfigError("AADRUN_CLIENT_STATE holds no secret: give one, or NEW,OLD during a rotation")
         if any(len(state) > MAX_CLIENT_STATE for state in states):
             # Graph refuses such a subscription: say so at start-up, not on every renewal.
             raise ConfigError(f"AADRUN_CLIENT_STATE: each secret must be at most {MAX_CLIENT_STATE} characters")

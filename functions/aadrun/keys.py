@@ -199,7 +199,7 @@ class KeyCache:
             entry.last_failure = self._clock()
             audit.entry("keys_fetch_failed", f"signing keys of tenant {tenant} could not be fetched",
                         severity="WARNING", tenant=tenant, trigger=reason, error=e.__class__.__name__,
-                        kept_previous=entry.current is not None)
+                        detail=str(e)[:300], kept_previous=entry.current is not None)
 
     def _fetch(self, tenant: str, versions: tuple[int, ...]) -> KeySet:
         base = self._settings.authority_url

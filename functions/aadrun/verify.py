@@ -119,8 +119,11 @@ class MembershipView:
             generation = self._store().generation()
         except Exception as e:  # fail closed on anything the backend raises
             with self._lock:
-                self._failed, self._checked = True, now
+                first, self._failed, self._checked = not self._failed, True, now
                 self._cache.clear()
+            if first:   # once per outage: every decision during it says unavailable
+                audit.entry("store_unavailable", "the membership store did not answer: verify denies (503) "
+                            "until it does", severity="ERROR", error=type(e).__name__, detail=str(e)[:300])
             raise Unavailable("the membership store did not answer") from e
         with self._lock:
             if generation != self._generation:
