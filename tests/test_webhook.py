@@ -410,6 +410,28 @@ def test_a_slow_local_policy_sync_gets_503_at_the_deadline_and_still_finishes():
     assert len(handled) == 1   # the first, finished after its 503; Graph's retry would be idempotent
 
 
+def test_the_publish_deadline_counts_from_the_request_not_from_the_publish():
+    # Reading and checking a large POST takes time of its own (here a slow policy read):
+    # the answer still comes within the publish timeout of the request's start, well
+    # inside Graph's 3 s, not that much later.
+    release = threading.Event()
+    bus = LocalBus(lambda messages: release.wait(10), timeout=1.0)
+
+    def slow_policy():
+        time.sleep(0.8)
+        return POLICY
+
+    webhook = make_webhook(policy_getter=slow_policy, bus_getter=lambda: bus)
+    try:
+        started = time.monotonic()
+        response = post(webhook, golden("members_added"))
+        took = time.monotonic() - started
+    finally:
+        release.set()
+        bus.close()
+    assert response.status == 503 and 1.0 <= took < 1.5
+
+
 def test_policy_that_cannot_load_is_503_not_configured():
     def broken():
         raise PolicyError("invalid YAML", file="policies/x.yaml", line=3)

@@ -32,9 +32,11 @@ MAX_PER_REQUEST = 1000
 
 class Bus(abc.ABC):
     @abc.abstractmethod
-    def publish_changes(self, messages: Sequence[Message]) -> None:
+    def publish_changes(self, messages: Sequence[Message], *, started: float | None = None) -> None:
         """Publish to the changes topic; returns once every message is confirmed,
-        raises ``Unavailable`` if any is not (failed, or not confirmed in time)."""
+        raises ``Unavailable`` if any is not (failed, or not confirmed in time). In
+        time: within the publish timeout of ``started`` (the ``time.monotonic()`` at
+        which the request began: Graph's deadline counts from there), else of now."""
 
     @abc.abstractmethod
     def publish_policy_update(self, event: Mapping[str, Any]) -> None:
@@ -68,9 +70,9 @@ class LocalBus(Bus):
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="aadrun-local-sync") \
             if timeout is not None else None
 
-    def publish_changes(self, messages: Sequence[Message]) -> None:
+    def publish_changes(self, messages: Sequence[Message], *, started: float | None = None) -> None:
         if messages:
-            self._call(self._handler, list(messages))
+            self._call(self._handler, list(messages), started)
 
     def publish_policy_update(self, event: Mapping[str, Any]) -> None:
         if self._policy_handler is not None:
@@ -80,20 +82,20 @@ class LocalBus(Bus):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 
-    def _call(self, handler: Callable, arg: Any) -> None:
+    def _call(self, handler: Callable, arg: Any, started: float | None = None) -> None:
         try:
             if self._pool is None:
                 handler(arg)
             else:
-                self._call_by_deadline(handler, arg)
+                self._call_by_deadline(handler, arg, started)
         except Unavailable:
             raise
         except Exception as e:  # any failure of the core means "not persisted"
             raise Unavailable(f"local handler failed: {e.__class__.__name__}") from e
 
-    def _call_by_deadline(self, handler: Callable, arg: Any) -> None:
-        deadline = time.monotonic() + self._timeout
-        if not self._slots.acquire(timeout=self._timeout):
+    def _call_by_deadline(self, handler: Callable, arg: Any, started: float | None) -> None:
+        deadline = (time.monotonic() if started is None else started) + self._timeout
+        if not self._slots.acquire(timeout=max(deadline - time.monotonic(), 0)):
             raise Unavailable("local handler busy: no worker free in time")
 
         def run() -> None:
@@ -150,9 +152,9 @@ class PubSubBus(Bus):
         self._senders = concurrent.futures.ThreadPoolExecutor(self._SENDERS, thread_name_prefix="aadrun-publish")
         self._closed = False
 
-    def publish_changes(self, messages: Sequence[Message]) -> None:
+    def publish_changes(self, messages: Sequence[Message], *, started: float | None = None) -> None:
         self._publish(self._changes, [self._message(data=m.to_json(), ordering_key=m.ordering_key,
-                                                    attributes=dict(m.attributes)) for m in messages])
+                                                    attributes=dict(m.attributes)) for m in messages], started)
 
     def publish_policy_update(self, event: Mapping[str, Any]) -> None:
         self._publish(self._policy, [self._message(data=canonical(dict(event)),
@@ -164,12 +166,12 @@ class PubSubBus(Bus):
             self._senders.shutdown(wait=True)
             self._client.stop()
 
-    def _publish(self, topic: str, messages: list) -> None:
+    def _publish(self, topic: str, messages: list, started: float | None = None) -> None:
         if not messages:
             return
         if self._closed:
             raise Unavailable("the bus is closed")
-        deadline = time.monotonic() + self._timeout
+        deadline = (time.monotonic() if started is None else started) + self._timeout
         by_key: dict[str, list] = {}
         for message in messages:
             by_key.setdefault(message.ordering_key, []).append(message)

@@ -178,7 +178,7 @@ class Webhook:
         """Never raises: an unexpected failure is a 503 (Graph retries), never a 500."""
         started = time.monotonic()
         try:
-            return self._route(req)
+            return self._route(req, started)
         except Exception as e:
             reason = next((r for cls, r in _ERROR_REASONS if isinstance(e, cls)), "unavailable")
             known = reason != "unavailable" or isinstance(e, Unavailable)
@@ -190,7 +190,7 @@ class Webhook:
                         elapsed_ms=round((time.monotonic() - started) * 1000))
             return reply(reason, str(e) if reason == "bad_request" else None)
 
-    def _route(self, req: HttpRequest) -> HttpResponse:
+    def _route(self, req: HttpRequest, started: float) -> HttpResponse:
         path = _served_path(req)
         if path not in PATHS:
             return reply("not_found")
@@ -211,7 +211,7 @@ class Webhook:
             return reply("too_large")
         if req.body_incomplete:
             raise RequestError("incomplete_body")
-        return self._notifications(parse_body(req.body))
+        return self._notifications(parse_body(req.body), started)
 
     @staticmethod
     def _handshake(token: str, path: str) -> HttpResponse:
@@ -228,7 +228,7 @@ class Webhook:
         audit.entry("webhook_validation", "subscription validation answered", path=path)
         return response
 
-    def _notifications(self, items: list) -> HttpResponse:
+    def _notifications(self, items: list, started: float) -> HttpResponse:
         tenants = self._policy().tenants
         received_at = rfc3339(self._clock())
         verdicts = [self._verdict(item, tenants, received_at) for item in items]
@@ -237,7 +237,9 @@ class Webhook:
         for skip in (v for v in verdicts if isinstance(v, _Skip) and not v.security):
             _log_ignored(skip)
         if messages:
-            self._bus().publish_changes(messages)
+            # Confirmed within the publish timeout of the request's start, not of the
+            # publish's: reading a large POST must not push the answer past Graph's 3 s.
+            self._bus().publish_changes(messages, started=started)
         for message in messages:
             _log_accepted(message)
         return reply("accepted")
