@@ -865,6 +865,25 @@ def test_two_overlapping_scheduler_calls_share_one_lease(world, tmp_path):
     assert len(world.graph.calls("GET", "/v1.0/groups/delta")) == 2    # one read per group, not two
 
 
+def test_a_policy_update_event_a_reconcile_lost_is_published_by_the_next_one(world, pubsub_emulator):
+    # Nothing redelivers a reconcile, and the next one changes nothing: the tenant owes
+    # the event until a reconcile publishes one for its groups (once).
+    from tests.test_webhook_pubsub import PROJECT, PubSub
+
+    topic_id = f"policy-{uuid.uuid4().hex[:8]}"
+    app = world.app(bus="pubsub", project=PROJECT, topic_policy=topic_id)   # no such topic yet
+    assert post(app, b'{"tasks": ["reconcile"]}')[1]["tasks"]["reconcile"]["status"] == "error"
+    pubsub = PubSub(pubsub_emulator)
+    subscription = pubsub.subscribe(pubsub.create_topic(topic_id))
+    status, answer = post(app, b'{"tasks": ["reconcile"]}')
+    assert (status, answer["ok"], answer["tasks"]["reconcile"]["added"]) == (200, True, 0)
+    [event] = [json.loads(m.data) for m in pubsub.pull(subscription, until=bool)]
+    assert {(g["tenant"], g["group"]) for g in event["groups"]} == {(TENANT, G_ENG), (TENANT, G_STAFF)}
+    assert "billing" in event["services"]
+    post(app, b'{"tasks": ["reconcile"]}')
+    assert pubsub.pull(subscription, wait=2) == []   # paid: not published again
+
+
 def test_a_reconcile_whose_policy_update_event_is_lost_reports_it(world, pubsub_emulator):
     # The membership and IAM changes are applied, but the services listening for policy
     # updates never hear of them: the run is not ok, and says why.

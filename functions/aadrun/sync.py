@@ -84,6 +84,10 @@ CONTESTED_READS = 3
 # later deliveries' reads decide, concurrent duplicates' included. (The same change
 # recurring within it, same content and so same id, is decided by its read too.)
 UNCONFIRMED_TTL_S = 6 * 3600
+# A resync's policy-update event that could not be published is owed by its tenant
+# (a store record): nothing redelivers a resync, and the next one may change nothing.
+# The next resync of all the tenant's groups publishes one for them.
+OWED_EVENT_TTL_S = 30 * 86400
 _RANK = {None: 0, "incremental": 1, "full": 2}
 # (carries removals, "group changed", already processed) -> the Graph read its group needs.
 # A redelivered "group changed" was fully read by the attempt that marked it.
@@ -204,7 +208,9 @@ class PolicySync:
                   for g in sorted(names) if group in (None, g)}
         if not groups:
             raise RequestError("no group referenced by the policies matches")
-        return self._run(policy, groups, [], SyncSummary("resync"), raise_errors=raise_errors)
+        store = self._app.store
+        owed = set() if group is not None else {t for t, _ in groups if store.lease_holder(_owed_event(t))}
+        return self._run(policy, groups, [], SyncSummary("resync"), raise_errors=raise_errors, owed=owed)
 
     # -- what a message asks for --------------------------------------------------------
 
@@ -272,7 +278,7 @@ class PolicySync:
     # -- the steps -------------------------------------------------------------------
 
     def _run(self, policy: Policy, groups: dict[tuple[str, str], _Group], reauthorize: list[LifecycleEvent],
-             summary: SyncSummary, raise_errors: bool = True) -> SyncSummary:
+             summary: SyncSummary, raise_errors: bool = True, owed: set[str] = frozenset()) -> SyncSummary:
         errors: list[Exception] = []
         summary.groups = [f"{t}/{g}" for t, g in groups]
         for work in groups.values():
@@ -296,9 +302,12 @@ class PolicySync:
                                lambda _, s=s: self._write_service(policy, s, why, message_id))
                   for s in policy.services.values() if s.cloud_run and any((s.tenant, g) in dirty for g in s.groups)]
         iam_outcome(summary, _results(writes, errors))
-        if summary.changes or summary.iam_changes or any(w.redelivered for w in groups.values()):
+        if summary.changes or summary.iam_changes or owed or any(w.redelivered for w in groups.values()):
             event = policy_event(policy, groups, (i for w in groups.values() for i in w.ids), summary)
+            failed = len(errors)
             _guarded(errors, lambda: self._app.bus.publish_policy_update(event))
+            if summary.source == "resync":
+                _guarded(errors, lambda: self._owe_event({t for t, _ in groups}, owed, len(errors) > failed))
         summary.errors = [f"{type(e).__name__}: {e}" for e in errors]
         ids = [i for w in groups.values() for i in w.ids]
         # One line per batch, so an operator can follow a message id end to end.
@@ -309,6 +318,15 @@ class PolicySync:
         if errors and raise_errors:
             raise errors[0]
         return summary
+
+    def _owe_event(self, tenants: set[str], owed: set[str], lost: bool) -> None:
+        """Record the tenants a resync's lost event leaves owed, or clear those it paid."""
+        store = self._app.store
+        for tenant in sorted(tenants if lost else owed):
+            if lost:
+                store.acquire_lease(_owed_event(tenant), "policy-update", OWED_EVENT_TTL_S)
+            else:
+                store.release_lease(_owed_event(tenant), "policy-update")
 
     def _tallied_read(self, key: tuple[str, str], work: _Group, source: str) -> tuple[str, SyncSummary]:
         """Step 2 for one group (``_read``, shared by every batch that asks at once), its
@@ -526,6 +544,10 @@ class Unconfirmed(Deferred):
 
 def _unconfirmed(message_id: str) -> str:
     return f"unconfirmed/{message_id}"
+
+
+def _owed_event(tenant: str) -> str:
+    return f"owed-policy-update/{tenant}"
 
 
 def _listed(store: Store, result: DeltaResult, tenant: str, group: str, asked: frozenset[str]) -> frozenset[str]:
