@@ -55,6 +55,7 @@ def test_a_client_state_graph_would_refuse_stops_start_up_without_showing_it():
     ({"AADRUN_TOPIC_POLICY": "bad topic!"}, "AADRUN_TOPIC_POLICY"),
     ({"AADRUN_TOPIC_POLICY": "goog-updates"}, "AADRUN_TOPIC_POLICY"),  # Google's own prefix
     ({"AADRUN_CLIENT_STATE": ",,, "}, "AADRUN_CLIENT_STATE"),          # set, but no secret in it
+    ({"AADRUN_CLIENT_STATE": "\n"}, "AADRUN_CLIENT_STATE"),            # a secret version made by `echo |`
     ({"REQUESTS_CA_BUNDLE": "/nonexistent/ca.pem"}, "REQUESTS_CA_BUNDLE"),  # every outbound call would fail
     ({"SSL_CERT_FILE": "/nonexistent/ca.pem"}, "SSL_CERT_FILE"),
 ])

@@ -156,7 +156,7 @@ class Settings:
             jwks_refresh_seconds=_float(env, "AADRUN_JWKS_REFRESH_SECONDS", 3600.0, maximum=86400, minimum=1),
             membership_poll_seconds=_float(env, "AADRUN_MEMBERSHIP_POLL_SECONDS", 0.2, maximum=60),
         )
-        if (env.get("AADRUN_CLIENT_STATE") or "").strip() and not states:
+        if env.get("AADRUN_CLIENT_STATE") and not states:   # blanks and commas only (a stray newline)
             raise ConfigError("AADRUN_CLIENT_STATE holds no secret: give one, or NEW,OLD during a rotation")
         if any(len(state) > MAX_CLIENT_STATE for state in states):
             # Graph refuses such a subscription: say so at start-up, not on every renewal.
