@@ -6,6 +6,7 @@ calls one core object of ``aadrun.app.App`` and maps the result to a response.
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Callable
 
 import functions_framework
@@ -33,6 +34,7 @@ _READ_LIMIT = 1024 * 1024
 
 
 def _request(request: flask.Request, limit: int = _READ_LIMIT) -> HttpRequest:
+    received = time.monotonic()   # before the body: a slow one counts against Graph's 3 s too
     # Read at most limit+1 bytes so an oversized body is detected without buffering it all.
     length = request.content_length   # parsed from the header on each access
     try:
@@ -49,6 +51,7 @@ def _request(request: flask.Request, limit: int = _READ_LIMIT) -> HttpRequest:
         body=body[:limit],
         body_too_large=len(body) > limit or (length or 0) > limit,
         body_incomplete=incomplete,
+        received=received,
     )
 
 

@@ -5,6 +5,8 @@ the real functions-framework: a 400 with a reason code and one log line, never a
 from __future__ import annotations
 
 import json
+import socket
+import time
 
 import pytest
 
@@ -60,3 +62,33 @@ def test_a_body_broken_on_the_wire_is_a_400_with_one_log_line(servers, function,
     # Nothing but JSON lines: no traceback reached the log.
     assert [line for line in server.output().splitlines() if line and not line.startswith("{")] == []
 
+
+
+def test_a_body_that_arrives_slowly_counts_against_graphs_three_seconds(tmp_path):
+    # policy_sync's core (the local bus) hangs on an identity provider that accepts and
+    # never answers: the webhook answers 503 within the publish timeout of the request's
+    # first byte, however slowly its body came (Graph gives up at 3 s).
+    with socket.socket() as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(64)
+        silent = f"https://127.0.0.1:{blackhole.getsockname()[1]}"   # not even a TLS handshake
+        env = {"AADRUN_POLICY_PATH": str(write_policy(tmp_path)), "AADRUN_STORE": f"sqlite:///{tmp_path}/s.db",
+               "AADRUN_CLIENT_STATE": "slow-body-state", "AADRUN_CLIENT_ID": "c11e47a0-0000-0000-0000-00000000b111",
+               "AADRUN_CLIENT_SECRET": "x", "AADRUN_AUTHORITY_URL": silent, "AADRUN_GRAPH_URL": f"{silent}/v1.0"}
+        item = {"changeType": "updated", "clientState": "slow-body-state", "resource": f"Groups/{G_ENG}",
+                "resourceData": {"@odata.type": "#Microsoft.Graph.Group", "@odata.id": f"Groups/{G_ENG}",
+                                 "id": G_ENG, "organizationId": TENANT_A, "members@delta": [{"id": ALICE}]},
+                "subscriptionExpirationDateTime": "2030-01-01T00:00:00Z",
+                "subscriptionId": "5ab5c000-0000-0000-0000-000000000001", "tenantId": TENANT_A}
+        body = json.dumps({"value": [item]}).encode()
+        with FunctionServer("graph_webhook", env) as webhook, \
+                socket.create_connection(("127.0.0.1", webhook.port), timeout=10) as conn:
+            started = time.monotonic()
+            conn.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+            for i in range(10):   # the body over 1.2 s
+                conn.sendall(body[len(body) * i // 10:len(body) * (i + 1) // 10])
+                time.sleep(0.12)
+            status = conn.recv(64).split(b" ", 2)[1]
+            took = time.monotonic() - started
+    assert status == b"503" and took < 2.6, (status, took)

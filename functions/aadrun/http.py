@@ -21,6 +21,7 @@ class HttpRequest:
     body: bytes
     body_too_large: bool = False  # the body exceeded the entry point's read limit
     body_incomplete: bool = False  # the body ended before its declared length, or was malformed
+    received: float | None = None  # time.monotonic() when the request began (before its body was read)
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())

@@ -176,7 +176,7 @@ class Webhook:
 
     def handle(self, req: HttpRequest) -> HttpResponse:
         """Never raises: an unexpected failure is a 503 (Graph retries), never a 500."""
-        started = time.monotonic()
+        started = req.received if req.received is not None else time.monotonic()
         try:
             return self._route(req, started)
         except Exception as e:
