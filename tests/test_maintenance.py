@@ -879,9 +879,18 @@ def test_a_policy_update_event_a_reconcile_lost_is_published_by_the_next_one(wor
     assert (status, answer["ok"], answer["tasks"]["reconcile"]["added"]) == (200, True, 0)
     [event] = [json.loads(m.data) for m in pubsub.pull(subscription, until=bool)]
     assert {(g["tenant"], g["group"]) for g in event["groups"]} == {(TENANT, G_ENG), (TENANT, G_STAFF)}
-    assert "billing" in event["services"]
+    assert "billing" in event["services"] and len(event["replaces"]) == 1
     post(app, b'{"tasks": ["reconcile"]}')
     assert pubsub.pull(subscription, wait=2) == []   # paid: not published again
+    # Another change whose event is lost: its payment names that event, so it is not
+    # the first payment again (a consumer drops an id it has seen).
+    pubsub.publisher.delete_topic(topic=f"projects/{PROJECT}/topics/{topic_id}")
+    world.graph.set_members(TENANT, G_ENG, [ALICE, CAROL])
+    assert post(app, b'{"tasks": ["reconcile"]}')[1]["tasks"]["reconcile"]["status"] == "error"
+    subscription = pubsub.subscribe(pubsub.create_topic(topic_id))
+    post(app, b'{"tasks": ["reconcile"]}')
+    [again] = [json.loads(m.data) for m in pubsub.pull(subscription, until=bool)]
+    assert again["id"] != event["id"] and again["replaces"] != event["replaces"]
 
 
 def test_a_reconcile_whose_policy_update_event_is_lost_reports_it(world, pubsub_emulator):

@@ -209,7 +209,8 @@ class PolicySync:
         if not groups:
             raise RequestError("no group referenced by the policies matches")
         store = self._app.store
-        owed = set() if group is not None else {t for t, _ in groups if store.lease_holder(_owed_event(t))}
+        owed = {} if group is not None else {
+            t: lost for t in {t for t, _ in groups} if (lost := store.lease_holder(_owed_event(t)))}
         return self._run(policy, groups, [], SyncSummary("resync"), raise_errors=raise_errors, owed=owed)
 
     # -- what a message asks for --------------------------------------------------------
@@ -278,7 +279,9 @@ class PolicySync:
     # -- the steps -------------------------------------------------------------------
 
     def _run(self, policy: Policy, groups: dict[tuple[str, str], _Group], reauthorize: list[LifecycleEvent],
-             summary: SyncSummary, raise_errors: bool = True, owed: set[str] = frozenset()) -> SyncSummary:
+             summary: SyncSummary, raise_errors: bool = True, owed: Mapping[str, str] | None = None
+             ) -> SyncSummary:
+        owed = owed or {}   # tenant -> the id of the event it owes
         errors: list[Exception] = []
         summary.groups = [f"{t}/{g}" for t, g in groups]
         for work in groups.values():
@@ -303,11 +306,13 @@ class PolicySync:
                   for s in policy.services.values() if s.cloud_run and any((s.tenant, g) in dirty for g in s.groups)]
         iam_outcome(summary, _results(writes, errors))
         if summary.changes or summary.iam_changes or owed or any(w.redelivered for w in groups.values()):
-            event = policy_event(policy, groups, (i for w in groups.values() for i in w.ids), summary)
+            event = policy_event(policy, groups, (i for w in groups.values() for i in w.ids), summary,
+                                 replaces=owed.values())
             failed = len(errors)
             _guarded(errors, lambda: self._app.bus.publish_policy_update(event))
             if summary.source == "resync":
-                _guarded(errors, lambda: self._owe_event({t for t, _ in groups}, owed, len(errors) > failed))
+                _guarded(errors, lambda: self._owe_event({t for t, _ in groups}, owed, event["id"],
+                                                         len(errors) > failed))
         summary.errors = [f"{type(e).__name__}: {e}" for e in errors]
         ids = [i for w in groups.values() for i in w.ids]
         # One line per batch, so an operator can follow a message id end to end.
@@ -319,14 +324,16 @@ class PolicySync:
             raise errors[0]
         return summary
 
-    def _owe_event(self, tenants: set[str], owed: set[str], lost: bool) -> None:
-        """Record the tenants a resync's lost event leaves owed, or clear those it paid."""
+    def _owe_event(self, tenants: set[str], owed: Mapping[str, str], event_id: str, lost: bool) -> None:
+        """Record the tenants a resync's lost event (``event_id``) leaves owing it, or
+        clear what the published one paid. A tenant owing an earlier event keeps owing
+        that one: the event that pays names it (``replaces``)."""
         store = self._app.store
         for tenant in sorted(tenants if lost else owed):
             if lost:
-                store.acquire_lease(_owed_event(tenant), "policy-update", OWED_EVENT_TTL_S)
+                store.acquire_lease(_owed_event(tenant), owed.get(tenant, event_id), OWED_EVENT_TTL_S)
             else:
-                store.release_lease(_owed_event(tenant), "policy-update")
+                store.release_lease(_owed_event(tenant), owed[tenant])
 
     def _tallied_read(self, key: tuple[str, str], work: _Group, source: str) -> tuple[str, SyncSummary]:
         """Step 2 for one group (``_read``, shared by every batch that asks at once), its

@@ -103,13 +103,14 @@ def audit_changes(entries: Iterable[ChangeEntry]) -> None:
 
 
 def policy_event(policy: Policy, groups: Iterable[tuple[str, str]], message_ids: Iterable[str],
-                 summary: SyncSummary) -> dict:
+                 summary: SyncSummary, replaces: Iterable[str] = ()) -> dict:
     """The policy-update event of a run: for every group it touched, the members added
     and removed; every service whose decisions that may change; the IAM changes made
-    (or planned, in record mode) and refused. Lists are cut (``MAX_LISTED``,
-    ``MAX_EVENT_LISTED``) and what was cut says ``truncated``: the audit log has every
-    change. ``id`` is a digest of the content, so a consumer can drop the same event
-    published again by a redelivery."""
+    (or planned, in record mode) and refused; the ids of earlier events that were never
+    published and that it stands for (``replaces``, only when there are some). Lists
+    are cut (``MAX_LISTED``, ``MAX_EVENT_LISTED``) and what was cut says ``truncated``:
+    the audit log has every change. ``id`` is a digest of the content, so a consumer
+    can drop the same event published again by a redelivery."""
     touched = sorted(set(groups) | set(summary.changed))
     budget = [MAX_EVENT_LISTED]
 
@@ -136,6 +137,7 @@ def policy_event(policy: Policy, groups: Iterable[tuple[str, str]], message_ids:
         "iam": {name: iam(changes) for name, changes in sorted(summary.iam_changes.items())},
         "refused": sorted(summary.refused),
         "message_ids": sorted(set(message_ids)),
+        **({"replaces": sorted(set(replaces))} if replaces else {}),
     }
     return {**content, "id": dedupe_id(content), "at": rfc3339(utcnow())}
 
