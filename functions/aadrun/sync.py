@@ -311,8 +311,9 @@ class PolicySync:
             failed = len(errors)
             _guarded(errors, lambda: self._app.bus.publish_policy_update(event))
             if summary.source == "resync":
-                _guarded(errors, lambda: self._owe_event({t for t, _ in groups}, owed, event["id"],
-                                                         len(errors) > failed))
+                # The lost event by its id and time: the same change recurring has the same id.
+                lost_as, lost = f"{event['id']}@{event['at']}", len(errors) > failed
+                _guarded(errors, lambda: self._owe_event({t for t, _ in groups}, owed, lost_as, lost))
         summary.errors = [f"{type(e).__name__}: {e}" for e in errors]
         ids = [i for w in groups.values() for i in w.ids]
         # One line per batch, so an operator can follow a message id end to end.
@@ -325,9 +326,9 @@ class PolicySync:
         return summary
 
     def _owe_event(self, tenants: set[str], owed: Mapping[str, str], event_id: str, lost: bool) -> None:
-        """Record the tenants a resync's lost event (``event_id``) leaves owing it, or
-        clear what the published one paid. A tenant owing an earlier event keeps owing
-        that one: the event that pays names it (``replaces``)."""
+        """Record the tenants a resync's lost event (``event_id``: its id@time) leaves
+        owing it, or clear what the published one paid. A tenant owing an earlier event
+        keeps owing that one: the event that pays names it (``replaces``)."""
         store = self._app.store
         for tenant in sorted(tenants if lost else owed):
             if lost:
