@@ -109,8 +109,11 @@ def policy_event(policy: Policy, groups: Iterable[tuple[str, str]], message_ids:
     (or planned, in record mode) and refused; the ids of earlier events that were never
     published and that it stands for (``replaces``, only when there are some). Lists
     are cut (``MAX_LISTED``, ``MAX_EVENT_LISTED``) and what was cut says ``truncated``:
-    the audit log has every change. ``id`` is a digest of the content, so a consumer
-    can drop the same event published again by a redelivery."""
+    the audit log has every change. ``id`` is a digest of the content: a redelivery
+    that publishes the same event again gives it the same id, but so does the same
+    change recurring later (a member removed and added back twice), so an id seen
+    before is a duplicate only within a short window, and applying an event twice
+    must be harmless (it says what to re-read, not what to toggle)."""
     touched = sorted(set(groups) | set(summary.changed))
     budget = [MAX_EVENT_LISTED]
 
