@@ -139,9 +139,9 @@ def cmd_explain(args, settings: Settings) -> int:
                                                                         else "")
                          + (f": {step['detail']}" if "detail" in step else ""))
         for group in p.get("groups", []):
-            lines.append(f"  group {group['group']}: " + (f"member={group['member']} ({group['source']}, "
-                                                                    f"synced {group['synced_at']})"
-                                                                    if group["synced_at"] else "never synced: unknown"))
+            state = (f"member={group['member']} ({group['source']}, synced {group['synced_at']})"
+                     if group["synced_at"] else "never synced: unknown")
+            lines.append(f"  group {group['group']}: {state}")
         if p.get("via"):
             lines.append(f"  allowed by access[{p['rule']}] via {p['via']}")
         return "\n".join(lines)
