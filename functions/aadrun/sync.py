@@ -281,7 +281,7 @@ class PolicySync:
     def _run(self, policy: Policy, groups: dict[tuple[str, str], _Group], reauthorize: list[LifecycleEvent],
              summary: SyncSummary, raise_errors: bool = True, owed: Mapping[str, str] | None = None
              ) -> SyncSummary:
-        owed = owed or {}   # tenant -> the id of the event it owes
+        owed = owed or {}   # tenant -> the event it owes, as id@time
         errors: list[Exception] = []
         summary.groups = [f"{t}/{g}" for t, g in groups]
         for work in groups.values():
@@ -325,14 +325,14 @@ class PolicySync:
             raise errors[0]
         return summary
 
-    def _owe_event(self, tenants: set[str], owed: Mapping[str, str], event_id: str, lost: bool) -> None:
-        """Record the tenants a resync's lost event (``event_id``: its id@time) leaves
+    def _owe_event(self, tenants: set[str], owed: Mapping[str, str], lost_as: str, lost: bool) -> None:
+        """Record the tenants a resync's lost event (``lost_as``: its id@time) leaves
         owing it, or clear what the published one paid. A tenant owing an earlier event
         keeps owing that one: the event that pays names it (``replaces``)."""
         store = self._app.store
         for tenant in sorted(tenants if lost else owed):
             if lost:
-                store.acquire_lease(_owed_event(tenant), owed.get(tenant, event_id), OWED_EVENT_TTL_S)
+                store.acquire_lease(_owed_event(tenant), owed.get(tenant, lost_as), OWED_EVENT_TTL_S)
             else:
                 store.release_lease(_owed_event(tenant), owed[tenant])
 

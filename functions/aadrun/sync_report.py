@@ -106,8 +106,8 @@ def policy_event(policy: Policy, groups: Iterable[tuple[str, str]], message_ids:
                  summary: SyncSummary, replaces: Iterable[str] = ()) -> dict:
     """The policy-update event of a run: for every group it touched, the members added
     and removed; every service whose decisions that may change; the IAM changes made
-    (or planned, in record mode) and refused; the ids of earlier events that were never
-    published and that it stands for (``replaces``, only when there are some). Lists
+    (or planned, in record mode) and refused; earlier events that were never published
+    and that it stands for (``replaces``: their id@time, only when there are some). Lists
     are cut (``MAX_LISTED``, ``MAX_EVENT_LISTED``) and what was cut says ``truncated``:
     the audit log has every change. ``id`` is a digest of the content: a redelivery
     that publishes the same event again gives it the same id, but so does the same
