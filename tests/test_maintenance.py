@@ -160,6 +160,50 @@ def test_second_run_keeps_then_renews_near_expiry(world):
     assert dt.timedelta(0) < longest - renewed < dt.timedelta(minutes=15)
 
 
+def test_a_subscription_gone_when_renewed_is_created_again(world):
+    app = world.app()
+    app.maintenance.run(["subscriptions"])
+    eng = world.subs()[f"/groups/{G_ENG}"]
+    world.graph.set_expiration(TENANT, CLIENT_ID, eng["id"], utcnow() + dt.timedelta(days=2))
+    # The renewal answers 404 (gone between the listing and the renewal): aadrun creates
+    # it again. (Graph here still holds it, so the create meets 409 and adopts it.)
+    world.graph.fail_next(1, status=404, retry_after=None, code="ResourceNotFound", method="PATCH",
+                          path=f"/v1.0/subscriptions/{eng['id']}")
+    summary = app.maintenance.run(["subscriptions"])
+    done = [a["action"] for a in summary["tasks"]["subscriptions"]["actions"] if a["resource"] == f"/groups/{G_ENG}"]
+    assert summary["ok"] and done == ["exists", "renewed"]
+    assert f"/groups/{G_ENG}" in world.subs()
+
+
+def test_expired_subscriptions_whose_re_creation_failed_are_a_failed_run(world):
+    app = world.app()
+    app.maintenance.run(["subscriptions"])
+    for sub in world.subs().values():   # still listed, already expired: deleted and created again
+        world.graph.set_expiration(TENANT, CLIENT_ID, sub["id"], utcnow() - dt.timedelta(minutes=1))
+    world.graph.fail_next(2, status=403, retry_after=None, code="ExtensionError", method="POST",
+                          path="/v1.0/subscriptions")
+    status, answer = post(app, b'{"tasks": ["subscriptions"]}')
+    assert sorted(a["action"] for a in answer["tasks"]["subscriptions"]["actions"]) == [
+        "deleted", "deleted", "error", "error"]
+    assert status == 503   # nothing is covered: the deletions made for the creates are no progress
+
+
+def test_a_renewal_keeps_the_record_of_the_subscription_s_client_state(world, monkeypatch):
+    # The record of which state a subscription was made with lives as long as the
+    # subscription: a renewal extends it, so a renewed subscription is not replaced.
+    import aadrun.subscriptions as subscriptions_module
+
+    monkeypatch.setattr(subscriptions_module, "STATE_RECORD_TTL_S", 2.0)
+    app = world.app()
+    app.maintenance.run(["subscriptions"])
+    eng = world.subs()[f"/groups/{G_ENG}"]
+    time.sleep(1.2)
+    world.graph.set_expiration(TENANT, CLIENT_ID, eng["id"], utcnow() + dt.timedelta(days=2))
+    assert actions(app.maintenance.run(["subscriptions"]))[f"/groups/{G_ENG}"] == "renewed"
+    time.sleep(1.2)   # past the record's first lifetime, within the renewed one
+    assert actions(app.maintenance.run(["subscriptions"]))[f"/groups/{G_ENG}"] == "kept"
+
+
 def test_vanished_and_unreferenced_subscriptions(world):
     app = world.app()
     app.maintenance.run(["subscriptions"])
@@ -485,6 +529,12 @@ def test_reconcile_finds_a_change_whose_notification_never_came(world):
     assert app.store.group_members(TENANT, G_ENG) == {CAROL}
     assert world.members() == {user(CAROL)}
     assert task["iam"]["billing"] == {INVOKER: {"add": [user(CAROL)], "remove": [user(ALICE)]}}
+
+
+def test_a_reconcile_whose_every_read_failed_is_a_failed_run(world):
+    world.graph.fail_next(50, status=500, retry_after=None, code="InternalServerError", path="/v1.0/groups/delta")
+    status, answer = post(world.app(), b'{"tasks": ["reconcile"]}')
+    assert (status, answer["tasks"]["reconcile"]["status"]) == (503, "error")   # Cloud Scheduler retries
 
 
 def test_a_reconcile_where_one_group_fails_still_reports_what_the_others_did(world, tmp_path):
