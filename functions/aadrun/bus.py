@@ -30,6 +30,12 @@ _MIN_ATTEMPT = 0.1
 MAX_PER_REQUEST = 1000
 
 
+def _deadline(started: float | None, timeout: float) -> float:
+    """When a publish must be confirmed: ``timeout`` after the request began (Graph's
+    deadline counts from there), or after now."""
+    return (time.monotonic() if started is None else started) + timeout
+
+
 class Bus(abc.ABC):
     @abc.abstractmethod
     def publish_changes(self, messages: Sequence[Message], *, started: float | None = None) -> None:
@@ -94,7 +100,7 @@ class LocalBus(Bus):
             raise Unavailable(f"local handler failed: {e.__class__.__name__}") from e
 
     def _call_by_deadline(self, handler: Callable, arg: Any, started: float | None) -> None:
-        deadline = (time.monotonic() if started is None else started) + self._timeout
+        deadline = _deadline(started, self._timeout)
         if not self._slots.acquire(timeout=max(deadline - time.monotonic(), 0)):
             raise Unavailable("local handler busy: no worker free in time")
 
@@ -171,7 +177,7 @@ class PubSubBus(Bus):
             return
         if self._closed:
             raise Unavailable("the bus is closed")
-        deadline = (time.monotonic() if started is None else started) + self._timeout
+        deadline = _deadline(started, self._timeout)
         by_key: dict[str, list] = {}
         for message in messages:
             by_key.setdefault(message.ordering_key, []).append(message)
