@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
 from aadrun.store import GroupUpdate, SyncState, open_store, utcnow
 from tests.support.serve import FunctionServer, raw_exchange
 from tests.support.world import ALICE, G_ENG, TENANT_A, env_for, write_policy
+
+GOLDEN_ADDITION = Path(__file__).parent / "golden" / "members_added.graph.json"
 
 BROKEN = {
     "bad chunk size": b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
@@ -73,14 +76,9 @@ def test_a_body_that_arrives_slowly_counts_against_graphs_three_seconds(tmp_path
         blackhole.listen(64)
         silent = f"https://127.0.0.1:{blackhole.getsockname()[1]}"   # not even a TLS handshake
         env = {"AADRUN_POLICY_PATH": str(write_policy(tmp_path)), "AADRUN_STORE": f"sqlite:///{tmp_path}/s.db",
-               "AADRUN_CLIENT_STATE": "slow-body-state", "AADRUN_CLIENT_ID": "c11e47a0-0000-0000-0000-00000000b111",
+               "AADRUN_CLIENT_STATE": "golden-client-state", "AADRUN_CLIENT_ID": "c11e47a0-0000-0000-0000-00000000b111",
                "AADRUN_CLIENT_SECRET": "x", "AADRUN_AUTHORITY_URL": silent, "AADRUN_GRAPH_URL": f"{silent}/v1.0"}
-        item = {"changeType": "updated", "clientState": "slow-body-state", "resource": f"Groups/{G_ENG}",
-                "resourceData": {"@odata.type": "#Microsoft.Graph.Group", "@odata.id": f"Groups/{G_ENG}",
-                                 "id": G_ENG, "organizationId": TENANT_A, "members@delta": [{"id": ALICE}]},
-                "subscriptionExpirationDateTime": "2030-01-01T00:00:00Z",
-                "subscriptionId": "5ab5c000-0000-0000-0000-000000000001", "tenantId": TENANT_A}
-        body = json.dumps({"value": [item]}).encode()
+        body = GOLDEN_ADDITION.read_bytes()   # Graph's notification of two members added to G_ENG
         with FunctionServer("graph_webhook", env) as webhook, \
                 socket.create_connection(("127.0.0.1", webhook.port), timeout=10) as conn:
             started = time.monotonic()
