@@ -463,13 +463,16 @@ def test_key_rotation_picks_up_a_new_key_and_drops_a_removed_one(world, idp):
     assert verifier.decide("billing", old_token).reason == "unknown_key"   # cached, but its key left
 
 
-def test_jwks_outage_keeps_cached_keys(world, idp):
+def test_jwks_outage_keeps_cached_keys(world, idp, audit_lines):
     verifier = world[0]
     assert verifier.decide("billing", good(idp)).allow
     idp.down = True
     assert verifier.decide("billing", good(idp)).allow              # new token, cached key
     assert verifier.decide("billing", good(idp, key=SigningKey())).reason == "unknown_key"
     assert verifier.decide("billing", good(idp)).allow              # the failed refetch kept the keys
+    # The log says what failed, not only that something did.
+    [failed] = [a for a in audit_lines if a["event"] == "keys_fetch_failed"]
+    assert failed["kept_previous"] and "HTTP 503" in failed["detail"]
 
 
 def test_the_issuer_and_the_key_location_come_from_discovery_never_guessed(tmp_path, idp):

@@ -197,7 +197,8 @@ def test_bus_fails_fast_on_a_missing_topic_then_publishes_on_the_same_key(pubsub
     message = from_json(json.dumps(golden_messages("members_added")[0]))
     try:
         started = time.monotonic()
-        with pytest.raises(Unavailable):
+        with pytest.raises(Unavailable, match=rf"not confirmed by projects/{PROJECT}/topics/changes-{suffix} "
+                                              r"\(NotFound\)"):
             bus.publish_changes([message])  # NotFound is not retried: the topic does not exist
         with pytest.raises(Unavailable, match="ordering keys not confirmed"):  # several keys: as many requests
             bus.publish_changes([from_json(json.dumps(m)) for m in golden_messages("several_subscriptions")])
