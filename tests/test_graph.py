@@ -494,3 +494,26 @@ def test_a_token_answer_that_is_not_json_is_an_upstream_error_and_never_logged(g
     text = " ".join([out, errors, caplog.text, repr(err.value), str(err.value.__cause__), str(err.value.__context__)])
     assert leaked not in text
 
+
+
+def test_a_group_deleted_and_restored_within_a_round_is_read_in_full(graph_server):
+    # Graph lists an object once per change: the group's @removed occurrence, then the
+    # live one. The last says it exists; a full read says who its members are.
+    graph_server.set_members(TENANT, GROUP, users(3))
+    client = graph_client(graph_server)
+    first = client.group_delta(GROUP)
+    graph_server.delete_group(TENANT, GROUP)
+    graph_server.restore_group(TENANT, GROUP)
+    second = client.group_delta(GROUP, first.delta_link)
+    assert not second.group_deleted
+    assert second.full and second.added == users(3)
+
+
+def test_a_group_restored_then_deleted_within_a_round_is_deleted(graph_server):
+    graph_server.set_members(TENANT, GROUP, users(3))
+    client = graph_client(graph_server)
+    graph_server.delete_group(TENANT, GROUP)
+    first = client.group_delta(GROUP)
+    graph_server.restore_group(TENANT, GROUP)
+    graph_server.delete_group(TENANT, GROUP)
+    assert client.group_delta(GROUP, first.delta_link).group_deleted

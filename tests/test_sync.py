@@ -180,6 +180,16 @@ def test_a_group_deleted_in_graph_loses_its_members_on_an_incremental_read(world
     assert not app.store.group_members(TENANT, G_ENG) and world.members(REPORTS) == set()
 
 
+def test_a_group_deleted_and_restored_between_reads_keeps_its_members(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    world.graph.delete_group(TENANT, G_ENG)
+    world.graph.restore_group(TENANT, G_ENG)
+    app.sync.resync(tenant=TENANT, group=G_ENG)
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE, BOB}
+    assert world.members(REPORTS) == {user(ALICE), user(BOB)}
+
+
 def test_a_writer_that_lost_its_lease_while_planning_writes_nothing(world, app):
     class LateRenewal(StoreLease):
         def renew(self) -> None:   # a renewal that would have noticed comes too late

@@ -116,7 +116,8 @@ class DeltaResult:
 
     ``full``: the round started without a delta link, so ``added`` is the complete
     user membership (and ``removed`` is empty). ``group_deleted``: the group itself came
-    back with ``@removed``. ``delta_link``: where the next round starts. ``not_users``:
+    back with ``@removed`` (its last occurrence in the round: a group deleted and
+    restored within one is read again in full). ``delta_link``: where the next round starts. ``not_users``:
     (type, id) of members seen that are not users (nested groups, service principals,
     devices), which aadrun does not grant.
     """
@@ -373,7 +374,7 @@ class GraphClient:
         added: set[str] = set()
         removed: set[str] = set()
         not_users: set[tuple[str, str]] = set()
-        deleted = False
+        deleted = ever_deleted = False
         links = _Links("group delta")
         while True:
             links.follow(url)
@@ -381,7 +382,10 @@ class GraphClient:
             for obj in page.get("value") or []:
                 if not isinstance(obj, dict) or str(obj.get("id", "")).lower() != group_id.lower():
                     continue
-                deleted = deleted or "@removed" in obj
+                # An object changed several times appears once per change: the last
+                # occurrence of the group says whether it exists now.
+                deleted = "@removed" in obj
+                ever_deleted |= deleted
                 # A large group's members span pages; the group object repeats on each.
                 for member in obj.get("members@delta") or []:
                     uid = member.get("id") if isinstance(member, dict) else None
@@ -404,6 +408,10 @@ class GraphClient:
             if not page.get("@odata.deltaLink"):
                 raise UpstreamError("group delta: last page has no @odata.deltaLink")
             self._check_link(page["@odata.deltaLink"])
+            if ever_deleted and not deleted and delta_link:
+                # Deleted and restored within the round: what its membership became is
+                # not in the changes (a restore may bring members back unannounced).
+                return self._delta(group_id, None)
             return DeltaResult(full=delta_link is None, added=frozenset(added), removed=frozenset(removed),
                                delta_link=page["@odata.deltaLink"], group_deleted=deleted,
                                not_users=frozenset(not_users))

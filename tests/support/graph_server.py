@@ -110,6 +110,7 @@ class Logged:
 class _Tenant:
     groups: dict = dataclasses.field(default_factory=dict)    # group -> {member id: @odata.type}
     deleted: set = dataclasses.field(default_factory=set)
+    bin: dict = dataclasses.field(default_factory=dict)       # deleted group -> its members, for a restore
     journal: list = dataclasses.field(default_factory=list)   # (seq, group, member id | None, type)
     seq: int = 0
 
@@ -216,9 +217,18 @@ class GraphServer:
     def delete_group(self, tenant: str, group: str) -> None:
         with self._lock:
             t = self._tenant(tenant)
-            t.groups.pop(group, None)
+            t.bin[group] = t.groups.pop(group, {})
             t.deleted.add(group)
             self._touch(t, group, None, GROUP_TYPE)
+
+    def restore_group(self, tenant: str, group: str) -> None:
+        """Restore a deleted group with the members it had (as Entra restores a
+        soft-deleted group)."""
+        with self._lock:
+            t = self._tenant(tenant)
+            t.groups[group] = t.bin.pop(group)
+            t.deleted.discard(group)
+            self._touch(t, group, None, "restored")
 
     # -- faults ----------------------------------------------------------------
 
@@ -375,16 +385,27 @@ class GraphServer:
     @staticmethod
     def _changes(t: _Tenant, state: dict, marker) -> list:
         touched: dict[str, dict[str, str]] = {}
+        deleted: set[str] = set()    # groups deleted since the link
+        restored: set[str] = set()   # ... and restored since the link
         for seq, g, m, kind in t.journal:
             if seq > state["seq"] and (state["groups"] is None or g in state["groups"]):
                 touched.setdefault(g, {})
                 if m is not None:
                     touched[g][m] = kind
+                else:
+                    (deleted if kind == GROUP_TYPE else restored).add(g)
         items = []
         for g, ms in touched.items():
-            if g in t.deleted:
+            if g in deleted or g in t.deleted:
                 items.append((g, _GONE))   # "changed": soft-deleted, restorable (delta-query-overview)
+            if g in t.deleted:
                 continue
+            if g in deleted or g in restored:
+                # Back: it appears (again, if it was deleted since the link: once per
+                # change, delta-query-overview) with the members it has now.
+                ms = {**t.groups.get(g, {}), **ms}
+                if not ms:
+                    items.append((g, None))
             for m, kind in ms.items():
                 entry = {"@odata.type": kind, "id": m}
                 if m not in t.groups.get(g, {}):
