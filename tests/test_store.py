@@ -113,6 +113,35 @@ def test_members_added_before_the_first_sync_stay_unknown(store):
     assert store.membership(T, "u1", [G]) == {G: True}
 
 
+def test_a_forgotten_group_is_never_synced_and_its_members_are_logged_removed(store):
+    store.apply(GroupUpdate(T, G, added=users("u1", "u2"), sync=synced()))
+    store.apply(GroupUpdate(T, G2, added=users("u1"), sync=synced()))
+    assert store.synced_groups() == {(T, G), (T, G2)}
+    generation = store.generation()
+    entries = store.forget_group(T, G, source="maintenance", why="no policy names the group")
+    assert sorted((e.kind, e.user, e.source) for e in entries) == [
+        ("member_removed", "u1", "maintenance"), ("member_removed", "u2", "maintenance")]
+    assert store.membership(T, "u1", [G, G2]) == {G: None, G2: True}
+    assert store.group_members(T, G) is None and store.sync_state(T, G) is None
+    assert store.synced_groups() == {(T, G2)}
+    assert store.generation() != generation   # verify instances see it at once
+    assert store.forget_group(T, G, source="maintenance", why="again") == []
+
+
+def test_a_group_synced_again_while_being_forgotten_keeps_its_members(store):
+    store.apply(GroupUpdate(T, G, added=users("u1"), sync=synced()))
+    unsync = store.unsync_group
+
+    def read_lands_between(tenant, group):   # a read by an instance whose policy names it
+        done = unsync(tenant, group)
+        store.apply(GroupUpdate(T, G, replace=users("u1", "u2"), sync=synced(), expect_synced_at=None))
+        return done
+
+    store.unsync_group = read_lands_between
+    assert store.forget_group(T, G, source="maintenance", why="no policy names the group") == []
+    assert store.group_members(T, G) == {"u1", "u2"} and store.sync_state(T, G) is not None
+
+
 def test_removed(store):
     store.apply(GroupUpdate(T, G, added=users("u1", "u2"), sync=synced()))
     entries = store.apply(GroupUpdate(T, G, removed=users("u1", "never-member")))

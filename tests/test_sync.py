@@ -28,7 +28,7 @@ from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, gr
 from tests.support.graph_fixtures import graph_client
 from tests.support.sync_world import *  # noqa: F401,F403 - world, app, store_url, audit_lines, no_adc
 from tests.support.sync_world import (ALICE, BIG, BILLING, BOB, CAROL, GROUP_PRINCIPAL, G_BIG, G_ENG, G_OPS,
-                                     G_OTHER, G_STAFF, INVOKER, MALLORY, REPORTS, SHARED, TENANT,
+                                     G_OTHER, G_STAFF, INVOKER, MALLORY, POLICY, REPORTS, SHARED, TENANT,
                                      RecordingApp, change, deliver, lifecycle, slow_delta, synced, user)
 
 
@@ -585,6 +585,55 @@ def test_unreferenced_groups_are_ignored(world, app, audit_lines):
     summary = app.sync.handle_messages([change(G_OTHER, added=[ALICE])])
     assert summary.ignored == 1 and world.graph.calls() == [] and app.events == []
     assert app.store.sync_state(TENANT, G_OTHER) is None
+
+
+def restarted_with(world, policy: str) -> RecordingApp:
+    """An instance started after an operator changed the policy (a redeploy)."""
+    path = world.tmp / f"policy-{len(world.apps)}.yaml"
+    path.write_text(policy)
+    world.apps.append(RecordingApp(dataclasses.replace(world.settings, policy_path=str(path))))
+    return world.apps[-1]
+
+
+WITHOUT_OPS = POLICY.replace(f"groups: [{G_ENG}, {G_OPS}]", f"groups: [{G_ENG}]")
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "firestore"], indirect=True)
+def test_a_group_named_again_is_not_trusted_from_before(world, app):
+    world.graph.add_members(TENANT, G_ENG, [BOB])
+    world.graph.add_members(TENANT, G_OPS, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[BOB]), change(G_OPS, added=[ALICE])])
+    assert world.members(REPORTS) == {user(ALICE), user(BOB)}
+    # G_OPS leaves the policy: maintenance revokes its members and forgets the group.
+    without = restarted_with(world, WITHOUT_OPS)
+    report = without.maintenance.run(["reconcile", "drift"])["tasks"]["reconcile"]
+    assert report["forgotten"] == [{"tenant": TENANT, "group": G_OPS, "members": 1}]
+    assert world.members(REPORTS) == {user(BOB)}
+    # Alice leaves G_OPS while no policy names it (its subscription gone: no notification).
+    world.graph.remove_members(TENANT, G_OPS, [ALICE])
+    back = restarted_with(world, POLICY)
+    token = world.idp.mint(TENANT, oid=ALICE, aud="api://aadrun-test")
+    assert world.verifier().decide("reports", token).reason == "membership_unknown"
+    world.graph.add_members(TENANT, G_ENG, [CAROL])
+    back.sync.handle_messages([change(G_ENG, added=[CAROL])])   # plans reports again
+    assert world.members(REPORTS) == {user(BOB), user(CAROL)}
+    back.maintenance.run(["reconcile"])   # G_OPS read in full
+    assert world.verifier().decide("reports", token).reason == "not_member"
+
+
+def test_a_removal_in_a_group_no_policy_names_makes_it_forgotten(world, app):
+    # Before maintenance forgets it: the policy may name the group again before then.
+    world.graph.add_members(TENANT, G_OPS, [ALICE, BOB])
+    app.sync.handle_messages([change(G_OPS, added=[ALICE, BOB])])
+    without = restarted_with(world, WITHOUT_OPS)
+    world.graph.add_members(TENANT, G_OPS, [CAROL])
+    summary = without.sync.handle_messages([change(G_OPS, added=[CAROL])])   # an addition: still trusted
+    assert summary.ignored == 1 and without.store.group_members(TENANT, G_OPS) == {ALICE, BOB}
+    world.graph.remove_members(TENANT, G_OPS, [ALICE])
+    reads = len(world.graph.calls("GET", "/v1.0/groups/delta"))
+    summary = without.sync.handle_messages([change(G_OPS, removed=[ALICE])])
+    assert summary.ignored == 1 and len(world.graph.calls("GET", "/v1.0/groups/delta")) == reads
+    assert without.store.sync_state(TENANT, G_OPS) is None and without.store.group_members(TENANT, G_OPS) is None
 
 
 def test_lifecycle_events(world, app):

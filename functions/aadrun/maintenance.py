@@ -7,7 +7,9 @@
 Tasks, run in this order whatever order they are asked in:
 
     subscriptions  Graph subscriptions cover every referenced group (subscriptions.py)
-    reconcile      delta read of every referenced group through policy_sync's own
+    reconcile      forget what the store holds of groups no policy names (nothing
+                   keeps it current: a policy naming one again starts from a read);
+                   delta read of every referenced group through policy_sync's own
                    path (``PolicySync.resync``): groups get no ``missed`` event, so a
                    lost notification is found here; removals apply at once, additions
                    as Graph confirms them, and IAM follows
@@ -74,7 +76,7 @@ _PROGRESS: dict[str, Callable[[dict], bool]] = {
                                    or (a["action"] == "deleted" and not a.get("replacing"))
                                    for a in r.get("actions", ())),
     # Some group read: IAM that cannot be written anywhere is drift's failure to report.
-    "reconcile": lambda r: sum(r.get("reads", {}).values()) > 0,
+    "reconcile": lambda r: sum(r.get("reads", {}).values()) > 0 or bool(r.get("forgotten")),
     "drift": lambda r: bool(r.get("services") or r.get("orphaned")),
 }
 MAX_BODY = 64 * 1024
@@ -209,7 +211,11 @@ class Maintenance:
     def reconcile_task(self) -> dict:
         """``PolicySync.resync`` per tenant, so one tenant's failure spares the others."""
         out = {"groups": 0, "reads": {}, "added": 0, "removed": 0, "changes": [], "iam": {}, "refused": {},
-               "errors": []}
+               "errors": [], "forgotten": []}
+        try:
+            out["forgotten"] = self._app.sync.forget_unreferenced()
+        except AadrunError as e:
+            out["errors"].append({"error": e.reason, "detail": str(e)})
         for tenant, groups in sorted(self._app.policy.referenced_groups().items()):
             if not groups:
                 continue

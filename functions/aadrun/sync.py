@@ -181,6 +181,7 @@ class PolicySync:
         referenced = policy.referenced_groups()
         groups: dict[tuple[str, str], _Group] = {}
         reauthorize: list[LifecycleEvent] = []
+        forget: set[tuple[str, str]] = set()
         for message in unique:
             if isinstance(message, LifecycleEvent) and message.tenant not in policy.tenants:
                 # Published before a policy change dropped the tenant: nothing to do for it.
@@ -191,8 +192,15 @@ class PolicySync:
             elif isinstance(message, LifecycleEvent):
                 self._lifecycle(message, referenced, groups, reauthorize)
             else:
-                self._membership(message, message.id in seen, referenced, groups, summary)
-        return self._run(policy, groups, reauthorize, summary)
+                self._membership(message, message.id in seen, referenced, groups, summary, forget)
+        return self._run(policy, groups, reauthorize, summary, forget=forget)
+
+    def forget_unreferenced(self) -> list[dict]:
+        """Forget each group the store knows that no policy names (``Store.forget_group``):
+        maintenance's reconcile. Returns, per group forgotten, how many members it had."""
+        referenced = self._app.policy.referenced_groups()
+        return [self._forget(t, g, "maintenance") for t, g in sorted(self._app.store.synced_groups())
+                if g not in referenced.get(t, ())]
 
     def resync(self, tenant: str | None = None, group: str | None = None, *, full: bool = False,
                raise_errors: bool = True) -> SyncSummary:
@@ -216,11 +224,15 @@ class PolicySync:
     # -- what a message asks for --------------------------------------------------------
 
     def _membership(self, message: MembershipChange, seen: bool, referenced: Mapping[str, set[str]],
-                    groups: dict, summary: SyncSummary) -> None:
+                    groups: dict, summary: SyncSummary, forget: set[tuple[str, str]]) -> None:
         if message.group not in referenced.get(message.tenant, ()):
             summary.ignored += 1
             audit.entry("message_ignored", "membership change of a group no policy names", reason="not_referenced",
                         message_id=message.id, tenant=message.tenant, group=message.group)
+            if message.removed or message.reread:
+                # What the store holds of the group is stale now: a policy naming it
+                # again before maintenance forgets it must not grant from it.
+                forget.add((message.tenant, message.group))
             return
         work = groups.setdefault((message.tenant, message.group), _Group(message.tenant, message.group))
         if seen:
@@ -279,11 +291,14 @@ class PolicySync:
     # -- the steps -------------------------------------------------------------------
 
     def _run(self, policy: Policy, groups: dict[tuple[str, str], _Group], reauthorize: list[LifecycleEvent],
-             summary: SyncSummary, raise_errors: bool = True, owed: Mapping[str, str] | None = None
-             ) -> SyncSummary:
+             summary: SyncSummary, raise_errors: bool = True, owed: Mapping[str, str] | None = None,
+             forget: set[tuple[str, str]] = frozenset()) -> SyncSummary:
         owed = owed or {}   # tenant -> the event it owes, as id@time
         errors: list[Exception] = []
         summary.groups = [f"{t}/{g}" for t, g in groups]
+        store = self._app.store
+        for tenant, group in sorted(forget):
+            _guarded(errors, lambda t=tenant, g=group: store.sync_state(t, g) and self._forget(t, g, "notification"))
         for work in groups.values():
             if work.removed:
                 _guarded(errors, lambda w=work: summary.record(self._remove(w)))
@@ -360,6 +375,19 @@ class PolicySync:
             store = self._app.store
             work.decides = any(store.lease_holder(_unconfirmed(i)) for i in work.ids)
         return work.decides
+
+    def _forget(self, tenant: str, group: str, source: str) -> dict:
+        entries: list[ChangeEntry] = []
+        try:
+            entries = self._app.store.forget_group(tenant, group, source=source, why="no policy names the group")
+        except Exception as e:
+            entries = list(getattr(e, "committed", ()))
+            raise
+        finally:
+            audit_changes(entries)
+        audit.entry("group_forgotten", f"group {group} forgotten: no policy names it", tenant=tenant, group=group,
+                    members=len(entries), source=source)
+        return {"tenant": tenant, "group": group, "members": len(entries)}
 
     def _remove(self, work: _Group) -> list[ChangeEntry]:
         """Step 1: the group's removals in one commit, dropping its delta link."""

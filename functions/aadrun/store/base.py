@@ -161,6 +161,28 @@ class Store(abc.ABC):
         ``committed``."""
 
     @abc.abstractmethod
+    def synced_groups(self) -> set[tuple[str, str]]:
+        """(tenant, group) of every group with a sync state."""
+
+    @abc.abstractmethod
+    def unsync_group(self, tenant: str, group: str) -> bool:
+        """Delete the group's sync state, so that it reads as never synced (and changes
+        the generation); whether it had one. Its membership rows stay until removed."""
+
+    def forget_group(self, tenant: str, group: str, *, source: str, why: str) -> list[ChangeEntry]:
+        """Drop all the store knows of a group no policy names: nothing keeps its
+        membership current meanwhile, so a policy that names it again must not trust it.
+        The sync state goes first (from then on verify answers ``membership_unknown`` and
+        plans grant nothing for it, whatever rows remain), then its members, each logged
+        as removed. A read that synced the group again in between keeps its members."""
+        self.unsync_group(tenant, group)
+        try:
+            return self.apply(GroupUpdate(tenant, group, replace=frozenset(), expect_synced_at=None,
+                                          source=source, why=why))
+        except SyncConflict as e:   # synced again meanwhile: by a policy that names it
+            return getattr(e, "committed", [])
+
+    @abc.abstractmethod
     def processed(self, message_ids: Iterable[str]) -> set[str]:
         """Which of these message ids were already applied (and not yet expired)."""
 

@@ -272,6 +272,23 @@ class FirestoreStore(Store):
             return None
         return SyncState(snap.get("delta_link"), _plain(snap.get("synced_at")))
 
+    def synced_groups(self) -> set[tuple[str, str]]:
+        with _translated():
+            return {(snap.get("tenant"), snap.get("group"))
+                    for snap in self._client.collection("groups").select(["tenant", "group"]).stream()}
+
+    def unsync_group(self, tenant: str, group: str) -> bool:
+        return self._run(self._unsync, tenant, group)
+
+    def _unsync(self, txn, tenant: str, group: str) -> bool:
+        ref = self._doc("groups", tenant, group)
+        if not ref.get(transaction=txn).exists:
+            return False
+        counters = self._counters_now()
+        txn.delete(ref)
+        self._log(txn, [], counters, bump_generation=True)
+        return True
+
     def processed(self, message_ids: Iterable[str]) -> set[str]:
         ids = list(dict.fromkeys(message_ids))
         now = utcnow()
@@ -384,7 +401,8 @@ class FirestoreStore(Store):
         member = {u: self._doc("memberships", t, g, u)
                   for u in (update.added | update.removed if update.replace is None else ())}
         # A removal that only drops the link needs no read of a group record that exists
-        # (one is never deleted, so a read outside the transaction settles it): removals
+        # (one is deleted only once no policy names its group, ``unsync_group``; the update
+        # of one deleted meanwhile fails, and its message comes again): removals
         # of one group at once would each hold a read of it and wait for one another's
         # to end before writing it (the emulator gives up on all but one of a dozen).
         blind = update.drop_link and update.sync is None and update.replace is None and not split and \

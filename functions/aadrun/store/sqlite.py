@@ -245,6 +245,17 @@ class SqliteStore(Store):
                 (tenant, group)).fetchone()
         return None if row is None else SyncState(row[0], _dt(row[1]))
 
+    def synced_groups(self) -> set[tuple[str, str]]:
+        with _translated():
+            return set(self._conn().execute("SELECT tenant, grp FROM groups"))
+
+    def unsync_group(self, tenant: str, group: str) -> bool:
+        with _translated(), self._write() as conn:
+            if not conn.execute("DELETE FROM groups WHERE tenant = ? AND grp = ?", (tenant, group)).rowcount:
+                return False
+            conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+            return True
+
     def processed(self, message_ids: Iterable[str]) -> set[str]:
         ids = list(dict.fromkeys(message_ids))
         now = _us(utcnow())
