@@ -159,6 +159,17 @@ def test_unreadable_members_delta_is_none(members):
     assert members_delta({"members@delta": members}) is None
 
 
+def test_members_that_are_not_users_are_left_out():
+    group, device = "aaaaaaaa-0000-0000-0000-0000000000a1", "dddddddd-0000-0000-0000-0000000000d1"
+    gone = "0b0b0000-0000-0000-0000-000000000002"
+    members = [{"@odata.type": "#microsoft.graph.group", "id": group},
+               {"@odata.type": "#microsoft.graph.device", "id": device, "@removed": "deleted"},
+               {"@odata.type": "#Microsoft.Graph.User", "id": USER}, {"id": gone, "@removed": "deleted"}]
+    assert members_delta({"members@delta": members}) == ((USER.lower(),), (gone,))
+    # Only other members: nothing to name, so the group is re-read.
+    assert members_delta({"members@delta": members[:2]}) == ((), ())
+
+
 def _valid() -> dict:
     return convert(graph_items("members_added")[0]).to_dict()
 

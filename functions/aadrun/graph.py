@@ -41,7 +41,7 @@ from urllib3.util.retry import Retry
 
 from .config import Settings
 from .errors import ConfigError, RateLimited, UpstreamError
-from .messages import is_guid
+from .messages import USER_TYPE, is_guid
 from .outbound import client_session
 
 _RETRY_AFTER = Retry()   # only its Retry-After parser is used: the waits are this client's own
@@ -72,7 +72,6 @@ FEDERATION_AUDIENCE = "api://AzureADTokenExchange"
 # https://learn.microsoft.com/graph/api/resources/subscription (maximum length of subscription per resource type)
 MAX_GROUP_SUBSCRIPTION_MINUTES = 41_760
 SUBSCRIPTION_MARGIN = dt.timedelta(minutes=10)   # clock skew and request time
-USER_TYPE = "#microsoft.graph.user"
 # https://learn.microsoft.com/graph/delta-query-overview (synchronization reset):
 # an expired state token answers 410 Gone or a 4xx with one of these codes.
 EXPIRED_DELTA_CODES = frozenset({"syncstatenotfound", "resyncrequired"})

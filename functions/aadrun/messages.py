@@ -49,6 +49,7 @@ GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-
 GROUP_RESOURCE = re.compile(r"/?groups/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?:/members)?/?",
                             re.IGNORECASE)
 CHANGE_TYPES = ("created", "updated", "deleted")
+USER_TYPE = "#microsoft.graph.user"   # the members aadrun grants; groups, devices... never
 LIFECYCLE_EVENTS = ("reauthorizationRequired", "subscriptionRemoved", "missed")
 # Graph's own fields that tell one notification from another (changeNotification
 # resource: "id" is documented as optional); identical on redelivery.
@@ -171,8 +172,9 @@ def members_delta(data: Any) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
 
     An entry with ``"@removed"`` is a removal whatever its value: a string
     (``"deleted"``, as webhooks send it) or an object (``{"reason": "deleted"}``, as
-    delta query does). None when the list is absent or any entry is unreadable,
-    which the caller turns into "re-read the group".
+    delta query does). Members of another type (``@odata.type`` a group, service
+    principal, device: never granted) are left out. None when the list is absent or
+    any entry is unreadable, which the caller turns into "re-read the group".
     """
     entries = data.get("members@delta") if isinstance(data, Mapping) else None
     if not isinstance(entries, list):
@@ -182,6 +184,8 @@ def members_delta(data: Any) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     for entry in entries:
         if not isinstance(entry, Mapping) or not is_guid(entry.get("id")):
             return None
+        if str(entry.get("@odata.type", USER_TYPE)).lower() != USER_TYPE:
+            continue
         (removed if "@removed" in entry else added).add(entry["id"].lower())
     return tuple(sorted(added)), tuple(sorted(removed))
 
