@@ -16,7 +16,8 @@ import pytest
 
 from aadrun.errors import RequestError
 from aadrun.messages import (SCHEMA, LifecycleEvent, MembershipChange, from_dict, from_json, group_of,
-                             lifecycle_from_graph, members_delta, membership_from_graph)
+                             lifecycle_from_graph, members_delta, membership_from_graph,
+                             only_other_members)
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = sorted(p.name.removesuffix(".graph.json") for p in GOLDEN.glob("*.graph.json"))
@@ -166,8 +167,12 @@ def test_members_that_are_not_users_are_left_out():
                {"@odata.type": "#microsoft.graph.device", "id": device, "@removed": "deleted"},
                {"@odata.type": "#Microsoft.Graph.User", "id": USER}, {"id": gone, "@removed": "deleted"}]
     assert members_delta({"members@delta": members}) == ((USER.lower(),), (gone,))
-    # Only other members: nothing to name, so the group is re-read.
+    # Only other members: nothing for aadrun to do (graph_webhook ignores it); an empty
+    # or absent list still means "re-read the group".
     assert members_delta({"members@delta": members[:2]}) == ((), ())
+    assert only_other_members({"members@delta": members[:2]})
+    assert not only_other_members({"members@delta": members}) and not only_other_members({"members@delta": []})
+    assert not only_other_members({})
 
 
 def _valid() -> dict:

@@ -338,6 +338,11 @@ def test_all_items_dropped_is_still_202():
     (dict(resource="/groups"), "not_a_group"),
     (dict(changeType="renamed"), "unknown_change_type"),
     (dict(lifecycleEvent="somethingNew"), "unknown_lifecycle_event"),
+    # A nested group and a device joined: aadrun grants users only, so no read is owed.
+    (dict(resourceData={"id": "aaaaaaaa-0000-0000-0000-000000000001", "members@delta": [
+        {"@odata.type": "#microsoft.graph.group", "id": "aaaaaaaa-0000-0000-0000-0000000000a1"},
+        {"@odata.type": "#microsoft.graph.device", "id": "dddddddd-0000-0000-0000-0000000000d1",
+         "@removed": "deleted"}]}), "no_user_member"),
 ])
 def test_items_aadrun_does_not_handle_are_ignored_with_202(changes, reason, records):
     recorder = Recorder()

@@ -184,10 +184,21 @@ def members_delta(data: Any) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     for entry in entries:
         if not isinstance(entry, Mapping) or not is_guid(entry.get("id")):
             return None
-        if str(entry.get("@odata.type", USER_TYPE)).lower() != USER_TYPE:
+        if not _is_user(entry):
             continue
         (removed if "@removed" in entry else added).add(entry["id"].lower())
     return tuple(sorted(added)), tuple(sorted(removed))
+
+
+def _is_user(entry: Mapping[str, Any]) -> bool:
+    return str(entry.get("@odata.type", USER_TYPE)).lower() == USER_TYPE
+
+
+def only_other_members(data: Any) -> bool:
+    """Whether ``resourceData["members@delta"]`` names members and none of them is a
+    user: a change aadrun has nothing to do for (it grants users only)."""
+    entries = data.get("members@delta") if isinstance(data, Mapping) else None
+    return isinstance(entries, list) and bool(entries) and members_delta(data) == ((), ())
 
 
 def membership_from_graph(item: Mapping[str, Any], tenant: str, received_at: str) -> MembershipChange:

@@ -45,7 +45,7 @@ from .config import Settings
 from .errors import ConfigError, Deferred, PolicyError, RequestError, Unavailable
 from .http import HttpRequest, HttpResponse
 from .messages import (CHANGE_TYPES, LIFECYCLE_EVENTS, LifecycleEvent, MembershipChange, Message, group_of,
-                       is_guid, lifecycle_from_graph, membership_from_graph, rfc3339)
+                       is_guid, lifecycle_from_graph, membership_from_graph, only_other_members, rfc3339)
 from .policy import Policy
 
 MAX_BODY = 1024 * 1024
@@ -290,6 +290,8 @@ def _change(item: Mapping[str, Any], tenant: str, received_at: str) -> Message |
         return _ignore("not_a_group", item)
     if change_type not in CHANGE_TYPES:
         return _ignore("unknown_change_type", item)
+    if only_other_members(item.get("resourceData")):
+        return _ignore("no_user_member", item)   # a nested group, a device: never granted
     return membership_from_graph(item, tenant, received_at)
 
 
