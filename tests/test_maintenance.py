@@ -537,6 +537,34 @@ def test_a_reconcile_whose_every_read_failed_is_a_failed_run(world):
     assert (status, answer["tasks"]["reconcile"]["status"]) == (503, "error")   # Cloud Scheduler retries
 
 
+WITHOUT_STAFF = POLICY.replace(f"groups: [{G_STAFF}]", "app_roles: [Y]")
+
+
+def test_a_reconcile_whose_every_read_failed_is_a_failed_run_even_if_it_forgot_a_group(world, tmp_path):
+    world.app().maintenance.run(["reconcile"])
+    world.graph.fail_next(50, status=500, retry_after=None, code="InternalServerError", path="/v1.0/groups/delta")
+    status, answer = post(with_policy(world, tmp_path, WITHOUT_STAFF), b'{"tasks": ["reconcile"]}')
+    assert [g["group"] for g in answer["tasks"]["reconcile"]["forgotten"]] == [G_STAFF]
+    assert status == 503   # forgetting is no read: Graph is down, and Cloud Scheduler must see it
+
+
+def test_a_group_that_could_not_be_forgotten_spares_the_others_and_is_reported(world, tmp_path):
+    world.app().maintenance.run(["reconcile"])
+    app = with_policy(world, tmp_path, WITHOUT_STAFF.replace(f"groups: [{G_ENG}]", "app_roles: [X]"))
+    forget = app.store.forget_group
+
+    def failing_for_eng(tenant, group, **kw):   # the store failing for one group only
+        if group == G_ENG:
+            raise Unavailable("store: deadline exceeded")
+        return forget(tenant, group, **kw)
+
+    app.store.forget_group = failing_for_eng
+    task = app.maintenance.run(["reconcile"])["tasks"]["reconcile"]
+    assert task["forgotten"] == [{"tenant": TENANT, "group": G_STAFF, "members": 1}]
+    assert [(e["group"], e["error"]) for e in task["errors"]] == [(G_ENG, "unavailable")]
+    assert app.store.sync_state(TENANT, G_ENG) and app.store.sync_state(TENANT, G_STAFF) is None
+
+
 def test_a_reconcile_where_one_group_fails_still_reports_what_the_others_did(world, tmp_path):
     app = world.app()
     world.graph.fail_next(1, status=500, retry_after=None, code="InternalServerError", path="/v1.0/groups/delta")

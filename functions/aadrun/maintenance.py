@@ -76,7 +76,7 @@ _PROGRESS: dict[str, Callable[[dict], bool]] = {
                                    or (a["action"] == "deleted" and not a.get("replacing"))
                                    for a in r.get("actions", ())),
     # Some group read: IAM that cannot be written anywhere is drift's failure to report.
-    "reconcile": lambda r: sum(r.get("reads", {}).values()) > 0 or bool(r.get("forgotten")),
+    "reconcile": lambda r: sum(r.get("reads", {}).values()) > 0,
     "drift": lambda r: bool(r.get("services") or r.get("orphaned")),
 }
 MAX_BODY = 64 * 1024
@@ -213,8 +213,9 @@ class Maintenance:
         out = {"groups": 0, "reads": {}, "added": 0, "removed": 0, "changes": [], "iam": {}, "refused": {},
                "errors": [], "forgotten": []}
         try:
-            out["forgotten"] = self._app.sync.forget_unreferenced()
-        except AadrunError as e:
+            out["forgotten"], failed = self._app.sync.forget_unreferenced()
+            out["errors"] += failed
+        except AadrunError as e:   # the store's list of groups
             out["errors"].append({"error": e.reason, "detail": str(e)})
         for tenant, groups in sorted(self._app.policy.referenced_groups().items()):
             if not groups:

@@ -60,7 +60,7 @@ from typing import Any
 
 from . import audit
 from .coalesce import Combiner, StoreLease
-from .errors import Deferred, RequestError, UpstreamError
+from .errors import AadrunError, Deferred, RequestError, UpstreamError
 from .graph import DeltaResult, GraphClient
 from .iam import IamWriter
 from .messages import LifecycleEvent, MembershipChange, Message, from_json
@@ -195,12 +195,20 @@ class PolicySync:
                 self._membership(message, message.id in seen, referenced, groups, summary, forget)
         return self._run(policy, groups, reauthorize, summary, forget=forget)
 
-    def forget_unreferenced(self) -> list[dict]:
+    def forget_unreferenced(self) -> tuple[list[dict], list[dict]]:
         """Forget each group the store knows that no policy names (``Store.forget_group``):
-        maintenance's reconcile. Returns, per group forgotten, how many members it had."""
+        maintenance's reconcile. Returns the groups forgotten, with how many members each
+        had, and those that failed, with why; one failure does not stop the others."""
         referenced = self._app.policy.referenced_groups()
-        return [self._forget(t, g, "maintenance") for t, g in sorted(self._app.store.synced_groups())
-                if g not in referenced.get(t, ())]
+        forgotten, failed = [], []
+        for tenant, group in sorted(self._app.store.synced_groups()):
+            if group in referenced.get(tenant, ()):
+                continue
+            try:
+                forgotten.append(self._forget(tenant, group, "maintenance"))
+            except AadrunError as e:
+                failed.append({"tenant": tenant, "group": group, "error": e.reason, "detail": str(e)})
+        return forgotten, failed
 
     def resync(self, tenant: str | None = None, group: str | None = None, *, full: bool = False,
                raise_errors: bool = True) -> SyncSummary:

@@ -171,16 +171,21 @@ class Store(abc.ABC):
 
     def forget_group(self, tenant: str, group: str, *, source: str, why: str) -> list[ChangeEntry]:
         """Drop all the store knows of a group no policy names: nothing keeps its
-        membership current meanwhile, so a policy that names it again must not trust it.
-        The sync state goes first (from then on verify answers ``membership_unknown`` and
-        plans grant nothing for it, whatever rows remain), then its members, each logged
-        as removed. A read that synced the group again in between keeps its members."""
-        self.unsync_group(tenant, group)
+        membership current meanwhile, so a policy that names it again must not trust it
+        (verify answers ``membership_unknown`` and plans grant nothing until a read).
+        Its members go first, each logged as removed, with its delta link (were this to
+        stop here, a policy naming it again would find it empty and read it in full, and
+        the group is still synced, so the next forget finishes); then its sync state.
+        A read committed before the members go keeps them; one committed before the sync
+        state goes leaves its members unsynced, to be read again in full."""
+        state = self.sync_state(tenant, group)
         try:
-            return self.apply(GroupUpdate(tenant, group, replace=frozenset(), expect_synced_at=None,
-                                          source=source, why=why))
-        except SyncConflict as e:   # synced again meanwhile: by a policy that names it
-            return getattr(e, "committed", [])
+            entries = self.apply(GroupUpdate(tenant, group, replace=frozenset(), drop_link=True, source=source,
+                                             why=why, expect_synced_at=state.synced_at if state else None))
+        except SyncConflict as e:   # read meanwhile: by an instance whose policy names it
+            return list(getattr(e, "committed", ()))
+        self.unsync_group(tenant, group)
+        return entries
 
     @abc.abstractmethod
     def processed(self, message_ids: Iterable[str]) -> set[str]:
