@@ -21,6 +21,7 @@ from aadrun.graph import (FEDERATION_AUDIENCE, graph_scope, MAX_FAIL_FAST, MAX_G
 from aadrun.keys import KeyCache
 from tests.support.graph_fixtures import *  # noqa: F401,F403
 from tests.support.graph_fixtures import CLIENT_ID, CLIENT_SECRET, FEDERATED_CLIENT_ID, TENANT, graph_client
+from tests.support.graph_server import HttpError
 
 GROUP = "aaaaaaaa-0000-0000-0000-000000000001"
 OTHER_GROUP = "aaaaaaaa-0000-0000-0000-000000000002"
@@ -106,6 +107,35 @@ def test_wrong_client_secret_is_refused_without_echoing_it(graph_server):
         client.list_subscriptions()
     assert err.value.code == "invalid_client" and "AADSTS7000215" in str(err.value)
     assert "wrong-secret" not in str(err.value)
+
+
+def test_an_error_answer_passes_on_no_token_and_no_code_that_is_not_an_identifier(graph_server):
+    # What a Graph error says goes into logs and maintenance's report: an answer echoing
+    # the request's bearer token (a proxy's, a faulty server's) must not put it there.
+    graph_server.fail_next(1, status=400, retry_after=None, code="InvalidRequest" + "C" * 300,
+                           message="echo: {authorization}", path="/v1.0/subscriptions")
+    graph_server.fail_next(1, status=400, retry_after=None, code="InvalidRequest",
+                           message="echo: {authorization}", path="/v1.0/subscriptions")
+    client = graph_client(graph_server)
+    for expected_code in (None, "InvalidRequest"):
+        with pytest.raises(UpstreamError) as err:
+            client.list_subscriptions()
+        assert err.value.code == expected_code and "CCCC" not in str(err.value)
+        assert "echo: [redacted]" in str(err.value) and "Bearer" not in str(err.value)
+
+
+def test_a_token_refusal_passes_on_only_an_error_code(graph_server):
+    real = graph_server.handle
+
+    def refusing(method, path, query, headers, raw):
+        if path.endswith("/oauth2/v2.0/token"):
+            raise HttpError(401, "invalid_client the-secret-value eyJhbGciOi.eyJzdWIi", "bad", oauth=True)
+        return real(method, path, query, headers, raw)
+
+    graph_server.handle = refusing
+    with pytest.raises(UpstreamError) as err:
+        graph_client(graph_server, secret="the-secret-value").list_subscriptions()
+    assert err.value.code is None and "the-secret-value" not in str(err.value) and "eyJ" not in str(err.value)
 
 
 def test_unknown_tenant_fails_at_discovery(graph_server):

@@ -153,15 +153,27 @@ def _retry_after(resp: requests.Response, attempt: int) -> float:
     return float(2 ** attempt)
 
 
+# An upstream's error code is an identifier; anything else in its place is not passed on.
+_ERROR_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# What an upstream's message could echo of a request: a bearer token, a JWT or a piece of one.
+_SECRET_LIKE = re.compile(r"(?i:bearer)\s+\S+|eyJ[\w\-]*(?:\.[\w\-]*)*")
+
+
+def _error_code(value) -> str | None:
+    return value if isinstance(value, str) and _ERROR_CODE.fullmatch(value) else None
+
+
 def _graph_error(resp: requests.Response) -> tuple[str | None, str]:
-    """(code, message) of a Graph error body {"error": {"code", "message"}}."""
+    """(code, message) of a Graph error body {"error": {"code", "message"}}: what an
+    error may say of it (logs, maintenance's report), so an unexpected code is left out
+    and anything token-like in the message is blanked."""
     try:
         err = resp.json().get("error") or {}
     except (ValueError, AttributeError):
         return None, ""
     if not isinstance(err, dict):
         return None, ""
-    return err.get("code"), str(err.get("message") or "")[:200]
+    return _error_code(err.get("code")), _SECRET_LIKE.sub("[redacted]", str(err.get("message") or "")[:200])
 
 
 _MSAL_HTTP_ERROR = re.compile(r"HTTP Error: (\d{3})")
@@ -266,10 +278,10 @@ class GraphClient:
             # An answer that is not JSON; the exception holds the answer, token included.
             raise UpstreamError(f"token request failed for tenant {self.tenant}: {type(e).__name__}") from None
         if "access_token" not in result:
-            codes = result.get("error_codes") or []
-            detail = f" (AADSTS{codes[0]})" if codes else ""
-            raise UpstreamError(f"token request refused for tenant {self.tenant}: "
-                                f"{result.get('error')}{detail}", code=result.get("error"))
+            codes = result.get("error_codes")
+            detail = f" (AADSTS{codes[0]})" if isinstance(codes, list) and codes and type(codes[0]) is int else ""
+            code = _error_code(result.get("error"))
+            raise UpstreamError(f"token request refused for tenant {self.tenant}: {code}{detail}", code=code)
         return result["access_token"]
 
     # -- requests ------------------------------------------------------------

@@ -233,11 +233,13 @@ class GraphServer:
     # -- faults ----------------------------------------------------------------
 
     def fail_next(self, n: int = 1, *, status: int = 429, retry_after: float | str | None = 1,
-                  code: str = "TooManyRequests", method: str | None = None, path: str = "") -> None:
+                  code: str = "TooManyRequests", method: str | None = None, path: str = "",
+                  message: str = "Injected failure.") -> None:
         """The next ``n`` authenticated Graph calls (those with ``method`` whose path
-        starts with ``path``, when given) answer ``status`` (with Retry-After)."""
+        starts with ``path``, when given) answer ``status`` (with Retry-After), with the
+        error ``code`` and ``message`` ("{authorization}" in it: the call's header)."""
         with self._lock:
-            fault = (status, None if retry_after is None else str(retry_after), code, method, path)
+            fault = (status, None if retry_after is None else str(retry_after), code, method, path, message)
             self._faults.extend([fault] * n)
 
     def entra_outage(self, tenant: str, status: int | None = 503) -> None:
@@ -543,7 +545,8 @@ class GraphServer:
         if fault is not None:
             self._faults.remove(fault)
             status, retry_after, code = fault[:3]
-            raise HttpError(status, code, "Injected failure.", {"Retry-After": retry_after} if retry_after else {})
+            message = fault[5].replace("{authorization}", auth)
+            raise HttpError(status, code, message, {"Retry-After": retry_after} if retry_after else {})
         tenant, app, _ = principal
         if parts == ["groups", "delta"] and method == "GET":
             return 200, self._delta(tenant, query)
