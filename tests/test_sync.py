@@ -882,6 +882,14 @@ def test_a_poison_message_is_logged_and_not_redelivered(world, app, audit_lines,
     assert app.sync.handle_cloud_event(data) is None
     [line] = [a for a in audit_lines if a["event"] == "poison_message"]
     assert line["severity"] == "ERROR"
+    assert line.get("pubsub_message_id") == (data["message"].get("messageId") if isinstance(data, dict) else None)
+
+
+@pytest.mark.parametrize("message_id", ["9" * 3_000_000, {"severity": "CRITICAL"}, "1\n2", "abc"])
+def test_a_poison_message_names_only_a_message_id_pubsub_could_have_given(world, app, audit_lines, message_id):
+    app.sync.handle_cloud_event({"message": {"data": "%%%", "messageId": message_id}})
+    [line] = [a for a in audit_lines if a["event"] == "poison_message"]
+    assert "pubsub_message_id" not in line
 
 
 def test_policy_update_event_is_published_on_the_policy_topic(world, pubsub_emulator):

@@ -166,9 +166,9 @@ class PolicySync:
             message = decode_event(data)
         except RequestError as e:
             envelope = data.get("message") if isinstance(data, Mapping) else None
+            message_id = envelope.get("messageId") if isinstance(envelope, Mapping) else None
             audit.entry("poison_message", "policy_sync dropped an unreadable message", severity="ERROR",
-                        reason=str(e), pubsub_message_id=envelope.get("messageId")
-                        if isinstance(envelope, Mapping) else None)
+                        reason=str(e), pubsub_message_id=message_id if _is_message_id(message_id) else None)
             return None
         return self.handle_messages([message])
 
@@ -588,6 +588,11 @@ class Unconfirmed(Deferred):
 
 def _unconfirmed(message_id: str) -> str:
     return f"unconfirmed/{message_id}"
+
+
+def _is_message_id(value: Any) -> bool:
+    """A Pub/Sub message id as Pub/Sub writes one (digits), fit for a log line."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and value.isascii() and value.isdigit()
 
 
 def _owed_event(tenant: str) -> str:
