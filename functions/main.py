@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import functions_framework
 import flask
+from werkzeug.exceptions import HTTPException
 
 from aadrun import audit
 from aadrun.app import get_app
@@ -61,6 +62,7 @@ def _response(result: HttpResponse) -> flask.Response:
 
 
 def _serve(handle: Callable[[HttpRequest], HttpResponse], request: flask.Request) -> flask.Response:
+    flask.g.aadrun_called = True
     req = _request(request)
     # Every log line written while serving joins the request's trace (CONTRACT.md §9).
     with audit.request_trace(req.trace(get_app().settings.project)):
@@ -77,8 +79,32 @@ def graph_webhook(request: flask.Request) -> flask.Response:
     return _serve(get_app().webhook.handle, request)
 
 
+_REASONS = {400: "bad_request", 405: "method_not_allowed", 503: "unavailable"}
+
+
+@functions_framework.errorhandler(Exception)
+def _unanswered(error: Exception) -> flask.Response:
+    """What reaches the framework unanswered: an HTTP error (a request it could not
+    make a CloudEvent of, a method a function does not take, policy_sync's 503) or an
+    exception. A short JSON body and one log line, never the framework's answers: its
+    400 quotes the request's headers (the Authorization) and body, its 500 writes a
+    traceback across many lines. An exception before aadrun's code ran is the
+    framework refusing what it was sent (a CloudEvent it cannot parse): 400."""
+    called = flask.g.get("aadrun_called", False)
+    if isinstance(error, HTTPException):
+        status = error.code or 500
+    else:
+        status = 500 if called else 400
+    reason = _REASONS.get(status, "error")
+    if not (called and isinstance(error, HTTPException)):   # aadrun logged its own
+        audit.entry("request_failed", f"request failed: {reason}", severity="ERROR" if status >= 500 else "WARNING",
+                    status=status, reason=reason, error=type(error).__name__)
+    return _response(HttpResponse.json(status, {"error": reason}))
+
+
 @functions_framework.cloud_event
 def policy_sync(event) -> None:
+    flask.g.aadrun_called = True
     # Eventarc's delivery is an HTTP request too: its lines join the delivery's trace.
     delivery = HttpRequest("POST", "/", {}, flask.request.headers if flask.has_request_context() else {}, b"")
     with audit.request_trace(delivery.trace(get_app().settings.project)):

@@ -108,6 +108,38 @@ def test_raw_pubsub_push_binary_cloud_event_and_poison_message(stack):
         assert '"poison_message"' in fn.output()
 
 
+def raw_post(url: str, body: bytes, headers: dict, method: str = "POST") -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.mark.parametrize("body, content_type, status", [
+    (b'{"message": {"data": 5}}', "application/json", 400),        # no CloudEvent, no Pub/Sub push
+    (b"[1]", "application/json", 400),
+    (b'{"context": [1], "data": {}}', "application/json", 400),
+    (b"\xff", "application/cloudevents+json", 400),
+    (b'{"specversion": "1.0", "id": "1", "source": "s", "type": "t", "data_base64": 5}',
+     "application/cloudevents+json", 400),
+])
+def test_what_is_not_a_delivery_gets_a_short_answer_and_one_log_line(stack, body, content_type, status):
+    secret = "Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
+    with stack.function() as fn:
+        answer = raw_post(fn.url, body, {"Content-Type": content_type, "Authorization": secret})
+        assert answer == (status, b'{"error":"bad_request"}')
+        deadline = time.monotonic() + 5   # log lines are written by a background thread
+        while '"request_failed"' not in fn.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lines = [line for line in fn.output().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]   # every line one JSON object: no traceback
+    # (The readiness probe's GET got a 405 of its own.)
+    assert [(e["event"], e["reason"]) for e in entries if e.get("status") == 400] == [("request_failed", "bad_request")]
+    assert "eyJ" not in "".join(lines)
+
+
 def test_a_process_killed_mid_batch_converges_on_redelivery(stack):
     """The removal commits, then the process dies while Graph's answer is on its
     way; the redelivered message, served by a fresh process, finishes the work and
