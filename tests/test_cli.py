@@ -26,6 +26,19 @@ def test_validate_ok():
     assert code == 0 and "billing-api" in out
 
 
+def test_validate_refuses_an_empty_policy_flag_rather_than_check_the_default():
+    code, out, err = run("validate", "--policy", "")   # a CI step's "$POLICY_DIR", unset
+    assert (code, out) == (2, "") and "--policy is empty" in err
+
+
+def test_validate_tells_a_missing_policy_from_one_that_is_not_a_file(tmp_path):
+    fifo = tmp_path / "policy.yaml"
+    os.mkfifo(fifo)
+    assert "no such file or folder" in run("validate", "--policy", str(tmp_path / "missing.yaml"))[1]
+    code, out, _ = run("validate", "--policy", str(fifo))
+    assert code == 1 and "not a regular file or folder" in out
+
+
 def test_validate_reports_file_line_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("tenants:\n  - id: 11111111-1111-1111-1111-111111111111\n    audiences: []\n")

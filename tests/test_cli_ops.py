@@ -202,6 +202,19 @@ def test_resync_with_progress_and_one_group(ops):
     assert code == 1 and "lease" in err
 
 
+def test_resync_of_policies_naming_no_group_reads_nothing_and_succeeds(ops, tmp_path):
+    run, _, graph, _ = ops
+    roles_only = tmp_path / "roles-only.yaml"
+    roles_only.write_text(POLICY.replace(f"groups: [{G_ENG}]", "app_roles: [X]")
+                          .replace(f"groups: [{G_STAFF}]", "app_roles: [Y]"))
+    for flags in ((), ("--tenant", TENANT)):
+        code, out, _ = run("resync", *flags, "--json", AADRUN_POLICY_PATH=str(roles_only))
+        assert code == 0 and json.loads(out)["groups"] == 0
+    assert graph.calls("GET", "/v1.0/groups/delta") == []
+    assert run("resync", "--tenant", "99999999-9999-9999-9999-999999999999",
+               AADRUN_POLICY_PATH=str(roles_only))[0] == 2   # a tenant the policies do not define
+
+
 def test_audit_exports_the_change_log(ops, tmp_path):
     run, _, _, _ = ops
     run("resync")

@@ -54,7 +54,10 @@ def _reader_may_stop():
 
 
 def cmd_validate(args, settings: Settings) -> int:
-    path = args.policy or settings.policy_path
+    if args.policy is not None and not args.policy.strip():   # "$UNSET_VARIABLE": never the default
+        print("error: --policy is empty", file=sys.stderr)
+        return EXIT_USAGE
+    path = settings.policy_path if args.policy is None else args.policy
     try:
         policy = load_policy(path)
     except PolicyError as e:
@@ -256,9 +259,12 @@ def cmd_resync(args, settings: Settings) -> int:
         raise ConfigError("resync against the functions' store needs AADRUN_IAM=cloudrun, as policy_sync "
                           "has (or run maintenance's reconcile task)")
     app = App(settings)
-    groups = [(t, g) for t, names in sorted(app.policy.referenced_groups().items()) if args.tenant in (None, t)
+    referenced = app.policy.referenced_groups()
+    groups = [(t, g) for t, names in sorted(referenced.items()) if args.tenant in (None, t)
               for g in sorted(names) if args.group in (None, g)]
-    if not groups:
+    if not groups and (args.group is not None or args.tenant not in (None, *referenced)):
+        # A flag naming what the policies do not: the invocation is wrong. (Policies
+        # that simply name no group leave nothing to read: an empty summary, exit 0.)
         print("resync: no group referenced by the policies matches", file=sys.stderr)
         return EXIT_USAGE
     out = {"groups": 0, "reads": {}, "added": 0, "removed": 0, "changes": [], "iam": {}, "refused": {}, "errors": []}

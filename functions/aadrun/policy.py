@@ -440,7 +440,8 @@ def policy_files(path: str | os.PathLike) -> list[Path]:
     if root.is_file():
         return [root]
     if not root.is_dir():
-        raise PolicyError("no such file or folder", file=str(root))
+        raise PolicyError("not a regular file or folder" if root.exists() else "no such file or folder",
+                          file=str(root))
     found: list[Path] = []
     problems: list[PolicyError] = []
     walked: set[str] = set()
