@@ -670,6 +670,15 @@ def with_policy(world, tmp_path, text: str) -> App:
     return world.app(policy_path=str(path))
 
 
+def test_drift_takes_a_deleted_subjects_grant_for_the_grant_it_is(world):
+    app = world.app()
+    app.maintenance.run(["reconcile"])
+    world.cloudrun.deleted_subjects.add(ALICE)   # IAM shows deleted:principal://.../ALICE
+    sets = world.cloudrun.sets(BILLING)
+    task = app.maintenance.run(["drift"])["tasks"]["drift"]["services"]["billing"]
+    assert (task["restored"], task["unmanaged"], world.cloudrun.sets(BILLING)) == ({}, [], sets)
+
+
 def test_a_service_removed_from_the_policy_loses_every_grant_aadrun_made(world, tmp_path):
     app = world.app()
     app.maintenance.run(["reconcile"])

@@ -587,6 +587,18 @@ def test_unreferenced_groups_are_ignored(world, app, audit_lines):
     assert app.store.sync_state(TENANT, G_OTHER) is None
 
 
+def test_a_member_whose_workforce_subject_was_deleted_is_still_revoked(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    world.cloudrun.deleted_subjects.add(BOB)     # IAM shows deleted:principal://.../BOB
+    world.graph.remove_members(TENANT, G_ENG, [BOB])
+    app.sync.handle_messages([change(G_ENG, removed=[BOB])])
+    world.cloudrun.deleted_subjects.clear()      # undeleted within 30 days: the grant would revive
+    assert world.members(REPORTS) == {user(ALICE)}
+    assert [e.kind for e in app.store.changes() if (e.service, e.member) == (REPORTS, user(BOB))] == [
+        "iam_claimed", "iam_added", "iam_removed"]
+
+
 def restarted_with(world, policy: str) -> RecordingApp:
     """An instance started after an operator changed the policy (a redeploy)."""
     path = world.tmp / f"policy-{len(world.apps)}.yaml"

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 from .config import Settings, is_loopback
 from .errors import ConfigError, UpstreamError
-from .plan import Binding, ServiceChanges, check_limit
+from .plan import Binding, ServiceChanges, check_limit, granted
 
 # Conditions are returned (and kept on write) only when version 3 is requested
 # and sent back (cloud.google.com/iam/docs/policies#specifying-version-get).
@@ -111,14 +111,14 @@ def edit_policy(policy, adds: Mapping[str, frozenset[str]], removes: Mapping[str
         plain = [b for b in policy.bindings if b.role == role and not b.HasField("condition")]
         gone = removes.get(role, frozenset())
         for binding in plain:
-            keep = [m for m in binding.members if m not in gone]
+            keep = [m for m in binding.members if granted(m) not in gone]
             if len(keep) != len(binding.members):
                 del binding.members[:]
                 binding.members.extend(keep)
                 changed = True
                 if not keep:
                     emptied.append(binding)
-        present = {m for b in plain for m in b.members}
+        present = {granted(m) for b in plain for m in b.members}
         new = sorted(set(adds.get(role, ())) - present)
         if new:
             target = next((b for b in plain if b.members), None) or policy.bindings.add(role=role)
@@ -261,5 +261,5 @@ def _members(policy, roles) -> Mapping[str, frozenset[str]]:
     out: dict[str, set[str]] = {role: set() for role in roles}
     for binding in policy.bindings:
         if binding.role in out and not binding.HasField("condition"):
-            out[binding.role].update(binding.members)
+            out[binding.role].update(map(granted, binding.members))
     return MappingProxyType({role: frozenset(m) for role, m in out.items()})

@@ -59,7 +59,7 @@ from .graph import GraphClient
 from .http import HttpRequest, HttpResponse
 from .iam import IamWriter
 from .managed_write import write_managed
-from .plan import Binding, desired_on, iam_targets
+from .plan import Binding, desired_on, granted, iam_targets
 from .policy import Policy
 from .subscriptions import Subscriptions
 from .sync_report import audit_changes
@@ -341,7 +341,8 @@ def unmanaged(live: Sequence[Binding], managed: Mapping[str, set[str]]) -> list[
     A conditional binding is never aadrun's."""
     out = []
     for b in live:
-        members = sorted(b.members if b.condition is not None else set(b.members) - managed.get(b.role, set()))
+        mine = managed.get(b.role, set()) if b.condition is None else set()
+        members = sorted({m for m in b.members if granted(m) not in mine})
         if members:
             entry = {"role": b.role, "members": members}
             if b.condition is not None:

@@ -43,6 +43,15 @@ class Binding:
     condition: Mapping[str, str] | None = dataclasses.field(default=None, hash=False)
 
 
+def granted(member: str) -> str:
+    """The member a binding's entry grants. IAM shows a grant to a deleted principal as
+    ``deleted:MEMBER`` (``?uid=N`` after an email): an undelete within 30 days revives
+    it, so it is still that member's grant, to be counted present and revoked."""
+    if member.startswith("deleted:"):
+        return member[len("deleted:"):].split("?uid=", 1)[0]
+    return member
+
+
 def _frozen(mapping: Mapping[str, Iterable[str]]) -> Mapping[str, frozenset[str]]:
     return MappingProxyType({role: frozenset(m) for role, m in sorted(mapping.items())})
 
@@ -141,7 +150,7 @@ def unconditioned(bindings: Iterable[Binding]) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for binding in bindings:
         if binding.condition is None:
-            out.setdefault(binding.role, set()).update(binding.members)
+            out.setdefault(binding.role, set()).update(map(granted, binding.members))
     return out
 
 
@@ -155,7 +164,7 @@ def count_after(live: Sequence[Binding], adds: Members, removes: Members) -> int
     total = 0
     for binding in live:
         gone = removes.get(binding.role, ()) if binding.condition is None else ()
-        total += sum(1 for m in binding.members if m not in gone)
+        total += sum(1 for m in binding.members if granted(m) not in gone)
     return total + sum(len(m) for m in adds.values())
 
 

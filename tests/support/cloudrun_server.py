@@ -76,6 +76,9 @@ class CloudRunIamServer:
         self.requests: list[dict] = []
         self.granted: set[str] = {"run.services.getIamPolicy", "run.services.setIamPolicy"}
         self.pools: set[str] | None = None
+        # Object ids of workforce pool subjects deleted (undeletable for 30 days): IAM shows
+        # their grants as deleted:principal://... (cloud.google.com/iam/docs/reference/rest/v1/Policy).
+        self.deleted_subjects: set[str] = set()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -200,8 +203,15 @@ class CloudRunIamServer:
             asked = (body or {}).get("permissions") or []
             return {"permissions": [p for p in asked if p in self.granted]}
 
+    def _shown(self, policy: dict) -> dict:
+        """``policy`` as IAM shows it: the grants of deleted subjects marked so."""
+        for b in policy.get("bindings", []):
+            b["members"] = [f"deleted:{m}" if m.startswith("principal://") and m.rsplit("/", 1)[-1]
+                            in self.deleted_subjects else m for m in b["members"]]
+        return policy
+
     def _get(self, resource: str, version: int) -> dict:
-        policy = copy.deepcopy(self._policies.get(resource) or {"version": 1, "etag": EMPTY_ETAG})
+        policy = self._shown(copy.deepcopy(self._policies.get(resource) or {"version": 1, "etag": EMPTY_ETAG}))
         conditional = [b for b in policy.get("bindings", []) if b.get("condition")]
         if conditional and version < 3:
             # Older readers see conditional bindings renamed and unconditioned.
@@ -222,6 +232,9 @@ class CloudRunIamServer:
         if etag and etag != current["etag"]:
             raise ApiError(409, "ABORTED", CONFLICT)
         bindings = [b for b in new.get("bindings", []) if b.get("members")]
+        for b in bindings:   # a deleted subject's grant is kept as the subject's (an undelete revives it)
+            b["members"] = list(dict.fromkeys(m.removeprefix("deleted:") if m.startswith("deleted:principal://")
+                                              else m for m in b["members"]))
         if any(b.get("condition") for b in bindings) and int(new.get("version") or 0) < 3:
             raise ApiError(400, "INVALID_ARGUMENT", "Conditional bindings require policy version 3.")
         if any("_withcond_" in b.get("role", "") for b in bindings):
@@ -246,7 +259,7 @@ class CloudRunIamServer:
         stored["version"] = int(new.get("version") or 1)
         stored["etag"] = self._new_etag(resource)
         self._policies[resource] = stored
-        return copy.deepcopy(stored)
+        return self._shown(copy.deepcopy(stored))
 
 
 class _Handler(BaseHTTPRequestHandler):
