@@ -146,8 +146,10 @@ def test_a_group_read_again_while_being_forgotten_keeps_its_members(store):
 def test_a_forget_cut_short_leaves_the_group_empty_without_a_link_and_is_finished_later(store):
     store.apply(GroupUpdate(T, G, added=users("u1"), sync=synced()))
     store.unsync_group = lambda tenant, group: (_ for _ in ()).throw(Unavailable("store: gone"))
-    with pytest.raises(Unavailable):
+    with pytest.raises(Unavailable) as failed:
         store.forget_group(T, G, source="maintenance", why="no policy names the group")
+    # The removals committed: the error carries them, for the audit log.
+    assert [(e.kind, e.user) for e in failed.value.committed] == [("member_removed", "u1")]
     del store.unsync_group
     assert store.group_members(T, G) == set() and store.sync_state(T, G).delta_link is None
     assert store.synced_groups() == {(T, G)}   # so the next forget finds it

@@ -184,7 +184,11 @@ class Store(abc.ABC):
                                              why=why, expect_synced_at=state.synced_at if state else None))
         except SyncConflict as e:   # read meanwhile: by an instance whose policy names it
             return list(getattr(e, "committed", ()))
-        self.unsync_group(tenant, group)
+        try:
+            self.unsync_group(tenant, group)
+        except Exception as e:
+            e.committed = entries   # the removals happened: the caller still audits them
+            raise
         return entries
 
     @abc.abstractmethod
