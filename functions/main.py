@@ -99,7 +99,8 @@ def _unanswered(error: Exception) -> flask.Response:
     if not (called and isinstance(error, HTTPException)):   # aadrun logged its own
         audit.entry("request_failed", f"request failed: {reason}", severity="ERROR" if status >= 500 else "WARNING",
                     status=status, reason=reason, error=type(error).__name__)
-    return _response(HttpResponse.json(status, {"error": reason}))
+    allowed = getattr(error, "valid_methods", None)   # a 405 names what is allowed (RFC 9110)
+    return _response(HttpResponse.json(status, {"error": reason}, {"Allow": ", ".join(allowed)} if allowed else {}))
 
 
 @functions_framework.cloud_event

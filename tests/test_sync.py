@@ -28,8 +28,8 @@ from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, gr
 from tests.support.graph_fixtures import graph_client
 from tests.support.sync_world import *  # noqa: F401,F403 - world, app, store_url, audit_lines, no_adc
 from tests.support.sync_world import (ALICE, BIG, BILLING, BOB, CAROL, GROUP_PRINCIPAL, G_BIG, G_ENG, G_OPS,
-                                     G_OTHER, G_STAFF, INVOKER, MALLORY, POLICY, REPORTS, SHARED, TENANT,
-                                     RecordingApp, change, deliver, lifecycle, slow_delta, synced, user)
+                                     G_OTHER, G_STAFF, INVOKER, MALLORY, POLICY, PRINCIPAL, REPORTS, SHARED,
+                                     TENANT, RecordingApp, change, deliver, lifecycle, slow_delta, synced, user)
 
 
 # -- the core scenarios ------------------------------------------------------------
@@ -605,6 +605,24 @@ def restarted_with(world, policy: str) -> RecordingApp:
     path.write_text(policy)
     world.apps.append(RecordingApp(dataclasses.replace(world.settings, policy_path=str(path))))
     return world.apps[-1]
+
+
+EMAIL_POLICY = POLICY.replace(PRINCIPAL.format("{oid}"), "user:{oid}@example.com")
+
+
+def test_a_deleted_google_accounts_grant_is_neither_a_new_accounts_nor_aadruns_to_revoke(world):
+    # deleted:user:EMAIL?uid=N is the grant of one deleted account (only its restore
+    # revives it): a new account with that email is not granted by it, and aadrun's
+    # revocation of the new account's grant leaves it as found.
+    app = restarted_with(world, EMAIL_POLICY)
+    old = f"deleted:user:{ALICE}@example.com?uid=123456789012345678901"
+    world.cloudrun.set_policy(REPORTS, {"version": 1, "bindings": [{"role": INVOKER, "members": [old]}]})
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    assert world.members(REPORTS) == {old, f"user:{ALICE}@example.com"}
+    world.graph.remove_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, removed=[ALICE])])
+    assert world.members(REPORTS) == {old}
 
 
 WITHOUT_OPS = POLICY.replace(f"groups: [{G_ENG}, {G_OPS}]", f"groups: [{G_ENG}]")

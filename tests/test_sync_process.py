@@ -140,6 +140,13 @@ def test_what_is_not_a_delivery_gets_a_short_answer_and_one_log_line(stack, body
     assert "eyJ" not in "".join(lines)
 
 
+def test_a_method_policy_sync_does_not_take_gets_405_naming_post(stack):
+    with stack.function() as fn, pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(fn.url, timeout=30)   # a GET
+    assert (answer.value.code, answer.value.read()) == (405, b'{"error":"method_not_allowed"}')
+    assert "POST" in answer.value.headers["Allow"]
+
+
 def test_a_process_killed_mid_batch_converges_on_redelivery(stack):
     """The removal commits, then the process dies while Graph's answer is on its
     way; the redelivered message, served by a fresh process, finishes the work and

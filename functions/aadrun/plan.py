@@ -44,11 +44,13 @@ class Binding:
 
 
 def granted(member: str) -> str:
-    """The member a binding's entry grants. IAM shows a grant to a deleted principal as
-    ``deleted:MEMBER`` (``?uid=N`` after an email): an undelete within 30 days revives
-    it, so it is still that member's grant, to be counted present and revoked."""
-    if member.startswith("deleted:"):
-        return member[len("deleted:"):].split("?uid=", 1)[0]
+    """The member a binding's entry grants. IAM shows a grant to a deleted workforce
+    subject as ``deleted:principal://...``: an undelete within 30 days revives it, so it
+    is still that member's grant, to be counted present and revoked. A deleted Google
+    account (``deleted:user:EMAIL?uid=N``) is another principal: a new account with the
+    same email does not hold its grants."""
+    if member.startswith("deleted:") and "?uid=" not in member:
+        return member[len("deleted:"):]
     return member
 
 
