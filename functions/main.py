@@ -97,8 +97,10 @@ def _unanswered(error: Exception) -> flask.Response:
         status = 500 if called else 400
     reason = _REASONS.get(status, "error")
     if not (called and isinstance(error, HTTPException)):   # aadrun logged its own
-        audit.entry("request_failed", f"request failed: {reason}", severity="ERROR" if status >= 500 else "WARNING",
-                    status=status, reason=reason, error=type(error).__name__)
+        failed = HttpRequest(flask.request.method, flask.request.path, {}, flask.request.headers, b"")
+        with audit.request_trace(failed.trace(get_app().settings.project)):
+            audit.entry("request_failed", f"request failed: {reason}", severity="ERROR" if status >= 500 else "WARNING",
+                        status=status, reason=reason, error=type(error).__name__)
     allowed = getattr(error, "valid_methods", None)   # a 405 names what is allowed (RFC 9110)
     return _response(HttpResponse.json(status, {"error": reason}, {"Allow": ", ".join(allowed)} if allowed else {}))
 

@@ -128,6 +128,14 @@ def test_a_forgotten_group_is_never_synced_and_its_members_are_logged_removed(st
     assert store.forget_group(T, G, source="maintenance", why="again") == []
 
 
+def test_forgetting_an_empty_group_makes_it_unknown_to_verify_at_once(store):
+    store.apply(GroupUpdate(T, G, replace=frozenset(), sync=synced()))
+    generation = store.generation()
+    assert store.forget_group(T, G, source="maintenance", why="no policy names the group") == []
+    assert store.membership(T, "u1", [G]) == {G: None}
+    assert store.generation() != generation   # cached "not a member" answers are dropped
+
+
 def test_a_group_read_again_while_being_forgotten_keeps_its_members(store):
     store.apply(GroupUpdate(T, G, added=users("u1"), sync=synced()))
     looked = store.sync_state

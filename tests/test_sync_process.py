@@ -127,8 +127,10 @@ def raw_post(url: str, body: bytes, headers: dict, method: str = "POST") -> tupl
 ])
 def test_what_is_not_a_delivery_gets_a_short_answer_and_one_log_line(stack, body, content_type, status):
     secret = "Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
+    trace = "0123456789abcdef0123456789abcdef"
     with stack.function() as fn:
-        answer = raw_post(fn.url, body, {"Content-Type": content_type, "Authorization": secret})
+        answer = raw_post(fn.url, body, {"Content-Type": content_type, "Authorization": secret,
+                                         "X-Cloud-Trace-Context": f"{trace}/1;o=1"})
         assert answer == (status, b'{"error":"bad_request"}')
         deadline = time.monotonic() + 5   # log lines are written by a background thread
         while '"request_failed"' not in fn.output() and time.monotonic() < deadline:
@@ -136,7 +138,9 @@ def test_what_is_not_a_delivery_gets_a_short_answer_and_one_log_line(stack, body
         lines = [line for line in fn.output().splitlines() if line.strip()]
     entries = [json.loads(line) for line in lines]   # every line one JSON object: no traceback
     # (The readiness probe's GET got a 405 of its own.)
-    assert [(e["event"], e["reason"]) for e in entries if e.get("status") == 400] == [("request_failed", "bad_request")]
+    [line] = [e for e in entries if e.get("status") == 400]
+    assert (line["event"], line["reason"]) == ("request_failed", "bad_request")
+    assert line["logging.googleapis.com/trace"].endswith(trace)   # joins the delivery's trace
     assert "eyJ" not in "".join(lines)
 
 
