@@ -116,9 +116,9 @@ class DeltaResult:
     ``full``: the round started without a delta link, so ``added`` is the complete
     user membership (and ``removed`` is empty). ``group_deleted``: the group itself came
     back with ``@removed`` (its last occurrence in the round: a group deleted and
-    restored within one is read again in full). ``delta_link``: where the next round starts. ``not_users``:
-    (type, id) of members seen that are not users (nested groups, service principals,
-    devices), which aadrun does not grant.
+    restored within one is read again in full). ``delta_link``: where the next round
+    starts. ``not_users``: (type, id) of members seen that are not users (nested
+    groups, service principals, devices), which aadrun does not grant.
     """
 
     full: bool
