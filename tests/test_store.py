@@ -151,6 +151,16 @@ def test_a_group_read_again_while_being_forgotten_keeps_its_members(store):
     assert store.group_members(T, G) == {"u1", "u2"} and store.sync_state(T, G).delta_link
 
 
+def test_a_read_that_began_before_a_forget_cannot_sync_the_group_again(backend):
+    reader, forgetter = backend(), backend()   # two instances on one store
+    reader.apply(GroupUpdate(T, G, replace=users("u1", "u2"), sync=synced("L1"), source="graph-delta"))
+    seen = reader.sync_state(T, G)             # an incremental read begins
+    forgetter.forget_group(T, G, source="maintenance", why="no policy names the group")
+    with pytest.raises(SyncConflict):          # Graph: no change since L1, yet the store lost u1, u2
+        reader.apply(GroupUpdate(T, G, sync=synced("L2"), expect_synced_at=seen.synced_at, source="graph-delta"))
+    assert reader.sync_state(T, G) is None and reader.membership(T, "u1", [G]) == {G: None}
+
+
 def test_a_forget_cut_short_leaves_the_group_empty_without_a_link_and_is_finished_later(store):
     store.apply(GroupUpdate(T, G, added=users("u1"), sync=synced()))
     store.unsync_group = lambda tenant, group: (_ for _ in ()).throw(Unavailable("store: gone"))

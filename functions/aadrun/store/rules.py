@@ -22,6 +22,10 @@ def check_expected_sync(update: GroupUpdate, stored: SyncState | None, changes_m
     synced_at = stored.synced_at if stored is not None else None
     if update.expect_synced_at is not UNCHECKED and update.expect_synced_at != synced_at and changes_members:
         raise SyncConflict(f"group {update.group}: another read committed while this one was in flight")
+    if update.sync is not None and isinstance(update.expect_synced_at, dt.datetime) and stored is None:
+        # Forgotten while the read was in flight: its link speaks of members the store
+        # no longer holds, and would make the group look current without them.
+        raise SyncConflict(f"group {update.group}: forgotten while this read was in flight")
 
 
 def member_entries(update: GroupUpdate, added: Iterable[str], removed: Iterable[str],
