@@ -625,6 +625,22 @@ def test_a_deleted_google_accounts_grant_is_neither_a_new_accounts_nor_aadruns_t
     assert world.members(REPORTS) == {old}
 
 
+def test_aadruns_grant_that_outlived_its_google_account_is_still_revoked(world):
+    # IAM shows aadrun's user:EMAIL as deleted:user:EMAIL?uid=N once the account is
+    # deleted; a restore within 30 days would revive it, so it must go when the user does.
+    app = restarted_with(world, EMAIL_POLICY)
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    shown = f"deleted:user:{ALICE}@example.com?uid=123456789012345678901"
+    world.cloudrun.set_policy(REPORTS, {"version": 1, "bindings": [{"role": INVOKER, "members": [shown]}]})
+    sets = world.cloudrun.sets(REPORTS)
+    drift = app.maintenance.run(["drift"])["tasks"]["drift"]["services"]["reports"]   # still a member: aadrun's
+    assert (drift["restored"], drift["unmanaged"], world.cloudrun.sets(REPORTS)) == ({}, [], sets)
+    world.graph.remove_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, removed=[ALICE])])
+    assert world.members(REPORTS) == set()
+
+
 WITHOUT_OPS = POLICY.replace(f"groups: [{G_ENG}, {G_OPS}]", f"groups: [{G_ENG}]")
 
 

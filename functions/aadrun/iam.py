@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 from .config import Settings, is_loopback
 from .errors import ConfigError, UpstreamError
-from .plan import Binding, ServiceChanges, check_limit, granted
+from .plan import Binding, ServiceChanges, check_limit, grant_of, granted
 
 # Conditions are returned (and kept on write) only when version 3 is requested
 # and sent back (cloud.google.com/iam/docs/policies#specifying-version-get).
@@ -110,8 +110,9 @@ def edit_policy(policy, adds: Mapping[str, frozenset[str]], removes: Mapping[str
     for role in sorted(set(adds) | set(removes)):
         plain = [b for b in policy.bindings if b.role == role and not b.HasField("condition")]
         gone = removes.get(role, frozenset())
+        entries = {m for b in plain for m in b.members}
         for binding in plain:
-            keep = [m for m in binding.members if granted(m) not in gone]
+            keep = [m for m in binding.members if not grant_of(m, gone, entries)]
             if len(keep) != len(binding.members):
                 del binding.members[:]
                 binding.members.extend(keep)

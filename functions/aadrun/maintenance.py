@@ -59,7 +59,7 @@ from .graph import GraphClient
 from .http import HttpRequest, HttpResponse
 from .iam import IamWriter
 from .managed_write import write_managed
-from .plan import Binding, desired_on, granted, iam_targets
+from .plan import Binding, desired_on, entries_by_role, grant_of, iam_targets
 from .policy import Policy
 from .subscriptions import Subscriptions
 from .sync_report import audit_changes
@@ -340,9 +340,10 @@ def unmanaged(live: Sequence[Binding], managed: Mapping[str, set[str]]) -> list[
     """Bindings (or the parts of them) aadrun does not manage: reported, never touched.
     A conditional binding is never aadrun's."""
     out = []
+    entries = entries_by_role(live)
     for b in live:
         mine = managed.get(b.role, set()) if b.condition is None else set()
-        members = sorted({m for m in b.members if granted(m) not in mine})
+        members = sorted({m for m in b.members if not grant_of(m, mine, entries.get(b.role, ()))})
         if members:
             entry = {"role": b.role, "members": members}
             if b.condition is not None:

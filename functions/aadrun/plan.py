@@ -24,7 +24,7 @@ Rules (CONTRACT.md §3, §7):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from types import MappingProxyType
 
 from .errors import PlanError
@@ -46,12 +46,30 @@ class Binding:
 def granted(member: str) -> str:
     """The member a binding's entry grants. IAM shows a grant to a deleted workforce
     subject as ``deleted:principal://...``: an undelete within 30 days revives it, so it
-    is still that member's grant, to be counted present and revoked. A deleted Google
-    account (``deleted:user:EMAIL?uid=N``) is another principal: a new account with the
-    same email does not hold its grants."""
+    is still that member's grant, to be counted present and revoked."""
     if member.startswith("deleted:") and "?uid=" not in member:
         return member[len("deleted:"):]
     return member
+
+
+def _outlived(member: str) -> str | None:
+    """M, for IAM's ``deleted:M?uid=N``: a grant to a Google account since deleted (a
+    restore of that account within 30 days revives it; a new account with the same
+    email does not hold it)."""
+    if member.startswith("deleted:") and "?uid=" in member:
+        return member[len("deleted:"):].split("?uid=", 1)[0]
+    return None
+
+
+def grant_of(member: str, ours: Collection[str], entries: Collection[str]) -> bool:
+    """Whether the entry ``member``, among a role's unconditioned ``entries``, is the
+    grant of one of ``ours``: itself (``granted``), or ours outlived by its Google
+    account (``deleted:M?uid=N`` with M not there itself: beside a live M it is an
+    older account's, someone else's)."""
+    if granted(member) in ours:
+        return True
+    account = _outlived(member)
+    return account is not None and account in ours and account not in entries
 
 
 def _frozen(mapping: Mapping[str, Iterable[str]]) -> Mapping[str, frozenset[str]]:
@@ -147,12 +165,23 @@ def iam_targets(policy: Policy, managed_targets: Iterable[str]) -> list[tuple[st
     return named + [(None, resource) for resource in orphans(policy, managed_targets)]
 
 
-def unconditioned(bindings: Iterable[Binding]) -> dict[str, set[str]]:
-    """Role -> members of the bindings without a condition (the ones aadrun edits)."""
+def entries_by_role(bindings: Iterable[Binding]) -> dict[str, set[str]]:
+    """Role -> the entries of its bindings without a condition (the ones aadrun edits)."""
     out: dict[str, set[str]] = {}
     for binding in bindings:
         if binding.condition is None:
-            out.setdefault(binding.role, set()).update(map(granted, binding.members))
+            out.setdefault(binding.role, set()).update(binding.members)
+    return out
+
+
+def unconditioned(bindings: Iterable[Binding], managed: Members | None = None) -> dict[str, set[str]]:
+    """Role -> members its bindings without a condition grant: each entry's ``granted``
+    member, and a ``managed`` member whose grant outlived its Google account."""
+    managed = managed or {}
+    out: dict[str, set[str]] = {}
+    for role, entries in entries_by_role(bindings).items():
+        outlived = {account for e in entries if (account := _outlived(e)) and account not in entries}
+        out[role] = {granted(m) for m in entries} | (set(managed.get(role, ())) & outlived)
     return out
 
 
@@ -163,10 +192,11 @@ def count_after(live: Sequence[Binding], adds: Members, removes: Members) -> int
     (cloud.google.com/iam/quotas: 1,500 principals per allow policy). ``adds``
     go to one unconditioned binding and never repeat a member already there.
     """
+    entries = entries_by_role(live)
     total = 0
     for binding in live:
         gone = removes.get(binding.role, ()) if binding.condition is None else ()
-        total += sum(1 for m in binding.members if granted(m) not in gone)
+        total += sum(1 for m in binding.members if not grant_of(m, gone, entries.get(binding.role, ())))
     return total + sum(len(m) for m in adds.values())
 
 
@@ -193,7 +223,7 @@ def diff(desired: Members, managed_before: Members, live_bindings: Sequence[Bind
     does: a removed member must lose access); it adds nothing, so it is not checked
     here (the writer still checks the whole policy it would set).
     """
-    live = unconditioned(live_bindings) if live_bindings is not None else {
+    live = unconditioned(live_bindings, managed_before) if live_bindings is not None else {
         role: set(m) for role, m in managed_before.items()}
     roles = set(desired) | set(managed_before)
     adds: dict[str, set[str]] = {}
