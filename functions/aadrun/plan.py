@@ -64,8 +64,9 @@ def _outlived(member: str) -> str | None:
 def grant_of(member: str, ours: Collection[str], entries: Collection[str]) -> bool:
     """Whether the entry ``member``, among a role's unconditioned ``entries``, is the
     grant of one of ``ours``: itself (``granted``), or ours outlived by its Google
-    account (``deleted:M?uid=N`` with M not there itself: beside a live M it is an
-    older account's, someone else's)."""
+    account (``deleted:M?uid=N`` with M not there itself). Beside a live M it is taken
+    for an older account's, someone else's: one snapshot of the policy cannot tell which
+    came first, and that reading never revokes a grant the live M stands for."""
     if granted(member) in ours:
         return True
     account = _outlived(member)
