@@ -65,8 +65,8 @@ def grant_of(member: str, ours: Collection[str], entries: Collection[str]) -> bo
     """Whether the entry ``member``, among a role's unconditioned ``entries``, is the
     grant of one of ``ours``: itself (``granted``), or ours outlived by its Google
     account (``deleted:M?uid=N`` with M not there itself). Beside a live M it is taken
-    for an older account's, someone else's: one snapshot of the policy cannot tell which
-    came first, and that reading never revokes a grant the live M stands for."""
+    for an older account's, someone else's (one snapshot of the policy cannot tell which
+    came first)."""
     if granted(member) in ours:
         return True
     account = _outlived(member)
