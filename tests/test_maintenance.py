@@ -447,6 +447,18 @@ def test_graph_refusing_every_tenant_fails_the_run_even_with_a_tenant_naming_no_
     assert status == 503 and world.subs() == {}   # Cloud Scheduler must see it fail
 
 
+def test_a_policy_change_near_the_quota_frees_the_slots_it_no_longer_needs_first(world, tmp_path):
+    world.graph.subscription_quota = 3
+    world.app().maintenance.run(["subscriptions"])   # G_ENG, G_STAFF
+    g_a, g_b = "aaaaaaaa-0000-0000-0000-0000000000a1", "aaaaaaaa-0000-0000-0000-0000000000b2"
+    app = with_policy(world, tmp_path, POLICY.replace(f"groups: [{G_STAFF}]", f"groups: [{g_a}, {g_b}]"))
+    small = Maintenance(app, subscriptions=Subscriptions(app.settings, app.store, app.maintenance.graph, quota=3))
+    summary = small.run(["subscriptions"])
+    assert summary["ok"] and actions(summary) == {f"/groups/{G_ENG}": "kept", f"/groups/{G_STAFF}": "deleted",
+                                                  f"/groups/{g_a}": "created", f"/groups/{g_b}": "created"}
+    assert sorted(world.subs()) == sorted(f"/groups/{g}" for g in (G_ENG, g_a, g_b))
+
+
 def test_a_cleanup_where_one_deletion_failed_is_a_partial_failure_not_a_failed_run(world, tmp_path):
     world.app().maintenance.run(["subscriptions"])
     # No service names a group any more: both subscriptions are to go; one delete fails.

@@ -195,6 +195,11 @@ class Subscriptions:
 
     def _tenant(self, run: _Tenant, wanted: list[str], groups: set[str]) -> None:
         referenced = {f"/groups/{g.lower()}" for g in groups}
+        # Ours for groups no policy names go first: nothing takes over from them, and
+        # the creates below may need their quota slots.
+        for key in sorted(k for k in run.ours if k not in wanted and k != TENANT_WIDE and k not in referenced):
+            sub = run.ours.pop(key)
+            self._guarded(run, key, lambda s=sub, k=key: self._forget(run, s, k))
         if TENANT_WIDE in wanted and TENANT_WIDE not in run.ours and run.ours and \
                 len(run.ours) + run.others >= self.quota:
             # Graph would refuse the tenant-wide subscription while ours fill the quota:
