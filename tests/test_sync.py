@@ -682,6 +682,12 @@ def test_a_removal_in_a_group_no_policy_names_makes_it_forgotten(world, app):
     assert without.store.sync_state(TENANT, G_OPS) is None and without.store.group_members(TENANT, G_OPS) is None
 
 
+@pytest.mark.parametrize("event", ["missed", "subscriptionRemoved", "reauthorizationRequired"])
+def test_a_lifecycle_event_of_a_group_no_policy_names_reads_nothing(world, app, event):
+    summary = app.sync.handle_messages([lifecycle(event, G_OTHER)])
+    assert summary.reads == {"full": 0, "incremental": 0} and world.graph.calls("GET", "/v1.0/groups/delta") == []
+
+
 def test_lifecycle_events(world, app):
     world.graph.add_members(TENANT, G_ENG, [ALICE])
     world.graph.add_members(TENANT, G_OPS, [BOB])

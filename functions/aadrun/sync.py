@@ -283,8 +283,8 @@ class PolicySync:
         """reauthorizationRequired -> reauthorize the subscription, and a delta read of
         its group: Graph pauses notifications until then, and those of the pause are
         lost; missed and subscriptionRemoved -> full read. Each reads every group of
-        the tenant when it names none (creating a subscription again is maintenance's
-        task)."""
+        the tenant when it names none, and none when it names a group no policy names
+        (creating a subscription again is maintenance's task)."""
         read = "full"
         if event.event == "reauthorizationRequired":
             reauthorize.append(event)
@@ -293,7 +293,9 @@ class PolicySync:
             audit.entry("subscription_removed", "Graph removed a subscription: maintenance must create it again",
                         severity="WARNING", tenant=event.tenant, subscription=event.subscription, group=event.group)
         names = referenced.get(event.tenant, set())
-        for group in [event.group] if event.group in names else sorted(names):
+        if event.group is not None and event.group not in names:
+            return   # of a group no policy names (a subscription maintenance is to delete)
+        for group in [event.group] if event.group else sorted(names):
             groups.setdefault((event.tenant, group), _Group(event.tenant, group)).need(read)
 
     # -- the steps -------------------------------------------------------------------
