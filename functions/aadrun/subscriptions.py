@@ -212,10 +212,9 @@ class Subscriptions:
         for key, sub in sorted(run.ours.items()):
             if key in wanted:
                 continue
-            # What takes over a subscription still needed: the tenant-wide one for a
-            # referenced group's, every group's for the tenant-wide one.
-            replacements = [r for r in wanted if r == TENANT_WIDE] if key in referenced else \
-                wanted if key == TENANT_WIDE else []
+            # What takes over (the unreferenced are gone already): every group's for the
+            # tenant-wide one, the tenant-wide one for a referenced group's.
+            replacements = wanted if key == TENANT_WIDE else [r for r in wanted if r == TENANT_WIDE]
             if all(covered[r] for r in replacements):
                 self._guarded(run, key, lambda s=sub, k=key: self._forget(run, s, k))
             else:
