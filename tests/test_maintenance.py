@@ -552,6 +552,20 @@ def test_a_reconcile_whose_every_read_failed_is_a_failed_run(world):
 WITHOUT_STAFF = POLICY.replace(f"groups: [{G_STAFF}]", "app_roles: [Y]")
 
 
+def test_a_reconcile_whose_list_of_stored_groups_fails_still_reads_the_groups_and_reports_it(world):
+    app = world.app()
+
+    def failing():   # the store failing on this one call (a Firestore query timing out)
+        raise Unavailable("store: deadline exceeded")
+
+    app.store.synced_groups = failing
+    status, answer = post(app, b'{"tasks": ["reconcile"]}')
+    task = answer["tasks"]["reconcile"]
+    assert task["forgotten"] == [] and task["reads"] == {"full": 2, "incremental": 0}
+    assert task["errors"] == [{"error": "unavailable", "detail": "store: deadline exceeded"}]
+    assert status == 200 and not answer["ok"]   # a partial failure: the next scheduled run tries again
+
+
 def test_a_reconcile_whose_every_read_failed_is_a_failed_run_even_if_it_forgot_a_group(world, tmp_path):
     world.app().maintenance.run(["reconcile"])
     world.graph.fail_next(50, status=500, retry_after=None, code="InternalServerError", path="/v1.0/groups/delta")
