@@ -700,6 +700,29 @@ def test_lifecycle_events(world, app):
     assert app.store.group_members(TENANT, G_OPS) == {BOB}
 
 
+def test_a_lifecycle_event_reads_the_group_its_subscription_was_made_for(world):
+    # Graph's lifecycle notifications name no resource: aadrun recorded it at creation.
+    # Without the record each group's reauthorizationRequired read every group.
+    app = RecordingApp(dataclasses.replace(world.settings, notification_url="https://hooks.example/graph",
+                                           client_states=("state",)))
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])
+    app.maintenance.run(["subscriptions"])
+    subscriptions = world.graph.subscriptions(TENANT, world.settings.client_id)
+    [eng] = [s for s in subscriptions.values() if s["resource"] == f"/groups/{G_ENG}"]
+    world.graph.remove_members(TENANT, G_ENG, [ALICE])     # during the pause: no notification
+    reauth = dataclasses.replace(lifecycle("reauthorizationRequired"), subscription=eng["id"])
+    summary = app.sync.handle_messages([reauth])
+    assert summary.reauthorized == 1 and summary.reads == {"full": 0, "incremental": 1}
+    assert summary.groups == [f"{TENANT}/{G_ENG}"] and app.store.group_members(TENANT, G_ENG) == set()
+    # The record goes with the subscription: an event naming a deleted one's id reads
+    # every group, as for a subscription aadrun has no record of.
+    groupless = dataclasses.replace(app.policy, services={})
+    assert {a["action"] for a in app.maintenance.subscriptions.ensure(groupless.referenced_groups())} == {"deleted"}
+    summary = app.sync.handle_messages([dataclasses.replace(reauth, id="another-delivery")])
+    assert len(summary.groups) == len(app.policy.referenced_groups()[TENANT]) > 1
+
+
 @pytest.mark.parametrize("event", ["reauthorizationRequired", "missed", "subscriptionRemoved"])
 def test_a_lifecycle_event_of_a_tenant_no_policy_names_any_more_is_ignored(world, app, event, audit_lines):
     other = dataclasses.replace(lifecycle(event), tenant="77777777-0000-0000-0000-000000000077")

@@ -33,6 +33,11 @@ rotation completes: with ``NEW,OLD`` configured, every subscription not known to
 carry NEW is replaced; OLD can go once that is done. One made before states were
 kept is replaced once too: its state is unknown.
 
+Graph's lifecycle notifications name no resource, so the resource each was
+created for is kept the same way, as ``graph-subscription-resource/{id}`` held
+by the resource (``subscribed_group``): a group's ``reauthorizationRequired``
+then reads that group alone rather than every group of the tenant.
+
 Action names in reports: ``created``, ``exists`` (409 on create), ``renewed``,
 ``kept``, ``replaced``, ``deferred``, ``deleted``, ``error``, and ``foreign``: this
 app's subscription to the resource notifies another URL (left alone, and a failure
@@ -50,6 +55,7 @@ from . import audit
 from .config import Settings
 from .errors import AadrunError, ConfigError, UpstreamError
 from .graph import GraphClient, SubscriptionExists, max_expiration
+from .messages import group_of
 from .store import Store, utcnow
 
 # https://learn.microsoft.com/graph/api/resources/subscription (quota per app and tenant)
@@ -83,6 +89,23 @@ def state_fingerprint(client_state: str) -> str:
 
 def _state_record(subscription_id: str) -> str:
     return f"graph-subscription-state/{subscription_id}"
+
+
+def _resource_record(subscription_id: str) -> str:
+    return f"graph-subscription-resource/{subscription_id.lower()}"   # lifecycle events carry it lower case
+
+
+def subscribed_group(store: Store, subscription_id: str) -> str | None:
+    """The group a subscription of ours was made for; None for the tenant-wide one,
+    and for one whose resource is not recorded (made before resources were kept)."""
+    return group_of(store.lease_holder(_resource_record(subscription_id)))
+
+
+def _record(store: Store, sub: dict, resource: str, client_state: str) -> None:
+    """What Graph never tells again: the state ``sub`` carries, and (lifecycle
+    notifications name none) its resource. Both live as long as it can."""
+    store.acquire_lease(_state_record(sub["id"]), state_fingerprint(client_state), STATE_RECORD_TTL_S)
+    store.acquire_lease(_resource_record(sub["id"]), resource, STATE_RECORD_TTL_S)
 
 
 def resource_key(resource: str) -> str:
@@ -263,8 +286,8 @@ class Subscriptions:
                                                 max_expiration(self.now()))
         except SubscriptionExists:
             return self._exists(run, resource)
-        run.report(action, resource, sub, **extra)   # it exists, whatever the store write below does
-        self.store.acquire_lease(_state_record(sub["id"]), state_fingerprint(state), STATE_RECORD_TTL_S)
+        run.report(action, resource, sub, **extra)   # it exists, whatever the store writes below do
+        _record(self.store, sub, resource, state)
         return True
 
     def _exists(self, run: _Tenant, resource: str) -> bool:
@@ -297,9 +320,8 @@ class Subscriptions:
         if renewed is _GONE:
             self._create(run, resource)   # vanished between list and renew
             return
-        # Only one carrying the first state is renewed: its record lives as long as it does.
-        self.store.acquire_lease(_state_record(sub["id"]), state_fingerprint(self.settings.client_states[0]),
-                                 STATE_RECORD_TTL_S)
+        # Only one carrying the first state is renewed: its records live as long as it does.
+        _record(self.store, sub, resource, self.settings.client_states[0])
         run.report("renewed", resource, renewed)
 
     def _forget(self, run: _Tenant, sub: dict, resource: str, *, replacing: bool = False) -> None:
@@ -307,10 +329,10 @@ class Subscriptions:
         at once: the create that follows one ``replacing`` it can fail."""
         run.graph.delete_subscription(sub["id"])
         run.report("deleted", resource, sub, **({"replacing": True} if replacing else {}))
-        record = _state_record(sub["id"])
-        holder = self.store.lease_holder(record)
-        if holder is not None:
-            self.store.release_lease(record, holder)
+        for record in (_state_record(sub["id"]), _resource_record(sub["id"])):
+            holder = self.store.lease_holder(record)
+            if holder is not None:
+                self.store.release_lease(record, holder)
 
     def reauthorize(self, tenant: str, subscription_id: str) -> str:
         """Answer ``reauthorizationRequired``: "reauthorized", "deferred" (renewed less

@@ -68,7 +68,7 @@ from .managed_write import write_managed
 from .plan import desired_on
 from .policy import Policy, Service
 from .store import ChangeEntry, GroupUpdate, Store, SyncConflict, SyncState, utcnow
-from .subscriptions import Subscriptions
+from .subscriptions import Subscriptions, subscribed_group
 from .sync_report import SyncSummary, audit_changes, iam_outcome, policy_event
 
 # Message ids carried into change-log entries; a larger batch marks its ids in a
@@ -282,9 +282,11 @@ class PolicySync:
                    reauthorize: list[LifecycleEvent]) -> None:
         """reauthorizationRequired -> reauthorize the subscription, and a delta read of
         its group: Graph pauses notifications until then, and those of the pause are
-        lost; missed and subscriptionRemoved -> full read. Each reads every group of
-        the tenant when it names none, and none when it names a group no policy names
-        (creating a subscription again is maintenance's task)."""
+        lost; missed and subscriptionRemoved -> full read. Each reads the subscription's
+        group: the one it names, else the one recorded when the subscription was made;
+        every group of the tenant for the tenant-wide subscription or one with no record,
+        and none for a group no policy names (creating a subscription again is
+        maintenance's task)."""
         read = "full"
         if event.event == "reauthorizationRequired":
             reauthorize.append(event)
@@ -293,9 +295,10 @@ class PolicySync:
             audit.entry("subscription_removed", "Graph removed a subscription: maintenance must create it again",
                         severity="WARNING", tenant=event.tenant, subscription=event.subscription, group=event.group)
         names = referenced.get(event.tenant, set())
-        if event.group is not None and event.group not in names:
+        group = event.group or subscribed_group(self._app.store, event.subscription)
+        if group is not None and group not in names:
             return   # of a group no policy names (a subscription maintenance is to delete)
-        for group in [event.group] if event.group else sorted(names):
+        for group in [group] if group else sorted(names):
             groups.setdefault((event.tenant, group), _Group(event.tenant, group)).need(read)
 
     # -- the steps -------------------------------------------------------------------
