@@ -44,5 +44,6 @@ def test_fault_scenario_loses_nothing_and_converges(name, pubsub_emulator, isola
 
 
 def test_load_quick(pubsub_emulator, isolated_env):
+    # Correctness under load only: latency is a figure of scripts/chaos and scripts/bench.
     rows = chaos_load.load(quick=True)
-    assert [r.wrong for r in rows] == [0, 0], chaos.table(rows)
+    assert [(r.lost, r.wrong) for r in rows] == [(0, 0), (0, 0)], chaos.table(rows)
