@@ -90,3 +90,45 @@ def test_a_body_that_arrives_slowly_counts_against_graphs_three_seconds(tmp_path
             status = conn.recv(64).split(b" ", 2)[1]
             took = time.monotonic() - started
     assert status == b"503" and took < 2.6, (status, took)
+
+
+FAULTY_SOURCE = '''
+import runpy
+
+import functions_framework
+
+# aadrun's entry points as deployed, with their error handler, plus one whose core fails
+# in a way none of aadrun's own handlers expects: a defect, which must still not show.
+aadrun = runpy.run_path({main!r}, run_name="aadrun_main")
+
+
+def broken_core(request):
+    raise RuntimeError("internal detail: /srv/aadrun/state.db")
+
+
+@functions_framework.http
+def faulty(request):
+    return aadrun["_serve"](broken_core, request)
+'''
+
+
+def test_an_exception_in_aadruns_code_is_a_500_with_no_detail_and_one_log_line(tmp_path, idp):
+    source = tmp_path / "faulty.py"
+    source.write_text(FAULTY_SOURCE.format(main=str(Path(__file__).parents[1] / "functions" / "main.py")))
+    env = env_for(idp.url, write_policy(tmp_path), f"sqlite:///{tmp_path}/state.db")
+    trace = "0123456789abcdef0123456789abcdef"
+    with FunctionServer("faulty", env, source=source) as server:
+        failed = lambda entries: [e for e in entries if e.get("event") == "request_failed"]  # noqa: E731
+        before = len(failed(server.log_entries(until=failed)))   # the start-up probe's GET failed alike
+        status, body = raw_exchange(server.port, (
+            "POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            f"X-Cloud-Trace-Context: {trace}/1;o=1\r\nContent-Length: 2\r\n\r\n{{}}").encode())
+        lines = failed(server.log_entries(until=lambda entries: len(failed(entries)) > before))
+        output = server.output()
+    assert (status, json.loads(body)) == (500, {"error": "error"})
+    [line] = lines[before:]
+    assert (line["severity"], line["status"], line["error"]) == ("ERROR", 500, "RuntimeError")
+    assert line["logging.googleapis.com/trace"].endswith(trace)   # joins the request's trace
+    # One JSON line each, no traceback, and the exception's message nowhere.
+    assert [text for text in output.splitlines() if text and not text.startswith("{")] == []
+    assert "internal detail" not in output and b"internal detail" not in body
