@@ -58,10 +58,44 @@ def test_a_client_state_graph_would_refuse_stops_start_up_without_showing_it():
     ({"AADRUN_CLIENT_STATE": "\n"}, "AADRUN_CLIENT_STATE"),            # a secret version made by `echo |`
     ({"REQUESTS_CA_BUNDLE": "/nonexistent/ca.pem"}, "REQUESTS_CA_BUNDLE"),  # every outbound call would fail
     ({"SSL_CERT_FILE": "/nonexistent/ca.pem"}, "SSL_CERT_FILE"),
+    ({"REQUESTS_CA_BUNDLE": "/dev/null"}, "REQUESTS_CA_BUNDLE"),     # readable, and no certificate in it
+    ({"SSL_CERT_FILE": "/"}, "SSL_CERT_FILE"),                        # a folder: only requests takes one
+    ({"REQUESTS_CA_BUNDLE": __file__}, "REQUESTS_CA_BUNDLE"),         # a file, not PEM
+    # urlsplit drops what a URL must not hold; the URL itself is used as it was given.
+    ({"AADRUN_AUTHORITY_URL": "https://login.microsoftonline.com "}, "AADRUN_AUTHORITY_URL"),
+    ({"AADRUN_NOTIFICATION_URL": "https://hooks.example.com/graph_webhook\n"}, "AADRUN_NOTIFICATION_URL"),
+    ({"AADRUN_GRAPH_URL": "https://graph.micro\tsoft.com/v1.0"}, "AADRUN_GRAPH_URL"),
+    ({"AADRUN_AUTHORITY_URL": "https://login.microsoftonline.com:99999"}, "AADRUN_AUTHORITY_URL"),
+    ({"AADRUN_AUTHORITY_URL": "https://login.microsoftonline.com:443x"}, "AADRUN_AUTHORITY_URL"),
+    # Paths are appended to these: {url}/lifecycle, {authority}/{tenant}/...
+    ({"AADRUN_NOTIFICATION_URL": "https://hooks.example.com/graph_webhook?code=1"}, "AADRUN_NOTIFICATION_URL"),
+    ({"AADRUN_CLOUDRUN_ENDPOINT": "https://run.googleapis.com#x"}, "AADRUN_CLOUDRUN_ENDPOINT"),
+    ({"AADRUN_GRAPH_URL": "https://graph.microsoft.com/v1.0?"}, "AADRUN_GRAPH_URL"),
+    ({"AADRUN_BUS": "pubsub", "GOOGLE_CLOUD_PROJECT": "  "}, "GOOGLE_CLOUD_PROJECT"),   # blanks are unset
 ])
 def test_bad_values_name_the_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):
         Settings.from_env(env)
+
+
+def test_a_url_with_credentials_is_refused_without_showing_them():
+    with pytest.raises(ConfigError, match="AADRUN_GRAPH_URL") as refused:
+        Settings.from_env({"AADRUN_GRAPH_URL": "https://app:s3cret@graph.microsoft.com/v1.0"})
+    assert "s3cret" not in str(refused.value)
+
+
+def test_blank_values_are_unset_and_surrounding_blanks_dropped():
+    # A secret version made with `echo` ends in a newline.
+    settings = Settings.from_env({"AADRUN_CLIENT_ID": "  ", "AADRUN_CLIENT_SECRET": "app-secret\n",
+                                  "GOOGLE_CLOUD_PROJECT": " aadrun-prod "})
+    assert (settings.client_id, settings.client_secret, settings.project) == (None, "app-secret", "aadrun-prod")
+
+
+def test_a_pem_bundle_or_a_folder_for_requests_is_taken(tmp_path):
+    import certifi
+
+    assert Settings.from_env({"SSL_CERT_FILE": certifi.where()}).ca_file == certifi.where()
+    assert Settings.from_env({"REQUESTS_CA_BUNDLE": str(tmp_path)}).ca_file == str(tmp_path)
 
 
 def test_plain_http_only_towards_loopback():

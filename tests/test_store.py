@@ -838,6 +838,19 @@ def test_open_store_firestore(firestore_emulator, monkeypatch):
     named.close()
 
 
+def test_the_apps_firestore_store_is_in_the_project_its_settings_name(firestore_emulator, monkeypatch):
+    # The project the bus's topics are in, not whatever the environment says besides.
+    from aadrun.app import App
+    from aadrun.config import Settings
+
+    project = f"aadrun-test-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", f"aadrun-other-{uuid.uuid4().hex[:12]}")
+    app = App(Settings(store_url="firestore://", project=project))
+    app.store.apply(GroupUpdate(T, G, added=users("u1"), sync=synced()))
+    assert FirestoreStore(project=project).membership(T, "u1", [G]) == {G: True}
+    assert open_store("firestore://").membership(T, "u1", [G]) == {G: None}
+
+
 def test_open_store_rejects_other_urls():
     with pytest.raises(ConfigError):
         open_store("postgres://db/aadrun")

@@ -65,7 +65,7 @@ class App:
     def store(self):
         from .store import open_store
 
-        return open_store(self.settings.store_url)
+        return open_store(self.settings.store_url, self.settings.project)
 
     @_once("_keys")
     def keys(self):

@@ -326,7 +326,7 @@ def cmd_audit(args, settings: Settings) -> int:
     may have been made just before a crash)."""
     from .store import open_store
 
-    entries = [e.to_json() for e in open_store(settings.store_url).changes(since=args.since)
+    entries = [e.to_json() for e in open_store(settings.store_url, settings.project).changes(since=args.since)
                if args.claims or e.kind not in CLAIMS]
     try:
         out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout

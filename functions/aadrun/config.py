@@ -10,6 +10,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
@@ -32,8 +33,20 @@ def is_loopback(host: str | None) -> bool:
 
 
 def check_url(name: str, url: str) -> str:
-    """https everywhere; plain http only towards a loopback host (tests, local dev)."""
+    """https everywhere; plain http only towards a loopback host (tests, local dev).
+    Paths are appended to it, so it is a bare base URL: no query, fragment or
+    credentials, and nothing ``urlsplit`` would quietly drop (spaces, a newline)."""
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ConfigError(f"{name} must be a URL without spaces or control characters: {url!r}")
     parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{name} must not carry credentials")   # not echoed: it holds a secret
+    try:
+        parts.port   # noqa: B018 - parsed on access: out of range or not a number raises
+    except ValueError:
+        raise ConfigError(f"{name} has no valid port: {url!r}") from None
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ConfigError(f"{name} must be a base URL, without query or fragment: {url!r}")
     if parts.scheme == "https" and parts.hostname:
         return url.rstrip("/")
     if parts.scheme == "http" and is_loopback(parts.hostname):
@@ -72,8 +85,20 @@ def _ca_file(env: Mapping[str, str]) -> str | None:
             # Else every outbound call fails (keys, Graph), and verify only ever answers 503.
             if not os.access(path, os.R_OK):
                 raise ConfigError(f"{name}: no readable CA bundle at {path!r}")
+            if name == "REQUESTS_CA_BUNDLE" and os.path.isdir(path):
+                return path   # requests takes a folder of hashed certificates too
+            try:
+                ssl.create_default_context(cafile=path)
+            except (ssl.SSLError, OSError, ValueError):
+                raise ConfigError(f"{name}: {path!r} is not a file of PEM certificates") from None
             return path
     return None
+
+
+def _text(env: Mapping[str, str], name: str) -> str | None:
+    """A value with surrounding blanks dropped (a secret made with ``echo`` ends in a
+    newline); blanks only count as unset."""
+    return (env.get(name) or "").strip() or None
 
 
 def _float(env: Mapping[str, str], name: str, default: float, maximum: float, minimum: float = 0.0) -> float:
@@ -142,11 +167,11 @@ class Settings:
             cloudrun_endpoint=check_url("AADRUN_CLOUDRUN_ENDPOINT", endpoint) if endpoint else None,
             authority_url=check_url("AADRUN_AUTHORITY_URL", env.get("AADRUN_AUTHORITY_URL") or DEFAULT_AUTHORITY),
             graph_url=check_url("AADRUN_GRAPH_URL", env.get("AADRUN_GRAPH_URL") or DEFAULT_GRAPH),
-            client_id=env.get("AADRUN_CLIENT_ID") or None,
-            client_secret=env.get("AADRUN_CLIENT_SECRET") or None,
+            client_id=_text(env, "AADRUN_CLIENT_ID"),
+            client_secret=_text(env, "AADRUN_CLIENT_SECRET"),
             client_states=states,
             notification_url=check_url("AADRUN_NOTIFICATION_URL", notification) if notification else None,
-            project=env.get("GOOGLE_CLOUD_PROJECT") or env.get("GCP_PROJECT") or None,
+            project=_text(env, "GOOGLE_CLOUD_PROJECT"),
             ca_file=_ca_file(env),
             # Bounds past which a setting undoes what it tunes: a leeway of hours keeps
             # expired tokens valid, keys refreshed less than daily keep removed keys (and

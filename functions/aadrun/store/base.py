@@ -256,8 +256,9 @@ class Store(abc.ABC):
         pass
 
 
-def open_store(url: str) -> Store:
-    """``sqlite:///relative``, ``sqlite:////absolute`` or ``firestore://[DATABASE]``."""
+def open_store(url: str, project: str | None = None) -> Store:
+    """``sqlite:///relative``, ``sqlite:////absolute`` or ``firestore://[DATABASE]``
+    (of ``project``: Settings.project, as the bus's topics are)."""
     check_store_url(url)
     if url.startswith("sqlite:///"):
         from .sqlite import SqliteStore
@@ -265,4 +266,4 @@ def open_store(url: str) -> Store:
         return SqliteStore(url[len("sqlite:///"):])
     from .firestore import FirestoreStore
 
-    return FirestoreStore(url[len("firestore://"):] or None)
+    return FirestoreStore(url[len("firestore://"):] or None, project=project)
