@@ -6,6 +6,7 @@ AADRUN_UPDATE_GOLDEN=1 to rewrite the expected files after a deliberate schema c
 """
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import os
@@ -15,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from aadrun.errors import RequestError
-from aadrun.messages import (SCHEMA, LifecycleEvent, MembershipChange, from_dict, from_json, group_of,
-                             lifecycle_from_graph, members_delta, membership_from_graph,
+from aadrun.messages import (MAX_LISTED_MEMBERS, SCHEMA, LifecycleEvent, MembershipChange, from_dict, from_json,
+                             group_of, lifecycle_from_graph, members_delta, membership_from_graph,
                              only_other_members)
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -73,6 +74,23 @@ def test_no_members_delta_means_reread_the_group():
     message = convert(graph_items("no_members_delta")[0])
     assert isinstance(message, MembershipChange)
     assert message.reread and message.added == message.removed == ()
+
+
+@pytest.mark.parametrize("listed", [MAX_LISTED_MEMBERS, MAX_LISTED_MEMBERS + 1])
+def test_a_change_naming_more_members_than_an_event_holds_is_a_reread(listed):
+    # Eventarc refuses events over 512 KB: such a message would never reach policy_sync.
+    item = copy.deepcopy(graph_items("members_added")[0])
+    item["resourceData"]["members@delta"] = [
+        {"@odata.type": "#microsoft.graph.user", "id": f"{i:08x}-0000-4000-8000-000000000000",
+         **({"@removed": "deleted"} if i % 3 == 0 else {})} for i in range(listed)]
+    message = convert(item)
+    assert message.reread is (listed > MAX_LISTED_MEMBERS)
+    assert len(message.added) + len(message.removed) in (0, listed)
+    event_data = {"message": {"data": base64.b64encode(message.to_json()).decode(), "messageId": "1" * 16,
+                              "publishTime": RECEIVED_AT, "orderingKey": message.ordering_key,
+                              "attributes": message.attributes},
+                  "subscription": "projects/my-project/subscriptions/eventarc-policy-sync"}
+    assert len(json.dumps(event_data)) < 512 * 1024
 
 
 def test_redelivery_gets_the_same_id():

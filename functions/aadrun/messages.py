@@ -50,6 +50,10 @@ GROUP_RESOURCE = re.compile(r"/?groups/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9
                             re.IGNORECASE)
 CHANGE_TYPES = ("created", "updated", "deleted")
 USER_TYPE = "#microsoft.graph.user"   # the members aadrun grants; groups, devices... never
+# Eventarc delivers events of at most 512 KB (cloud.google.com/eventarc/docs/quotas),
+# the message base64-encoded inside: a change naming more members than this is
+# published as "re-read the group", which always fits (a GUID listed takes 39 bytes).
+MAX_LISTED_MEMBERS = 5000
 LIFECYCLE_EVENTS = ("reauthorizationRequired", "subscriptionRemoved", "missed")
 # Graph's own fields that tell one notification from another (changeNotification
 # resource: "id" is documented as optional); identical on redelivery.
@@ -209,6 +213,8 @@ def membership_from_graph(item: Mapping[str, Any], tenant: str, received_at: str
     assert group is not None
     delta = members_delta(item.get("resourceData"))
     added, removed = delta if delta is not None else ((), ())
+    if len(added) + len(removed) > MAX_LISTED_MEMBERS:
+        added, removed = (), ()
     subscription = item["subscriptionId"].lower()
     content = {"kind": "membership", "subscription": subscription, "tenant": tenant, "group": group,
                "change_type": item["changeType"], "added": list(added), "removed": list(removed),
