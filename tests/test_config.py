@@ -59,7 +59,6 @@ def test_a_client_state_graph_would_refuse_stops_start_up_without_showing_it():
     ({"REQUESTS_CA_BUNDLE": "/nonexistent/ca.pem"}, "REQUESTS_CA_BUNDLE"),  # every outbound call would fail
     ({"SSL_CERT_FILE": "/nonexistent/ca.pem"}, "SSL_CERT_FILE"),
     ({"REQUESTS_CA_BUNDLE": "/dev/null"}, "REQUESTS_CA_BUNDLE"),     # readable, and no certificate in it
-    ({"SSL_CERT_FILE": "/"}, "SSL_CERT_FILE"),                        # a folder: only requests takes one
     ({"REQUESTS_CA_BUNDLE": __file__}, "REQUESTS_CA_BUNDLE"),         # a file, not PEM
     # urlsplit drops what a URL must not hold; the URL itself is used as it was given.
     ({"AADRUN_AUTHORITY_URL": "https://login.microsoftonline.com "}, "AADRUN_AUTHORITY_URL"),
@@ -96,6 +95,7 @@ def test_a_pem_bundle_or_a_folder_for_requests_is_taken(tmp_path):
 
     assert Settings.from_env({"SSL_CERT_FILE": certifi.where()}).ca_file == certifi.where()
     assert Settings.from_env({"REQUESTS_CA_BUNDLE": str(tmp_path)}).ca_file == str(tmp_path)
+    assert Settings.from_env({"SSL_CERT_FILE": str(tmp_path)}).ca_file == str(tmp_path)
 
 
 def test_plain_http_only_towards_loopback():

@@ -849,6 +849,9 @@ def test_the_apps_firestore_store_is_in_the_project_its_settings_name(firestore_
     app.store.apply(GroupUpdate(T, G, added=users("u1"), sync=synced()))
     assert FirestoreStore(project=project).membership(T, "u1", [G]) == {G: True}
     assert open_store("firestore://").membership(T, "u1", [G]) == {G: None}
+    # A blank GOOGLE_CLOUD_PROJECT is unset, as Settings takes it: the emulator's project.
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "  ")
+    assert App(Settings.from_env({"AADRUN_STORE": "firestore://"})).store.acquire_lease("probe", "me", 1.0)
 
 
 def test_open_store_rejects_other_urls():

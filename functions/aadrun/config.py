@@ -85,8 +85,8 @@ def _ca_file(env: Mapping[str, str]) -> str | None:
             # Else every outbound call fails (keys, Graph), and verify only ever answers 503.
             if not os.access(path, os.R_OK):
                 raise ConfigError(f"{name}: no readable CA bundle at {path!r}")
-            if name == "REQUESTS_CA_BUNDLE" and os.path.isdir(path):
-                return path   # requests takes a folder of hashed certificates too
+            if os.path.isdir(path):
+                return path   # requests (aadrun's outbound calls) takes a folder of hashed certificates too
             try:
                 ssl.create_default_context(cafile=path)
             except (ssl.SSLError, OSError, ValueError):

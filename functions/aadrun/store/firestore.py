@@ -193,7 +193,7 @@ class FirestoreStore(Store):
                  timeout: float = TIMEOUT_S):
         self._owns_client = client is None
         if client is None:
-            project = project or os.environ.get("GOOGLE_CLOUD_PROJECT")
+            project = project or (os.environ.get("GOOGLE_CLOUD_PROJECT") or "").strip() or None   # as Settings
             if project is None and os.environ.get("FIRESTORE_EMULATOR_HOST"):
                 project = EMULATOR_PROJECT
             try:
