@@ -185,6 +185,13 @@ def test_maintenance_is_called_by_a_scheduler_job_with_an_oidc_token(build, depl
     # Scheduler's default is no retry: a failed run (503) would wait for the next schedule.
     retries = re.search(r"--max-retry-attempts=(\d+)", text)
     assert retries and int(retries.group(1)) >= 1
+    # A retry of a run that died must find its task leases lapsed: sooner, every task is
+    # skipped as held, the run answers 200 and Scheduler stops retrying (a lost removal
+    # then waits for the next scheduled reconcile).
+    from aadrun.maintenance import LEASE_TTL_S
+
+    backoff = re.search(r"--min-backoff=(\d+)s", text)
+    assert backoff and int(backoff.group(1)) > LEASE_TTL_S
 
 
 def test_secrets_come_from_secret_manager_only(build, deployed):
