@@ -574,7 +574,7 @@ def test_a_reconcile_whose_every_read_failed_is_a_failed_run_even_if_it_forgot_a
     assert status == 503   # forgetting is no read: Graph is down, and Cloud Scheduler must see it
 
 
-def test_a_group_that_could_not_be_forgotten_spares_the_others_and_is_reported(world, tmp_path):
+def test_a_group_that_could_not_be_forgotten_spares_the_others_and_is_reported(world, tmp_path, audit_lines):
     world.app().maintenance.run(["reconcile"])
     app = with_policy(world, tmp_path, WITHOUT_STAFF.replace(f"groups: [{G_ENG}]", "app_roles: [X]"))
     forget = app.store.forget_group
@@ -588,6 +588,8 @@ def test_a_group_that_could_not_be_forgotten_spares_the_others_and_is_reported(w
     task = app.maintenance.run(["reconcile"])["tasks"]["reconcile"]
     assert task["forgotten"] == [{"tenant": TENANT, "group": G_STAFF, "members": 1}]
     assert [(e["group"], e["error"]) for e in task["errors"]] == [(G_ENG, "unavailable")]
+    [failed] = [a for a in audit_lines if a["event"] == "maintenance_item_failed"]
+    assert (failed["severity"], failed["task"], failed["group"]) == ("ERROR", "reconcile", G_ENG)
     assert app.store.sync_state(TENANT, G_ENG) and app.store.sync_state(TENANT, G_STAFF) is None
 
 
@@ -601,7 +603,9 @@ def test_a_reconcile_where_one_group_fails_still_reports_what_the_others_did(wor
     task = answer["tasks"]["reconcile"]
     assert task["status"] == "error" and task["groups"] == 2
     [error] = task["errors"]
+    [unread] = [g for g in (G_ENG, G_STAFF) if app.store.sync_state(TENANT, g) is None]
     assert error["tenant"] == TENANT and "500" in error["error"]
+    assert error["error"].startswith(f"group {unread}: ")    # which item failed, for the operator
     applied = sum(len(app.store.group_members(TENANT, g) or ()) for g in (G_ENG, G_STAFF))
     assert task["added"] == applied == 1                   # the group that was read, in the report
     assert len(task["changes"]) == 1
@@ -807,12 +811,15 @@ def test_a_removed_service_whose_cloud_run_service_was_deleted_is_forgotten_not_
     assert again["status"] == "ok" and again["orphaned"] == {}
 
 
-def test_a_service_the_policy_names_whose_cloud_run_service_is_missing_is_an_error(world):
+def test_a_service_the_policy_names_whose_cloud_run_service_is_missing_is_an_error(world, audit_lines):
     app = world.app()
     app.maintenance.run(["reconcile"])
     world.cloudrun.delete_service(BILLING)
     task = app.maintenance.run(["drift"])["tasks"]["drift"]
     assert task["status"] == "error" and [e["service"] for e in task["errors"]] == ["billing"]
+    # Logged too: Scheduler keeps no answer, and a partial failure may answer 200.
+    [failed] = [a for a in audit_lines if a["event"] == "maintenance_item_failed"]
+    assert (failed["severity"], failed["task"], failed["service"]) == ("ERROR", "drift", "billing")
     assert app.store.managed_members(BILLING) == {INVOKER: {user(ALICE)}}   # kept: the policy still names it
 
 

@@ -239,6 +239,9 @@ class Maintenance:
                 reports[name or resource] = self._drift(policy, name, resource)
             except AadrunError as e:
                 errors.append({"service": name or resource, "error": e.reason, "detail": str(e)})
+                # The run may still answer 200, and Scheduler keeps no answer: the log must say it.
+                audit.entry("maintenance_item_failed", f"drift of {name or resource} failed", severity="ERROR",
+                            task="drift", service=name, cloud_run=resource, error=e.reason, detail=str(e))
         services = {k: r for k, r in reports.items() if k in policy.services}
         orphaned = {k: r for k, r in reports.items() if k not in policy.services}
         repaired = sorted(k for k, r in reports.items() if r["restored"] or r["removed"])

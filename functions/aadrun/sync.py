@@ -208,6 +208,8 @@ class PolicySync:
                 forgotten.append(self._forget(tenant, group, "maintenance"))
             except AadrunError as e:
                 failed.append({"tenant": tenant, "group": group, "error": e.reason, "detail": str(e)})
+                audit.entry("maintenance_item_failed", f"forgetting group {group} failed", severity="ERROR",
+                            task="reconcile", tenant=tenant, group=group, error=e.reason, detail=str(e))
         return forgotten, failed
 
     def resync(self, tenant: str | None = None, group: str | None = None, *, full: bool = False,
@@ -315,8 +317,8 @@ class PolicySync:
         for work in groups.values():
             if work.removed:
                 _guarded(errors, lambda w=work: summary.record(self._remove(w)))
-        reads = [self._submit(self._tallied_read, key, work, summary.source) for key, work in groups.items()
-                 if work.read]
+        reads = {key: self._submit(self._tallied_read, key, work, summary.source) for key, work in groups.items()
+                 if work.read}
         auths = [self._submit(self._reauthorize, event) for event in reauthorize]
         for kind, part, unconfirmed in _results(reads, errors):
             summary.reads[kind] += 1
@@ -342,7 +344,7 @@ class PolicySync:
                 # The lost event by its id and time: the same change recurring has the same id.
                 lost_as, lost = f"{event['id']}@{event['at']}", len(errors) > failed
                 _guarded(errors, lambda: self._owe_event({t for t, _ in groups}, owed, lost_as, lost))
-        summary.errors = [f"{type(e).__name__}: {e}" for e in errors]
+        summary.errors = [_described(e) for e in errors]
         ids = [i for w in groups.values() for i in w.ids]
         # One line per batch, so an operator can follow a message id end to end.
         audit.entry("sync_batch", f"policy_sync {summary.source}: {summary.changes} membership change(s)",
@@ -672,19 +674,31 @@ def _apply(store: Store, update: GroupUpdate, entries: list[ChangeEntry]) -> lis
     return applied
 
 
-def _guarded(errors: list[Exception], step: Callable[[], Any]) -> None:
+def _guarded(errors: list[Exception], step: Callable[[], Any], group: tuple[str, str] | None = None) -> None:
     """Run one step; a failure is logged and kept for the end of the batch, so the
-    other steps still go as far as they can."""
+    other steps still go as far as they can. A failure of one group's step names it."""
     try:
         step()
     except Exception as e:
+        if group is not None:
+            e.aadrun_group = group
         errors.append(e)
         audit.entry("sync_error", "policy_sync step failed: a redelivery or the next reconcile retries it",
-                    severity="ERROR", error=type(e).__name__, detail=str(e))
+                    severity="ERROR", error=type(e).__name__, detail=str(e),
+                    tenant=group and group[0], group=group and group[1])
 
 
-def _results(futures: list[concurrent.futures.Future], errors: list[Exception]) -> list:
+def _described(error: Exception) -> str:
+    group = getattr(error, "aadrun_group", None)
+    return (f"group {group[1]}: " if group else "") + f"{type(error).__name__}: {error}"
+
+
+def _results(futures: list[concurrent.futures.Future] | Mapping[tuple[str, str], concurrent.futures.Future],
+             errors: list[Exception]) -> list:
+    """The futures' results in order; a failure is ``_guarded``'s (with its group,
+    when the futures are keyed by group)."""
+    keyed = futures.items() if isinstance(futures, Mapping) else ((None, f) for f in futures)
     out: list = []
-    for future in futures:
-        _guarded(errors, lambda f=future: out.append(f.result()))
+    for group, future in keyed:
+        _guarded(errors, lambda f=future: out.append(f.result()), group)
     return out
