@@ -205,10 +205,24 @@ def test_api_errors_become_upstream_errors_without_credentials(server, writer):
         writer.live_bindings(RUN)
     assert info.value.status_code == 403 and "run.services.getIamPolicy" in str(info.value)
     assert "Bearer" not in str(info.value) and "Authorization" not in str(info.value)
-    server.inject_error(RUN, "getIamPolicy", 429, "RESOURCE_EXHAUSTED", "Quota exceeded")
+    # Throttling that outlasts the in-place retries.
+    impatient = IamWriter(Settings(iam_mode="cloudrun", cloudrun_endpoint=server.url), backoff=0.01,
+                          transient_retry_s=0.3)
+    server.inject_error(RUN, "getIamPolicy", 429, "RESOURCE_EXHAUSTED", "Quota exceeded", n=1000)
     with pytest.raises(UpstreamError) as info:
-        writer.live_bindings(RUN)
+        impatient.live_bindings(RUN)
     assert info.value.status_code == 429 and "Quota exceeded" in str(info.value)
+    impatient.close()
+
+
+@pytest.mark.parametrize("call", ["getIamPolicy", "setIamPolicy"])
+def test_throttling_and_a_passing_unavailability_are_retried_in_place(server, writer, call):
+    changes = plan(writer, {INVOKER: {"user:a@example.com"}}, {})
+    server.inject_error(RUN, call, 429, "RESOURCE_EXHAUSTED", "Quota exceeded")
+    server.inject_error(RUN, call, 503, "UNAVAILABLE", "The service is currently unavailable.")
+    assert writer.apply(changes).wrote
+    [invoker] = [b for b in server.policy(RUN)["bindings"] if b["role"] == INVOKER]
+    assert "user:a@example.com" in invoker["members"]
 
 
 def test_unreachable_endpoint_is_an_upstream_error():

@@ -19,6 +19,12 @@ then retried with jittered exponential backoff, as the IAM retry guidance says
 ``google.api_core.exceptions.Conflict`` (its subclass ``Aborted`` on gRPC), so
 ``Conflict`` is what is caught.
 
+Throttling (429) and a passing unavailability (503) are retried in place with the
+same backoff, for ``transient_retry_s`` at most: without that, one such answer failed
+the service in both maintenance tasks, and a retry of the whole run reads every group
+again. A set call retried after a 503 whose write had landed meets a moved etag: the
+409 above.
+
 Failures surface as ``UpstreamError`` (its ``status_code`` 429 when throttled), whose message
 names the call, the resource and the API's own message, never a credential;
 missing Application Default Credentials (outside loopback) are a ``ConfigError``.
@@ -137,6 +143,8 @@ def _upstream(action: str, resource: str, error: Exception) -> UpstreamError:
     """Translate a library exception; only its status and the API's message are kept."""
     from google.api_core import exceptions as gexc
 
+    if isinstance(error, gexc.RetryError) and error.cause is not None:
+        error = error.cause   # the in-place retries ran out: what the API said last
     if isinstance(error, gexc.GoogleAPICallError):
         status = int(error.code) if isinstance(error.code, int) else None
         text = f"Cloud Run {action} on {resource} failed: {status} {error.message}"
@@ -152,13 +160,14 @@ class IamWriter:
     """
 
     def __init__(self, settings: Settings, *, client=None, max_attempts: int = 8,
-                 backoff: float = 0.05, max_backoff: float = 2.0,
+                 backoff: float = 0.05, max_backoff: float = 2.0, transient_retry_s: float = 10.0,
                  sleep: Callable[[float], None] = time.sleep):
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         self.settings = settings
         self.mode = settings.iam_mode
         self.max_attempts, self.backoff, self.max_backoff = max_attempts, backoff, max_backoff
+        self.transient_retry_s = transient_retry_s
         self._sleep = sleep
         self._client = client
         self._lock = threading.Lock()
@@ -231,7 +240,7 @@ class IamWriter:
         client = self.client
         try:
             return client.set_iam_policy(request={"resource": resource, "policy": policy},
-                                         timeout=self.settings.http_timeout_seconds)
+                                         timeout=self.settings.http_timeout_seconds, retry=self._transient())
         except gexc.Conflict as e:  # someone wrote since our read: read again
             if attempt == self.max_attempts:
                 raise UpstreamError(
@@ -241,6 +250,13 @@ class IamWriter:
         except Exception as e:
             raise _upstream("setIamPolicy", resource, e) from e
 
+    def _transient(self):
+        from google.api_core import exceptions as gexc
+        from google.api_core import retry
+
+        return retry.Retry(predicate=retry.if_exception_type(gexc.TooManyRequests, gexc.ServiceUnavailable),
+                           initial=self.backoff, maximum=self.max_backoff, timeout=self.transient_retry_s)
+
     def _get(self, resource: str):
         from google.iam.v1 import options_pb2
 
@@ -248,7 +264,7 @@ class IamWriter:
         options = options_pb2.GetPolicyOptions(requested_policy_version=POLICY_VERSION)
         try:
             return client.get_iam_policy(request={"resource": resource, "options": options},
-                                         timeout=self.settings.http_timeout_seconds)
+                                         timeout=self.settings.http_timeout_seconds, retry=self._transient())
         except Exception as e:  # library, transport and auth errors alike
             raise _upstream("getIamPolicy", resource, e) from e
 
