@@ -415,6 +415,54 @@ def test_an_update_whose_reads_meet_contention_is_retried_and_applied_once(fires
     store.close()
 
 
+def test_full_reads_of_different_groups_at_once_do_not_hold_each_other_up(firestore_emulator):
+    # policy_sync reads up to 8 groups at once, and every removal makes its group's
+    # next read a full one. A query inside a transaction held every other group's
+    # writes on the emulator: most of these commits failed after 2 s lock timeouts.
+    store = FirestoreStore(project=f"aadrun-test-{uuid.uuid4().hex[:12]}")
+    failures: list[Exception] = []
+
+    def reads(k: int) -> None:
+        for i in range(8):
+            try:
+                store.apply(GroupUpdate(T, f"{G[:-1]}{k}", replace=users(f"u{i}", f"v{i}"), sync=synced()))
+            except Exception as e:  # noqa: BLE001 - collected for the assertion
+                failures.append(e)
+    threads = [threading.Thread(target=reads, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert all(store.group_members(T, f"{G[:-1]}{k}") == {"u7", "v7"} for k in range(4))
+    store.close()
+
+
+class _ChangedDuringRead(FirestoreStore):
+    """Commits ``sneak`` (an incremental update) right after a full read's query."""
+
+    sneak: GroupUpdate | None = None
+
+    def _members_at(self, tenant, group, version):
+        answer = super()._members_at(tenant, group, version)
+        if self.sneak is not None:
+            sneak, self.sneak = self.sneak, None
+            FirestoreStore.apply(self, sneak)
+        return answer
+
+
+def test_a_full_read_meeting_a_member_change_after_its_query_reads_again(firestore_emulator):
+    # The members are queried outside the transaction: one added in between must still
+    # be seen, and removed, by the full read that commits after it.
+    store = _ChangedDuringRead(project=f"aadrun-test-{uuid.uuid4().hex[:12]}")
+    store.apply(GroupUpdate(T, G, replace=users("ann", "bob"), sync=synced()))
+    store.sneak = GroupUpdate(T, G, added=users("eve"), source="notification")
+    entries = store.apply(GroupUpdate(T, G, replace=users("ann"), sync=synced()))
+    assert store.group_members(T, G) == {"ann"}
+    assert sorted((e.kind, e.user) for e in entries) == [("member_removed", "bob"), ("member_removed", "eve")]
+    store.close()
+
+
 def test_a_first_read_cut_between_its_parts_stays_unknown_until_its_redelivery_finishes_it(firestore_emulator):
     project = f"aadrun-test-{uuid.uuid4().hex[:12]}"
     store = _FailingAfter(project=project)

@@ -4,6 +4,7 @@ Collections (document ids from ``doc_id``, fields hold the raw values):
 
     memberships/{tenant~group~user}   tenant, group, user, since, source, message_id
     groups/{tenant~group}             tenant, group, delta_link, synced_at (= synced)
+    versions/{tenant~group}           tenant, group, version: + 1 with every member change
     processed/{message id}            id, expires_at
     managed/{cloud run resource}      service (the resource), roles: [{role, members: [...]}]
     changes/{seq, 20 digits}          the ChangeEntry fields
@@ -20,6 +21,15 @@ it inside the transaction would take a shared lock that two writers then both
 try to upgrade: a deadlock that Firestore breaks by aborting one of them, and
 the emulator only after a 2 s lock timeout. A call that changes nothing (a
 re-add) does not touch it at all.
+
+A full read (``replace``) needs the group's current members, and a query inside a
+transaction locks more than its results: the emulator then holds every other
+group's member writes until it ends, and gives up after 2 s (four full reads of
+four groups at once failed most of their commits). So the members are queried
+outside the transaction, with the group's ``versions`` counter read before and
+after (equal: the set is the one at that version); inside, the counter is read
+again, and a change meanwhile re-runs the transaction. Every member change bumps
+it (a blind increment, no read), and so waits for a full read holding it.
 
 Change-log ids are the zero-padded ``seq`` and ``at`` never goes backwards
 (``monotonic_at``), so ``changes(since=...)`` needs only the automatic
@@ -103,6 +113,10 @@ def doc_id(*parts: str) -> str:
     if key in (".", "..") or (key.startswith("__") and key.endswith("__")) or len(key.encode()) > 1500:
         return "#" + hashlib.sha256(key.encode()).hexdigest()
     return key
+
+
+def _version(snap) -> int:
+    return snap.get("version") if snap.exists else 0
 
 
 def _plain(value: dt.datetime) -> dt.datetime:
@@ -407,9 +421,14 @@ class FirestoreStore(Store):
         # to end before writing it (the emulator gives up on all but one of a dozen).
         blind = update.drop_link and update.sync is None and update.replace is None and not split and \
             update.expect_synced_at is UNCHECKED and group_ref.get().exists
-        snaps = self._read(txn, ([] if blind else [group_ref]) + list(member.values()))
+        version_ref = self._doc("versions", t, g)
         if update.replace is not None:
-            current = {s.get("user") for s in txn.get(self._members_query(t, g))}
+            seen, current = self._members_at(t, g, version_ref)
+        snaps = self._read(txn, ([] if blind else [group_ref]) + list(member.values()) +
+                           ([version_ref] if update.replace is not None else []))
+        if update.replace is not None:
+            if _version(snaps[version_ref.path]) != seen:
+                raise gexc.Aborted(f"members of {g} changed during its full read")   # _run re-runs it
             target = update.replace - update.removed
             to_add, to_remove = sorted(target - current), sorted(current - target)
             member = {u: self._doc("memberships", t, g, u) for u in to_add + to_remove}
@@ -434,6 +453,8 @@ class FirestoreStore(Store):
                                 "source": update.source, "message_id": message_id})
         for u in to_remove:
             txn.delete(member[u])
+        if to_add or to_remove:
+            txn.set(version_ref, {"tenant": t, "group": g, "version": firestore.Increment(1)}, merge=True)
         if update.drop_link and (blind or stored.exists):
             txn.update(group_ref, {"delta_link": None})
         if update.sync is not None:
@@ -443,6 +464,16 @@ class FirestoreStore(Store):
         for mid in dict.fromkeys(update.message_ids) if first else ():
             txn.set(self._doc("processed", mid), {"id": mid, "expires_at": expires})
         return entries
+
+    def _members_at(self, tenant: str, group: str, version_ref) -> tuple[int, set[str]]:
+        """The group's members and the version they are at, read outside any transaction
+        (module doc): a version equal before and after the query dates its answer."""
+        for _ in range(MAX_ATTEMPTS):
+            before = _version(version_ref.get())
+            members = {snap.get("user") for snap in self._members_query(tenant, group).stream()}
+            if _version(version_ref.get()) == before:
+                return before, members
+        raise gexc.Aborted(f"members of {group} kept changing during its full read")
 
     def record_iam(self, service: str, desired: Mapping[str, set[str]], *, source: str, why: str,
                    message_id: str | None = None, claim: bool = False, written: IamWrite | None = None,
