@@ -215,11 +215,14 @@ def test_api_errors_become_upstream_errors_without_credentials(server, writer):
     impatient.close()
 
 
-@pytest.mark.parametrize("call", ["getIamPolicy", "setIamPolicy"])
-def test_throttling_and_a_passing_unavailability_are_retried_in_place(server, writer, call):
+@pytest.mark.parametrize("call, answers", [
+    ("getIamPolicy", [(429, "RESOURCE_EXHAUSTED"), (503, "UNAVAILABLE")]),
+    ("setIamPolicy", [(429, "RESOURCE_EXHAUSTED")]),   # a refusal: the write did not happen
+])
+def test_throttling_and_a_passing_unavailability_of_a_read_are_retried_in_place(server, writer, call, answers):
     changes = plan(writer, {INVOKER: {"user:a@example.com"}}, {})
-    server.inject_error(RUN, call, 429, "RESOURCE_EXHAUSTED", "Quota exceeded")
-    server.inject_error(RUN, call, 503, "UNAVAILABLE", "The service is currently unavailable.")
+    for code, status in answers:
+        server.inject_error(RUN, call, code, status, "Try again later.")
     assert writer.apply(changes).wrote
     [invoker] = [b for b in server.policy(RUN)["bindings"] if b["role"] == INVOKER]
     assert "user:a@example.com" in invoker["members"]

@@ -25,6 +25,7 @@ from aadrun.sync import decode_event
 from aadrun.sync_report import MAX_EVENT_LISTED, MAX_LISTED, SyncSummary, policy_event
 from aadrun.subscriptions import claim_touch
 from tests.support.graph_fixtures import *  # noqa: F401,F403 - graph_server, graph_pki, loopback_only
+from tests.support.cloudrun_server import ApiError
 from tests.support.graph_fixtures import graph_client
 from tests.support.sync_world import *  # noqa: F401,F403 - world, app, store_url, audit_lines, no_adc
 from tests.support.sync_world import (ALICE, BIG, BILLING, BOB, CAROL, GROUP_PRINCIPAL, G_BIG, G_ENG, G_OPS,
@@ -874,6 +875,31 @@ def test_members_that_are_not_users_are_not_granted_and_a_warning_says_so(world,
     app.sync.resync(tenant=TENANT, group=G_ENG, full=True)
     last = [a for a in audit_lines if a["event"] == "members_not_granted"][-1]
     assert (last["count"], len(last["members"])) == (62, 50)   # every one counted, the first 50 listed
+
+
+def test_a_grant_whose_set_call_landed_but_was_answered_503_is_still_revoked(world, app):
+    # The answer of a write that landed was lost: that write is aadrun's. A retry of
+    # the set call in place would meet a moved etag (409), read the grant as another's
+    # and leave it for good.
+    real, armed = world.cloudrun.handle, [True]
+
+    def landed_then_503(method, resource, verb, query, body, authorization=None):
+        answer = real(method, resource, verb, query, body, authorization)
+        if verb == "setIamPolicy" and resource == REPORTS and armed:
+            armed.clear()
+            raise ApiError(503, "UNAVAILABLE", "The service is currently unavailable.")
+        return answer
+
+    world.cloudrun.handle = landed_then_503
+    world.graph.add_members(TENANT, G_ENG, [ALICE])
+    message = change(G_ENG, added=[ALICE])
+    with pytest.raises(UpstreamError):
+        app.sync.handle_messages([message])
+    app.sync.handle_messages([message])                # Pub/Sub redelivers
+    assert user(ALICE) in world.members(REPORTS) and app.store.managed_members(REPORTS) == {INVOKER: {user(ALICE)}}
+    world.graph.remove_members(TENANT, G_ENG, [ALICE])
+    app.sync.handle_messages([change(G_ENG, removed=[ALICE])])
+    assert user(ALICE) not in world.members(REPORTS)
 
 
 def test_an_iam_grant_is_audited_even_when_its_first_write_fails(world, app, audit_lines):

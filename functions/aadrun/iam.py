@@ -19,11 +19,12 @@ then retried with jittered exponential backoff, as the IAM retry guidance says
 ``google.api_core.exceptions.Conflict`` (its subclass ``Aborted`` on gRPC), so
 ``Conflict`` is what is caught.
 
-Throttling (429) and a passing unavailability (503) are retried in place with the
-same backoff, for ``transient_retry_s`` at most: without that, one such answer failed
-the service in both maintenance tasks, and a retry of the whole run reads every group
-again. A set call retried after a 503 whose write had landed meets a moved etag: the
-409 above.
+Throttling (429) is retried in place with the same backoff, for
+``transient_retry_s`` at most, and so is a passing unavailability (503) of a read:
+without that, one such answer failed the service in both maintenance tasks, and a
+retry of the whole run reads every group again. A set call answered 503 is not:
+its write may have landed, and the retry's 409 would then pass for "not written",
+which would leave a grant aadrun made as if another had made it (never revoked).
 
 Failures surface as ``UpstreamError`` (its ``status_code`` 429 when throttled), whose message
 names the call, the resource and the API's own message, never a credential;
@@ -240,7 +241,7 @@ class IamWriter:
         client = self.client
         try:
             return client.set_iam_policy(request={"resource": resource, "policy": policy},
-                                         timeout=self.settings.http_timeout_seconds, retry=self._transient())
+                                         timeout=self.settings.http_timeout_seconds, retry=self._transient(write=True))
         except gexc.Conflict as e:  # someone wrote since our read: read again
             if attempt == self.max_attempts:
                 raise UpstreamError(
@@ -250,12 +251,14 @@ class IamWriter:
         except Exception as e:
             raise _upstream("setIamPolicy", resource, e) from e
 
-    def _transient(self):
+    def _transient(self, write: bool = False):
+        """In-place retries (module doc): of a refusal, and of a read's unavailability."""
         from google.api_core import exceptions as gexc
         from google.api_core import retry
 
-        return retry.Retry(predicate=retry.if_exception_type(gexc.TooManyRequests, gexc.ServiceUnavailable),
-                           initial=self.backoff, maximum=self.max_backoff, timeout=self.transient_retry_s)
+        retried = (gexc.TooManyRequests,) if write else (gexc.TooManyRequests, gexc.ServiceUnavailable)
+        return retry.Retry(predicate=retry.if_exception_type(*retried), initial=self.backoff,
+                           maximum=self.max_backoff, timeout=self.transient_retry_s)
 
     def _get(self, resource: str):
         from google.iam.v1 import options_pb2
