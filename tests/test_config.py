@@ -77,9 +77,11 @@ def test_bad_values_name_the_variable(env, variable):
         Settings.from_env(env)
 
 
-def test_a_url_with_credentials_is_refused_without_showing_them():
+@pytest.mark.parametrize("url", ["https://app:s3cret@graph.microsoft.com/v1.0",
+                                 "https://app:s3cret@graph.microsoft.com/v1.0\n"])   # and another fault
+def test_a_url_with_credentials_is_refused_without_showing_them(url):
     with pytest.raises(ConfigError, match="AADRUN_GRAPH_URL") as refused:
-        Settings.from_env({"AADRUN_GRAPH_URL": "https://app:s3cret@graph.microsoft.com/v1.0"})
+        Settings.from_env({"AADRUN_GRAPH_URL": url})
     assert "s3cret" not in str(refused.value)
 
 

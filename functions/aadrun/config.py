@@ -36,11 +36,11 @@ def check_url(name: str, url: str) -> str:
     """https everywhere; plain http only towards a loopback host (tests, local dev).
     Paths are appended to it, so it is a bare base URL: no query, fragment or
     credentials, and nothing ``urlsplit`` would quietly drop (spaces, a newline)."""
-    if any(c.isspace() or not c.isprintable() for c in url):
-        raise ConfigError(f"{name} must be a URL without spaces or control characters: {url!r}")
     parts = urlsplit(url)
     if parts.username is not None or parts.password is not None:
         raise ConfigError(f"{name} must not carry credentials")   # not echoed: it holds a secret
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ConfigError(f"{name} must be a URL without spaces or control characters: {url!r}")
     try:
         parts.port   # noqa: B018 - parsed on access: out of range or not a number raises
     except ValueError:
