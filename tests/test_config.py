@@ -71,6 +71,8 @@ def test_a_client_state_graph_would_refuse_stops_start_up_without_showing_it():
     ({"AADRUN_CLOUDRUN_ENDPOINT": "https://run.googleapis.com#x"}, "AADRUN_CLOUDRUN_ENDPOINT"),
     ({"AADRUN_GRAPH_URL": "https://graph.microsoft.com/v1.0?"}, "AADRUN_GRAPH_URL"),
     ({"AADRUN_BUS": "pubsub", "GOOGLE_CLOUD_PROJECT": "  "}, "GOOGLE_CLOUD_PROJECT"),   # blanks are unset
+    ({"AADRUN_CLIENT_ID": "aadrun-app"}, "AADRUN_CLIENT_ID"),          # a name, not the app's GUID
+    ({"AADRUN_CLIENT_ID": "c11e47a0-0000-0000-0000-00000000b11"}, "AADRUN_CLIENT_ID"),   # a digit short
 ])
 def test_bad_values_name_the_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):
@@ -83,6 +85,15 @@ def test_a_url_with_credentials_is_refused_without_showing_them(url):
     with pytest.raises(ConfigError, match="AADRUN_GRAPH_URL") as refused:
         Settings.from_env({"AADRUN_GRAPH_URL": url})
     assert "s3cret" not in str(refused.value)
+
+
+def test_a_client_id_pasted_into_the_wrong_variable_is_not_shown():
+    # A secret where the client id belongs: named, not echoed into the start-up log.
+    with pytest.raises(ConfigError, match="AADRUN_CLIENT_ID") as refused:
+        Settings.from_env({"AADRUN_CLIENT_ID": "Xy7Q~s3cret.value"})
+    assert "s3cret" not in str(refused.value)
+    assert Settings.from_env({"AADRUN_CLIENT_ID": " C11E47A0-0000-0000-0000-00000000B111\n"}).client_id == \
+        "C11E47A0-0000-0000-0000-00000000B111"
 
 
 def test_blank_values_are_unset_and_surrounding_blanks_dropped():

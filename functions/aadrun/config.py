@@ -101,6 +101,18 @@ def _text(env: Mapping[str, str], name: str) -> str | None:
     return (env.get(name) or "").strip() or None
 
 
+_GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def _client_id(env: Mapping[str, str]) -> str | None:
+    """An Entra application (client) id is a GUID: anything else (a name, a secret
+    pasted in the wrong variable) would fail every Graph call instead of start-up."""
+    value = _text(env, "AADRUN_CLIENT_ID")
+    if value is not None and not _GUID.fullmatch(value):
+        raise ConfigError("AADRUN_CLIENT_ID must be the app registration's Application (client) ID, a GUID")
+    return value
+
+
 def _float(env: Mapping[str, str], name: str, default: float, maximum: float, minimum: float = 0.0) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -167,7 +179,7 @@ class Settings:
             cloudrun_endpoint=check_url("AADRUN_CLOUDRUN_ENDPOINT", endpoint) if endpoint else None,
             authority_url=check_url("AADRUN_AUTHORITY_URL", env.get("AADRUN_AUTHORITY_URL") or DEFAULT_AUTHORITY),
             graph_url=check_url("AADRUN_GRAPH_URL", env.get("AADRUN_GRAPH_URL") or DEFAULT_GRAPH),
-            client_id=_text(env, "AADRUN_CLIENT_ID"),
+            client_id=_client_id(env),
             client_secret=_text(env, "AADRUN_CLIENT_SECRET"),
             client_states=states,
             notification_url=check_url("AADRUN_NOTIFICATION_URL", notification) if notification else None,
