@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .messages import is_guid
 
 DEFAULT_AUTHORITY = "https://login.microsoftonline.com"
 DEFAULT_GRAPH = "https://graph.microsoft.com/v1.0"
@@ -101,14 +102,11 @@ def _text(env: Mapping[str, str], name: str) -> str | None:
     return (env.get(name) or "").strip() or None
 
 
-_GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-
-
 def _client_id(env: Mapping[str, str]) -> str | None:
     """An Entra application (client) id is a GUID: anything else (a name, a secret
     pasted in the wrong variable) would fail every Graph call instead of start-up."""
     value = _text(env, "AADRUN_CLIENT_ID")
-    if value is not None and not _GUID.fullmatch(value):
+    if value is not None and not is_guid(value):
         raise ConfigError("AADRUN_CLIENT_ID must be the app registration's Application (client) ID, a GUID")
     return value
 
