@@ -142,14 +142,15 @@ def webhook_senders(folder: Path, pubsub: str, seconds: float, senders: int = 50
                 started = time.monotonic()
                 status = lab.notify(batch)
                 took = time.monotonic() - started
+                done = status != 503 or time.monotonic() > give_up   # once: a batch given up is counted
                 with lock:
                     latencies.append(took)
                     statuses[status] = statuses.get(status, 0) + 1
                     if status == 202:
                         accepted.update(_claim(item) for item in batch)
-                    elif status != 503 or time.monotonic() > give_up:
+                    elif done:
                         unaccepted[0] += n
-                if status != 503 or time.monotonic() > give_up:
+                if done:
                     break
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
