@@ -31,3 +31,16 @@ export PYTHONPATH="$ROOT/functions:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 offline_google() {
   export NO_GCE_CHECK="${NO_GCE_CHECK:-true}"  # google-auth compares with "true"
 }
+
+# A command from a Debian package, installed when it is missing and we may (root,
+# apt-get); otherwise a note, and the caller does without it.
+debian_tool() {
+  local command="$1" package="$2" why="$3"
+  command -v "$command" >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing $package (Debian package) $why" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null) && return 0
+  fi
+  echo "setup: could not install $package ($why)" >&2
+  return 1
+}

@@ -223,6 +223,7 @@ def main() -> int:
     for name, measured, ratio_text, target, met in rows:
         verdict = "" if met is None else "yes" if met else "NO"
         print(f"{name:<34} {measured:<48} {ratio_text:>8}  {target:<9} {verdict}")
+    print(f"HTTP load from {'wrk' if shutil.which('wrk') else 'a Python keep-alive load generator (no wrk)'}")
     return 0
 
 
