@@ -594,10 +594,11 @@ def test_no_decision_waits_for_a_periodic_refresh_hanging_on_the_identity_provid
     assert time.monotonic() - started < 2.5   # one short wait in all, long before the identity provider
 
 
-def test_an_identity_provider_trickling_its_answer_holds_no_decision_for_long(tmp_path, idp):
+@pytest.mark.parametrize("head", [False, True], ids=["body", "status line and headers too"])
+def test_an_identity_provider_trickling_its_answer_holds_no_decision_for_long(tmp_path, idp, head):
     # A byte every 0.2 s: each read is within the 1 s timeout, the answer never ends.
     verifier = own_verifier(tmp_path, idp.url, http_timeout_seconds=1.0)
-    idp.trickle = 0.2
+    idp.trickle, idp.trickle_head = 0.2, head
     reasons: list[str] = []
     started = time.monotonic()
     deciders = [threading.Thread(target=lambda: reasons.append(verifier.decide("billing", good(idp)).reason))
@@ -608,7 +609,7 @@ def test_an_identity_provider_trickling_its_answer_holds_no_decision_for_long(tm
         decider.join(timeout=15)
     assert reasons == ["unavailable"] * 4          # fail closed, and every thread answered
     assert time.monotonic() - started < 6          # a fetch's deadline and a wait's, not for ever
-    idp.trickle = 0.0
+    idp.trickle, idp.trickle_head = 0.0, False
     deadline = time.monotonic() + 5
     while verifier.decide("billing", good(idp)).reason != "ok":   # once it answers again, keys arrive
         assert time.monotonic() < deadline

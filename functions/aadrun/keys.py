@@ -27,7 +27,7 @@ import requests
 from . import audit
 from .config import Settings, check_url
 from .errors import ConfigError, TokenError, Unavailable
-from .outbound import client_session
+from .outbound import client_session, deadline
 
 _MAX_DOCUMENT = 512 * 1024
 # How long a token with an unknown kid waits for a key fetch already in flight.
@@ -237,12 +237,14 @@ class KeyCache:
             raise ValueError(str(e)) from e
         # No redirects: check_url vetted this URL, not wherever a redirect would lead
         # (Entra serves discovery and keys directly). Read at most the size limit.
+        # Each document whole within the timeout, headers included: the fetch holds the
+        # tenant's lock, which every refresh and unknown kid of the tenant waits for.
         timeout = self._settings.http_timeout_seconds
-        deadline = time.monotonic() + timeout
-        with self._session.get(url, timeout=timeout, allow_redirects=False, stream=True) as response:
+        with deadline(timeout, url), \
+                self._session.get(url, timeout=timeout, allow_redirects=False, stream=True) as response:
             if response.status_code != 200:
                 raise ValueError(f"HTTP {response.status_code} from {url}")
-            body = _read_by(response.raw, _MAX_DOCUMENT + 1, deadline)
+            body = response.raw.read(_MAX_DOCUMENT + 1, decode_content=True)
         if len(body) > _MAX_DOCUMENT:
             raise ValueError("document too large")
         document = json.loads(body)
@@ -254,22 +256,6 @@ class KeyCache:
 def _with_tenant(issuer: str, tenant: str) -> str:
     """Multi-tenant documents and keys name the issuer with a ``{tenantid}`` placeholder."""
     return _TENANT_PLACEHOLDER.sub(lambda _: tenant, issuer)
-
-
-def _read_by(raw, limit: int, deadline: float) -> bytes:
-    """At most ``limit`` bytes of a response, by ``deadline``. The request timeout bounds
-    each read only: a server trickling its answer would otherwise hold the fetch for ever."""
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit:
-        if time.monotonic() > deadline:
-            raise ValueError("document not received in time")
-        chunk = raw.read1(min(64 * 1024, limit - size), decode_content=True)   # what has arrived
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
 
 
 def _public_key(jwk: dict) -> object | None:

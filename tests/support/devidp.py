@@ -47,7 +47,8 @@ class DevIdentityProvider:
         self.requests: Counter[str] = Counter()
         self.down = False          # answer 503 to everything (an outage)
         self.delay = 0.0           # seconds before each answer (a slow identity provider)
-        self.trickle = 0.0         # seconds between the bytes of each answer (one that never ends)
+        self.trickle = 0.0         # seconds between the bytes of each answer's body (one that never ends)
+        self.trickle_head = False  # trickle the status line and headers too
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), _handler(self))
         self._server.daemon_threads = True
@@ -157,10 +158,14 @@ def _handler(idp: DevIdentityProvider):
 
         def _send(self, status: int, body: dict) -> None:
             data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
+            if idp.trickle and idp.trickle_head:
+                data = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+                    status, self.responses[status][0].encode(), len(data), data)
+            else:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
             if not idp.trickle:
                 self.wfile.write(data)
                 return
