@@ -775,14 +775,30 @@ def test_an_unknown_kid_refetches_again_once_the_window_has_passed(tmp_path, idp
     assert idp.jwks_fetches() - before == 2            # the window passed: one more fetch
 
 
-def test_a_jwks_entry_for_encryption_is_never_a_signing_key(world, idp):
-    class EncryptionKey(SigningKey):
+@pytest.mark.parametrize("members", [{"use": "enc"}, {"key_ops": ["encrypt"]}, {"key_ops": "verify"},
+                                     {"alg": "RS512"}, {"alg": "PS256"}],
+                         ids=["use enc", "key_ops encrypt", "key_ops not a list", "alg RS512", "alg PS256"])
+def test_a_jwks_entry_for_another_use_or_algorithm_is_never_a_signing_key(world, idp, members):
+    # RFC 7517 §4.2-4.4: a key meant for encryption, or for another algorithm, verifies
+    # no RS256 signature, even one it would mathematically check.
+    class OtherKey(SigningKey):
         def jwk(self, issuer: str | None = None) -> dict:
-            return {**super().jwk(issuer), "use": "enc"}
+            return {**super().jwk(issuer), **members}
 
-    key = EncryptionKey()
+    key = OtherKey()
     idp.keys.append(key)
     assert world[0].decide("billing", good(idp, key=key)).reason == "unknown_key"
+
+
+@pytest.mark.parametrize("members", [{"key_ops": ["verify"]}, {"key_ops": ["sign", "verify"]}, {"alg": "RS256"}])
+def test_a_jwks_entry_for_rs256_verification_is_a_signing_key(world, idp, members):
+    class NamedKey(SigningKey):
+        def jwk(self, issuer: str | None = None) -> dict:
+            return {**super().jwk(issuer), **members}
+
+    key = NamedKey()
+    idp.keys.append(key)
+    assert world[0].decide("billing", good(idp, key=key)).reason == "ok"
 
 
 class _ShortKey(SigningKey):

@@ -266,6 +266,12 @@ def _public_key(jwk: dict) -> object | None:
         return None
     if jwk.get("use", "sig") != "sig" or not _PRIVATE_MEMBERS.isdisjoint(jwk):
         return None
+    # A key for other operations or another algorithm (RFC 7517 §4.3, §4.4) verifies
+    # no RS256 signature. Entra's keys name neither.
+    key_ops, alg = jwk.get("key_ops"), jwk.get("alg")
+    if (key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops)) or \
+            (alg is not None and alg != "RS256"):
+        return None
     try:
         key = jwt.PyJWK(jwk, algorithm="RS256").key
     except (jwt.PyJWTError, ValueError, TypeError):   # PyJWTError covers PyJWKError and InvalidKeyError
