@@ -9,7 +9,7 @@ What it holds (CONTRACT.md §3, §5):
   - managed members (Cloud Run resource, role) -> IAM members aadrun put there
   - change log      append-only: what changed, when, why, from which message
   - leases          named, expiring locks for maintenance runs
-  - generation      a counter bumped by every membership change, so readers
+  - generation      a number raised by every membership change, so readers
                     (verify) can cheaply tell that their cached view is stale
 
 Every mutating call is atomic: it either commits all of its effects (memberships,
@@ -22,12 +22,21 @@ import abc
 import dataclasses
 import datetime as dt
 import enum
+import time
 from collections.abc import Iterable, Mapping
 
 from ..config import check_store_url
 from ..errors import Deferred
 
 UTC = dt.timezone.utc
+
+
+def generation_after(current: int) -> int:
+    """The generation that follows ``current``: one more, or the clock in microseconds
+    when that is more. A store restored from a backup takes its generation back, and
+    plain counting would bring it again to a number a reader has cached with the
+    memberships of before: that reader would go on allowing members removed since."""
+    return max(current + 1, time.time_ns() // 1000)
 
 
 def utcnow() -> dt.datetime:
@@ -137,7 +146,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def generation(self) -> int:
-        """A number that changes whenever any membership changes."""
+        """A number that changes whenever any membership changes, and never comes back
+        to one it had (``generation_after``)."""
 
     @abc.abstractmethod
     def membership(self, tenant: str, user: str, groups: Iterable[str]) -> dict[str, bool | None]:

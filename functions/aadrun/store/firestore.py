@@ -80,7 +80,8 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 
 from ..errors import ConfigError, Unavailable
 from ..rpc_budget import Budget
-from .base import UNCHECKED, UTC, ChangeEntry, GroupUpdate, IamWrite, Store, SyncState, utcnow
+from .base import (UNCHECKED, UTC, ChangeEntry, GroupUpdate, IamWrite, Store, SyncState, generation_after,
+                   utcnow)
 from .rules import check_expected_sync, check_update, diff_iam, iam_entries, member_entries, monotonic_at
 
 EMULATOR_PROJECT = "aadrun-local"
@@ -573,7 +574,8 @@ class FirestoreStore(Store):
             txn.create(self._client.collection("changes").document(f"{seq:020d}"),
                        {"seq": seq, "at": e.at, **{f: getattr(e, f) for f in CHANGE_FIELDS}})
             out.append(e)
-        fields = {"seq": seq, "generation": counters["generation"] + (1 if bump_generation else 0),
+        fields = {"seq": seq, "generation": generation_after(counters["generation"]) if bump_generation
+                  else counters["generation"],
                   "last_at": entries[-1].at if entries else counters["last_at"]}
         if counters["update_time"] is None:
             txn.create(self._counters, fields)  # fails (AlreadyExists) if another writer was first

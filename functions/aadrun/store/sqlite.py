@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 
 from ..errors import Unavailable
-from .base import UTC, ChangeEntry, GroupUpdate, IamWrite, Store, SyncState, utcnow
+from .base import UTC, ChangeEntry, GroupUpdate, IamWrite, Store, SyncState, generation_after, utcnow
 from .rules import check_expected_sync, check_update, diff_iam, iam_entries, member_entries, monotonic_at
 
 BUSY_TIMEOUT_S = 5.0
@@ -253,7 +253,7 @@ class SqliteStore(Store):
         with _translated(), self._write() as conn:
             if not conn.execute("DELETE FROM groups WHERE tenant = ? AND grp = ?", (tenant, group)).rowcount:
                 return False
-            conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+            _raise_generation(conn)
             return True
 
     def processed(self, message_ids: Iterable[str]) -> set[str]:
@@ -339,7 +339,7 @@ class SqliteStore(Store):
             entries = self._log(conn, entries)
             # A first sync turns "unknown" into "not a member": readers must see it too.
             if to_add or to_remove or first_sync:
-                conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+                _raise_generation(conn)
         return entries
 
     @staticmethod
@@ -440,3 +440,9 @@ class SqliteStore(Store):
                  e.why, e.message_id))
             out.append(dataclasses.replace(e, seq=cur.lastrowid))
         return out
+
+
+def _raise_generation(conn: sqlite3.Connection) -> None:
+    # Inside the write transaction (BEGIN IMMEDIATE): nobody changes it in between.
+    (current,) = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (generation_after(current),))
