@@ -14,6 +14,7 @@ TENANT = "11111111-1111-1111-1111-111111111111"
 G1 = "aaaaaaaa-0000-0000-0000-000000000001"
 G2 = "aaaaaaaa-0000-0000-0000-000000000002"
 G3 = "aaaaaaaa-0000-0000-0000-000000000003"
+G4 = "aaaaaaaa-0000-0000-0000-000000000004"
 RUN = "projects/p/locations/europe-west1/services/billing-api"
 INVOKER = "roles/run.invoker"
 POLICY = f"""
@@ -197,6 +198,24 @@ def test_guard_refuses_over_the_limit_naming_service_and_bind_group():
         plan_service(policy, policy.services["billing-api"], members_of({G1: big_group(MAX_PRINCIPALS)}), {}, None)
     assert "billing-api" in str(info.value) and "bind: group" in str(info.value)
     assert info.value.reason == "plan_error"
+
+
+def test_guard_over_a_resource_two_services_share_names_both_the_largest_first():
+    # The refusal's advice (bind: group) must reach the service whose groups are large,
+    # whichever of the two is planned first.
+    shared = POLICY + f"""  - name: wiki
+    tenant: {TENANT}
+    cloud_run: {RUN}
+    access:
+      - groups: [{G4}]
+"""
+    policy = load(shared)
+    table = {G1: {"u1"}, G4: big_group(MAX_PRINCIPALS)}
+    for name in ("billing-api", "wiki"):
+        with pytest.raises(PlanError) as info:
+            plan_service(policy, policy.services[name], members_of(table), {}, None)
+        assert str(info.value).startswith(f"services 'wiki' ({MAX_PRINCIPALS}) and 'billing-api' (2) share {RUN}:")
+        assert "use `bind: group` for their large groups" in str(info.value)
 
 
 def test_guard_counts_unmanaged_and_conditional_occurrences():

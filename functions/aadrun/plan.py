@@ -140,13 +140,25 @@ def desired_members(policy: Policy, service: Service, members_of: MembersOf) -> 
     return desired
 
 
-def desired_on(policy: Policy, cloud_run: str, members_of: MembersOf) -> dict[str, set[str]]:
+class Desired(dict):
+    """Role -> IAM members wanted on one resource (``desired_on``), and how many
+    principals each service naming the resource asks for: a refusal over the limit
+    names them, and the one whose groups to bind as groups is not always the first."""
+
+    def __init__(self, members: Members | None = None, asked: Mapping[str, int] | None = None):
+        super().__init__(members or {})
+        self.asked = dict(asked or {})
+
+
+def desired_on(policy: Policy, cloud_run: str, members_of: MembersOf) -> Desired:
     """Role -> IAM members the policy wants on the resource ``cloud_run``: the union
     over every service that names it."""
-    desired: dict[str, set[str]] = {}
+    desired = Desired()
     for service in policy.services.values():
         if service.cloud_run == cloud_run:
-            for role, members in desired_members(policy, service, members_of).items():
+            wanted = desired_members(policy, service, members_of)
+            desired.asked[service.name] = sum(len(members) for members in wanted.values())
+            for role, members in wanted.items():
                 desired.setdefault(role, set()).update(members)
     return desired
 
@@ -201,13 +213,22 @@ def count_after(live: Sequence[Binding], adds: Members, removes: Members) -> int
     return total + sum(len(m) for m in adds.values())
 
 
-def check_limit(service: str, cloud_run: str, principals: int) -> None:
-    """Raise ``PlanError`` when a policy would exceed Google's principal limit."""
-    if principals > MAX_PRINCIPALS:
-        raise PlanError(
-            f"service {service!r} ({cloud_run}): its IAM policy would hold {principals} principals, "
-            f"over Google's limit of {MAX_PRINCIPALS}; use `bind: group` for its large groups "
-            f"(one group principal instead of one per member)")
+def check_limit(service: str, cloud_run: str, principals: int, asked: Mapping[str, int] | None = None) -> None:
+    """Raise ``PlanError`` when a policy would exceed Google's principal limit. With
+    ``asked`` (service -> principals it asks for) naming several services, the error
+    names each, the largest first."""
+    if principals <= MAX_PRINCIPALS:
+        return
+    if asked and len(asked) > 1:
+        names = " and ".join(f"{name!r} ({count})" for name, count in
+                             sorted(asked.items(), key=lambda item: (-item[1], item[0])))
+        who, whose = f"services {names} share {cloud_run}", "their"
+    else:
+        who, whose = f"service {service!r} ({cloud_run})", "its"
+    raise PlanError(
+        f"{who}: its IAM policy would hold {principals} principals, over Google's limit of "
+        f"{MAX_PRINCIPALS}; use `bind: group` for {whose} large groups (one group principal instead "
+        f"of one per member)")
 
 
 def diff(desired: Members, managed_before: Members, live_bindings: Sequence[Binding] | None = None,
@@ -246,7 +267,7 @@ def diff(desired: Members, managed_before: Members, live_bindings: Sequence[Bind
     else:
         principals = count_after(live_bindings, adds, removes)
     if grants:
-        check_limit(service, cloud_run, principals)
+        check_limit(service, cloud_run, principals, getattr(desired, "asked", None))
     return ServiceChanges(service, cloud_run, _frozen(adds), _frozen(removes), _frozen(managed), principals)
 
 
