@@ -104,6 +104,19 @@ ERRORS = [
     ("group_principal with the user placeholder", BASE + "group_principal: principalSet://x/{oid}\n", 9,
      "group_principal"),
     ("no tenant at all", "# everything commented out\n", None, "tenants"),
+    # A value reached through an alias is the using entry's: its line, not the anchor's.
+    ("error under an alias", BASE.replace(f"    access:\n      - groups: [{G_ENG}]\n", f"""\
+    access: &rules
+      - groups: [{G_ENG}]
+        bind: group
+  - name: t
+    tenant: {T}
+    cloud_run: projects/p/locations/l/services/t
+    access: *rules
+"""), 13, "services[1].access[0].bind"),
+    ("tenant repeated by an alias", BASE.replace(f"  - id: {T}\n    audiences: [api://a]\n",
+                                                 f"  - &t {{id: {T}, audiences: [api://a]}}\n  - *t\n"), 3,
+     "tenants[1].id"),
 ]
 
 
@@ -143,6 +156,28 @@ def test_errors_name_file_line_and_field(tmp_path, case, text, line, field):
     if line is not None:
         assert error.line == line, str(error)
     assert error.field == field, str(error)
+
+
+@pytest.mark.parametrize("value", ['["principal://x/{oid}"]', "null", "7"])
+def test_a_principal_of_the_wrong_type_is_one_error_not_also_a_missing_one(tmp_path, value):
+    text = BASE.replace("    access:", "    cloud_run: projects/p/locations/l/services/s\n    access:") + \
+        f"principal: {value}\n"
+    with pytest.raises(PolicyError) as caught:
+        load_policy(write(tmp_path, "p.yaml", text))
+    assert [(e.line, e.field) for e in caught.value.errors] == [(10, "principal")]
+
+
+def test_a_service_named_like_its_tenant_leaves_the_tenant_s_warning_on_the_tenant(tmp_path):
+    text = BASE.replace("  - id:", "  - token_versions: [2]\n    id:") + f"""\
+  - name: {T}
+    tenant: {T}
+    audience: api://own
+    access:
+      - app_roles: [R]
+"""
+    policy = load_policy(write(tmp_path, "p.yaml", text))
+    assert sorted((w.line, w.field) for w in policy.warnings) == [(4, "tenants[0].audiences"),
+                                                                 (12, f"services[1].audience")]
 
 
 def test_folder_merges_files(tmp_path):
@@ -244,10 +279,10 @@ def test_a_file_that_cannot_be_read_does_not_make_the_others_references_look_wro
     ("a: &x [*x]\n", "alias that contains itself"),
     ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deep"),
     ("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)), "expands to more than"),
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)), "aliases expand to, more than 100000 values"),
     # A long key aliased at every level: few values, each with a path of megabytes.
-    ("k: &k " + "K" * 20000 + "\nx: &x " + "{*k : " * 400 + "[1, 2]" + "}" * 400 + "\ny: [*x, *x, *x, *x]\n",
-     "nests them too deep"),
+    ("k: &k " + "K" * 20000 + "\nx: &x " + "{*k : " * 100 + "[1, 2]" + "}" * 100 + "\ny: [*x, *x, *x, *x]\n",
+     "nest the fields too deep"),
 ])
 def test_self_referencing_or_exploding_aliases_are_policy_errors(tmp_path, text, message):
     with pytest.raises(PolicyError, match=message):

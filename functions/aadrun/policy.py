@@ -5,6 +5,7 @@ refused whole: callers get either a complete ``Policy`` or a ``PolicyError``.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
@@ -103,6 +104,20 @@ MAX_PATH_CHARS = 20_000_000
 _MEMBER_PREFIXES = ("principal://", "principalSet://", "user:", "group:", "serviceAccount:")
 
 
+class _AliasesWhereUsed(yaml.SafeLoader):
+    """Each alias a copy of its anchor's node that knows the alias's line: an error in
+    a value reached through an alias is the using entry's, so it names that line, not
+    the anchor's (where another entry holds the same value, maybe without the error)."""
+
+    def compose_node(self, parent, index):
+        if not self.check_event(yaml.AliasEvent):
+            return super().compose_node(parent, index)
+        line = self.peek_event().start_mark.line + 1
+        node = copy.copy(super().compose_node(parent, index))
+        node.alias_line = line
+        return node
+
+
 class _Located:
     """A parsed YAML value together with the line of every key, for error messages."""
 
@@ -111,13 +126,23 @@ class _Located:
         self.values = self.path_chars = 0
         self._scalars = yaml.constructor.SafeConstructor()   # YAML's own typing of plain values
 
-    def to_python(self, node: yaml.Node, path: str, lines: dict[str, int]):
+    def to_python(self, node: yaml.Node, path: str, lines: dict[str, int], alias_line: int | None = None):
+        """``alias_line``: the line of the alias this node was reached through, which
+        every value under it is reported at."""
+        alias_line = getattr(node, "alias_line", alias_line)
+
+        def line(n: yaml.Node) -> int:
+            return alias_line or n.start_mark.line + 1
+
         self.values += 1
         self.path_chars += len(path)
-        if self.values > MAX_VALUES or self.path_chars > MAX_PATH_CHARS:
-            raise PolicyError(f"the document expands to more than {MAX_VALUES} values, or nests them too deep "
-                              "(aliases of aliases?)", file=self.file)
-        lines.setdefault(path, node.start_mark.line + 1)
+        if self.values > MAX_VALUES:
+            raise PolicyError(f"the document holds, or its aliases expand to, more than {MAX_VALUES} values: "
+                              "split the policy into files, or use fewer aliases", file=self.file, line=line(node))
+        if self.path_chars > MAX_PATH_CHARS:
+            raise PolicyError("its aliases nest the fields too deep (aliases of aliases?)", file=self.file,
+                              line=line(node))
+        lines.setdefault(path, line(node))
         if isinstance(node, yaml.MappingNode):
             out, merged = {}, []
             for key_node, value_node in node.value:
@@ -125,25 +150,24 @@ class _Located:
                     sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
                     if not all(isinstance(n, yaml.MappingNode) for n in sources):
                         raise PolicyError("a merge key (<<) takes a mapping or a list of mappings", file=self.file,
-                                          line=key_node.start_mark.line + 1, field=path or "(top)")
-                    merged += [self.to_python(n, path, {}) for n in sources]
+                                          line=line(key_node), field=path or "(top)")
+                    merged += [self.to_python(n, path, {}, alias_line) for n in sources]
                     continue
                 key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
                 if not isinstance(key, str):
-                    raise PolicyError("keys must be strings", file=self.file,
-                                      line=key_node.start_mark.line + 1, field=path or "(top)")
+                    raise PolicyError("keys must be strings", file=self.file, line=line(key_node),
+                                      field=path or "(top)")
                 child = f"{path}.{key}" if path else key
                 if key in out:
-                    raise PolicyError("key defined twice", file=self.file,
-                                      line=key_node.start_mark.line + 1, field=child)
-                lines[child] = key_node.start_mark.line + 1
-                out[key] = self.to_python(value_node, child, lines)
+                    raise PolicyError("key defined twice", file=self.file, line=line(key_node), field=child)
+                lines[child] = line(key_node)
+                out[key] = self.to_python(value_node, child, lines, alias_line)
             for source in merged:   # keys written out win over merged ones, the first merge over later ones
                 for key, value in source.items():
                     out.setdefault(key, value)
             return out
         if isinstance(node, yaml.SequenceNode):
-            return [self.to_python(item, f"{path}[{i}]", lines) for i, item in enumerate(node.value)]
+            return [self.to_python(item, f"{path}[{i}]", lines, alias_line) for i, item in enumerate(node.value)]
         if node.tag == "tag:yaml.org,2002:str":
             return node.value
         try:
@@ -153,8 +177,7 @@ class _Located:
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
             # A known tag on a value it cannot hold (!!int abc, !!bool maybe, !!timestamp x).
             problem = f"{node.value!r} is not a {node.tag.rsplit(':', 1)[-1]} ({e.__class__.__name__})"
-        raise PolicyError(f"invalid value: {problem}", file=self.file, line=node.start_mark.line + 1,
-                          field=path or "(top)")
+        raise PolicyError(f"invalid value: {problem}", file=self.file, line=line(node), field=path or "(top)")
 
 
 class _Checker:
@@ -214,7 +237,7 @@ def _parse_file(path: Path) -> tuple[dict, dict[str, int], str]:
         raise PolicyError(f"not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}", file=name,
                           line=_line_at(data[:e.start].decode("utf-8"))) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_AliasesWhereUsed)
     except yaml.reader.ReaderError as e:
         # A character YAML refuses (a control character left by a paste): its line, where
         # the reader gives only an offset into the text.
@@ -299,7 +322,9 @@ def parse_documents(docs: list[tuple[dict, dict[str, int], str]], *, complete: b
     (to tenants, to the principals) are not checked: they may be in that file."""
     tenants: dict[str, Tenant] = {}
     services: dict[str, Service] = {}
-    where: dict[str, tuple[_Checker, str]] = {}   # tenant id or service name -> (file, field)
+    # Tenant id, service name -> (file, field): apart, as a service may be named like a tenant.
+    where_tenant: dict[str, tuple[_Checker, str]] = {}
+    where_service: dict[str, tuple[_Checker, str]] = {}
     singles: dict[str, tuple[str, str]] = {}
     errors: list[PolicyError] = []
     # The tenants named by services that did not parse: references are all reported.
@@ -324,7 +349,7 @@ def parse_documents(docs: list[tuple[dict, dict[str, int], str]], *, complete: b
                 if tenant.id in tenants:
                     raise c.error(f"tenants[{i}].id", f"tenant {tenant.id} defined twice")
                 tenants[tenant.id] = tenant
-                where[tenant.id] = (c, f"tenants[{i}]")
+                where_tenant[tenant.id] = (c, f"tenants[{i}]")
             except PolicyError as e:
                 errors.append(e)
         for i, raw in enumerate(data.get("services", [])):
@@ -333,28 +358,31 @@ def parse_documents(docs: list[tuple[dict, dict[str, int], str]], *, complete: b
                 if service.name in services:
                     raise c.error(f"services[{i}].name", f"service {service.name} defined twice")
                 services[service.name] = service
-                where[service.name] = (c, f"services[{i}]")
+                where_service[service.name] = (c, f"services[{i}]")
             except PolicyError as e:
                 errors.append(e)
                 tenant = raw.get("tenant") if isinstance(raw, dict) else None
                 if isinstance(tenant, str) and GUID.fullmatch(tenant) and e.field != f"services[{i}].tenant":
                     unparsed.append((c, f"services[{i}].tenant", tenant.lower()))
-    principal = singles.get("principal", (None, ""))[0]
-    group_principal = singles.get("group_principal", (None, ""))[0]
+    # Set (rightly or not, its own error says which): what rules need of it is there.
+    has_principal, has_group_principal = "principal" in singles, "group_principal" in singles
     # A tenant that did not parse would make its services' references look wrong too.
     check_tenants = complete and not any(e.field and e.field.startswith("tenants") for e in errors)
     for service in services.values() if complete else ():
         try:
-            _references(service, *where[service.name], tenants if check_tenants else None, principal,
-                        group_principal)
+            _references(service, *where_service[service.name], tenants if check_tenants else None,
+                        has_principal, has_group_principal)
         except PolicyError as e:
             errors.append(e)
     for c, field, tenant in unparsed if check_tenants else ():
         if tenant not in tenants:
             errors.append(c.error(field, f"tenant {tenant} is not defined under tenants"))
     _raise_all(errors)
+    principal = singles.get("principal", (None, ""))[0]
+    group_principal = singles.get("group_principal", (None, ""))[0]
     return Policy(tenants, services, principal, group_principal, tuple(d[2] for d in docs),
-                  _audience_warnings(services, tenants, where) + _project_number_warnings(services, where))
+                  _audience_warnings(services, tenants, where_tenant, where_service)
+                  + _project_number_warnings(services, where_service))
 
 
 def _project_number_warnings(services: dict[str, Service],
@@ -370,20 +398,22 @@ def _project_number_warnings(services: dict[str, Service],
 
 
 def _audience_warnings(services: dict[str, Service], tenants: dict[str, Tenant],
-                       where: dict[str, tuple[_Checker, str]]) -> tuple[PolicyError, ...]:
+                       where_tenant: dict[str, tuple[_Checker, str]],
+                       where_service: dict[str, tuple[_Checker, str]]) -> tuple[PolicyError, ...]:
     """A v2 access token's ``aud`` is always the API's client id (a v1 token's is the
     client id or the App ID URI the client asked for): a service taking only v2 tokens
     with no client id among its audiences would refuse every token as wrong_audience."""
-    blind: dict[str, list[str]] = {}   # the field that gives the audiences -> its services
+    blind: dict[tuple[str, str], list[str]] = {}   # the field that gives the audiences -> its services
     for service in services.values():
         tenant = tenants.get(service.tenant)
         audiences = service.audiences or (tenant.audiences if tenant else ())
         if tenant is not None and tenant.token_versions == (2,) and not any(is_guid(a) for a in audiences):
-            blind.setdefault(service.name if service.audiences else tenant.id, []).append(service.name)
+            owner = ("service", service.name) if service.audiences else ("tenant", tenant.id)
+            blind.setdefault(owner, []).append(service.name)
     warnings = []
-    for owner, names in blind.items():
-        c, field = where[owner]
-        field += ".audiences" if owner in tenants else ".audience"
+    for (kind, owner), names in blind.items():
+        c, field = where_service[owner] if kind == "service" else where_tenant[owner]
+        field += ".audience" if kind == "service" else ".audiences"
         warnings.append(c.error(field, f"no audience is a client id (GUID), but {', '.join(sorted(names))} "
                                        "take(s) only v2 tokens, whose aud is always the API's client id: "
                                        "every token would be refused (wrong_audience)"))
@@ -405,10 +435,10 @@ def _single(c: _Checker, data: dict, key: str, singles: dict[str, tuple[str, str
     """``principal`` or ``group_principal``: given once in the policy, an IAM member
     with its one placeholder. Recorded even when wrong, so the rules that need it are
     not reported as missing it too."""
-    value = c.string(data[key], key)
     if key in singles:
         raise c.error(key, f"already set in {singles[key][1]}")
-    singles[key] = (value, c.file)
+    singles[key] = (data[key], c.file)
+    value = c.string(data[key], key)
     placeholder = _PLACEHOLDERS[key]
     if re.findall(r"\{[^{}]*\}", value) != [placeholder]:
         raise c.error(key, f"must contain {placeholder} once, and no other {{...}}")
@@ -417,14 +447,14 @@ def _single(c: _Checker, data: dict, key: str, singles: dict[str, tuple[str, str
 
 
 def _references(service: Service, c: _Checker, field: str, tenants: dict[str, Tenant] | None,
-                principal: str | None, group_principal: str | None) -> None:
+                has_principal: bool, has_group_principal: bool) -> None:
     if tenants is not None and service.tenant not in tenants:
         raise c.error(f"{field}.tenant", f"tenant {service.tenant} is not defined under tenants")
     if service.cloud_run:
         for i, rule in enumerate(service.rules):
-            if rule.groups and rule.bind == "members" and not principal:
+            if rule.groups and rule.bind == "members" and not has_principal:
                 raise c.error(f"{field}.access[{i}]", "binding members in IAM needs a top-level principal")
-            if rule.groups and rule.bind == "group" and not group_principal:
+            if rule.groups and rule.bind == "group" and not has_group_principal:
                 raise c.error(f"{field}.access[{i}].bind", "bind: group needs a top-level group_principal")
 
 
