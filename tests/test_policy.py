@@ -158,6 +158,25 @@ def test_errors_name_file_line_and_field(tmp_path, case, text, line, field):
     assert error.field == field, str(error)
 
 
+def test_an_error_reached_through_an_alias_of_an_alias_names_the_outer_alias_line(tmp_path):
+    text = BASE.replace(f"    access:\n      - groups: [{G_ENG}]\n", f"""\
+    access: &first
+      - &rule
+        app_roles: [R]
+        bind: 5
+  - name: two
+    tenant: {T}
+    access: &second [*rule]
+  - name: three
+    tenant: {T}
+    access: *second
+""")
+    with pytest.raises(PolicyError) as caught:
+        load_policy(write(tmp_path, "p.yaml", text))
+    assert [(e.line, e.field) for e in caught.value.errors] == [
+        (10, "services[0].access[0].bind"), (13, "services[1].access[0].bind"), (16, "services[2].access[0].bind")]
+
+
 @pytest.mark.parametrize("value", ['["principal://x/{oid}"]', "null", "7"])
 def test_a_principal_of_the_wrong_type_is_one_error_not_also_a_missing_one(tmp_path, value):
     text = BASE.replace("    access:", "    cloud_run: projects/p/locations/l/services/s\n    access:") + \

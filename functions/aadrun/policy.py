@@ -129,7 +129,7 @@ class _Located:
     def to_python(self, node: yaml.Node, path: str, lines: dict[str, int], alias_line: int | None = None):
         """``alias_line``: the line of the alias this node was reached through, which
         every value under it is reported at."""
-        alias_line = getattr(node, "alias_line", alias_line)
+        alias_line = alias_line or getattr(node, "alias_line", None)   # the outermost alias: where it is used
 
         def line(n: yaml.Node) -> int:
             return alias_line or n.start_mark.line + 1
