@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
+import time
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -17,45 +19,61 @@ _current = threading.local()
 
 
 class _Deadline:
+    """A timer that shuts down the TCP connections of the calls made under it. It holds
+    a duplicate of each one's descriptor: shutting that down ends the connection under
+    whatever wraps the socket (TLS, TLS through a proxy), even during the handshake,
+    when TLS has detached the socket it wraps, and after a response that reads until
+    the server closes has taken the socket from its connection."""
+
     def __init__(self, seconds: float):
-        self.seconds = seconds
+        self.ends = time.monotonic() + seconds
         self.expired = False
-        self._connections: set = set()
-        self._sockets: set = set()
+        self._duplicates: list[socket.socket] = []
+        self._watched: set[int] = set()
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
 
+    def left(self) -> float:
+        return self.ends - time.monotonic()
+
     def start(self) -> None:
         self._timer.start()
 
-    def cancel(self) -> None:
-        self._timer.cancel()
-
-    def watch(self, connection) -> None:
+    def watch(self, connection, sock, *, reused: bool = False) -> None:
         with self._lock:
-            self._connections.add(connection)
-            if connection.sock is not None:
-                # Kept too: a response the server will close reads from this socket
-                # after its connection has let go of it.
-                self._sockets.add(connection.sock)
+            if reused and id(connection) in self._watched:   # its socket is already held
+                return
+            self._watched.add(id(connection))
+        try:
+            duplicate = socket.socket(fileno=os.dup(sock.fileno()))
+        except (OSError, ValueError):   # already closed: nothing left to end
+            return
+        with self._lock:
+            self._duplicates.append(duplicate)
             expired = self.expired
         if expired:   # connected after the deadline: end it before it is used
-            self._shut()
+            _shut(duplicate)
 
     def _expire(self) -> None:
         with self._lock:
             self.expired = True
-        self._shut()
+            duplicates = list(self._duplicates)
+        for duplicate in duplicates:
+            _shut(duplicate)
 
-    def _shut(self) -> None:
+    def close(self) -> None:
+        self._timer.cancel()
         with self._lock:
-            sockets = self._sockets | {c.sock for c in self._connections if c.sock is not None}
-        for sock in sockets:
-            # shutdown(), not close(): it wakes a thread blocked reading the socket. On the
-            # plain socket even when TLS wraps it, so the TLS object stays to its owner.
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            duplicates, self._duplicates = self._duplicates, []
+        for duplicate in duplicates:
+            duplicate.close()
+
+
+def _shut(sock: socket.socket) -> None:
+    # shutdown(), not close(): it wakes a thread blocked on the connection.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 @contextlib.contextmanager
@@ -64,7 +82,8 @@ def deadline(seconds: float, what: str):
     connecting, the TLS handshake, the status line, the headers and the body. A request
     timeout bounds each socket read only, so a server that trickles its answer a byte
     at a time would hold the call (and whatever lock its caller holds) for ever.
-    Raises ``TimeoutError`` naming ``what`` when the deadline ended the call."""
+    Raises ``TimeoutError`` naming ``what`` when the deadline passed before the block
+    ended: an answer that ends when its connection does may otherwise look complete."""
     state = _Deadline(seconds)
     _current.deadline = state
     state.start()
@@ -75,30 +94,30 @@ def deadline(seconds: float, what: str):
             raise TimeoutError(f"{what}: no complete answer within {seconds:g} s") from e
         raise
     finally:
-        state.cancel()
+        state.close()
         _current.deadline = None
+    if state.expired:
+        raise TimeoutError(f"{what}: no complete answer within {seconds:g} s")
 
 
 class _Watched:
     """A connection that joins the deadline of the thread using it, if any."""
 
-    def _join_deadline(self) -> None:
+    def _new_conn(self):
         state = getattr(_current, "deadline", None)
+        if state is not None:   # connecting takes no longer than the deadline has left
+            self.timeout = max(min(self.timeout if isinstance(self.timeout, (int, float)) else state.left(),
+                                   state.left()), 0.001)
+        sock = super()._new_conn()
         if state is not None:
-            state.watch(self)
-
-    def connect(self) -> None:
-        self._join_deadline()   # before: a handshake that trickles is ended too
-        super().connect()
-        self._join_deadline()   # after: a deadline that passed while connecting
+            state.watch(self, sock)   # before TLS wraps it: a handshake is ended too
+        return sock
 
     def request(self, *args, **kwargs):
-        self._join_deadline()   # a kept-alive connection, reused
+        state = getattr(_current, "deadline", None)
+        if state is not None and self.sock is not None:
+            state.watch(self, self.sock, reused=True)   # a kept-alive connection
         return super().request(*args, **kwargs)
-
-    def getresponse(self, *args, **kwargs):
-        self._join_deadline()   # its socket, which the response reads
-        return super().getresponse(*args, **kwargs)
 
 
 class _WatchedHTTPConnection(_Watched, HTTPConnection):
