@@ -27,7 +27,7 @@ from aadrun.keys import KeyCache
 from aadrun.policy import load_policy
 from aadrun.store import GroupUpdate, SyncState, open_store, utcnow
 from aadrun.errors import Unavailable
-from aadrun.verify import MembershipView, Verifier
+from aadrun.verify import MembershipView, Verifier, log_decision
 from tests.support.sync_world import audit_lines  # noqa: F401 - fixture
 from tests.support.world import (ALICE, BOB, G_ENG, POLICY, TENANT_A, TENANT_B, TENANT_OTHER, settings_for,
                                  write_policy)
@@ -317,6 +317,10 @@ def test_an_id_token_is_not_an_access_token(world, idp, tmp_path, version, clien
     assert verifier.decide("billing", id_token).reason == "wrong_audience"
     access_token = idp.mint(TENANT_A, oid=BOB, aud=client_id, version=version, roles=["Billing.Admin"])
     assert verifier.decide("billing", access_token).reason == "ok"
+    # A nonce alone, with the client app named: an ID token still (access tokens carry none).
+    with_nonce = idp.mint(TENANT_A, oid=BOB, aud=client_id, version=version, roles=["Billing.Admin"], nonce="n")
+    decision = verifier.decide("billing", with_nonce)
+    assert decision.reason == "wrong_audience" and "ID token" in decision.detail
 
 
 @pytest.mark.parametrize("token", [
@@ -330,14 +334,55 @@ def test_malformed_tokens(world, token):
     assert world[0].decide("billing", token).reason == "malformed_token"
 
 
-def test_non_base64_characters_are_malformed(world, idp):
+@pytest.mark.parametrize("foreign", ["*", "****", "+/==", " \n\t "])
+def test_non_base64_characters_are_malformed(world, idp, foreign):
+    # A lenient decoder would skip them (four keep the padding right): never a token.
     head, body, sig = good(idp).split(".")
-    assert world[0].decide("billing", f"{head}.{body[:10]}*{body[10:]}.{sig}").reason == "malformed_token"
+    assert world[0].decide("billing", f"{head}.{body[:10]}{foreign}{body[10:]}.{sig}").reason == "malformed_token"
 
 
-def test_oversized_token_is_malformed(world, idp):
-    token = good(idp, padding="x" * 17000)
-    assert world[0].decide("billing", token).reason == "malformed_token"
+def _token_of_length(idp, length: int) -> str:
+    """A signed token of exactly ``length`` characters (base64url never gives a part a
+    length of 4k+1, so a second claim's length is varied too)."""
+    for extra in ("", "x", "xx"):
+        size = 12_000
+        for _ in range(8):
+            token = good(idp, padding="p" * size, extra=extra)
+            if len(token) == length:
+                return token
+            size += (length - len(token)) * 3 // 4 or 1
+    raise AssertionError(f"no token of {length} characters")
+
+
+@pytest.mark.parametrize("jwks_uri", ["http://keys.example.com/keys", "ftp://127.0.0.1/keys", "file:///etc/passwd"])
+def test_keys_are_fetched_only_from_a_jwks_uri_aadrun_would_accept_as_an_authority(tmp_path, audit_lines, jwks_uri):
+    # CONTRACT §2: plain http only on loopback. The discovery document names the key set,
+    # so a tampered or misconfigured one must not send aadrun to fetch keys elsewhere.
+    class Elsewhere(DevIdentityProvider):
+        def _discovery(self, tenant: str, version: int) -> dict:
+            return {**super()._discovery(tenant, version), "jwks_uri": jwks_uri}
+
+    with Elsewhere() as idp:
+        decision = own_verifier(tmp_path, idp.url).decide("billing", good(idp))
+    assert (decision.reason, decision.status) == ("unavailable", 503)   # keys never fetched
+    [failed] = [a for a in audit_lines if a["event"] == "keys_fetch_failed"]
+    assert failed["error"] == "ValueError" and "jwks_uri" in failed["detail"]
+
+
+@pytest.mark.parametrize("ids, field", [({}, "uti"), ({"uti": None, "jti": "the-jti"}, "jti"), ({"uti": None}, None)])
+def test_a_decision_line_names_the_token_by_its_uti_or_jti_and_hash_never_by_itself(world, idp, audit_lines,
+                                                                                  ids, field):
+    token = good(idp, **ids)
+    log_decision(world[0].decide("billing", token), token)
+    [line] = [a for a in audit_lines if a["event"] == "decision"]
+    assert line.get("token_id") == (claims(idp, token)[field] if field else None)
+    assert line["token_sha256"] == hashlib.sha256(token.encode()).hexdigest()[:16]
+    assert token not in json.dumps(line) and token.split(".")[2] not in json.dumps(line)
+
+
+def test_a_token_of_16_kib_is_read_and_a_longer_one_is_malformed(world, idp):
+    assert world[0].decide("billing", _token_of_length(idp, 16 * 1024)).reason == "ok"
+    assert world[0].decide("billing", _token_of_length(idp, 16 * 1024 + 1)).reason == "malformed_token"
 
 
 def test_five_part_jwe_shape_is_malformed(world):
