@@ -104,6 +104,14 @@ ERRORS = [
     ("group_principal with the user placeholder", BASE + "group_principal: principalSet://x/{oid}\n", 9,
      "group_principal"),
     ("no tenant at all", "# everything commented out\n", None, "tenants"),
+    ("no token version", BASE.replace("    audiences: [api://a]", "    audiences: [api://a]\n    token_versions: []"),
+     4, "tenants[0].token_versions"),
+    ("a boolean token version", BASE.replace("    audiences: [api://a]",
+                                             "    audiences: [api://a]\n    token_versions: [yes]"),
+     4, "tenants[0].token_versions"),
+    ("a rule of nothing", BASE.replace(f"      - groups: [{G_ENG}]", "      - {}"), 8, "services[0].access[0]"),
+    ("an IAM role on app roles", BASE.replace(f"groups: [{G_ENG}]", "app_roles: [A]\n        role: roles/run.admin"),
+     9, "services[0].access[0].role"),
     # A value reached through an alias is the using entry's: its line, not the anchor's.
     ("error under an alias", BASE.replace(f"    access:\n      - groups: [{G_ENG}]\n", f"""\
     access: &rules
@@ -197,6 +205,21 @@ def test_a_service_named_like_its_tenant_leaves_the_tenant_s_warning_on_the_tena
     policy = load_policy(write(tmp_path, "p.yaml", text))
     assert sorted((w.line, w.field) for w in policy.warnings) == [(4, "tenants[0].audiences"),
                                                                  (12, f"services[1].audience")]
+
+
+def test_ids_written_in_upper_case_are_read_as_entra_writes_them(tmp_path):
+    # Tokens and Graph carry object ids in lower case; the store keys groups by them.
+    tenant = "abcdef00-0000-0000-0000-00000000000a"
+    policy = load_policy(write(tmp_path, "p.yaml", BASE.replace(T, tenant.upper()).replace(G_ENG, G_ENG.upper())))
+    assert list(policy.tenants) == [tenant] and policy.services["s"].tenant == tenant
+    assert policy.services["s"].groups == (G_ENG,)
+
+
+def test_a_service_with_only_app_role_rules_needs_no_principal_for_its_cloud_run(tmp_path):
+    # App roles are checked by verify and put nothing into IAM.
+    text = BASE.replace("    access:", "    cloud_run: projects/p/locations/l/services/s\n    access:") \
+        .replace(f"groups: [{G_ENG}]", "app_roles: [Admin]")
+    assert load_policy(write(tmp_path, "p.yaml", text)).services["s"].app_roles == {"Admin"}
 
 
 def test_folder_merges_files(tmp_path):
