@@ -148,6 +148,18 @@ def test_ordering_keys_and_attributes():
     event = convert(graph_items("lifecycle_reauthorization_required")[0])
     assert event.ordering_key == TENANT
     assert event.attributes == {"kind": "lifecycle", "tenant": TENANT}
+    # CONTRACT §5: the group too, where there is one.
+    of_group = convert({**graph_items("lifecycle_reauthorization_required")[0], "resource": f"/groups/{GROUP.upper()}"})
+    assert of_group.attributes == {"kind": "lifecycle", "tenant": TENANT, "group": GROUP}
+
+
+def test_ids_in_upper_case_are_read_in_lower_case_as_the_store_keeps_them():
+    # Read before any JSON round trip: the in-process bus hands these messages on as they are.
+    assert members_delta({"members@delta": [{"id": USER.upper()}, {"id": GROUP.upper(), "@removed": {}}]}) == (
+        (USER,), (GROUP,))
+    event = from_dict({**convert(graph_items("lifecycle_reauthorization_required")[0]).to_dict(),
+                       "group": GROUP.upper()})
+    assert event.group == GROUP
 
 
 @pytest.mark.parametrize("resource, group", [
