@@ -55,3 +55,10 @@ def test_removing_a_membership_never_widens_access(service, roles, membership, g
     before = decide(service, roles, membership)
     after = decide(service, roles, {**membership, group: False})
     assert not (after.allow and not before.allow)
+
+
+def test_the_allowing_rule_is_named_by_its_place_in_access():
+    # The audit line and `explain` report it as access[N]: the second rule here.
+    service = Service("s", "t", (Rule((), ("A",)), Rule((GROUPS[0],), ())))
+    assert decide(service, (), {GROUPS[0]: True}) == (True, "ok", 1, GROUPS[0])
+    assert decide(service, ("A",), {GROUPS[0]: True}) == (True, "ok", 0, "A")   # the first that allows

@@ -235,6 +235,39 @@ def test_guard_counts_removals():
     assert changes.principals == MAX_PRINCIPALS
 
 
+# --- grants that outlived their account ----------------------------------------------------
+
+GONE = "deleted:user:x@example.com?uid=123456789012345678901"   # IAM's form for a deleted Google account
+
+
+def test_a_deleted_account_s_grant_that_is_not_ours_does_not_stand_for_the_member_we_want():
+    # An older account of that email, someone else's grant: the new one is granted, and
+    # the deleted grant is neither claimed nor counted as ours.
+    changes = diff({INVOKER: {"user:x@example.com"}}, {}, [Binding(INVOKER, (GONE,))])
+    assert changes.adds == {INVOKER: {"user:x@example.com"}} and changes.principals == 2
+
+
+def test_our_grant_whose_account_was_deleted_is_still_ours_to_revoke():
+    # A restore of the account within 30 days would revive it: it is counted present, and removed.
+    changes = diff({INVOKER: set()}, {INVOKER: {"user:x@example.com"}}, [Binding(INVOKER, (GONE,))])
+    assert changes.removes == {INVOKER: {"user:x@example.com"}} and changes.principals == 0
+
+
+def test_beside_our_live_grant_a_deleted_account_s_grant_is_someone_else_s_and_stays():
+    # One snapshot cannot tell which came first: the deleted one is taken for an older
+    # account's, so revoking ours leaves it, and it still counts against the limit.
+    changes = diff({INVOKER: set()}, {INVOKER: {"user:x@example.com"}},
+                   [Binding(INVOKER, ("user:x@example.com", GONE))])
+    assert changes.removes == {INVOKER: {"user:x@example.com"}} and changes.principals == 1
+
+
+def test_a_deleted_workforce_subject_s_grant_is_its_member_s():
+    subject = user("u1")
+    live = [Binding(INVOKER, (f"deleted:{subject}",))]
+    assert diff({INVOKER: {subject}}, {INVOKER: {subject}}, live).adds == {}          # present: not granted twice
+    assert diff({INVOKER: set()}, {INVOKER: {subject}}, live).removes == {INVOKER: {subject}}
+
+
 # --- property ------------------------------------------------------------------------
 
 MEMBERS = st.sets(st.sampled_from([f"user:{c}" for c in "abcdefgh"]), max_size=8)
