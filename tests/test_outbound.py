@@ -8,6 +8,7 @@ import ssl
 import threading
 import time
 
+import certifi
 import pytest
 
 from aadrun.config import Settings
@@ -106,8 +107,6 @@ def tls(tmp_path_factory):
 def session(tls, monkeypatch):
     for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
         monkeypatch.delenv(name, raising=False)
-    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):   # requests prefers these to the session's
-        monkeypatch.setenv(name, tls[0].ca_file)
     return client_session(Settings(ca_file=tls[0].ca_file))
 
 
@@ -147,3 +146,16 @@ def test_calls_after_a_cut_off_and_calls_without_a_deadline_are_served_as_before
     assert session.get(quick, timeout=READ_TIMEOUT).content == BODY    # the kept-alive connection
     time.sleep(DEADLINE + 0.2)                                            # past the first deadline, no timer left
     assert session.get(quick, timeout=READ_TIMEOUT).content == BODY
+
+
+def test_the_ca_bundle_aadrun_is_given_is_the_one_used_whatever_curl_s_variable_names(tls, monkeypatch):
+    # requests prefers CURL_CA_BUNDLE to a session's own bundle: a machine naming the
+    # system bundle there must not undo the one aadrun takes from SSL_CERT_FILE.
+    pki, context = tls
+    for name in ("REQUESTS_CA_BUNDLE", "NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CURL_CA_BUNDLE", certifi.where())
+    monkeypatch.setenv("SSL_CERT_FILE", pki.ca_file)
+    session = client_session(Settings.from_env())
+    url = f"https://127.0.0.1:{_serve(_answer(trickled=False), context)}/"
+    assert session.get(url, timeout=READ_TIMEOUT).content == BODY

@@ -136,7 +136,21 @@ class _HTTPSPool(HTTPSConnectionPool):
     ConnectionCls = _WatchedHTTPSConnection
 
 
-class _DeadlineAdapter(HTTPAdapter):
+class _Adapter(HTTPAdapter):
+    """Connections that join a ``deadline``, checked against ``ca_file`` when given."""
+
+    def __init__(self, ca_file: str | None):
+        self._ca_file = ca_file
+        super().__init__()
+
+    def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
+        # requests prefers REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, when set, to the session's
+        # own bundle: the one the settings name must win, or a machine whose CURL_CA_BUNDLE
+        # names the system bundle undoes SSL_CERT_FILE.
+        if self._ca_file and verify is not False:
+            verify = self._ca_file
+        return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies)
+
     def init_poolmanager(self, *args, **kwargs) -> None:
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
@@ -157,7 +171,5 @@ def client_session(settings: Settings) -> requests.Session:
     """
     session = requests.Session()
     for prefix in ("https://", "http://"):
-        session.mount(prefix, _DeadlineAdapter())
-    if settings.ca_file:
-        session.verify = settings.ca_file
+        session.mount(prefix, _Adapter(settings.ca_file))
     return session
