@@ -38,6 +38,20 @@ def delta_calls(server) -> int:
 
 # -- tokens ---------------------------------------------------------------------------
 
+def test_a_graph_answer_that_trickles_in_ends_the_call_at_its_deadline(graph_server):
+    # Each byte inside the 1 s read timeout; the answer would take minutes.
+    graph_server.set_members(TENANT, GROUP, users(3))
+    client = graph_client(graph_server, http_timeout_seconds=1.0)
+    client.list_subscriptions()                      # the token, before Graph slows down
+    graph_server.trickles["/v1.0/groups/delta"] = 0.3
+    started = time.monotonic()
+    with pytest.raises(UpstreamError, match="TimeoutError"):
+        client.group_delta(GROUP)
+    assert time.monotonic() - started < 4 * 1.0 + 2   # the call's deadline, not the trickle's end
+    graph_server.trickles.clear()
+    assert client.group_delta(GROUP).added == users(3)
+
+
 def test_client_secret_token_is_cached_and_stays_on_the_authority(graph_server):
     graph_server.set_members(TENANT, GROUP, users(3))
     client = graph_client(graph_server)

@@ -42,7 +42,7 @@ from urllib3.util.retry import Retry
 from .config import Settings
 from .errors import ConfigError, RateLimited, UpstreamError
 from .messages import USER_TYPE, is_guid
-from .outbound import client_session
+from .outbound import client_session, deadline
 
 _RETRY_AFTER = Retry()   # only its Retry-After parser is used: the waits are this client's own
 
@@ -78,6 +78,9 @@ EXPIRED_DELTA_CODES = frozenset({"syncstatenotfound", "resyncrequired"})
 RETRY_STATUSES = frozenset({429, 503})    # https://learn.microsoft.com/graph/throttling
 # The longest a client fails fast after giving up on a Retry-After (seconds).
 MAX_FAIL_FAST = 300.0
+# How many request timeouts one Graph call may take in all: the timeout bounds each read
+# only, and a connection that trickles its answer would otherwise hold a sync for ever.
+CALL_DEADLINE_TIMEOUTS = 4
 
 
 class DeltaExpired(UpstreamError):
@@ -224,6 +227,9 @@ class GraphClient:
         self._graph = settings.graph_url.rstrip("/")
         self._origin = urlsplit(self._graph)[:2]
         self._timeout = settings.http_timeout_seconds
+        # A whole answer, however it trickles in: a delta page of 999 members is a few
+        # hundred KB, and a subscription's POST waits for Graph to validate our URL.
+        self._deadline = CALL_DEADLINE_TIMEOUTS * self._timeout
         self._session = session or client_session(settings)
         self._metadata_url = metadata_url
         self._sleep, self._retries, self._max_wait = sleep, retries, max_wait
@@ -307,10 +313,11 @@ class GraphClient:
         while True:
             token = self._token()
             try:
-                resp = self._session.request(
-                    method, url, json=body, timeout=self._timeout,
-                    headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
-            except requests.RequestException as e:
+                with deadline(self._deadline, what):
+                    resp = self._session.request(
+                        method, url, json=body, timeout=self._timeout,
+                        headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
+            except (requests.RequestException, TimeoutError) as e:
                 raise UpstreamError(f"{what}: {type(e).__name__}") from None
             if resp.status_code in RETRY_STATUSES:
                 wait = _retry_after(resp, attempt)

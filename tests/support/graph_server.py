@@ -140,6 +140,7 @@ class GraphServer:
         self._faults: list[tuple[int, str | None, str]] = []
         self._entra_down: dict[str, int] = {}   # tenant -> status its discovery and token endpoints answer
         self.delays: dict[str, float] = {}    # path -> seconds to wait before answering (slow Graph)
+        self.trickles: dict[str, float] = {}  # path -> seconds between the bytes of its whole answer
         self._lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
 
@@ -611,8 +612,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         for k, v in headers.items():
             self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
+        gap = self.app.trickles.get(url.path)
+        if gap is None:
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        answer = b"".join(self._headers_buffer) + b"\r\n" + data   # status line and headers too
+        self._headers_buffer = []
+        for i in range(len(answer)):
+            try:
+                self.wfile.write(answer[i:i + 1])
+                self.wfile.flush()
+            except OSError:   # the client gave up
+                return
+            time.sleep(gap)
 
     do_GET = do_POST = do_PATCH = do_DELETE = _serve
 
