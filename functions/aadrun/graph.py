@@ -190,18 +190,21 @@ def _failure(error: Exception) -> str:
 
 
 class _MsalHttp:
-    """The shared session as MSAL's http_client, with our timeout on every call."""
+    """The shared session as MSAL's http_client, with our timeout and deadline on every
+    call (MSAL asks for a token under the client's lock)."""
 
     def __init__(self, session: requests.Session, timeout: float):
         self._session, self._timeout = session, timeout
 
     def post(self, url, params=None, data=None, headers=None, **kwargs):
         kwargs.setdefault("timeout", self._timeout)
-        return self._session.post(url, params=params, data=data, headers=headers, **kwargs)
+        with deadline(CALL_DEADLINE_TIMEOUTS * self._timeout, "token endpoint"):
+            return self._session.post(url, params=params, data=data, headers=headers, **kwargs)
 
     def get(self, url, params=None, headers=None, **kwargs):
         kwargs.setdefault("timeout", self._timeout)
-        return self._session.get(url, params=params, headers=headers, **kwargs)
+        with deadline(CALL_DEADLINE_TIMEOUTS * self._timeout, "authority metadata"):
+            return self._session.get(url, params=params, headers=headers, **kwargs)
 
     def close(self):
         pass  # the session belongs to GraphClient
@@ -276,7 +279,7 @@ class GraphClient:
     def _token(self) -> str:
         try:
             result = self._app().acquire_token_for_client(scopes=[graph_scope(self._graph)])
-        except (requests.RequestException, msal.exceptions.MsalError) as e:
+        except (requests.RequestException, msal.exceptions.MsalError, TimeoutError) as e:
             # MSAL raises its own error for an HTTP error it does not parse (a 5xx).
             # (No status_code: a caller reads a 404 as "the Graph resource is gone".)
             raise UpstreamError(f"token request failed for tenant {self.tenant}: {_failure(e)}") from e

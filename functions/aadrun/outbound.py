@@ -84,7 +84,7 @@ def deadline(seconds: float, what: str):
     at a time would hold the call (and whatever lock its caller holds) for ever.
     Raises ``TimeoutError`` naming ``what`` when the deadline passed before the block
     ended: an answer that ends when its connection does may otherwise look complete."""
-    state = _Deadline(seconds)
+    state, outer = _Deadline(seconds), getattr(_current, "deadline", None)
     _current.deadline = state
     state.start()
     try:
@@ -95,7 +95,7 @@ def deadline(seconds: float, what: str):
         raise
     finally:
         state.close()
-        _current.deadline = None
+        _current.deadline = outer
     if state.expired:
         raise TimeoutError(f"{what}: no complete answer within {seconds:g} s")
 
