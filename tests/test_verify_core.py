@@ -911,6 +911,9 @@ def test_a_store_failure_denies_until_the_store_answers_again(world):
         view.lookup(TENANT_A, ALICE, (G_ENG,))
     clock[0] += 0.2
     assert view.lookup(TENANT_A, ALICE, (G_ENG,)) == {G_ENG: True}
+    for _ in range(4):   # and every lookup after it, within the poll interval and past it
+        clock[0] += 0.07
+        assert view.lookup(TENANT_A, ALICE, (G_ENG,)) == {G_ENG: True}
 
 
 def test_a_membership_read_that_a_removal_overtook_is_never_cached(tmp_path):

@@ -298,11 +298,32 @@ def test_an_oversized_request_is_a_logged_decision_too(stack):
     before = len(too_large(server.log_entries()))
     status, _, body = call(server, raw=b"{" + b" " * 65537 + b"}", headers={"Content-Type": "application/json"})
     assert (status, body) == (413, b"")
+    status, _, body = call(server, raw=b"{" + b" " * (64 * 1024 - 2) + b"}", headers={"Content-Type": "application/json"})
+    assert (status, json.loads(body)["reason"]) == (400, "bad_request")   # 64 KiB exactly: read (and refused)
     status, _, body = call(server, raw=b" " * 65537, path="/verify?service=billing")   # forward-auth
     assert (status, body) == (413, b"")
     lines = too_large(server.log_entries(until=lambda entries: len(too_large(entries)) > before + 1))[before:]
     assert [(e["status"], e["allow"], e["severity"], e["mode"]) for e in lines] == [
         (413, False, "NOTICE", "api"), (413, False, "NOTICE", "forward_auth")]
+
+
+def test_a_decision_line_says_who_was_decided_for_where_and_how(stack, idp):
+    # CONTRACT §9: one audit entry per decision, which `aadrun audit` and a reviewer read.
+    server, _ = stack
+    answers = [json.loads(call(server, body={"service": "billing"}, headers=bearer(token(idp, oid=oid)))[2])
+               for oid in (ALICE, BOB)]
+    ids = {a["decision_id"] for a in answers}
+
+    def decided(entries):
+        found = [e for e in entries if e.get("event") == "decision" and e.get("decision_id") in ids]
+        return found if len(found) == len(ids) else []
+
+    lines = {e["decision_id"]: e for e in decided(server.log_entries(until=decided))}
+    assert [(lines[a["decision_id"]]["subject"], lines[a["decision_id"]]["tenant"], lines[a["decision_id"]]["service"],
+             lines[a["decision_id"]]["allow"], lines[a["decision_id"]]["reason"], lines[a["decision_id"]]["status"])
+            for a in answers] == [(ALICE, TENANT_A, "billing", True, "ok", 200),
+                                  (BOB, TENANT_A, "billing", False, "not_member", 403)]
+    assert (lines[answers[0]["decision_id"]]["via"], lines[answers[0]["decision_id"]]["rule"]) == (G_ENG, 0)
 
 
 def test_decision_log_lines_never_contain_the_token_only_its_sha256_prefix(stack, idp):

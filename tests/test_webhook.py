@@ -222,6 +222,8 @@ def test_the_most_items_a_body_can_hold_are_all_accepted():
 def test_other_paths_and_methods(method, path, status):
     response = make_webhook().handle(HttpRequest(method, path, {}, {}, b""))
     assert response.status == status
+    if status == 405:   # RFC 9110 §15.5.6
+        assert response.headers["Allow"] == "POST"
 
 
 def test_empty_value_list_is_accepted():
@@ -242,6 +244,11 @@ def test_golden_payloads_are_published(case, records):
     assert len(recorder.batches) == 1  # one publish per POST, confirmed before the 202
     logged = [f["message_id"] for f in fields(records, "membership_notification") + fields(records, "lifecycle_notification")]
     assert sorted(logged) == sorted(m.id for m in recorder.messages)
+    # Each change's line says whom it adds and removes (CONTRACT §9).
+    changes = {m.id: m for m in recorder.messages if m.kind == "membership"}
+    assert [(f["added"], f["removed"]) for f in fields(records, "membership_notification")] == [
+        (list(changes[f["message_id"]].added), list(changes[f["message_id"]].removed))
+        for f in fields(records, "membership_notification")]
 
 
 def test_lifecycle_item_on_the_notification_url_is_a_lifecycle_event():
@@ -288,9 +295,24 @@ def test_bad_client_state_is_dropped_and_logged(name, state, reason, records):
     assert [m.subscription for m in recorder.messages] == ["5c1b6e6a-3f0e-4e55-9a1c-0c6c3a0f2b7d"]
     [event] = fields(records, "security")
     assert event["reason"] == reason
+    assert [r.levelname for r in records if getattr(r, "json_fields", {}).get("event") == "security"] == ["WARNING"]
     assert event["tenant"] == TENANT and event["subscription"] == "092ba742-89d2-4417-a4c7-c120db062842"
     logged = json.dumps([r.json_fields for r in records if hasattr(r, "json_fields")])
     assert STATE not in logged and "not-the-state" not in logged
+
+
+def test_every_configured_client_state_is_compared_in_constant_time(monkeypatch):
+    # A timing test would be noise; the comparison itself is what keeps the secret's
+    # prefix from showing in the answer time (and every state is compared, not the first match).
+    import aadrun.webhook
+
+    compared = []
+    real = aadrun.webhook.hmac.compare_digest
+    monkeypatch.setattr(aadrun.webhook.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    recorder = Recorder()
+    assert post(make_webhook(recorder), {"value": [item(clientState=STATE)]}).status == 202
+    assert compared == [(STATE.encode(), STATE.encode()), (STATE.encode(), OLD_STATE.encode())]
+    assert len(recorder.messages) == 1
 
 
 ITEM_DROPS = [

@@ -188,6 +188,19 @@ def test_rejected_and_dropped_posts_publish_nothing(stack, subscription):
     assert [m["id"] for m in decoded(got)] == [golden_messages("members_removed_string")[0]["id"]]
 
 
+def test_a_body_of_exactly_one_mib_is_published_one_byte_more_is_413(stack, subscription):
+    # CONTRACT §5: 413 only over 1 MiB. Graph does not send a 4xx again, so a lower limit
+    # anywhere on the way (the serving stack, the entry point) would lose the batch.
+    server, pubsub, _ = stack
+    body = golden("members_added").rstrip()
+    padded = body[:-1] + b" " * (MAX_BODY - len(body)) + body[-1:]   # JSON's own blanks
+    assert len(padded) == MAX_BODY
+    assert post(server.url, padded)[0] == 202
+    got = pubsub.pull(subscription, until=lambda m: len(m) >= 1)
+    assert [m["id"] for m in decoded(got)] == [golden_messages("members_added")[0]["id"]]
+    assert post(server.url, padded[:-1] + b" " + padded[-1:])[0] == 413
+
+
 def test_bus_fails_fast_on_a_missing_topic_then_publishes_on_the_same_key(pubsub_emulator):
     pubsub = PubSub(pubsub_emulator)
     suffix = uuid.uuid4().hex[:8]
