@@ -632,8 +632,9 @@ def test_drift_restores_managed_members_and_reports_the_rest(world, audit_lines)
     app.maintenance.run(["reconcile"])
     assert world.members() == {user(ALICE), user(CAROL)}
     condition = {"title": "office hours", "expression": "request.time.getHours('UTC') < 18"}
+    # (CAROL, whom aadrun grants, in the conditional binding too: that grant is not aadrun's.)
     foreign = [{"role": "roles/run.admin", "members": ["user:ops@example.com"]},
-               {"role": INVOKER, "members": ["user:cond@example.com"], "condition": condition}]
+               {"role": INVOKER, "members": ["user:cond@example.com", user(CAROL)], "condition": condition}]
     # Behind aadrun's back: ALICE's grant removed, EVE added beside CAROL, admins and a condition.
     world.cloudrun.set_policy(BILLING, {"version": 3, "bindings": [
         {"role": INVOKER, "members": [user(CAROL), "user:eve@example.com"]}, *foreign]})
@@ -643,7 +644,8 @@ def test_drift_restores_managed_members_and_reports_the_rest(world, audit_lines)
     assert (report["restored"], report["removed"]) == ({INVOKER: [user(ALICE)]}, {})
     assert {json.dumps(u, sort_keys=True) for u in report["unmanaged"]} == {json.dumps(u, sort_keys=True) for u in [
         {"role": INVOKER, "members": ["user:eve@example.com"]}, {"role": "roles/run.admin", "members": [
-            "user:ops@example.com"]}, {"role": INVOKER, "members": ["user:cond@example.com"], "condition": condition}]}
+            "user:ops@example.com"]}, {"role": INVOKER, "members": sorted(["user:cond@example.com", user(CAROL)]),
+                                       "condition": condition}]}
     assert world.members() == {user(ALICE), user(CAROL), "user:eve@example.com"}
     bindings = world.cloudrun.policy(BILLING)["bindings"]
     assert all(b in bindings for b in foreign)

@@ -754,6 +754,23 @@ def test_record_iam_under_a_lease_writes_nothing_once_the_lease_is_lost(backend)
     assert a.managed_members(run) == {invoker: {"p/u2"}} and len(a.changes()) == logged
 
 
+def test_store_lease_renew_keeps_it_past_its_first_expiry(backend):
+    a, b = backend(), backend()
+    taken = time.monotonic()
+    with StoreLease(a, "iam/z", "h1", ttl=1.5) as lease:
+        time.sleep(0.6)                     # past a third of its ttl: renewed until about 2.1 s
+        lease.renew()
+        sleep_past(taken + 1.5)             # past the expiry it had when taken
+        assert not b.acquire_lease("iam/z", "h2", 30)
+        lease.confirm()
+
+
+def test_a_user_both_added_and_removed_in_one_update_is_neither(store):
+    store.apply(GroupUpdate(T, G, sync=synced()))
+    entries = store.apply(GroupUpdate(T, G, added=users("u1"), removed=users("u1")))
+    assert store.group_members(T, G) == set() and [e.kind for e in entries if e.user == "u1"] == []
+
+
 def test_store_lease_confirm_raises_once_another_holder_had_the_lease(backend):
     a, b = backend(), backend()
     with StoreLease(a, "iam/y", "h1", ttl=TTL) as lease:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime as dt
 import json
 import threading
 import time
@@ -66,6 +67,19 @@ def test_add_then_removal_end_to_end_on_each_store(world, app, store_url):
         time.sleep(0.01)
     assert world.members(REPORTS) == {user(ALICE)}
     assert app.store.managed_members(REPORTS) == {INVOKER: {user(ALICE)}}
+
+
+def test_a_notified_removal_is_one_audit_line_and_one_change_log_entry(world, app, audit_lines):
+    # CONTRACT §9: every membership change is one audit entry, the removal first of all.
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    world.graph.remove_members(TENANT, G_ENG, [BOB])
+    notice = change(G_ENG, removed=[BOB])
+    app.sync.handle_messages([notice])
+    removals = [line for line in audit_lines if line.get("event") == "membership_change"
+                and line.get("kind") == "member_removed"]
+    assert [(line["user"], line["group"], line["message_id"]) for line in removals] == [(BOB, G_ENG, notice.id)]
+    assert [e.user for e in app.store.changes() if e.kind == "member_removed"] == [BOB]
 
 
 @pytest.mark.parametrize("store_url", ["firestore"], indirect=True)
@@ -731,6 +745,17 @@ def test_a_lifecycle_event_of_a_tenant_no_policy_names_any_more_is_ignored(world
     assert summary.ignored == 1 and world.graph.calls() == []
     [line] = [a for a in audit_lines if a["event"] == "message_ignored"]
     assert (line["reason"], line["lifecycle_event"]) == ("unknown_tenant", event)
+
+
+@pytest.mark.parametrize("minutes, renew_may", [(9.9, False), (10.1, True)])
+def test_renewal_and_reauthorization_are_ten_minutes_apart(app, monkeypatch, minutes, renew_may):
+    # FACTS: reauthorize or renew a subscription, not both within 10 minutes.
+    import aadrun.store.sqlite as sqlite_store
+
+    start = sqlite_store.utcnow()
+    assert claim_touch(app.store, "sub-1", "reauthorize")
+    monkeypatch.setattr(sqlite_store, "utcnow", lambda: start + dt.timedelta(minutes=minutes))
+    assert claim_touch(app.store, "sub-1", "renew") is renew_may
 
 
 def test_a_reauthorization_that_failed_does_not_defer_the_renewal(world, app):
