@@ -22,6 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.support.slow import head_and_body, write_slowly
+
 
 class SigningKey:
     def __init__(self, kid: str | None = None, issuer: str | None = None):
@@ -158,24 +160,17 @@ def _handler(idp: DevIdentityProvider):
 
         def _send(self, status: int, body: dict) -> None:
             data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
             if idp.trickle and idp.trickle_head:
-                data = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
-                    status, self.responses[status][0].encode(), len(data), data)
+                data = head_and_body(self, data)
             else:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-            if not idp.trickle:
+            if idp.trickle:
+                write_slowly(self.wfile, data, idp.trickle)
+            else:
                 self.wfile.write(data)
-                return
-            for i in range(len(data)):
-                try:
-                    self.wfile.write(data[i:i + 1])
-                    self.wfile.flush()
-                except OSError:   # the client gave up
-                    return
-                time.sleep(idp.trickle)
 
         def log_message(self, *args) -> None:  # keep test and dev output clean
             pass

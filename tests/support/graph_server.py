@@ -37,6 +37,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from tests.support.slow import head_and_body, write_slowly
+
 GROUP_TYPE, USER_TYPE = "#microsoft.graph.group", "#microsoft.graph.user"
 GOOGLE_ISSUER, FEDERATION_AUDIENCE = "https://accounts.google.com", "api://AzureADTokenExchange"
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -616,16 +618,8 @@ class _Handler(BaseHTTPRequestHandler):
         if gap is None:
             self.end_headers()
             self.wfile.write(data)
-            return
-        answer = b"".join(self._headers_buffer) + b"\r\n" + data   # status line and headers too
-        self._headers_buffer = []
-        for i in range(len(answer)):
-            try:
-                self.wfile.write(answer[i:i + 1])
-                self.wfile.flush()
-            except OSError:   # the client gave up
-                return
-            time.sleep(gap)
+        else:
+            write_slowly(self.wfile, head_and_body(self, data), gap)   # status line and headers too
 
     do_GET = do_POST = do_PATCH = do_DELETE = _serve
 
