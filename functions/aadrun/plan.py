@@ -145,9 +145,9 @@ class Desired(dict):
     principals each service naming the resource asks for: a refusal over the limit
     names them, and the one whose groups to bind as groups is not always the first."""
 
-    def __init__(self, members: Members | None = None, asked: Mapping[str, int] | None = None):
-        super().__init__(members or {})
-        self.asked = dict(asked or {})
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: dict[str, int] = {}
 
 
 def desired_on(policy: Policy, cloud_run: str, members_of: MembersOf) -> Desired:
