@@ -66,7 +66,10 @@ def test_scenario_passes_across_processes_with_the_emulators(tmp_path):
 
 def test_ctrl_c_stops_everything(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "devstack.py"), "--port", str(port),
+    # Started with SIGINT ignored, as a shell starts a background job (and a CI runner may
+    # start the whole suite): Ctrl-C must stop it all the same.
+    proc = subprocess.Popen(["bash", "-c", 'trap "" INT; exec "$@"', "dev", sys.executable,
+                             str(ROOT / "scripts" / "devstack.py"), "--port", str(port),
                              "--state", str(tmp_path / "dev")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     lines: queue.Queue = queue.Queue()
