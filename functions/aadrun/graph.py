@@ -193,17 +193,17 @@ class _MsalHttp:
     """The shared session as MSAL's http_client, with our timeout and deadline on every
     call (MSAL asks for a token under the client's lock)."""
 
-    def __init__(self, session: requests.Session, timeout: float):
-        self._session, self._timeout = session, timeout
+    def __init__(self, session: requests.Session, timeout: float, call_deadline: float):
+        self._session, self._timeout, self._deadline = session, timeout, call_deadline
 
     def post(self, url, params=None, data=None, headers=None, **kwargs):
         kwargs.setdefault("timeout", self._timeout)
-        with deadline(CALL_DEADLINE_TIMEOUTS * self._timeout, "token endpoint"):
+        with deadline(self._deadline, "token endpoint"):
             return self._session.post(url, params=params, data=data, headers=headers, **kwargs)
 
     def get(self, url, params=None, headers=None, **kwargs):
         kwargs.setdefault("timeout", self._timeout)
-        with deadline(CALL_DEADLINE_TIMEOUTS * self._timeout, "authority metadata"):
+        with deadline(self._deadline, "authority metadata"):
             return self._session.get(url, params=params, headers=headers, **kwargs)
 
     def close(self):
@@ -253,7 +253,7 @@ class GraphClient:
                     self._msal = msal.ConfidentialClientApplication(
                         self._settings.client_id, client_credential=credential,
                         authority=f"{self._settings.authority_url.rstrip('/')}/{self.tenant}",
-                        http_client=_MsalHttp(self._session, self._timeout),
+                        http_client=_MsalHttp(self._session, self._timeout, self._deadline),
                         # Skip the login.microsoftonline.com instance check: the
                         # authority comes from validated configuration (https).
                         instance_discovery=False)
