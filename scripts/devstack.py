@@ -304,8 +304,8 @@ def main() -> int:
     stack = Stack(Path(args.state), args.emulators, args.port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    # Ctrl-C stops everything even when started with SIGINT ignored (as a shell's
-    # background job, or a test runner's worker, passes it on): Python then installs
+    # Ctrl-C stops everything even when started with SIGINT ignored (a shell's background
+    # job is, and so is everything a suite started that way starts): Python then installs
     # no handler of its own.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:

@@ -85,19 +85,20 @@ def deadline(seconds: float, what: str):
     Raises ``TimeoutError`` naming ``what`` when the deadline passed before the block
     ended: an answer that ends when its connection does may otherwise look complete."""
     state, outer = _Deadline(seconds), getattr(_current, "deadline", None)
+    late = f"{what}: no complete answer within {seconds:g} s"
     _current.deadline = state
     state.start()
     try:
         yield
     except Exception as e:
         if state.expired:
-            raise TimeoutError(f"{what}: no complete answer within {seconds:g} s") from e
+            raise TimeoutError(late) from e
         raise
     finally:
         state.close()
         _current.deadline = outer
     if state.expired:
-        raise TimeoutError(f"{what}: no complete answer within {seconds:g} s")
+        raise TimeoutError(late)
 
 
 class _Watched:

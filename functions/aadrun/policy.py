@@ -325,7 +325,7 @@ def parse_documents(docs: list[tuple[dict, dict[str, int], str]], *, complete: b
     # Tenant id, service name -> (file, field): apart, as a service may be named like a tenant.
     where_tenant: dict[str, tuple[_Checker, str]] = {}
     where_service: dict[str, tuple[_Checker, str]] = {}
-    singles: dict[str, tuple[str, str]] = {}
+    singles: dict[str, tuple[object, str]] = {}   # principal, group_principal -> (value as given, file)
     errors: list[PolicyError] = []
     # The tenants named by services that did not parse: references are all reported.
     unparsed: list[tuple[_Checker, str, str]] = []
@@ -431,7 +431,7 @@ def _top_level(c: _Checker, data: dict) -> None:
 _PLACEHOLDERS = {"principal": "{oid}", "group_principal": "{group_id}"}
 
 
-def _single(c: _Checker, data: dict, key: str, singles: dict[str, tuple[str, str]]) -> None:
+def _single(c: _Checker, data: dict, key: str, singles: dict[str, tuple[object, str]]) -> None:
     """``principal`` or ``group_principal``: given once in the policy, an IAM member
     with its one placeholder. Recorded even when wrong, so the rules that need it are
     not reported as missing it too."""
