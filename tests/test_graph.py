@@ -451,7 +451,7 @@ def test_subscription_lifecycle(graph_server):
     client = graph_client(graph_server)
     expiry = max_expiration()
     sub = client.create_subscription(f"/groups/{GROUP}", HOOK, HOOK + "/lifecycle", "state-1", expiry)
-    assert sub["changeType"] == "updated" and sub["clientState"] == "state-1"
+    assert sub["changeType"] == "updated,deleted" and sub["clientState"] == "state-1"
     assert sub["lifecycleNotificationUrl"] == HOOK + "/lifecycle"
     with pytest.raises(SubscriptionExists) as err:
         client.create_subscription(f"/groups/{GROUP}", HOOK, None, "state-1", expiry)

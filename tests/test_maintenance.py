@@ -125,7 +125,7 @@ def test_subscriptions_pass_the_real_validation_handshake(world, tmp_path):
     assert sorted(world.graph.validations) == sorted([(webhook.url, True), (webhook.url + "/lifecycle", True)] * 2)
     for group in (G_ENG, G_STAFF):
         sub = world.subs()[f"/groups/{group}"]
-        assert (sub["changeType"], sub["clientState"]) == ("updated", STATE)
+        assert (sub["changeType"], sub["clientState"]) == ("updated,deleted", STATE)
         assert (sub["notificationUrl"], sub["lifecycleNotificationUrl"]) == (webhook.url, webhook.url + "/lifecycle")
 
 
@@ -306,6 +306,20 @@ def test_subscriptions_made_before_states_were_recorded_are_replaced_once(world)
     assert set(actions(summary).values()) == {"replaced"}
     assert all("unknown" in a["why"] for a in summary["tasks"]["subscriptions"]["actions"] if a["action"] == "replaced")
     assert {s["clientState"] for s in world.subs().values()} == {STATE}
+    assert set(actions(world.app().maintenance.run(["subscriptions"])).values()) == {"kept"}
+
+
+def test_a_subscription_not_told_of_permanent_deletions_is_replaced_once(world):
+    world.app().maintenance.run(["subscriptions"])
+    # As an earlier version made it: "updated" alone, which a security group's permanent
+    # deletion does not fire. Graph cannot change a subscription's changeType.
+    old = world.subs()[f"/groups/{G_ENG}"]
+    world.graph.edit_subscription(TENANT, CLIENT_ID, old["id"], changeType="updated")
+    summary = world.app().maintenance.run(["subscriptions"])
+    assert actions(summary) == {f"/groups/{G_ENG}": "replaced", f"/groups/{G_STAFF}": "kept"}
+    [replaced] = [a for a in summary["tasks"]["subscriptions"]["actions"] if a["action"] == "replaced"]
+    assert replaced["replaced"] == old["id"] and "'updated'" in replaced["why"]
+    assert {s["changeType"] for s in world.subs().values()} == {"updated,deleted"}
     assert set(actions(world.app().maintenance.run(["subscriptions"])).values()) == {"kept"}
 
 

@@ -854,6 +854,29 @@ def test_webhook_on_the_local_bus_answers_within_graphs_deadline_while_graph_is_
         local.sync.close()
 
 
+def test_a_permanently_deleted_group_s_notification_revokes_its_members_at_once(world, app):
+    # A security group deleted for good: Graph notifies changeType "deleted", with no
+    # members@delta, and delta query marks the group {"reason": "deleted"}.
+    from aadrun.http import HttpRequest
+
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    assert world.members(REPORTS) == {user(ALICE), user(BOB)}
+    world.graph.delete_group(TENANT, G_ENG, permanent=True)
+    local = App(dataclasses.replace(world.settings, client_states=("the-state",)))
+    notification = {"value": [{
+        "subscriptionId": "5ab5c000-0000-0000-0000-000000000001", "clientState": "the-state",
+        "changeType": "deleted", "resource": f"Groups/{G_ENG}", "tenantId": TENANT,
+        "resourceData": {"@odata.type": "#Microsoft.Graph.Group", "@odata.id": f"Groups/{G_ENG}", "id": G_ENG}}]}
+    request = HttpRequest("POST", "/", {}, {"content-type": "application/json"}, json.dumps(notification).encode())
+    try:
+        assert local.webhook.handle(request).status == 202   # on the local bus: synced before the answer
+    finally:
+        local.bus.close()
+        local.sync.close()
+    assert app.store.group_members(TENANT, G_ENG) == set() and world.members(REPORTS) == set()
+
+
 def test_graph_failure_raises_after_removals_and_iam_are_done(world, app):
     world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
     app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])

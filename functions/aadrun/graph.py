@@ -71,6 +71,11 @@ METADATA_IDENTITY_URL = ("http://metadata.google.internal/computeMetadata/v1/"
 FEDERATION_AUDIENCE = "api://AzureADTokenExchange"
 # https://learn.microsoft.com/graph/api/resources/subscription (maximum length of subscription per resource type)
 MAX_GROUP_SUBSCRIPTION_MINUTES = 41_760
+# What a group subscription asks to be told of. "updated" covers membership changes,
+# creation and soft deletion; a permanent deletion (a security group's, for one) is
+# "deleted" alone, and without it the group's members would keep their access until
+# the scheduled resync.
+SUBSCRIBED_CHANGES = "updated,deleted"
 SUBSCRIPTION_MARGIN = dt.timedelta(minutes=10)   # clock skew and request time
 # https://learn.microsoft.com/graph/delta-query-overview (synchronization reset):
 # an expired state token answers 410 Gone or a 4xx with one of these codes.
@@ -451,9 +456,9 @@ class GraphClient:
 
     def create_subscription(self, resource: str, notification_url: str, lifecycle_url: str | None,
                             client_state: str, expiration: dt.datetime) -> dict:
-        """POST /subscriptions for changeType "updated"; the created subscription.
+        """POST /subscriptions for ``SUBSCRIBED_CHANGES``; the created subscription.
         A 409 (this app already subscribes to ``resource``) raises ``SubscriptionExists``."""
-        body = {"changeType": "updated", "notificationUrl": notification_url, "resource": resource,
+        body = {"changeType": SUBSCRIBED_CHANGES, "notificationUrl": notification_url, "resource": resource,
                 "expirationDateTime": _iso(expiration), "clientState": client_state,
                 "latestSupportedTlsVersion": "v1_2"}
         if lifecycle_url:

@@ -31,7 +31,8 @@ held by the state's fingerprint. A subscription whose state is not the first of
 resource; the scheduled reconcile covers the moment between). That is how a
 rotation completes: with ``NEW,OLD`` configured, every subscription not known to
 carry NEW is replaced; OLD can go once that is done. One made before states were
-kept is replaced once too: its state is unknown.
+kept is replaced once too: its state is unknown. So is one made for fewer change
+types than ``SUBSCRIBED_CHANGES`` (Graph cannot change a subscription's type).
 
 Graph's lifecycle notifications name no resource, so the resource each was
 created for is kept the same way, as ``graph-subscription-resource/{id}`` held
@@ -54,7 +55,7 @@ from typing import Any
 from . import audit
 from .config import Settings
 from .errors import AadrunError, ConfigError, UpstreamError
-from .graph import GraphClient, SubscriptionExists, max_expiration
+from .graph import SUBSCRIBED_CHANGES, GraphClient, SubscriptionExists, max_expiration
 from .messages import group_of
 from .store import Store, utcnow
 
@@ -133,6 +134,13 @@ def _expiry(sub: dict) -> dt.datetime | None:
         return dt.datetime.fromisoformat(str(sub.get("expirationDateTime")).replace("Z", "+00:00"))
     except ValueError:
         return None
+
+
+def _asks_every_change(sub: dict) -> bool:
+    """Whether ``sub`` was made for every change type aadrun needs. Graph cannot
+    change a subscription's changeType (PATCH takes the expiry and the URL only)."""
+    have = {part.strip().lower() for part in str(sub.get("changeType") or "").split(",")}
+    return have >= set(SUBSCRIBED_CHANGES.split(","))
 
 
 @dataclasses.dataclass
@@ -262,6 +270,12 @@ class Subscriptions:
             sub = None
         if sub is None:
             return self._create(run, resource)
+        elif not _asks_every_change(sub):
+            self._forget(run, sub, resource, replacing=True)
+            return self._create(run, resource, "replaced", replaced=sub["id"],
+                                why=f"it was made for changeType {sub.get('changeType')!r}, not "
+                                f"{SUBSCRIBED_CHANGES!r} (by an earlier version): a permanent deletion of "
+                                "the group would not be notified")
         elif (recorded := self._recorded_state(sub)) != state_fingerprint(self.settings.client_states[0]):
             self._forget(run, sub, resource, replacing=True)
             return self._create(run, resource, "replaced", replaced=sub["id"],

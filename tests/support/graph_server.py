@@ -43,6 +43,7 @@ GROUP_TYPE, USER_TYPE = "#microsoft.graph.group", "#microsoft.graph.user"
 GOOGLE_ISSUER, FEDERATION_AUDIENCE = "https://accounts.google.com", "api://AzureADTokenExchange"
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_GROUP_MINUTES = 41_760   # https://learn.microsoft.com/graph/api/resources/subscription
+CHANGE_TYPES = frozenset({"created", "updated", "deleted"})   # a subscription's, comma-separated
 
 
 _GONE = object()   # a delta item meaning "the group itself was removed"
@@ -113,6 +114,7 @@ class _Tenant:
     groups: dict = dataclasses.field(default_factory=dict)    # group -> {member id: @odata.type}
     deleted: set = dataclasses.field(default_factory=set)
     bin: dict = dataclasses.field(default_factory=dict)       # deleted group -> its members, for a restore
+    purged: set = dataclasses.field(default_factory=set)      # permanently deleted groups
     journal: list = dataclasses.field(default_factory=list)   # (seq, group, member id | None, type)
     seq: int = 0
 
@@ -217,10 +219,16 @@ class GraphServer:
         with self._lock:
             return {m for m, k in self._tenant(tenant).groups.get(group, {}).items() if k == USER_TYPE}
 
-    def delete_group(self, tenant: str, group: str) -> None:
+    def delete_group(self, tenant: str, group: str, permanent: bool = False) -> None:
+        """Delete a group: soft (restorable, as a Microsoft 365 group is) or permanent (as
+        a security group is), which delta query marks ``{"reason": "deleted"}``."""
         with self._lock:
             t = self._tenant(tenant)
-            t.bin[group] = t.groups.pop(group, {})
+            members = t.groups.pop(group, {})
+            if permanent:
+                t.purged.add(group)
+            else:
+                t.bin[group] = members
             t.deleted.add(group)
             self._touch(t, group, None, GROUP_TYPE)
 
@@ -286,6 +294,12 @@ class GraphServer:
     def subscriptions(self, tenant: str, client_id: str) -> dict[str, dict]:
         with self._lock:
             return {k: dict(v) for k, v in self._subs.get((tenant, client_id), {}).items()}
+
+    def edit_subscription(self, tenant: str, client_id: str, subscription_id: str, **fields) -> None:
+        """Change a subscription's fields behind the client's back (e.g. to what an
+        earlier version of it made)."""
+        with self._lock:
+            self._subs[(tenant, client_id)][subscription_id].update(fields)
 
     def set_expiration(self, tenant: str, client_id: str, subscription_id: str, when: dt.datetime) -> None:
         """Move a subscription's expiry (e.g. close to now, to test renewal)."""
@@ -376,7 +390,8 @@ class GraphServer:
             groups = state["groups"] if state["groups"] is not None else sorted(t.groups)
             items = [(g, e) for g in groups if g in t.groups and g not in t.deleted
                      for e in ([{"@odata.type": k, "id": m} for m, k in t.groups[g].items()] or [None])]
-        return self._page({"tenant": tenant, "items": items, "state": {**state, "seq": t.seq}})
+        return self._page({"tenant": tenant, "items": items, "state": {**state, "seq": t.seq},
+                           "purged": set(t.purged)})
 
     @staticmethod
     def _filter(text: str | None) -> list[str] | None:
@@ -423,7 +438,8 @@ class GraphServer:
         objects: list[dict] = []
         for g, entry in items:   # consecutive entries of one group share one group object
             if entry is _GONE:
-                objects.append({"@odata.type": GROUP_TYPE, "id": g, "@removed": {"reason": "changed"}})
+                reason = "deleted" if g in cursor["purged"] else "changed"
+                objects.append({"@odata.type": GROUP_TYPE, "id": g, "@removed": {"reason": reason}})
                 continue
             if not objects or objects[-1]["id"] != g or "@removed" in objects[-1]:
                 objects.append({"@odata.type": GROUP_TYPE, "id": g, "members@delta": []})
@@ -458,6 +474,8 @@ class GraphServer:
         for field in ("changeType", "notificationUrl", "resource", "expirationDateTime"):
             if not body.get(field):
                 raise HttpError(400, "InvalidRequest", f"{field} is required.")
+        if not set(str(body["changeType"]).split(",")) <= CHANGE_TYPES:
+            raise HttpError(400, "InvalidRequest", "changeType must be created, updated and/or deleted.")
         if self.require_https_notifications and not body["notificationUrl"].startswith("https://"):
             raise HttpError(400, "InvalidRequest", "notificationUrl must be https.")
         if len(body.get("clientState") or "") > 128:
