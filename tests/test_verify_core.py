@@ -298,6 +298,24 @@ def test_a_key_signs_only_for_the_issuer_its_key_set_names(world, idp, issuer, r
     assert world[0].decide("billing", good(idp, key=key)).reason == reason
 
 
+@pytest.mark.parametrize("claims, reason, shown", [
+    (dict(aud=["api://billing", "api://other"]), "wrong_audience", "aud is a list of 2: it must be one string"),
+    (dict(aud="api://other"), "wrong_audience", "aud 'api://other' is not an accepted audience of the service "
+                                                "(api://billing)"),
+    (dict(exp=1_700_000_000), "expired", "exp 2023-11-14T22:13:20Z is past (now "),
+    (dict(exp="soon"), "expired", "exp is missing or not a NumericDate"),
+    (dict(nbf=4_000_000_000), "not_yet_valid", "nbf 2096-10-02T07:06:40Z is in the future (now "),
+    (dict(iss="https://issuer.example/"), "wrong_issuer", "iss 'https://issuer.example/' is not the tenant's "
+                                                          "issuer for an allowed token version (http"),
+])
+def test_a_refusal_s_detail_shows_the_values_that_failed(world, idp, claims, reason, shown):
+    # What explain shows an operator: the token's value and what was expected.
+    decision = world[0].decide("billing", good(idp, **claims))
+    assert decision.reason == reason and decision.detail.startswith(shown), decision.detail
+    if reason in ("expired", "not_yet_valid") and "NumericDate" not in shown:
+        assert decision.detail.endswith("leeway 60 s)")
+
+
 @pytest.mark.parametrize("version, client_app", [(2, {"azp": None, "azpacr": None, "scp": None}),
                                                  (1, {"appid": None, "appidacr": None, "scp": None})])
 def test_an_id_token_is_not_an_access_token(world, idp, tmp_path, version, client_app):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import datetime as dt
 import functools
 import hashlib
 import json
@@ -149,7 +150,8 @@ def verify_signed(token: str, tenant_versions: Callable[[str], tuple[int, ...] |
     iss = claims.get("iss")
     version = next((v for v, issuer in issuers.items() if issuer == iss), None)
     if version is None:
-        raise TokenError("wrong_issuer", "iss is not the tenant's issuer for an allowed token version")
+        raise TokenError("wrong_issuer", f"iss {_shown(iss)} is not the tenant's issuer for an allowed token "
+                                         f"version ({', '.join(issuers.values())})")
     if iss not in keyset.key_issuers.get(kid, ()):
         raise TokenError("wrong_issuer", "the signing key is not one of the token's issuer")
     return VerifiedToken(claims, kid, tid, version, versions, _is_access_token(claims))
@@ -168,11 +170,16 @@ _EARLIEST, _LATEST = -1e11, 1e11
 
 def check_time(claims: dict, now: float, leeway: float) -> None:
     exp = token_expiry(claims)
-    if exp is None or now > exp + leeway:
-        raise TokenError("expired", "exp missing or past")
+    if exp is None:
+        raise TokenError("expired", "exp is missing or not a NumericDate")
+    if now > exp + leeway:
+        raise TokenError("expired", f"exp {_when(exp)} is past (now {_when(now)}, leeway {leeway:g} s)")
     nbf = claims.get("nbf")
-    if nbf is not None and (not _is_time(nbf) or now + leeway < nbf):
-        raise TokenError("not_yet_valid", "nbf in the future")
+    if nbf is not None and not _is_time(nbf):
+        raise TokenError("not_yet_valid", "nbf is not a NumericDate")
+    if nbf is not None and now + leeway < nbf:
+        raise TokenError("not_yet_valid", f"nbf {_when(nbf)} is in the future (now {_when(now)}, "
+                                          f"leeway {leeway:g} s)")
 
 
 def token_expiry(claims: dict) -> float | None:
@@ -184,11 +191,28 @@ def token_expiry(claims: dict) -> float | None:
 def check_audience(token: VerifiedToken, accepted: tuple[str, ...]) -> None:
     aud = token.claims.get("aud")
     # One string only: a list would let a token minted for several APIs through.
+    if isinstance(aud, list):
+        raise TokenError("wrong_audience", f"aud is a list of {len(aud)}: it must be one string")
     if not isinstance(aud, str) or aud not in accepted:
-        raise TokenError("wrong_audience", "aud is not an accepted audience of the service")
+        raise TokenError("wrong_audience", f"aud {_shown(aud)} is not an accepted audience of the service "
+                                           f"({', '.join(accepted) or 'none'})")
     if not token.access_token:
         raise TokenError("wrong_audience", "an ID token (it names no client app, or carries a nonce): "
                                            "it is not for calling an API")
+
+
+def _when(value: float) -> str:
+    try:
+        return dt.datetime.fromtimestamp(value, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):   # a NumericDate before year 1
+        return f"{value:g}"
+
+
+def _shown(value) -> str:
+    """A claim's value for a failure's detail (explain shows it): the caller's own
+    input, so cut short."""
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _is_time(value) -> bool:
