@@ -80,7 +80,10 @@ def test_validate_warns_when_v2_tokens_could_never_match_an_audience(tmp_path):
     policy.write_text(V2_ONLY.replace("VERSIONS", "[2]"))
     code, out, _ = run("validate", "--policy", str(policy))
     assert code == 0 and out.startswith("warning: ") and out.splitlines()[-1].startswith("ok: ")
-    assert run("validate", "--policy", str(policy), "--strict")[0] == 1   # e.g. to stop a build
+    code, out, _ = run("validate", "--policy", str(policy), "--strict")   # e.g. to stop a build
+    assert code == 1 and out.splitlines()[-1].startswith("not ok (--strict): 2 warning(s) in 1 file(s)")
+    code, out, _ = run("validate", "--policy", str(policy), "--strict", "--json")
+    assert code == 1 and not json.loads(out)["valid"]
     code, out, _ = run("validate", "--policy", str(policy), "--json")
     report = json.loads(out)
     assert code == 0 and report["valid"]
@@ -115,6 +118,13 @@ def test_validate_warns_of_a_cloud_run_service_named_by_its_project_number(tmp_p
 def test_bad_usage_exits_2(tmp_path):
     assert run("explain")[0] == 2
     assert run("no-such-command")[0] == 2
+    # A command's unknown option or argument shows that command's usage, with its options.
+    for extra in ("--bogus", "stray"):
+        code, _, err = run("validate", extra)
+        assert code == 2 and err.startswith("usage: aadrun validate ") and "--strict" in err
+        assert f"error: unrecognized arguments: {extra}" in err
+    code, _, err = run("explain", "--service", "billing", "--token", "")   # "$UNSET_VARIABLE"
+    assert code == 2 and err.endswith("error: --token is empty\n")
     # A configuration variable that is invalid, or missing for the command.
     code, _, err = run("validate", env={"AADRUN_STORE": "postgres://x"})
     assert code == 2 and "AADRUN_STORE" in err and "Traceback" not in err

@@ -67,12 +67,14 @@ def cmd_validate(args, settings: Settings) -> int:
         return EXIT_FINDING
     warnings = [{"file": x.file, "line": x.line, "field": x.field, "message": x.message} for x in policy.warnings]
     # A warning is printed; with --strict it is a finding (exit 1), e.g. to stop a build.
-    payload = {"valid": True, "files": [str(f) for f in policy_files(path)], "tenants": sorted(policy.tenants),
+    refused = bool(warnings and args.strict)
+    payload = {"valid": not refused, "files": [str(f) for f in policy_files(path)], "tenants": sorted(policy.tenants),
                "services": sorted(policy.services), "warnings": warnings}
+    verdict = f"not ok (--strict): {len(warnings)} warning(s) in" if refused else "ok:"
     _emit(args, payload, lambda p: "".join(f"warning: {x}\n" for x in policy.warnings) +
-          f"ok: {len(p['files'])} file(s), {len(p['tenants'])} tenant(s), "
+          f"{verdict} {len(p['files'])} file(s), {len(p['tenants'])} tenant(s), "
           f"{len(p['services'])} service(s): {', '.join(p['services'])}")
-    return EXIT_FINDING if warnings and args.strict else EXIT_OK
+    return EXIT_FINDING if refused else EXIT_OK
 
 
 def _explain_token(args, app) -> dict:
@@ -122,6 +124,10 @@ def _explain_user(args, app) -> dict:
 def cmd_explain(args, settings: Settings) -> int:
     from .app import App
 
+    for flag, value in (("--token", args.token), ("--user", args.user)):
+        if value is not None and not value.strip():   # "$UNSET_VARIABLE"
+            print(f"error: {flag} is empty", file=sys.stderr)
+            return EXIT_USAGE
     if bool(args.token) == bool(args.user):
         print("explain needs exactly one of --token or --user", file=sys.stderr)
         return EXIT_USAGE
@@ -401,6 +407,7 @@ def parser() -> argparse.ArgumentParser:
     sub = root.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
+        p.set_defaults(command_parser=p)
         p.add_argument("--json", action="store_true", help="machine-readable output")
         for flags, options in ARGUMENTS[name]:
             p.add_argument(*flags, **options)
@@ -423,7 +430,9 @@ def _missing_store(settings: Settings) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args, extra = parser().parse_known_args(argv)
+    if extra:   # the command's own usage, which names the options it takes
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     audit.logger(sys.stderr)  # stdout carries the command's own output
     try:
         settings = Settings.from_env()
