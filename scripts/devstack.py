@@ -295,7 +295,7 @@ Ctrl-C stops everything."""
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Run the aadrun pipeline locally.")
+    parser = argparse.ArgumentParser(prog="scripts/dev", description="Run the aadrun pipeline locally.")
     parser.add_argument("--emulators", action="store_true", help="Pub/Sub + Firestore emulators, one process each")
     parser.add_argument("--port", type=int, default=8080, help="verify's port (default 8080)")
     parser.add_argument("--state", default=str(ROOT / ".aadrun" / "dev"), help="folder for local state")
@@ -308,8 +308,10 @@ def main() -> int:
     # job is, and so is everything a suite started that way starts): Python then installs
     # no handler of its own.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    started = False
     try:
         stack.start()
+        started = True
         ok = scenario(stack)
         stack.say("scenario " + ("passed" if ok else "FAILED"))
         if args.once:
@@ -323,7 +325,8 @@ def main() -> int:
         pass
     finally:
         stack.stop()
-        print("stopped", flush=True)
+        if started:   # a refusal to start (a port in use) says why, not "stopped"
+            print("stopped", flush=True)
     return 0
 
 

@@ -32,6 +32,7 @@ def test_a_state_folder_it_did_not_make_is_never_emptied(tmp_path):
     (tmp_path / "work" / "notes.txt").write_text("mine")
     proc = run_once(tmp_path / "work", free_port())
     assert proc.returncode != 0 and "not a scripts/dev state folder" in proc.stderr
+    assert "stopped" not in proc.stdout   # nothing was started
     assert [p.name for p in (tmp_path / "work").iterdir()] == ["notes.txt"]
     # One an earlier version made (no marker yet) is taken, and played in.
     earlier = tmp_path / "earlier"
@@ -50,8 +51,11 @@ def test_scenario_passes_in_embedded_mode(tmp_path):
     timeline = [line for line in proc.stdout.splitlines() if line.startswith("[")]
     assert any("verify denies Alice" in line for line in timeline)
     assert any("verify for Carol: 403 not_member" in line for line in timeline)
-    assert timeline[-1].endswith("scenario passed")
+    assert timeline[-1].endswith("scenario passed") and proc.stdout.splitlines()[-1] == "stopped"
     assert not listening(port)
+    usage = subprocess.run([sys.executable, str(ROOT / "scripts" / "devstack.py"), "--no-such-flag"],
+                           capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: scripts/dev ")
 
 
 def test_scenario_passes_across_processes_with_the_emulators(tmp_path):
