@@ -236,3 +236,4 @@ def test_explain_user(env):
     code, out, _ = run("explain", "--service", "billing", "--user", BOB, "--json", env=variables)
     result = json.loads(out)
     assert code == 1 and result["reason"] == "not_member" and result["groups"][0]["member"] is False
+    assert result["status"] == 403   # the status verify would answer, as explain --token says it

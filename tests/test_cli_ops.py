@@ -234,6 +234,9 @@ def test_audit_exports_the_change_log(ops, tmp_path):
     assert json.loads(run("audit", "--json", "--since", "2999-01-01T00:00:00Z")[1])["entries"] == []
     assert run("audit", "--since", "last tuesday")[0] == 2
     assert run("audit", "--format", "xml")[0] == 2
+    code, out, err = run("audit", "--format", "csv", "--json")   # two answers asked for: neither is guessed
+    assert (code, out) == (2, "") and "give one" in err
+    assert json.loads(run("audit", "--format", "json", "--json")[1])["count"] == 3
     target = tmp_path / "evidence.csv"
     code, out, _ = run("audit", "--output", str(target))
     assert code == 0 and out == "" and len(target.read_text().splitlines()) == 4

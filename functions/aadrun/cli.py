@@ -106,6 +106,7 @@ def _explain_token(args, app) -> dict:
 
 def _explain_user(args, app) -> dict:
     from .decide import decide
+    from .verify import STATUS
 
     policy = app.policy
     service = policy.services[args.service]   # cmd_explain checked it
@@ -117,8 +118,9 @@ def _explain_user(args, app) -> dict:
                        "synced_at": sync.synced_at.isoformat() if sync else None,
                        "source": "membership store (Microsoft Graph delta)" if sync else "never synced"})
     outcome = decide(service, tuple(args.role or ()), states)
-    return {"allow": outcome.allow, "reason": outcome.reason, "service": service.name, "subject": args.user,
-            "tenant": service.tenant, "rule": outcome.rule, "via": outcome.via, "groups": groups}
+    return {"allow": outcome.allow, "reason": outcome.reason, "status": STATUS[outcome.reason],
+            "service": service.name, "subject": args.user, "tenant": service.tenant, "rule": outcome.rule,
+            "via": outcome.via, "groups": groups}
 
 
 def cmd_explain(args, settings: Settings) -> int:
@@ -332,6 +334,9 @@ def cmd_audit(args, settings: Settings) -> int:
     may have been made just before a crash)."""
     from .store import open_store
 
+    if args.json and args.format == "csv":
+        print("error: --json asks for JSON and --format csv for CSV: give one", file=sys.stderr)
+        return EXIT_USAGE
     entries = [e.to_json() for e in open_store(settings.store_url, settings.project).changes(since=args.since)
                if args.claims or e.kind not in CLAIMS]
     try:
@@ -395,7 +400,7 @@ ARGUMENTS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
                (("--progress",), {"action": argparse.BooleanOptionalAction, "default": None,
                                   "help": "progress bar on stderr (default: when stderr is a terminal)"})],
     "audit": [(("--since",), {"type": since_arg, "help": "DATE or ISO 8601 time (UTC when no offset)"}),
-              (("--format",), {"choices": ("csv", "json"), "default": "csv"}),
+              (("--format",), {"choices": ("csv", "json"), "help": "csv (the default) or json"}),
               (("--output", "-o"), {"help": "write to this file instead of stdout"}),
               (("--claims",), {"action": "store_true",
                                "help": "also export iam_claimed / iam_unclaimed entries (no access change)"})],
