@@ -331,6 +331,31 @@ def test_functions_requirements_pin_the_runtime_packages_exactly_as_requirements
     assert pins(ROOT / "functions" / "requirements.txt") == runtime
 
 
+def test_every_package_the_runtime_needs_is_pinned_so_a_deploy_installs_what_was_tested():
+    # The closure of what the pinned runtime packages require (as installed here, markers
+    # evaluated), against the pins: a package left out would be resolved anew at each
+    # deploy, and one pinned but no longer needed would be installed for nothing.
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    runtime = {canonicalize_name(name): version for name, version in
+               pins(ROOT / "requirements.txt", section="runtime").items()}
+    needed, todo = set(), list(runtime)
+    while todo:
+        name = todo.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        assert metadata.version(name) == runtime.get(name), f"{name}: installed {metadata.version(name)}"
+        for text in metadata.requires(name) or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(requirement.name))
+    assert needed == set(runtime)
+
+
 def _substitutions(text: str) -> dict[str, str]:
     """gcloud's KEY=VALUE list, with its ``^D^`` form for another delimiter."""
     delimiter = ","
