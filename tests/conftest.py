@@ -52,3 +52,15 @@ def idp():
     its own, e.g. function-scoped where tests rotate keys)."""
     with DevIdentityProvider() as server:
         yield server
+
+
+# Tests that start emulators, a whole stack or a load generator of their own: one at a
+# time, on one worker (scripts/test runs with --dist loadgroup), so that two of them
+# never load a small machine together under the others' timeouts.
+_HEAVY = frozenset({"test_chaos.py", "test_devstack.py", "test_bench.py"})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in _HEAVY:
+            item.add_marker(pytest.mark.xdist_group("heavy"))

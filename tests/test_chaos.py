@@ -13,7 +13,8 @@ import chaos  # noqa: E402
 import chaos_load  # noqa: E402
 
 # Variables a lab sets for its processes; restored after each test.
-_ENV = ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "PUBSUB_EMULATOR_HOST", "FIRESTORE_EMULATOR_HOST")
+_ENV = ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "PUBSUB_EMULATOR_HOST", "FIRESTORE_EMULATOR_HOST",
+        "GOOGLE_CLOUD_PROJECT")
 
 
 @pytest.fixture

@@ -532,7 +532,7 @@ def test_a_first_read_cut_between_its_parts_stays_unknown_until_its_redelivery_f
 def test_a_first_read_of_a_large_group_fits_firestore_commits(firestore_emulator):
     # 6,000 members are about 4.6 MB of writes: more than one emulator commit takes (4 MiB;
     # production takes 10 MiB, about 13,000 members).
-    store = FirestoreStore(project=f"aadrun-test-{uuid.uuid4().hex[:12]}")
+    store = FirestoreStore(project=f"aadrun-test-{uuid.uuid4().hex[:12]}", timeout=30)   # size, not speed
     members = frozenset(f"0c000000-0000-0000-0000-{n:012d}" for n in range(6000))
     store.apply(GroupUpdate(T, G, replace=members, sync=synced(), source="t"))
     assert len(store.group_members(T, G)) == 6000

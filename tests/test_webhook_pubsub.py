@@ -54,8 +54,9 @@ class PubSub:
                                                      "enable_message_ordering": True})
         return name
 
-    def pull(self, subscription: str, until=lambda got: False, wait: float = 5.0) -> list:
-        """Pull and ack until ``until(messages)`` holds or ``wait`` seconds pass."""
+    def pull(self, subscription: str, until=lambda got: False, wait: float = 30.0) -> list:
+        """Pull and ack until ``until(messages)`` holds or ``wait`` seconds pass (a
+        shared emulator on a loaded machine may take seconds to deliver)."""
         got: list = []
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and not until(got):
@@ -246,7 +247,9 @@ def _bus_seen_on_the_wire(host: str):
     from google.cloud import pubsub_v1
 
     pubsub = PubSub(host)
-    settings = Settings(bus="pubsub", project=PROJECT, topic_changes=f"changes-{uuid.uuid4().hex[:8]}")
+    # These tests are about how messages are split into requests, not the deadline.
+    settings = Settings(bus="pubsub", project=PROJECT, topic_changes=f"changes-{uuid.uuid4().hex[:8]}",
+                        publish_timeout_seconds=30)
     subscription = pubsub.subscribe(pubsub.create_topic(settings.topic_changes))
     recorder = _PublishRecorder()
     channel = grpc.intercept_channel(grpc.insecure_channel(host), recorder)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import weakref
 
@@ -54,6 +55,7 @@ class Emulator:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.kind} emulator exited:\n{self._log_tail()}")
             if self.ready():
+                self._warm(max(5.0, deadline - time.monotonic()))
                 return self
             time.sleep(0.25)
         self.stop()
@@ -63,6 +65,20 @@ class Emulator:
         with open(self.log_path, "rb") as log:
             log.seek(max(0, os.path.getsize(self.log_path) - size))
             return log.read().decode(errors="replace")
+
+    def _warm(self, timeout: float) -> None:
+        """One request through the emulator's backend: a new emulator's first answer
+        takes a second idle and several on a loaded machine (its JVM warming up), which
+        a first call of a test or of the stack would otherwise pay within its own
+        timeout (measured: the first Firestore read after this, 0.09 s instead of 0.96)."""
+        path = {"pubsub": "/v1/projects/warm-up/topics",
+                "firestore": "/v1/projects/warm-up/databases/(default)/documents/warm-up/x"}[self.kind]
+        try:
+            urllib.request.urlopen(f"http://{self.host}{path}", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass   # answered (a 404 for the document that is not there): warm
+        except OSError:
+            pass   # not warm, but up: its first callers wait, as before
 
     def ready(self) -> bool:
         try:
