@@ -125,6 +125,10 @@ def test_bad_usage_exits_2(tmp_path):
         assert f"error: unrecognized arguments: {extra}" in err
     code, _, err = run("explain", "--service", "billing", "--token", "")   # "$UNSET_VARIABLE"
     assert code == 2 and err.endswith("error: --token is empty\n")
+    for flag in ("--token", "--user"):   # "$UNSET_VARIABLE", quoted or blank
+        for blank in ("", "  "):
+            code, out, err = run("explain", "--service", "billing", flag, blank)
+            assert (code, out) == (2, "") and err.endswith(f"error: {flag} is empty\n"), err
     # A configuration variable that is invalid, or missing for the command.
     code, _, err = run("validate", env={"AADRUN_STORE": "postgres://x"})
     assert code == 2 and "AADRUN_STORE" in err and "Traceback" not in err

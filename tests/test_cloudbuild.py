@@ -408,6 +408,10 @@ def test_setup_gcp_stops_when_it_cannot_tell_whether_the_client_state_has_a_valu
     ("", False),
     ("YOUR_ENTRA_APP_CLIENT_ID", False),             # scripts/setup-gcp's placeholder
     ("c1000000-0000-0000-0000-00000000000a ", False),
+    (" c1000000-0000-0000-0000-00000000000a", False),    # ^ anchors it too
+    ("xc1000000-0000-0000-0000-00000000000a", False),
+    ("c1000000-0000-0000-00000000000a", False),          # a group missing
+    ("C1000000-0000-0000-0000-00000000000A", True),      # the functions take any case
 ])
 def test_the_check_step_stops_a_build_without_the_client_id_as_a_guid(build, client_id, passes):
     # A client id that is no GUID stops the functions that read Graph at start-up: after
@@ -419,8 +423,19 @@ def test_the_check_step_stops_a_build_without_the_client_id_as_a_guid(build, cli
     assert passes or "a GUID" in done.stderr
 
 
-@pytest.mark.parametrize("secret_exists", [False, True])
-def test_setup_gcp_grants_on_renamed_topics_and_passes_their_names_to_the_build(tmp_path, build, secret_exists):
+# Each topic variable, its default, and the account setup-gcp lets publish to it.
+_TOPICS = {"TOPIC_CHANGES": ("aadrun-membership-changes", "aadrun-webhook@"),
+           "TOPIC_POLICY": ("aadrun-policy-updates", "aadrun-sync@"),
+           "TOPIC_DEAD_LETTER": ("aadrun-dead-letter", "gcp-sa-pubsub")}
+
+
+@pytest.mark.parametrize("secret_exists, renamed", [
+    (False, {"TOPIC_CHANGES": "acme-changes", "TOPIC_DEAD_LETTER": "acme-dead"}),
+    (True, {"TOPIC_CHANGES": "acme-changes", "TOPIC_DEAD_LETTER": "acme-dead"}),
+    (False, {"TOPIC_POLICY": "acme-policy"}),
+])
+def test_setup_gcp_grants_on_renamed_topics_and_passes_their_names_to_the_build(tmp_path, build, secret_exists,
+                                                                                 renamed):
     calls = tmp_path / "calls"
     fake = tmp_path / "gcloud"
     fake.write_text("#!/usr/bin/env bash\ncat >/dev/null <&0 2>/dev/null || true\n"
@@ -428,16 +443,16 @@ def test_setup_gcp_grants_on_renamed_topics_and_passes_their_names_to_the_build(
                     'case "$*" in *"projects describe"*) echo 123456789012;; '
                     f'*describe*) exit {0 if secret_exists else 1};; esac\nexit 0\n')
     fake.chmod(0o755)
-    renamed = {"TOPIC_CHANGES": "acme-changes", "TOPIC_DEAD_LETTER": "acme-dead"}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "setup-gcp"), "p1", "europe-west1"], capture_output=True,
                           text=True, timeout=60, stdin=subprocess.DEVNULL,
                           env={"PATH": f"{tmp_path}:/usr/bin:/bin", "HOME": str(tmp_path), **renamed})
     assert proc.returncode == 0, proc.stderr
     made = calls.read_text().splitlines()
     grants = [c for c in made if "topics add-iam-policy-binding" in c]
-    assert any(c.split()[5:6] == ["acme-changes"] and "aadrun-webhook@" in c for c in grants), grants
-    assert any(c.split()[5:6] == ["acme-dead"] and "roles/pubsub.publisher" in c for c in grants), grants
-    assert not any("aadrun-membership-changes" in c or "aadrun-dead-letter" in c for c in made)
     given = _substitutions(re.search(r"--substitutions='([^']*)'", proc.stderr).group(1))
-    assert (given["_TOPIC_CHANGES"], given["_TOPIC_DEAD_LETTER"]) == ("acme-changes", "acme-dead")
-    assert "_TOPIC_POLICY" not in given and set(given) <= set(build["substitutions"])
+    for variable, (default, publisher) in _TOPICS.items():
+        name = renamed.get(variable, default)
+        assert any(c.split()[5:6] == [name] and publisher in c for c in grants), (variable, grants)
+        assert variable not in renamed or not any(default in c for c in made), variable
+        assert given.get(f"_{variable}") == renamed.get(variable), variable   # only a renamed one is passed
+    assert set(given) <= set(build["substitutions"])

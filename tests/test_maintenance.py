@@ -1051,3 +1051,15 @@ def test_a_reconcile_whose_policy_update_event_is_lost_reports_it(world, pubsub_
     [error] = task["errors"]
     assert "Unavailable" in error["error"] and error["tenant"] == TENANT
     assert world.members() == {user(ALICE)}
+
+
+@pytest.mark.parametrize("change_type", ["deleted,updated", "Updated,Deleted", "updated, deleted",
+                                         "created,updated,deleted"])
+def test_a_subscription_for_every_change_in_another_spelling_is_kept(world, change_type):
+    # Only fewer change types than SUBSCRIBED_CHANGES need a replacement: order, case,
+    # blanks or an extra type must not replace (and briefly uncover) a group every run.
+    world.app().maintenance.run(["subscriptions"])
+    old = world.subs()[f"/groups/{G_ENG}"]
+    world.graph.edit_subscription(TENANT, CLIENT_ID, old["id"], changeType=change_type)
+    assert set(actions(world.app().maintenance.run(["subscriptions"])).values()) == {"kept"}
+    assert world.subs()[f"/groups/{G_ENG}"]["id"] == old["id"]

@@ -1052,3 +1052,15 @@ def test_a_full_token_cache_evicts_the_least_recently_used_and_keeps_the_newest(
     assert cache.get(b"a", now=0) is a    # a is now the most recently used
     cache.put(b"c", c, until=10)
     assert (cache.get(b"b", now=0), cache.get(b"a", now=0), cache.get(b"c", now=0)) == (None, a, c)
+
+
+def test_a_refusal_s_detail_survives_a_time_no_calendar_can_show(world, idp):
+    # exp -9e10 is a NumericDate (_is_time) before year 1: "expired" (401), not a 503.
+    decision = world[0].decide("billing", good(idp, exp=-90_000_000_000))
+    assert decision.reason == "expired" and decision.detail.startswith("exp -9e+10 is past"), decision.detail
+
+
+def test_a_refusal_s_detail_cuts_a_long_claim_short(world, idp):
+    decision = world[0].decide("billing", good(idp, aud="api://" + "x" * 500))
+    assert decision.reason == "wrong_audience" and "x" * 200 not in decision.detail
+    assert "... is not an accepted audience" in decision.detail
