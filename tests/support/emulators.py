@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 import weakref
 
@@ -75,10 +74,8 @@ class Emulator:
                 "firestore": "/v1/projects/warm-up/databases/(default)/documents/warm-up/x"}[self.kind]
         try:
             urllib.request.urlopen(f"http://{self.host}{path}", timeout=timeout).close()
-        except urllib.error.HTTPError:
-            pass   # answered (a 404 for the document that is not there): warm
-        except OSError:
-            pass   # not warm, but up: its first callers wait, as before
+        except OSError:   # a 404 for the missing document is an answer too; no answer: callers wait, as before
+            pass
 
     def ready(self) -> bool:
         try:
