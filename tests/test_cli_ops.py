@@ -245,6 +245,30 @@ def test_audit_exports_the_change_log(ops, tmp_path):
         assert code == 2 and f"cannot write {unwritable}" in err and "Traceback" not in err
 
 
+def test_an_export_the_disk_cuts_short_leaves_no_file_that_looks_whole(ops, tmp_path):
+    run, store_url, _, _ = ops
+    many = frozenset(f"00000000-0000-0000-0000-{i:012d}" for i in range(3000))   # about 500 KB of CSV
+    open_store(store_url).apply(GroupUpdate(TENANT, G_ENG, added=many, sync=SyncState(None, utcnow())))
+    target = tmp_path / "evidence.csv"
+    # A file size limit of 100 KB: the write fails midway, as on a full disk.
+    limited = f'ulimit -f 200; exec "{CLI}" audit -o "{target}"'
+    code, out, err = run("-c", limited, shell=True)
+    assert code == 1 and "Traceback" not in err and f"cannot write {target}" in err and "no file made" in err
+    assert list(tmp_path.glob("*evidence*")) == []          # no partial export, no leftover part file
+    target.write_text("the last export\n")
+    code, _, err = run("-c", limited, shell=True)
+    assert code == 1 and "the file is as it was" in err and target.read_text() == "the last export\n"
+    assert [p.name for p in tmp_path.glob("*evidence*")] == ["evidence.csv"]
+    assert run("audit", "-o", str(target))[0] == 0 and len(target.read_text().splitlines()) == 3001
+
+
+@pytest.mark.parametrize("command", [["audit"], ["audit", "-o", "/dev/full"], ["validate"], ["plan", "--json"]])
+def test_output_that_cannot_be_written_is_one_line_of_error_and_exit_1(ops, command):
+    stdout = "" if "-o" in command else " > /dev/full"
+    code, _, err = ops[0]("-c", f'"{CLI}" {" ".join(command)}{stdout}', shell=True)
+    assert code == 1 and "Traceback" not in err and "error: cannot write" in err and "No space left" in err, err
+
+
 def test_a_reader_that_stops_early_changes_no_exit_code(ops, tmp_path):
     run, store_url, _, _ = ops
     many = frozenset(f"00000000-0000-0000-0000-{i:012d}" for i in range(3000))   # far more than a pipe holds

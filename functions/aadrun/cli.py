@@ -5,7 +5,7 @@
     plan        IAM adds/removes, principal count 1: a service over the 1,500 limit
     subscribe   Graph subscriptions now           1: a subscription failed, or a run holds the lease
     resync      delta sync, per group, progress   1: a group failed or a plan was refused
-    audit       change log as CSV or JSON         (0 unless the store fails)
+    audit       change log as CSV or JSON         1: the store or the output failed
 
 Exit codes: 0 success, 1 a finding or a denial, 2 bad usage (argparse's own, a
 configuration variable missing or invalid, a ``resync --group`` no policy names, or
@@ -42,15 +42,44 @@ def _emit(args, payload: dict, text: Callable[[dict], str]) -> None:
         print(json.dumps(payload, indent=2, default=str) if args.json else text(payload))
 
 
+class OutputError(AadrunError):
+    """The command's output could not be written (a full disk, a closed stream)."""
+
+    reason = "output_failed"
+
+
 @contextlib.contextmanager
 def _reader_may_stop():
     """Output to a reader that stops early (| head) is no failure: what is left goes
-    nowhere, and the command still ends with its own exit code."""
+    nowhere, and the command still ends with its own exit code. Any other write
+    failure is (exit 1, one line, no traceback)."""
     try:
         yield
         sys.stdout.flush()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as e:
+        raise OutputError(f"cannot write the output: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def _whole_file(path: Path):
+    """A file that appears complete or not at all: written beside ``path`` and moved
+    in place at the end, so an export cut short (a full disk) never passes for a
+    whole one. A device or a pipe (/dev/stdout, a FIFO) is written to directly."""
+    if path.exists() and not path.is_file():
+        with open(path, "w", newline="", encoding="utf-8") as out:
+            yield out
+        return
+    fd, part = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as out:
+            yield out
+        os.replace(part, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+        raise
 
 
 def cmd_validate(args, settings: Settings) -> int:
@@ -339,24 +368,32 @@ def cmd_audit(args, settings: Settings) -> int:
         return EXIT_USAGE
     entries = [e.to_json() for e in open_store(settings.store_url, settings.project).changes(since=args.since)
                if args.claims or e.kind not in CLAIMS]
-    try:
-        out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
-    except OSError as e:
-        print(f"error: cannot write {args.output}: {e.strerror}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
+
+    def write(out) -> None:
+        if args.json or args.format == "json":
+            json.dump({"since": args.since.isoformat() if args.since else None, "count": len(entries),
+                       "entries": entries}, out, indent=2)
+            out.write("\n")
+        else:
+            writer = csv.DictWriter(out, fieldnames=AUDIT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows({k: _cell(v) for k, v in e.items()} for e in entries)
+
+    if not args.output:
         with _reader_may_stop():
-            if args.json or args.format == "json":
-                json.dump({"since": args.since.isoformat() if args.since else None, "count": len(entries),
-                           "entries": entries}, out, indent=2)
-                out.write("\n")
-            else:
-                writer = csv.DictWriter(out, fieldnames=AUDIT_COLUMNS, extrasaction="ignore", lineterminator="\n")
-                writer.writeheader()
-                writer.writerows({k: _cell(v) for k, v in e.items()} for e in entries)
-    finally:
-        if out is not sys.stdout:
-            out.close()
+            write(sys.stdout)
+        return EXIT_OK
+    target = Path(args.output)
+    if target.is_dir() or not target.parent.is_dir():   # a wrong path: the invocation is wrong
+        print(f"error: cannot write {target}: {'a folder' if target.is_dir() else 'no such folder'}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    untouched = "; the file is as it was" if target.is_file() else "" if target.exists() else "; no file made"
+    try:
+        with _whole_file(target) as out:
+            write(out)
+    except OSError as e:
+        raise OutputError(f"cannot write {target}: {e.strerror or e}{untouched}") from None
     return EXIT_OK
 
 
