@@ -359,6 +359,16 @@ def test_non_base64_characters_are_malformed(world, idp, foreign):
     assert world[0].decide("billing", f"{head}.{body[:10]}{foreign}{body[10:]}.{sig}").reason == "malformed_token"
 
 
+@pytest.mark.parametrize("part", [0, 1, 2])
+def test_a_line_break_ending_a_part_is_malformed(world, idp, part):
+    # A regular expression's $ also matches before a final line break, and the lenient
+    # decoder then skips it: some lengths of part would decode. Every length is tried.
+    for pad in range(4):
+        parts = good(idp, note="x" * pad).split(".")
+        parts[part] += "\n"
+        assert world[0].decide("billing", ".".join(parts)).reason == "malformed_token", (part, pad)
+
+
 def _token_of_length(idp, length: int) -> str:
     """A signed token of exactly ``length`` characters (base64url never gives a part a
     length of 4k+1, so a second claim's length is varied too)."""

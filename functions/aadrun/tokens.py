@@ -36,8 +36,9 @@ if TYPE_CHECKING:
 MAX_TOKEN_BYTES = 16 * 1024
 ALLOWED_ALGS = frozenset({"RS256"})
 _RS256 = RSAAlgorithm(RSAAlgorithm.SHA256)
-# base64.urlsafe_b64decode silently skips foreign characters: check the alphabet first.
-_B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
+# base64.urlsafe_b64decode silently skips foreign characters: check the alphabet first
+# (with fullmatch: a pattern's $ would let a final line break through).
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 # (reason, what the step checks), in the order they run. ``explain`` prints this.
 STEPS: tuple[tuple[str, str], ...] = (
@@ -108,7 +109,7 @@ def parse(token: str) -> tuple[dict, dict, bytes, bytes]:
     if len(token) > MAX_TOKEN_BYTES:
         raise TokenError("malformed_token", "token larger than 16 KiB")
     parts = token.split(".")
-    if len(parts) != 3 or not all(parts[:2]) or not all(_B64URL.match(p) for p in parts):
+    if len(parts) != 3 or not all(parts[:2]) or not all(_B64URL.fullmatch(p) for p in parts):
         raise TokenError("malformed_token", "a JWT has three dot-separated parts")
     header, claims = _json_part(parts[0]), _json_part(parts[1])
     try:
