@@ -176,6 +176,13 @@ def test_subscribe(ops):
     assert code == 1 and "lease_held" in out
 
 
+def test_subscribe_names_a_tenant_it_could_not_read(ops):
+    run, store_url, _, _ = ops
+    open_store(store_url)
+    code, out, _ = run("subscribe", AADRUN_CLIENT_SECRET="no-longer-valid")
+    assert code == 1 and out.startswith(f"error     {TENANT} (the tenant)  token request refused"), out
+
+
 def test_subscribe_at_another_url_shows_the_url_the_subscriptions_notify_and_exits_1(ops):
     run, store_url, graph, _ = ops
     open_store(store_url)

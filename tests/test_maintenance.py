@@ -450,7 +450,8 @@ def test_a_tenant_naming_no_group_without_graph_access_is_not_an_error(world, tm
     assert task["status"] == "ok" and task["counts"] == {"created": 2, "unreachable": 1}
 
 
-def test_graph_refusing_every_tenant_fails_the_run_even_with_a_tenant_naming_no_group(world, tmp_path):
+def test_graph_refusing_every_tenant_fails_the_run_even_with_a_tenant_naming_no_group(world, tmp_path,
+                                                                                      audit_lines):
     other = "33333333-3333-3333-3333-333333333333"   # listed, no service: "unreachable" is no progress
     text = POLICY.replace("\nprincipal:", f"\n  - id: {other}\n    audiences: [\"api://x\"]\nprincipal:")
     path = tmp_path / "two.yaml"
@@ -459,6 +460,28 @@ def test_graph_refusing_every_tenant_fails_the_run_even_with_a_tenant_naming_no_
                           b'{"tasks": ["subscriptions"]}')
     assert answer["tasks"]["subscriptions"]["counts"] == {"error": 1, "unreachable": 1}
     assert status == 503 and world.subs() == {}   # Cloud Scheduler must see it fail
+    # ... and the log says which tenant and why: a scheduler keeps no response body.
+    logged = {(a["tenant"], a["action"], a["severity"]) for a in audit_lines if a["event"] == "subscription"}
+    assert logged == {(TENANT, "error", "ERROR"), (other, "unreachable", "WARNING")}
+    assert all(a["tenant"] in a["error"] for a in audit_lines if a["event"] == "subscription")
+
+
+def test_a_subscription_graph_lists_but_answers_gone_ends_the_run_with_an_error_not_a_loop(world):
+    app = world.app()
+    app.maintenance.run(["subscriptions"])
+    eng = world.subs()[f"/groups/{G_ENG}"]
+    # Due for renewal, still listed, but gone when renewed; a create meets it (409).
+    world.graph.set_expiration(TENANT, CLIENT_ID, eng["id"], utcnow() + dt.timedelta(days=1))
+    world.graph.fail_next(50, status=404, retry_after=None, code="ResourceNotFound", method="PATCH",
+                          path=f"/v1.0/subscriptions/{eng['id']}")
+    before = len(world.graph.calls(prefix="/v1.0/subscriptions"))
+    summary = app.maintenance.run(["subscriptions"])
+    world.graph.clear_faults()
+    calls = world.graph.calls(prefix="/v1.0/subscriptions")[before:]
+    assert actions(summary)[f"/groups/{G_ENG}"] == "error" and actions(summary)[f"/groups/{G_STAFF}"] == "kept"
+    assert len(calls) <= 6, calls   # list, renew, create, list, renew, create: then the next run tries again
+    assert not summary["ok"]
+    assert actions(app.maintenance.run(["subscriptions"]))[f"/groups/{G_ENG}"] == "renewed"
 
 
 def test_a_policy_change_near_the_quota_frees_the_slots_it_no_longer_needs_first(world, tmp_path):

@@ -271,7 +271,7 @@ def cmd_subscribe(args, settings: Settings) -> int:
                 return f"  {a['error']}"
             return f"  notifies {a.get('notification_url')}, not this webhook" if a["action"] == "foreign" else ""
 
-        return "\n".join(f"{a['action']:<9} {a['tenant']} {a['resource']}{detail(a)}"
+        return "\n".join(f"{a['action']:<9} {a['tenant']} {a['resource'] or '(the tenant)'}{detail(a)}"
                          for a in p["actions"]) or "no group is referenced by the policies"
 
     _emit(args, result, text)

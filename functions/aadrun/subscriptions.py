@@ -152,6 +152,7 @@ class _Tenant:
     ours: dict[str, dict]
     others: int
     actions: list[dict] = dataclasses.field(default_factory=list)
+    gone: set[str] = dataclasses.field(default_factory=set)   # resources whose renewal found it gone
 
     def report(self, action: str, resource: str, sub: dict | None = None, *, severity: str | None = None,
                **extra) -> None:
@@ -201,6 +202,10 @@ class Subscriptions:
                 # all: only subscriptions left from an earlier policy could be there.
                 action = "error" if groups else "unreachable"
                 actions.append({"tenant": tenant, "resource": None, "action": action, "error": str(e)})
+                # Logged as every other action is: a scheduler keeps no response body.
+                audit.entry("subscription", f"subscription {action}: tenant {tenant} could not be read",
+                            severity="ERROR" if groups else "WARNING", tenant=tenant, action=action,
+                            error=str(e))
                 continue
             # Moving off the tenant-wide subscription, it holds a slot until the
             # per-group ones are all made: at exactly the quota, it stays.
@@ -283,7 +288,7 @@ class Subscriptions:
                                 "its client state is unknown (made by an earlier version, or recorded in "
                                 "another store)")
         elif expires - self.now() < self.renew_within:
-            self._renew(run, resource, sub)
+            return self._renew(run, resource, sub)
         else:
             run.report("kept", resource, sub)
 
@@ -293,12 +298,20 @@ class Subscriptions:
         replaced once, which the scheduled reconcile covers."""
         return self.store.lease_holder(_state_record(sub["id"]))
 
-    def _create(self, run: _Tenant, resource: str, action: str = "created", **extra) -> bool:
+    def _create(self, run: _Tenant, resource: str, action: str = "created", *, adopt: bool = True,
+                **extra) -> bool:
+        """Create a subscription to ``resource``; on 409, adopt the one Graph has unless
+        ``adopt`` is False (create and renew must not call each other without end while
+        Graph lists a subscription it answers is gone)."""
         url, state = self._config()
         try:
             sub = run.graph.create_subscription(resource, url, f"{url}/lifecycle", state,
                                                 max_expiration(self.now()))
         except SubscriptionExists:
+            if not adopt:
+                run.report("error", resource, error="Graph refuses a new subscription (409) while it answers that "
+                           "the one it lists is gone (404): the next run tries again")
+                return False
             return self._exists(run, resource)
         run.report(action, resource, sub, **extra)   # it exists, whatever the store writes below do
         _record(self.store, sub, resource, state)
@@ -322,21 +335,24 @@ class Subscriptions:
         run.report("exists", resource, mine)
         expires = _expiry(mine)
         if expires is not None and expires - self.now() < self.renew_within:
-            self._renew(run, resource, mine)
+            return self._renew(run, resource, mine)
         return True
 
-    def _renew(self, run: _Tenant, resource: str, sub: dict) -> None:
+    def _renew(self, run: _Tenant, resource: str, sub: dict) -> bool:
+        """Whether ``resource`` is covered after the renewal (or its deferral)."""
         if not claim_touch(self.store, sub["id"], "renew"):
             run.report("deferred", resource, sub, why="reauthorized less than 10 minutes ago")
-            return
+            return True
         renewed = self._touch(sub["id"], "renew", lambda: run.graph.renew_subscription(
             sub["id"], max_expiration(self.now())))
-        if renewed is _GONE:
-            self._create(run, resource)   # vanished between list and renew
-            return
+        if renewed is _GONE:   # vanished between list and renew: created again, adopted once at most
+            again = resource in run.gone
+            run.gone.add(resource)
+            return self._create(run, resource, adopt=not again)
         # Only one carrying the first state is renewed: its records live as long as it does.
         _record(self.store, sub, resource, self.settings.client_states[0])
         run.report("renewed", resource, renewed)
+        return True
 
     def _forget(self, run: _Tenant, sub: dict, resource: str, *, replacing: bool = False) -> None:
         """Delete ``sub`` from Graph (gone already is fine), then its record. Reported
