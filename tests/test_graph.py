@@ -15,12 +15,13 @@ import requests
 
 from aadrun.config import Settings
 from tests.support.devidp import DevIdentityProvider
-from aadrun.errors import RateLimited, UpstreamError
+from aadrun.errors import ConfigError, RateLimited, UpstreamError
 from aadrun.graph import (FEDERATION_AUDIENCE, graph_scope, MAX_FAIL_FAST, MAX_GROUP_SUBSCRIPTION_MINUTES, DeltaExpired,
                           GraphClient, SubscriptionExists, max_expiration)
 from aadrun.keys import KeyCache
 from tests.support.graph_fixtures import *  # noqa: F401,F403
-from tests.support.graph_fixtures import CLIENT_ID, CLIENT_SECRET, FEDERATED_CLIENT_ID, TENANT, graph_client
+from tests.support.graph_fixtures import CLIENT_ID, CLIENT_SECRET, FEDERATED_CLIENT_ID, TENANT, graph_client, \
+    graph_settings
 from tests.support.graph_server import HttpError
 
 GROUP = "aaaaaaaa-0000-0000-0000-000000000001"
@@ -155,8 +156,16 @@ def test_a_token_refusal_passes_on_only_an_error_code(graph_server):
 
 
 def test_unknown_tenant_fails_at_discovery(graph_server):
-    with pytest.raises(UpstreamError, match="authority discovery failed"):
+    with pytest.raises(UpstreamError, match="authority discovery failed for tenant 9999.* has no OpenID "
+                                            r"configuration \(is the tenant id right\?\)"):
         graph_client(graph_server, tenant="99999999-9999-9999-9999-999999999999").list_subscriptions()
+
+
+def test_an_http_authority_is_a_configuration_error_naming_the_variable(graph_server):
+    # CONTRACT §2 lets verify use an http loopback authority; MSAL takes only https.
+    with pytest.raises(ConfigError, match="AADRUN_AUTHORITY_URL is http://127.0.0.1:.*takes only https"):
+        GraphClient(dataclasses.replace(graph_settings(graph_server), authority_url=graph_server.authority_url
+                                        .replace("https://", "http://")), TENANT).list_subscriptions()
 
 
 def test_no_traffic_leaves_loopback(graph_server):

@@ -254,15 +254,22 @@ class GraphClient:
             if self._msal is None:
                 secret = self._settings.client_secret
                 credential = secret if secret else {"client_assertion": self._google_id_token}
+                authority = f"{self._settings.authority_url.rstrip('/')}/{self.tenant}"
+                if not authority.startswith("https://"):
+                    raise ConfigError(f"AADRUN_AUTHORITY_URL is {self._settings.authority_url}: MSAL, which gets "
+                                      "the Graph tokens, takes only https (an http loopback URL serves verify alone)")
                 try:
                     self._msal = msal.ConfidentialClientApplication(
                         self._settings.client_id, client_credential=credential,
-                        authority=f"{self._settings.authority_url.rstrip('/')}/{self.tenant}",
+                        authority=authority,
                         http_client=_MsalHttp(self._session, self._timeout, self._deadline),
                         # Skip the login.microsoftonline.com instance check: the
                         # authority comes from validated configuration (https).
                         instance_discovery=False)
-                except (ValueError, requests.RequestException, msal.exceptions.MsalError) as e:
+                except ValueError as e:   # MSAL's word for a 4xx or a non-JSON discovery answer
+                    raise UpstreamError(f"authority discovery failed for tenant {self.tenant}: {authority} "
+                                        "has no OpenID configuration (is the tenant id right?)") from e
+                except (requests.RequestException, msal.exceptions.MsalError) as e:
                     raise UpstreamError(f"authority discovery failed for tenant {self.tenant}: "
                                         f"{_failure(e)}") from e
             return self._msal
