@@ -87,6 +87,18 @@ def test_a_url_with_credentials_is_refused_without_showing_them(url):
     assert "s3cret" not in str(refused.value)
 
 
+@pytest.mark.parametrize("url", ["https://hooks.example.com/api/hook?code=s3cret",
+                                 "https://hooks.example.com/api/hook#s3cret?x",
+                                 "https://hooks.example.com/api/hook?code=s3cret\n",     # and another fault
+                                 "https://hooks.example.com:99999/api/hook?code=s3cret",
+                                 "ftp://hooks.example.com/api/hook?code=s3cret"])
+def test_a_url_s_query_is_not_shown_it_may_hold_a_key(url):
+    with pytest.raises(ConfigError, match="AADRUN_NOTIFICATION_URL") as refused:
+        Settings.from_env({"AADRUN_NOTIFICATION_URL": url})
+    assert "s3cret" not in str(refused.value)
+    assert "hooks.example.com" in str(refused.value) and "query or fragment not shown" in str(refused.value)
+
+
 def test_a_client_id_pasted_into_the_wrong_variable_is_not_shown():
     # A secret where the client id belongs: named, not echoed into the start-up log.
     with pytest.raises(ConfigError, match="AADRUN_CLIENT_ID") as refused:

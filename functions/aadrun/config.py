@@ -40,19 +40,23 @@ def check_url(name: str, url: str) -> str:
     parts = urlsplit(url)
     if parts.username is not None or parts.password is not None:
         raise ConfigError(f"{name} must not carry credentials")   # not echoed: it holds a secret
+    # A query may hold a key (an Azure Functions ?code=, a signed URL): never echoed either.
+    base = re.split(r"[?#]", url, maxsplit=1)[0]
+    cut = base != url
+    shown = repr(base) + (" (its query or fragment not shown)" if cut else "")
     if any(c.isspace() or not c.isprintable() for c in url):
-        raise ConfigError(f"{name} must be a URL without spaces or control characters: {url!r}")
+        raise ConfigError(f"{name} must be a URL without spaces or control characters: {shown}")
     try:
         parts.port   # noqa: B018 - parsed on access: out of range or not a number raises
     except ValueError:
-        raise ConfigError(f"{name} has no valid port: {url!r}") from None
-    if parts.query or parts.fragment or url.endswith(("?", "#")):
-        raise ConfigError(f"{name} must be a base URL, without query or fragment: {url!r}")
+        raise ConfigError(f"{name} has no valid port: {shown}") from None
+    if cut:
+        raise ConfigError(f"{name} must be a base URL, without query or fragment: {shown}")
     if parts.scheme == "https" and parts.hostname:
         return url.rstrip("/")
     if parts.scheme == "http" and is_loopback(parts.hostname):
         return url.rstrip("/")
-    raise ConfigError(f"{name} must be an https:// URL (http:// only for a loopback host): {url!r}")
+    raise ConfigError(f"{name} must be an https:// URL (http:// only for a loopback host): {shown}")
 
 
 STORE_SCHEMES = ("sqlite:///", "firestore://")
