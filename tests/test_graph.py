@@ -427,6 +427,29 @@ def test_once_throttled_past_its_budget_the_client_fails_fast_until_retry_after_
     assert client.list_subscriptions() == [] and len(graph_server.calls("GET", "/v1.0/subscriptions")) == calls + 1
 
 
+def test_a_call_made_while_another_waits_out_retry_after_waits_too(graph_server):
+    # Graph throttles the app, and counts requests sent while throttled: policy_sync's
+    # parallel reads share one client, and none may call while another was told to wait.
+    graph_server.set_members(TENANT, GROUP, users(2))
+    client = GraphClient(graph_settings(graph_server), TENANT)   # real sleeps
+    client.group_delta(GROUP)   # token fetched
+    sent, real = [], graph_server.handle
+
+    def timed(method, path, *rest):
+        sent.append((time.monotonic(), path))
+        return real(method, path, *rest)
+
+    graph_server.handle = timed
+    graph_server.fail_next(1, status=429, retry_after=2, path="/v1.0/groups/delta")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.group_delta, GROUP)
+        time.sleep(0.5)
+        assert client.group_delta(GROUP).added == users(2)
+        assert first.result().added == users(2)
+    deltas = [t for t, path in sent if path == "/v1.0/groups/delta"]
+    assert len(deltas) == 3 and all(t - deltas[0] >= 1.9 for t in deltas[1:]), [t - deltas[0] for t in deltas]
+
+
 @pytest.mark.parametrize("retry_after", ["999999999999", "Fri, 31 Dec 9999 23:59:59 GMT"])
 def test_an_absurd_retry_after_silences_the_client_for_minutes_at_most(graph_server, retry_after):
     client = graph_client(graph_server)

@@ -242,6 +242,7 @@ class GraphClient:
         self._metadata_url = metadata_url
         self._sleep, self._retries, self._max_wait = sleep, retries, max_wait
         self._throttled_until = 0.0   # monotonic time Graph's last Retry-After we gave up on ends
+        self._hold_until = 0.0        # monotonic time the last Retry-After (waited out or not) ends
         self._msal: msal.ConfidentialClientApplication | None = None
         self._lock = threading.Lock()
 
@@ -325,6 +326,15 @@ class GraphClient:
             raise RateLimited(f"{what}: throttled by Microsoft Graph for another {pause:.0f} s",
                               retry_after=pause, status_code=429)
         waited, attempt, refreshed = 0.0, 0, False
+        hold = self._hold_until - time.monotonic()
+        if hold > 0:
+            # Another call was told to wait and is waiting: a call sent now would count
+            # against the app's limits and prolong the throttling (Graph's guidance).
+            if hold > self._max_wait:
+                raise RateLimited(f"{what}: throttled by Microsoft Graph for another {hold:.0f} s",
+                                  retry_after=hold, status_code=429)
+            self._sleep(hold)
+            waited = hold
         while True:
             token = self._token()
             try:
@@ -336,6 +346,8 @@ class GraphClient:
                 raise UpstreamError(f"{what}: {type(e).__name__}") from None
             if resp.status_code in RETRY_STATUSES:
                 wait = _retry_after(resp, attempt)
+                if math.isfinite(wait):
+                    self._hold_until = max(self._hold_until, time.monotonic() + min(wait, MAX_FAIL_FAST))
                 if attempt >= self._retries or waited + wait > self._max_wait:
                     # At most a few minutes: one absurd Retry-After must not silence the tenant.
                     pause = min(wait, MAX_FAIL_FAST) if math.isfinite(wait) else MAX_FAIL_FAST
