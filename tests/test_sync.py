@@ -715,6 +715,24 @@ def test_lifecycle_events(world, app):
     assert app.store.group_members(TENANT, G_OPS) == {BOB}
 
 
+@pytest.mark.parametrize("event", ["missed", "subscriptionRemoved", "reauthorizationRequired"])
+def test_a_lifecycle_event_redelivered_after_iam_failed_brings_iam_in_line(world, app, event):
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    created = graph_client(world.graph).create_subscription(
+        f"/groups/{G_ENG}", "https://hooks.example/graph", None, "state", max_expiration())
+    # While notifications were paused: BOB removed, CAROL added; neither notified.
+    world.graph.remove_members(TENANT, G_ENG, [BOB])
+    world.graph.add_members(TENANT, G_ENG, [CAROL])
+    world.cloudrun.inject_error(REPORTS, "setIamPolicy", 500, "INTERNAL", "backend error")
+    message = dataclasses.replace(lifecycle(event, G_ENG), subscription=created["id"])
+    with pytest.raises(UpstreamError):
+        app.sync.handle_messages([message])
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE, CAROL} and user(BOB) in world.members(REPORTS)
+    app.sync.handle_messages([message])   # Pub/Sub redelivers: the store has nothing new to tell
+    assert world.members(REPORTS) == {user(ALICE), user(CAROL)}
+
+
 def test_a_lifecycle_event_reads_the_group_its_subscription_was_made_for(world):
     # Graph's lifecycle notifications name no resource: aadrun recorded it at creation.
     # Without the record each group's reauthorizationRequired read every group.

@@ -301,7 +301,12 @@ class PolicySync:
         if group is not None and group not in names:
             return   # of a group no policy names (a subscription maintenance is to delete)
         for group in [group] if group else sorted(names):
-            groups.setdefault((event.tenant, group), _Group(event.tenant, group)).need(read)
+            work = groups.setdefault((event.tenant, group), _Group(event.tenant, group))
+            work.need(read)
+            # IAM checked whatever the read finds: a lifecycle event has no id to tell a
+            # redelivery by, and the attempt whose read changed the store may have died
+            # before IAM (lifecycle events are rare: one IAM read each is cheap).
+            work.recheck = True
 
     # -- the steps -------------------------------------------------------------------
 
