@@ -207,6 +207,25 @@ def test_a_service_named_like_its_tenant_leaves_the_tenant_s_warning_on_the_tena
                                                                  (12, f"services[1].audience")]
 
 
+def test_a_role_cloud_run_may_refuse_on_a_service_is_a_warning_at_its_rule(tmp_path):
+    # Cloud Run refuses a set call granting a role that does not apply to a service, and
+    # with it every grant of the write: validate says so before a deploy.
+    roles = ["roles/run.invoker", "roles/run.developer", "roles/viewer", "projects/my-project/roles/caller",
+             "organizations/123/roles/caller", "roles/storage.objectViewer"]
+    access = "".join(f"      - groups: [{G_ENG}]\n        role: {role}\n" for role in roles)
+    text = BASE.replace("      - groups: [" + G_ENG + "]\n", access + "      - app_roles: [Reader]\n").replace(
+        "    access:", "    cloud_run: projects/p/locations/l/services/s\n    access:") + \
+        "principal: 'principal://iam.googleapis.com/locations/global/workforcePools/p/subject/{oid}'\n"
+    policy = load_policy(write(tmp_path, "p.yaml", text))
+    [warning] = [w for w in policy.warnings if w.field.endswith(".role")]
+    assert (warning.field, warning.line) == ("services[0].access[5].role", 20)
+    assert "roles/storage.objectViewer is neither a Cloud Run role" in warning.message
+    # Without cloud_run nothing is bound in IAM: nothing to refuse.
+    no_iam = load_policy(write(tmp_path, "q.yaml", text.replace("    cloud_run: projects/p/locations/l/services/s\n",
+                                                                "")))
+    assert not [w for w in no_iam.warnings if w.field.endswith(".role")]
+
+
 def test_ids_written_in_upper_case_are_read_as_entra_writes_them(tmp_path):
     # Tokens and Graph carry object ids in lower case; the store keys groups by them.
     tenant = "abcdef00-0000-0000-0000-00000000000a"

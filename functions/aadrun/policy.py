@@ -382,7 +382,26 @@ def parse_documents(docs: list[tuple[dict, dict[str, int], str]], *, complete: b
     group_principal = singles.get("group_principal", (None, ""))[0]
     return Policy(tenants, services, principal, group_principal, tuple(d[2] for d in docs),
                   _audience_warnings(services, tenants, where_tenant, where_service)
-                  + _project_number_warnings(services, where_service))
+                  + _project_number_warnings(services, where_service) + _role_warnings(services, where_service))
+
+
+# The predefined roles Cloud Run grants on a service: its own and the basic ones
+# (cloud.google.com/run/docs/reference/iam/roles). A custom role is the operator's own.
+_BASIC_ROLES = frozenset({"roles/owner", "roles/editor", "roles/viewer"})
+
+
+def _role_warnings(services: dict[str, Service],
+                   where: dict[str, tuple[_Checker, str]]) -> tuple[PolicyError, ...]:
+    """Cloud Run refuses a set call granting a role that does not apply to a service
+    (400), which stops every grant of that write: the members of the service's other
+    rules would get nothing either."""
+    return tuple(where[s.name][0].error(f"{where[s.name][1]}.access[{i}].role",
+                                        f"{rule.role} is neither a Cloud Run role (roles/run.*) nor a basic one: "
+                                        "Cloud Run refuses a role that does not apply to a service, and aadrun "
+                                        f"then grants nothing on {s.cloud_run} (revocations are still made)")
+                 for s in services.values() if s.cloud_run for i, rule in enumerate(s.rules)
+                 if rule.groups and rule.role.startswith("roles/") and not rule.role.startswith("roles/run.")
+                 and rule.role not in _BASIC_ROLES)
 
 
 def _project_number_warnings(services: dict[str, Service],
