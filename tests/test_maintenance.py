@@ -805,6 +805,23 @@ def test_a_grant_iam_refuses_does_not_keep_a_removed_member_in_iam(world, tmp_pa
     assert world.members() == set() and later.store.managed_members(BILLING) == {}
 
 
+def test_a_role_cloud_run_refuses_is_logged_by_name_and_the_revocations_are_made(world, tmp_path, audit_lines):
+    world.app().maintenance.run(["reconcile", "drift"])
+    assert world.members() == {user(ALICE)}
+    rule = f"      - groups: [{G_ENG}]\n"
+    assert rule in POLICY
+    later = with_policy(world, tmp_path, POLICY.replace(
+        rule, f"{rule}      - groups: [{G_STAFF}]\n        role: roles/storage.objectViewer\n"))
+    assert [w.field for w in later.policy.warnings] == ["services[0].access[1].role"]   # validate said so
+    world.graph.set_members(TENANT, G_ENG, [])                      # Alice leaves
+    removal = MembershipChange("m-alice-left", TENANT, G_ENG, (), (ALICE,), "sub-1", "2024-05-01T12:00:00.000Z")
+    summary = later.sync.handle_messages([removal])
+    assert "Role roles/storage.objectViewer is not supported" in summary.refused["billing"]
+    assert world.members() == set()                                  # revoked all the same
+    [refused] = [a for a in audit_lines if a["event"] == "iam_refused"]
+    assert refused["service"] == "billing" and "roles/storage.objectViewer" in refused["message"]
+
+
 def test_drift_whose_grant_iam_refuses_still_revokes(world, tmp_path):
     world.app().maintenance.run(["reconcile", "drift"])
     later = with_a_refused_group_rule(world, tmp_path)

@@ -19,7 +19,9 @@ Behaviour follows the IAM docs (cloud.google.com/iam/docs/policies):
   - at most 1,500 member occurrences per policy; empty bindings are dropped;
   - a member IAM cannot resolve fails the whole set with 400 INVALID_ARGUMENT: one
     of no known kind, or a principal of a workforce pool that does not exist
-    (``pools``, when set, names the pools that do);
+    (``pools``, when set, names the pools that do); so does a predefined role that
+    does not apply to a Cloud Run service (its own ``roles/run.*`` and the basic
+    roles do; cloud.google.com/run/docs/reference/iam/roles);
   - a resource never written has the empty policy ``{"version": 1, "etag": "ACAB"}``.
 
 Errors have the google.rpc.Status JSON shape ``{"error": {"code", "message", "status"}}``.
@@ -36,6 +38,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+BASIC_ROLES = frozenset({"roles/owner", "roles/editor", "roles/viewer"})
 PATH = re.compile(r"^/v2/(projects/[^/]+/locations/[^/]+/services/[^/:]+):"
                   r"(getIamPolicy|setIamPolicy|testIamPermissions)$")
 METHODS = {"getIamPolicy": "GET", "setIamPolicy": "POST", "testIamPermissions": "POST"}
@@ -239,6 +242,9 @@ class CloudRunIamServer:
             raise ApiError(400, "INVALID_ARGUMENT", "Conditional bindings require policy version 3.")
         if any("_withcond_" in b.get("role", "") for b in bindings):
             raise ApiError(400, "INVALID_ARGUMENT", "Role names with _withcond_ cannot be set.")
+        for role in (b.get("role", "") for b in bindings):
+            if role.startswith("roles/") and not role.startswith("roles/run.") and role not in BASIC_ROLES:
+                raise ApiError(400, "INVALID_ARGUMENT", f"Role {role} is not supported for this resource.")
         for member in (m for b in bindings for m in b["members"]):
             if not MEMBER.match(member):
                 raise ApiError(400, "INVALID_ARGUMENT", f"Invalid member: {member}.")
