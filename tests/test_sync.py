@@ -1141,3 +1141,95 @@ def test_a_redelivered_batch_of_many_additions_writes_the_iam_its_first_delivery
     assert app.store.group_members(TENANT, G_ENG) == {ALICE, *new}     # the store has them
     app.sync.handle_messages(batch)                                    # Pub/Sub redelivers
     assert {user(u) for u in new} <= world.members(BILLING)
+
+
+def test_forgetting_a_group_audits_each_member_it_removes(world, app, audit_lines):
+    world.graph.add_members(TENANT, G_OPS, [ALICE, BOB])
+    app.sync.handle_messages([change(G_OPS, added=[ALICE, BOB])])
+    without = restarted_with(world, WITHOUT_OPS)
+    world.graph.remove_members(TENANT, G_OPS, [ALICE])
+    without.sync.handle_messages([change(G_OPS, removed=[ALICE])])
+    assert without.store.group_members(TENANT, G_OPS) is None
+    removed = sorted(line["user"] for line in audit_lines if line.get("event") == "membership_change"
+                     and line.get("kind") == "member_removed" and line.get("group") == G_OPS)
+    assert removed == sorted([ALICE, BOB])
+
+
+def test_an_iam_only_repair_publishes_its_policy_update(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    world.graph.remove_members(TENANT, G_ENG, [BOB])
+    world.cloudrun.inject_error(REPORTS, "setIamPolicy", 403, "PERMISSION_DENIED", "Permission denied.")
+    assert app.sync.resync(group=G_ENG, raise_errors=False).errors   # the store lost BOB, IAM did not
+    published = len(app.events)
+    app.sync.handle_messages([change(G_ENG, removed=[BOB])])          # nothing new for the store
+    assert world.members(REPORTS) == {user(ALICE)}
+    assert len(app.events) == published + 1
+    assert app.events[-1]["iam"]["reports"][INVOKER]["remove"] == [user(BOB)]
+
+
+def test_a_contested_incremental_answer_keeps_no_delta_link_when_its_full_re_read_fails(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE])])     # link current, BOB a member
+    world.graph.add_members(TENANT, G_ENG, [CAROL])
+    answered, go_on = threading.Event(), threading.Event()
+    real, reads = world.graph.handle, []
+
+    def handle(method, path, query, headers, raw):
+        answer = real(method, path, query, headers, raw)
+        if path == "/v1.0/groups/delta":
+            reads.append(path)
+            if len(reads) == 1:   # the incremental answer, held back while a stale removal commits
+                answered.set()
+                go_on.wait(10)
+                world.graph.fail_next(1, status=403, retry_after=None, code="Authorization_RequestDenied",
+                                      path="/v1.0/groups/delta")
+        return answer
+
+    world.graph.handle = handle
+    errors = []
+
+    def read() -> None:
+        try:
+            app.sync.handle_messages([change(G_ENG, added=[CAROL])])
+        except Exception as e:  # noqa: BLE001 - the full re-read's failure, checked below
+            errors.append(e)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert answered.wait(10)
+    app.store.apply(GroupUpdate(TENANT, G_ENG, removed=frozenset({BOB}), source="notification", why="stale"))
+    go_on.set()
+    reader.join()
+    world.graph.handle = real
+    assert errors   # the answer was contested, and the full read that settles it failed
+    app.sync.resync(group=G_ENG)   # from whatever link was kept: none, so a full read
+    assert app.store.group_members(TENANT, G_ENG) == {ALICE, BOB, CAROL}
+
+
+def test_a_refused_plan_s_revocations_are_in_its_summary_and_event(world, app):
+    people = [str(uuid.UUID(int=i + 1)) for i in range(1500)]
+    world.graph.add_members(TENANT, G_BIG, people)
+    app.sync.handle_messages([change(G_BIG, added=people[:3])])
+    extra = [str(uuid.UUID(int=10_000 + i)) for i in range(5)]
+    world.graph.add_members(TENANT, G_BIG, extra)
+    app.sync.handle_messages([change(G_BIG, added=extra)])          # over 1,500: grants refused
+    world.graph.remove_members(TENANT, G_BIG, [people[0]])
+    summary = app.sync.handle_messages([change(G_BIG, removed=[people[0]])])
+    assert "big" in summary.refused and user(people[0]) not in world.members(BIG)
+    assert summary.iam_changes["big"].removes[INVOKER] == {user(people[0])}
+    assert app.events[-1]["iam"]["big"][INVOKER]["remove"] == [user(people[0])]
+
+
+def test_a_removal_a_read_finds_is_counted(world, app):
+    world.graph.add_members(TENANT, G_ENG, [ALICE, BOB])
+    app.sync.handle_messages([change(G_ENG, added=[ALICE, BOB])])
+    world.graph.remove_members(TENANT, G_ENG, [BOB])
+    summary = app.sync.resync(group=G_ENG)
+    assert (summary.added, summary.removed) == (0, 1) and summary.to_json()["removed"] == 1
+
+
+def test_a_removed_subscription_is_a_warning_for_the_operator(world, app, audit_lines):
+    app.sync.handle_messages([lifecycle("subscriptionRemoved", G_ENG)])
+    [line] = [a for a in audit_lines if a["event"] == "subscription_removed"]
+    assert line["severity"] == "WARNING" and line["group"] == G_ENG and line["tenant"] == TENANT
