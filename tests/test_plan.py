@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aadrun.errors import PlanError
-from aadrun.plan import Binding, desired_members, desired_on, diff, orphans, plan_policy, plan_service
+from aadrun.plan import Binding, desired_members, desired_on, diff, iam_targets, orphans, plan_orphan, plan_service
 from aadrun.policy import MAX_PRINCIPALS, parse_documents
 
 TENANT = "11111111-1111-1111-1111-111111111111"
@@ -147,7 +147,7 @@ def test_to_json_is_sorted_and_complete():
 
 def test_plan_policy_plans_only_services_with_cloud_run():
     policy = load()
-    plans = plan_policy(policy, members_of({G1: {"u1"}}), lambda name: {})
+    plans = [plan_service(policy, policy.services[n], members_of({G1: {"u1"}}), {}) for n, _ in iam_targets(policy, ())]
     assert [p.service for p in plans] == ["billing-api"]
     assert plans[0].adds[INVOKER] == {user("u1"), group(G2)}
     with pytest.raises(ValueError):
@@ -172,7 +172,8 @@ def test_a_resource_no_service_names_is_an_orphan_whose_managed_members_are_all_
     assert orphans(policy, {RUN, old}) == [old]
     managed = {RUN: {}, old: {INVOKER: {user("u1")}}}
     live = {RUN: [], old: [Binding(INVOKER, (user("u1"), "user:eve@example.com"))]}
-    plans = plan_policy(policy, members_of({G1: set()}), managed.__getitem__, live.__getitem__, managed_targets={old})
+    plans = [plan_service(policy, policy.services[n], members_of({G1: set()}), managed[r], live[r]) if n
+             else plan_orphan(r, managed[r], live[r]) for n, r in iam_targets(policy, {old})]
     assert [(p.service, p.cloud_run) for p in plans] == [("billing-api", RUN), ("", old)]
     assert plans[1].removes == {INVOKER: {user("u1")}} and not plans[1].adds   # EVE's grant stays
     assert plans[1].managed == {INVOKER: frozenset()}

@@ -287,21 +287,3 @@ def plan_orphan(cloud_run: str, managed_before: Members,
     """Revoke every member aadrun manages on a resource no service names (``service`` is "")."""
     return diff({}, managed_before, live_bindings, cloud_run=cloud_run)
 
-
-def plan_policy(policy: Policy, members_of: MembersOf, managed_of: Callable[[str], Members],
-                live_of: Callable[[str], Sequence[Binding] | None] | None = None,
-                managed_targets: Iterable[str] = ()) -> list[ServiceChanges]:
-    """A plan for every service with ``cloud_run``, in service-name order, then one
-    per orphaned resource among ``managed_targets`` (``Store.managed_targets``).
-
-    ``managed_of(resource)`` is ``Store.managed_members``; ``live_of(resource)``
-    is ``IamWriter.live_bindings`` (None for record mode).
-    """
-    out = []
-    for name, resource in iam_targets(policy, managed_targets):
-        live = live_of(resource) if live_of else None
-        if name:
-            out.append(plan_service(policy, policy.services[name], members_of, managed_of(resource), live))
-        else:
-            out.append(plan_orphan(resource, managed_of(resource), live))
-    return out

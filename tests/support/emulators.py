@@ -112,10 +112,6 @@ class Emulator:
         except OSError:
             return False
 
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
 
 def main() -> int:
     """Start both emulators, print `export VAR=host` lines, stay until SIGTERM."""
