@@ -261,21 +261,20 @@ class PolicySync:
         work.ids.append(message.id)
 
     def _reflected(self, message: MembershipChange) -> bool:
-        """Whether the group's last Graph read already showed what the message claims
-        (every added user a member, every removed one not): such a message can neither
-        revoke nor grant, so it needs no read. Only a group with a delta link qualifies,
-        as the link is dropped whenever the store may differ from Graph's last answer."""
+        """Whether the group's last Graph read already showed every user the message
+        adds as a member: such a message cannot grant, so it needs no read. Only a
+        group with a delta link qualifies, as the link is dropped whenever the store
+        may differ from Graph's last answer."""
         # A removal always gets its read: a read in flight (here or on another
         # instance) may carry an older answer that still lists the user, and only a
         # read that starts after the removal settles it.
         if message.removed:
             return False
-        claims = [(u, True) for u in message.added]
-        if not claims or len(claims) > MAX_CHECKED_CLAIMS:
+        if not message.added or len(message.added) > MAX_CHECKED_CLAIMS:
             return False
         store, tenant, group = self._app.store, message.tenant, message.group
-        # Membership first: a removal of a member (the case to be fast) stops at one read.
-        if not all(store.membership(tenant, user, [group])[group] is member for user, member in claims):
+        # Membership first: an added user the store does not show stops at one store read.
+        if not all(store.membership(tenant, user, [group])[group] is True for user in message.added):
             return False
         state = store.sync_state(tenant, group)
         return bool(state and state.delta_link)
@@ -589,9 +588,7 @@ class Unconfirmed(Deferred):
     """Notified changes of a group that Graph's read does not show yet."""
 
     @classmethod
-    def of(cls, tenant: str, group: str, removed: frozenset[str], added: frozenset[str]) -> "Unconfirmed | None":
-        if not removed and not added:
-            return None
+    def of(cls, tenant: str, group: str, removed: frozenset[str], added: frozenset[str]) -> "Unconfirmed":
         audit.entry("notification_unconfirmed", "Graph does not show notified changes yet: they are read again on "
                     "redelivery", severity="WARNING", tenant=tenant, group=group,
                     removals_kept=sorted(removed)[:50], additions_waiting=sorted(added)[:50])
