@@ -6,6 +6,7 @@
     ├── RequestError           a caller's request is unusable
     ├── TokenError             the token is rejected (reason: one of CONTRACT §4's 401 codes)
     ├── Unavailable            a dependency cannot answer
+    │   └── Deferred           not now, by aadrun's choice: a later delivery settles it
     ├── UpstreamError          Graph / Cloud Run / Pub/Sub failed: raised on, so that Pub/Sub
     │   │                      redelivers or the next maintenance run tries again
     │   └── RateLimited        Graph's 429/503 outlasted the retry budget

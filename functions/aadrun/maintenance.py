@@ -38,8 +38,9 @@ HTTP (POST, optional JSON body ``{"tasks": [...]}``; empty body = every task):
     not a JSON object / unknown key / bad task   400   bad_request
     / a body cut off or its chunks malformed
 
-The body is always ``{"ok", "tasks": {name: {"status", ...}}}``; no error escapes
-as a 500: a task's failure is caught and reported by its class and message.
+A run's body is ``{"ok", "tasks": {name: {"status", ...}}}``, a refused request's
+``{"error": REASON[, "detail"]}``; no error escapes as a 500: a task's failure is
+caught and reported by its class and message.
 """
 from __future__ import annotations
 

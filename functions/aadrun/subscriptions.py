@@ -40,9 +40,10 @@ by the resource (``subscribed_group``): a group's ``reauthorizationRequired``
 then reads that group alone rather than every group of the tenant.
 
 Action names in reports: ``created``, ``exists`` (409 on create), ``renewed``,
-``kept``, ``replaced``, ``deferred``, ``deleted``, ``error``, and ``foreign``: this
-app's subscription to the resource notifies another URL (left alone, and a failure
-of the run: the resource's changes do not reach this webhook).
+``kept``, ``replaced``, ``deferred``, ``deleted``, ``error``, ``unreachable`` (a
+tenant naming no group whose subscriptions could not be listed), and ``foreign``:
+this app's subscription to the resource notifies another URL (left alone, and a
+failure of the run: the resource's changes do not reach this webhook).
 """
 from __future__ import annotations
 
