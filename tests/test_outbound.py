@@ -11,6 +11,7 @@ import time
 import certifi
 import pytest
 
+from aadrun import outbound
 from aadrun.config import Settings
 from aadrun.outbound import client_session, deadline
 from tests.support.graph_fixtures import make_pki
@@ -134,6 +135,19 @@ def test_a_trickling_server_is_cut_off_at_the_deadline(case, tls, session):
                 response.raw.read(1 << 20)
     # Before its read timeout could end it: the deadline did (and well before the trickle's end).
     assert time.monotonic() - started < READ_TIMEOUT - 1
+
+
+def test_a_deadline_whose_timer_runs_late_still_ends_the_call_as_a_deadline(tls, session, monkeypatch):
+    # On a busy machine the timer thread may run after the socket's own timeout (set to
+    # what the deadline had left) fired: the call still ends as the deadline's.
+    late_timer = threading.Timer
+    monkeypatch.setattr(outbound.threading, "Timer", lambda seconds, fn: late_timer(seconds + 3, fn))
+    url = f"https://127.0.0.1:{_serve(lambda conn: conn.recv(4096) and time.sleep(READ_TIMEOUT))}/"   # silent
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="no complete answer within 1 s"):
+        with deadline(DEADLINE, "the document"):
+            session.get(url, timeout=READ_TIMEOUT)
+    assert time.monotonic() - started < 3
 
 
 def test_calls_after_a_cut_off_and_calls_without_a_deadline_are_served_as_before(session):
