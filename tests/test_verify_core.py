@@ -593,6 +593,27 @@ def test_refetch_storm_is_rate_limited_and_single_flight(world, idp):
     assert idp.jwks_fetches() - before == 1   # one refetch (one key set: v2 only) in 30 s
 
 
+def test_unknown_kids_waiting_out_a_refresh_in_flight_make_one_refetch_between_them(tmp_path, idp):
+    clock = [0.0]
+    verifier = own_verifier(tmp_path, idp.url, clock=lambda: clock[0])
+    assert verifier.decide("billing", good(idp)).allow
+    before = idp.jwks_fetches()
+    idp.delay, clock[0] = 0.6, 3601.0                 # the hourly refresh is due; the provider is slow
+    assert verifier.decide("billing", good(idp)).allow  # starts it on a thread of its own
+    reasons: list[str] = []
+    forged = [good(idp, key=SigningKey(kid=uuid.uuid4().hex)) for _ in range(4)]
+    threads = [threading.Thread(target=lambda t=t: reasons.append(verifier.decide("billing", t).reason))
+               for t in forged]
+    for t in threads:   # each finds the refetch window open and waits for the refresh to end
+        t.start()
+    idp.delay = 0.0
+    for t in threads:
+        t.join()
+    assert reasons == ["unknown_key"] * 4
+    # The refresh, and the one refetch that closed the window: the others saw it closed.
+    assert idp.jwks_fetches() - before == 2
+
+
 class _BrokenKey(SigningKey):
     """A JWKS entry that claims RSA but carries no modulus or exponent."""
 
