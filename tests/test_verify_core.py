@@ -598,7 +598,7 @@ def test_unknown_kids_waiting_out_a_refresh_in_flight_make_one_refetch_between_t
     verifier = own_verifier(tmp_path, idp.url, clock=lambda: clock[0])
     assert verifier.decide("billing", good(idp)).allow
     before = idp.jwks_fetches()
-    idp.delay, clock[0] = 0.6, 3601.0                 # the hourly refresh is due; the provider is slow
+    idp.delay, clock[0] = 0.4, 3601.0                 # the hourly refresh is due; the provider is slow
     assert verifier.decide("billing", good(idp)).allow  # starts it on a thread of its own
     reasons: list[str] = []
     forged = [good(idp, key=SigningKey(kid=uuid.uuid4().hex)) for _ in range(4)]
@@ -1023,27 +1023,6 @@ def test_a_cached_token_of_a_version_the_policy_no_longer_allows_is_refused(tmp_
     current["policy"] = load_policy(write_policy(tmp_path, POLICY.replace("token_versions: [1, 2]",
                                                                           "token_versions: [2]")))
     assert verifier.decide("tenant-b-app", token).reason == "wrong_issuer"
-
-
-def test_unknown_kids_arriving_during_a_periodic_refresh_make_one_refetch_at_most(tmp_path, idp):
-    verifier = own_verifier(tmp_path, idp.url, jwks_refresh_seconds=1)
-    token = good(idp)
-    assert verifier.decide("billing", token).allow
-    time.sleep(1.1)
-    idp.delay = 0.15
-    before = idp.jwks_fetches()
-    assert verifier.decide("billing", token).allow          # starts the periodic refresh, in the background
-    forged = [good(idp, key=SigningKey(kid=uuid.uuid4().hex)) for _ in range(6)]
-    reasons: list[str] = []
-    threads = [threading.Thread(target=lambda t=t: reasons.append(verifier.decide("billing", t).reason))
-               for t in forged]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    time.sleep(0.4)
-    assert set(reasons) == {"unknown_key"}
-    assert idp.jwks_fetches() - before <= 2   # the refresh, and one refetch for the unknown kids
 
 
 def test_while_the_first_fetch_fails_the_identity_provider_is_asked_once_a_second(tmp_path, idp):
