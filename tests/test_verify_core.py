@@ -597,11 +597,15 @@ def test_unknown_kids_waiting_out_a_refresh_in_flight_make_one_refetch_between_t
     clock = [0.0]
     verifier = own_verifier(tmp_path, idp.url, clock=lambda: clock[0])
     assert verifier.decide("billing", good(idp)).allow
+    forged = [good(idp, key=SigningKey(kid=uuid.uuid4().hex)) for _ in range(4)]   # new keys take a while
+    token = good(idp)
     before = idp.jwks_fetches()
-    idp.delay, clock[0] = 0.4, 3601.0                 # the hourly refresh is due; the provider is slow
-    assert verifier.decide("billing", good(idp)).allow  # starts it on a thread of its own
+    idp.delay, clock[0] = 0.5, 3601.0                 # the hourly refresh is due; the provider is slow
+    assert verifier.decide("billing", token).allow     # starts it on a thread of its own
+    deadline = time.monotonic() + 5
+    while idp.jwks_fetches() == before and time.monotonic() < deadline:   # until it is being answered
+        time.sleep(0.005)
     reasons: list[str] = []
-    forged = [good(idp, key=SigningKey(kid=uuid.uuid4().hex)) for _ in range(4)]
     threads = [threading.Thread(target=lambda t=t: reasons.append(verifier.decide("billing", t).reason))
                for t in forged]
     for t in threads:   # each finds the refetch window open and waits for the refresh to end
