@@ -232,7 +232,10 @@ class Webhook:
         tenants = self._policy().tenants
         received_at = rfc3339(self._clock())
         verdicts = [self._verdict(item, tenants, received_at) for item in items]
-        messages = list({m.id: m for m in verdicts if not isinstance(m, _Skip)}.values())
+        # One message per id, at its last place: a user removed, added and removed again
+        # within one POST can give both removals one id (no id, sequence or time from
+        # Graph), and the removal must stay after the addition.
+        messages = list(reversed({m.id: m for m in reversed(verdicts) if not isinstance(m, _Skip)}.values()))
         _log_drops([v for v in verdicts if isinstance(v, _Skip) and v.security])
         for skip in (v for v in verdicts if isinstance(v, _Skip) and not v.security):
             _log_ignored(skip)
