@@ -273,6 +273,35 @@ def test_the_same_notification_twice_is_published_once_with_a_stable_id():
     assert recorder.batches[0][0].id == recorder.batches[1][0].id
 
 
+def test_a_user_removed_added_and_removed_again_in_one_post_ends_removed():
+    # Without Graph's id, sequence number or event time the two removals share an id:
+    # one is kept, at its last place, after the addition.
+    user = "4d147cc8-10cb-4158-ac52-90ee8ff9d846"
+
+    def change(removed: bool) -> dict:
+        entry = {"@odata.type": "#microsoft.graph.user", "id": user, **({"@removed": "deleted"} if removed else {})}
+        base = item()
+        data = {k: v for k, v in base["resourceData"].items() if k not in ("sequenceNumber", "eventTime")}
+        return {k: v for k, v in {**base, "resourceData": {**data, "members@delta": [entry]}}.items() if k != "id"}
+
+    recorder = Recorder()
+    assert post(make_webhook(recorder), {"value": [change(True), change(False), change(True)]}).status == 202
+    assert [(m.added, m.removed) for m in recorder.messages] == [((user,), ()), ((), (user,))]
+
+
+def test_changes_told_apart_by_graph_s_event_time_alone_are_each_published():
+    entry = {"@odata.type": "#microsoft.graph.user", "id": "4d147cc8-10cb-4158-ac52-90ee8ff9d846"}
+    base = item()
+    changes = [{**base, "resourceData": {**base["resourceData"], "eventTime": f"2024-05-01T12:00:0{i}Z",
+                                          "members@delta": [entry]}} for i in range(2)]
+    for change in changes:
+        change.pop("id", None)
+        change["resourceData"].pop("sequenceNumber", None)
+    recorder = Recorder()
+    assert post(make_webhook(recorder), {"value": changes}).status == 202
+    assert len(recorder.messages) == 2
+
+
 # --- per-item checks: dropped, logged, never published ----------------------------------
 
 DROPS = [
@@ -299,6 +328,23 @@ def test_bad_client_state_is_dropped_and_logged(name, state, reason, records):
     assert event["tenant"] == TENANT and event["subscription"] == "092ba742-89d2-4417-a4c7-c120db062842"
     logged = json.dumps([r.json_fields for r in records if hasattr(r, "json_fields")])
     assert STATE not in logged and "not-the-state" not in logged
+
+
+@pytest.mark.parametrize("path", ["/lifecycle", "/"])
+@pytest.mark.parametrize("state", ["forged", None])
+def test_a_lifecycle_notification_without_the_client_state_is_never_published(path, state, records):
+    # A forged "subscriptionRemoved" or "missed" would make policy_sync read groups at
+    # will: lifecycle items pass the same check as changes.
+    lifecycle = golden("lifecycle_reauthorization_required")["value"][0]
+    forged = {k: v for k, v in lifecycle.items() if k != "clientState"}
+    if state is not None:
+        forged["clientState"] = state
+    recorder = Recorder()
+    webhook = make_webhook(recorder)
+    assert post(webhook, {"value": [forged]}, path).status == 202
+    assert recorder.messages == [] and [e["reason"] for e in fields(records, "security")] == ["bad_client_state"]
+    assert post(webhook, {"value": [lifecycle]}, path).status == 202
+    assert [m.kind for m in recorder.messages] == ["lifecycle"]
 
 
 def test_every_configured_client_state_is_compared_in_constant_time(monkeypatch):
