@@ -330,11 +330,9 @@ class GraphClient:
         if hold > 0:
             # Another call was told to wait and is waiting: a call sent now would count
             # against the app's limits and prolong the throttling (Graph's guidance).
-            if hold > self._max_wait:
-                raise RateLimited(f"{what}: throttled by Microsoft Graph for another {hold:.0f} s",
-                                  retry_after=hold, status_code=429)
-            self._sleep(hold)
-            waited = hold
+            # (A wait past the budget made that call give up: the check above refused.)
+            waited = min(hold, self._max_wait)
+            self._sleep(waited)
         while True:
             token = self._token()
             try:
