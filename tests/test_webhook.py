@@ -273,32 +273,32 @@ def test_the_same_notification_twice_is_published_once_with_a_stable_id():
     assert recorder.batches[0][0].id == recorder.batches[1][0].id
 
 
+USER = "4d147cc8-10cb-4158-ac52-90ee8ff9d846"
+
+
+def bare_change(removed: bool = False, **resource_data) -> dict:
+    """One member change of USER with none of Graph's identifying fields (id, sequence
+    number, event time) but those given."""
+    entry = {"@odata.type": "#microsoft.graph.user", "id": USER, **({"@removed": "deleted"} if removed else {})}
+    base = item()
+    data = {k: v for k, v in base["resourceData"].items() if k not in ("sequenceNumber", "eventTime")}
+    return {**{k: v for k, v in base.items() if k != "id"},
+            "resourceData": {**data, "members@delta": [entry], **resource_data}}
+
+
 def test_a_user_removed_added_and_removed_again_in_one_post_ends_removed():
     # Without Graph's id, sequence number or event time the two removals share an id:
     # one is kept, at its last place, after the addition.
-    user = "4d147cc8-10cb-4158-ac52-90ee8ff9d846"
-
-    def change(removed: bool) -> dict:
-        entry = {"@odata.type": "#microsoft.graph.user", "id": user, **({"@removed": "deleted"} if removed else {})}
-        base = item()
-        data = {k: v for k, v in base["resourceData"].items() if k not in ("sequenceNumber", "eventTime")}
-        return {k: v for k, v in {**base, "resourceData": {**data, "members@delta": [entry]}}.items() if k != "id"}
-
     recorder = Recorder()
-    assert post(make_webhook(recorder), {"value": [change(True), change(False), change(True)]}).status == 202
-    assert [(m.added, m.removed) for m in recorder.messages] == [((user,), ()), ((), (user,))]
+    body = {"value": [bare_change(removed=True), bare_change(), bare_change(removed=True)]}
+    assert post(make_webhook(recorder), body).status == 202
+    assert [(m.added, m.removed) for m in recorder.messages] == [((USER,), ()), ((), (USER,))]
 
 
 def test_changes_told_apart_by_graph_s_event_time_alone_are_each_published():
-    entry = {"@odata.type": "#microsoft.graph.user", "id": "4d147cc8-10cb-4158-ac52-90ee8ff9d846"}
-    base = item()
-    changes = [{**base, "resourceData": {**base["resourceData"], "eventTime": f"2024-05-01T12:00:0{i}Z",
-                                          "members@delta": [entry]}} for i in range(2)]
-    for change in changes:
-        change.pop("id", None)
-        change["resourceData"].pop("sequenceNumber", None)
     recorder = Recorder()
-    assert post(make_webhook(recorder), {"value": changes}).status == 202
+    body = {"value": [bare_change(eventTime=f"2024-05-01T12:00:0{i}Z") for i in range(2)]}
+    assert post(make_webhook(recorder), body).status == 202
     assert len(recorder.messages) == 2
 
 
